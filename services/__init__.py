@@ -1,0 +1,1 @@
+"""Mizzen: an Istio-compatible service-mesh control plane."""

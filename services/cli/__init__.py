@@ -1,0 +1,1 @@
+"""The `mizzen` command, modelled on kubectl and istioctl."""

@@ -1,0 +1,53 @@
+"""`mizzen <command> …`: a thin dispatcher. Each command lives in its own module with `main(argv) -> int`,
+imported only when used so that `mizzen get` does not pay for the Envoy protos."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command → (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("services.cli.up", "run the whole stack in the foreground (--demo adds a demo mesh)"),
+    "apply": ("services.cli.resources", "apply resources from files, directories or stdin"),
+    "get": ("services.cli.resources", "list or show resources"),
+    "delete": ("services.cli.resources", "delete resources by file or by kind and name"),
+    "proxy-config": ("services.cli.proxy_config", "show a proxy's clusters, listeners, routes, endpoints, bootstrap"),
+    "pc": ("services.cli.proxy_config", "alias of proxy-config"),
+    "proxy-status": ("services.cli.proxy_status", "show each proxy's xDS sync state"),
+    "ps": ("services.cli.proxy_status", "alias of proxy-status"),
+    "bootstrap": ("services.cli.bootstrap", "write an Envoy sidecar bootstrap"),
+    "iptables": ("services.cli.iptables", "set up (or print) istio-iptables traffic interception"),
+    "logsink": ("services.logsink.cli", "run the access-log → OpenTelemetry service, or convert log files"),
+    "registry": ("services.registry.__main__", "run the registry service"),
+    "translator": ("services.translator.__main__", "run the translator service"),
+    "xds-gateway": ("services.xds_gateway.__main__", "run the xDS gateway service"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mizzen <command> [options]", "", "commands:"]
+    for name, (_mod, text) in COMMANDS.items():
+        lines.append(f"  {name:<14} {text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"mizzen: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    try:
+        rc = module.main(rest, command=cmd)
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

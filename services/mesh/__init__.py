@@ -1,0 +1,1 @@
+"""The shared kernel: resource kinds, validation, storage, bus, naming and process helpers."""

@@ -1,0 +1,204 @@
+"""Content-addressed snapshot storage in Redis, shared by the translator (writer) and xds_gateway (reader).
+
+Each serialized Envoy resource is stored once under its hash; resources are grouped into layers (a layer is a
+map type → name → hash, also stored under its hash), and a proxy's snapshot is a small manifest naming its
+layers. Proxies that see the same config share layers, so storage and push cost grow with distinct config,
+not with proxies × config.
+
+  snapres:<hash>     serialized resource bytes
+  snaplayer:<hash>   JSON {type_url: {name: hash}}
+  snapshot:<proxy>   JSON manifest {revision, version, layers: [hash], versions: {type_url: version}}
+  snapshot:proxies   set of proxy ids with a snapshot
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import orjson
+import redis.asyncio as aioredis
+
+from .xds_types import PUSH_ORDER
+
+RES = "snapres:"
+LAYER = "snaplayer:"
+MANIFEST = "snapshot:"
+PROXIES = "snapshot:proxies"
+
+Layer = dict[str, dict[str, bytes]]  # type_url → name → serialized resource
+
+
+def digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def layer_index(layer: Layer) -> dict[str, dict[str, str]]:
+    return {t: {n: digest(b) for n, b in sorted(res.items())} for t, res in layer.items()}
+
+
+def type_version(entries: dict[str, str]) -> str:
+    """A type's version is a hash of its (name, resource hash) pairs: equal content, equal version."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(entries):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(entries[name].encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    proxy: str
+    revision: int
+    layers: list[str]
+    versions: dict[str, str]
+
+    @property
+    def version(self) -> str:
+        return f"{self.revision}-" + digest("".join(self.versions.get(t, "") for t in PUSH_ORDER).encode())[:8]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"proxy": self.proxy, "revision": self.revision, "version": self.version,
+                             "layers": self.layers, "versions": self.versions})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        d = orjson.loads(data)
+        return cls(d["proxy"], d["revision"], d["layers"], d["versions"])
+
+
+@dataclass
+class Snapshot:
+    """A proxy's resolved snapshot: type → name → resource hash, plus a way to fetch the bytes."""
+
+    manifest: Manifest
+    index: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class _LRU(OrderedDict):
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def put(self, k, v):
+        self[k] = v
+        self.move_to_end(k)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class SnapshotStore:
+    def __init__(self, redis: aioredis.Redis, cache_limit: int = 200_000):
+        self.r = redis
+        self._res_cache: _LRU = _LRU(cache_limit)  # hash → bytes (immutable, so safe to cache)
+        self._layer_cache: _LRU = _LRU(10_000)  # hash → index
+        self._written: _LRU = _LRU(cache_limit)  # hashes this process already stored
+
+    # ---- writer side (translator) ----
+    async def put(self, proxy: str, revision: int, layers: list[Layer]) -> tuple[Manifest, bool]:
+        """Store a proxy's snapshot; returns (manifest, changed). Unchanged content keeps the old manifest."""
+        pipe = self.r.pipeline(transaction=False)
+        layer_hashes: list[str] = []
+        merged: dict[str, dict[str, str]] = {}
+        for layer in layers:
+            idx = layer_index(layer)
+            lbytes = orjson.dumps(idx, option=orjson.OPT_SORT_KEYS)
+            lh = digest(lbytes)
+            layer_hashes.append(lh)
+            for t, entries in idx.items():
+                merged.setdefault(t, {}).update(entries)
+            if lh in self._written:
+                continue
+            for t, res in layer.items():
+                for name, data in res.items():
+                    h = idx[t][name]
+                    if h not in self._written:
+                        pipe.set(RES + h, data, nx=True)
+                        self._written.put(h, True)
+            pipe.set(LAYER + lh, lbytes, nx=True)
+            self._written.put(lh, True)
+        versions = {t: type_version(merged.get(t, {})) for t in PUSH_ORDER}
+        if len(pipe):
+            await pipe.execute()
+        old = await self.manifest(proxy)
+        if old is not None and old.versions == versions and old.layers == layer_hashes:
+            if old.revision < revision:
+                old.revision = revision
+                await self.r.set(MANIFEST + proxy, old.to_json())
+            return old, False
+        m = Manifest(proxy, revision, layer_hashes, versions)
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(MANIFEST + proxy, m.to_json())
+            p.sadd(PROXIES, proxy)
+            await p.execute()
+        return m, True
+
+    async def remove(self, proxy: str) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(MANIFEST + proxy)
+            p.srem(PROXIES, proxy)
+            await p.execute()
+
+    # ---- reader side (xds_gateway, CLI) ----
+    async def proxies(self) -> list[str]:
+        return sorted(p.decode() for p in await self.r.smembers(PROXIES))
+
+    async def manifest(self, proxy: str) -> Manifest | None:
+        data = await self.r.get(MANIFEST + proxy)
+        return Manifest.from_json(data) if data else None
+
+    async def layer(self, h: str) -> dict[str, dict[str, str]]:
+        idx = self._layer_cache.get(h)
+        if idx is None:
+            data = await self.r.get(LAYER + h)
+            if data is None:
+                raise KeyError(f"snapshot layer {h} missing")
+            idx = orjson.loads(data)
+            self._layer_cache.put(h, idx)
+        return idx
+
+    async def load(self, proxy: str) -> Snapshot | None:
+        m = await self.manifest(proxy)
+        if m is None:
+            return None
+        index: dict[str, dict[str, str]] = {}
+        for lh in m.layers:
+            for t, entries in (await self.layer(lh)).items():
+                index.setdefault(t, {}).update(entries)
+        return Snapshot(m, index)
+
+    async def resources(self, hashes: list[str]) -> dict[str, bytes]:
+        """Bytes for hashes, from the in-process cache when possible."""
+        out: dict[str, bytes] = {}
+        missing = []
+        for h in hashes:
+            b = self._res_cache.get(h)
+            if b is None:
+                missing.append(h)
+            else:
+                out[h] = b
+        if missing:
+            vals = await self.r.mget([RES + h for h in missing])
+            for h, v in zip(missing, vals, strict=True):
+                if v is None:
+                    raise KeyError(f"snapshot resource {h} missing")
+                self._res_cache.put(h, v)
+                out[h] = v
+        return out
+
+    async def load_messages(self, proxy: str) -> dict[str, dict[str, object]] | None:
+        """The snapshot as parsed protos, type → name → message (for the CLI and tests)."""
+        from .xds_types import message_class
+
+        snap = await self.load(proxy)
+        if snap is None:
+            return None
+        out: dict[str, dict[str, object]] = {}
+        for t, entries in snap.index.items():
+            data = await self.resources(list(entries.values()))
+            cls = message_class(t)
+            out[t] = {n: cls.FromString(data[h]) for n, h in entries.items()}
+        return out

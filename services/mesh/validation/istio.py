@@ -1,0 +1,1 @@
+"""Validators for the Istio kinds, after Istio's `pkg/config/validation`."""

@@ -1,0 +1,1 @@
+"""Validators for the Kubernetes kinds (Service, Endpoints, EndpointSlice, Pod, Namespace)."""
