@@ -1,0 +1,1 @@
+"""The registry: validates and stores configuration, the only writer of config state, announcing each change."""
