@@ -1,0 +1,147 @@
+"""Start and stop the whole control plane as real processes: used by `mizzen up` and by the tests, so both
+run the stack the same way. Every process is tracked by pid and stopped by `Stack.stop()`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import procs
+
+
+@dataclass
+class ServiceSpec:
+    module: str
+    http_port_flag: str  # flag that sets the /healthz/ready port
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Stack:
+    work_dir: Path
+    nats_url: str | None = None
+    redis_url: str | None = None
+    redis_data_dir: Path | None = None
+    registry_port: int = 0
+    xds_port: int = 0
+    log_level: str = "info"
+    procs: dict[str, procs.Proc] = field(default_factory=dict)
+    http_ports: dict[str, int] = field(default_factory=dict)
+    _infra: list[procs.Proc] = field(default_factory=list)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.work_dir / "logs"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://127.0.0.1:{self.registry_port}"
+
+    @property
+    def xds_address(self) -> str:
+        return f"127.0.0.1:{self.xds_port}"
+
+    # ---- infrastructure ----
+    def start_infra(self) -> None:
+        if self.nats_url is None:
+            p = procs.start_nats(self.log_dir, store_dir=self.work_dir / "nats")
+            self._infra.append(p)
+            self.procs["nats"] = p
+            self.nats_url = p.meta["url"]
+        if self.redis_url is None:
+            p = procs.start_redis(self.log_dir, data_dir=self.redis_data_dir or (self.work_dir / "redis"))
+            self._infra.append(p)
+            self.procs["redis"] = p
+            self.redis_url = p.meta["url"]
+        self.registry_port = self.registry_port or procs.free_port()
+        self.xds_port = self.xds_port or procs.free_port()
+
+    def restart_infra(self, name: str) -> None:
+        """Kill NATS or Redis and start it again on the same port (Redis keeps its AOF data)."""
+        old = self.procs[name]
+        port = old.meta["port"]
+        old.kill()
+        self._infra.remove(old)
+        if name == "nats":
+            p = procs.start_nats(self.log_dir, port=port, store_dir=self.work_dir / "nats")
+        else:
+            p = procs.start_redis(self.log_dir, port=port, data_dir=self.redis_data_dir or (self.work_dir / "redis"))
+        self._infra.append(p)
+        self.procs[name] = p
+
+    # ---- services ----
+    def _spec(self, name: str) -> ServiceSpec:
+        common = ["--nats-url", str(self.nats_url), "--redis-url", str(self.redis_url), "--log-level", self.log_level]
+        if name == "registry":
+            return ServiceSpec("services.registry", "--port", common)
+        if name == "translator":
+            return ServiceSpec("services.translator", "--http-port", common)
+        if name == "xds-gateway":
+            return ServiceSpec("services.xds_gateway", "--http-port", common + ["--port", str(self.xds_port)])
+        raise KeyError(name)
+
+    def start_service(self, name: str, wait: bool = True, extra: list[str] | None = None) -> procs.Proc:
+        spec = self._spec(name)
+        if name == "registry":
+            port = self.registry_port
+        else:
+            port = self.http_ports.get(name) or procs.free_port()
+        self.http_ports[name] = port
+        argv = [sys.executable, "-m", spec.module, *spec.extra, spec.http_port_flag, str(port), *(extra or [])]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        p = procs.spawn(name, argv, self.log_dir, env=env)
+        self.procs[name] = p
+        if wait:
+            self.wait_ready(name)
+        return p
+
+    def wait_ready(self, name: str, timeout: float = 30.0) -> None:
+        url = f"http://127.0.0.1:{self.http_ports[name]}/healthz/ready"
+        deadline = time.monotonic() + timeout
+        p = self.procs[name]
+        while time.monotonic() < deadline:
+            if not p.alive():
+                raise RuntimeError(f"{name} exited with {p.popen.returncode}:\n{p.log_text()[-3000:]}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} not ready within {timeout}s:\n{p.log_text()[-3000:]}")
+
+    def stop_service(self, name: str, kill: bool = False) -> None:
+        p = self.procs.pop(name)
+        if kill:
+            p.kill()
+        else:
+            p.stop()
+
+    def restart_service(self, name: str, kill: bool = True) -> procs.Proc:
+        self.stop_service(name, kill=kill)
+        return self.start_service(name)
+
+    def start(self, services: tuple[str, ...] = ("registry", "translator", "xds-gateway")) -> Stack:
+        self.start_infra()
+        for s in services:
+            self.start_service(s)
+        return self
+
+    def stop(self) -> None:
+        for name in [n for n in self.procs if n not in ("nats", "redis")]:
+            with contextlib.suppress(Exception):
+                self.procs.pop(name).stop()
+        for p in reversed(self._infra):
+            with contextlib.suppress(Exception):
+                p.stop()
+        self._infra.clear()
+        self.procs.clear()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

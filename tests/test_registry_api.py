@@ -1,0 +1,142 @@
+"""The registry as a real process against real NATS and Redis: apply, get, delete, revisions, events, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import nats
+import pytest
+import redis
+
+from services.cli.http import RegistryError, request
+from services.mesh.stack import Stack
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+BAD_VS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web}
+      weight: 30
+    - destination: {host: web}
+      weight: 30
+"""
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = Stack(tmp_path)
+    try:
+        s.start(services=("registry",))
+        yield s
+    finally:
+        s.stop()
+
+
+def mizzen(*args: str, stdin: str | None = None, server: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli.main", *args, "--server", server],
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def revision(stack: Stack) -> int:
+    return request("GET", stack.registry_url + "/version")["revision"]
+
+
+def test_apply_get_delete_round_trip(stack, tmp_path):
+    f = tmp_path / "svc.yaml"
+    f.write_text(SERVICE)
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "service/web created"
+    assert revision(stack) == 1
+    # applying the same content again changes nothing and bumps no revision
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.stdout.strip() == "service/web unchanged"
+    assert revision(stack) == 1
+    obj = request("GET", stack.registry_url + "/api/v1/namespaces/default/services/web")
+    assert obj["spec"]["clusterIP"] == "10.96.0.10"
+    assert obj["metadata"]["resourceVersion"] == "1"
+    r = mizzen("get", "svc", "-o", "json", server=stack.registry_url)
+    assert [i["metadata"]["name"] for i in json.loads(r.stdout)["items"]] == ["web"]
+    r = mizzen("get", "services", server=stack.registry_url)
+    assert "web" in r.stdout and "10.96.0.10" in r.stdout and "80/TCP" in r.stdout
+    r = mizzen("delete", "svc", "web", server=stack.registry_url)
+    assert r.returncode == 0 and 'service "web" deleted' in r.stdout
+    assert revision(stack) == 2
+    with pytest.raises(RegistryError) as e:
+        request("GET", stack.registry_url + "/api/v1/namespaces/default/services/web")
+    assert e.value.status == 404
+
+
+def test_invalid_apply_stores_nothing(stack, tmp_path):
+    f = tmp_path / "mixed.yaml"
+    f.write_text(SERVICE + "---\n" + BAD_VS)
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 1
+    # the error names the file, the document index, the resource and the field
+    assert f"{f}, document 1: VirtualService default/bad: spec.http[0].route" in r.stderr, r.stderr
+    assert "nothing was applied" in r.stderr
+    assert revision(stack) == 0
+    assert request("GET", stack.registry_url + "/api/v1/services")["items"] == []
+
+
+def test_kubernetes_paths_put_and_list(stack):
+    url = stack.registry_url + "/apis/networking.istio.io/v1alpha3/namespaces/default/destinationrules/web"
+    dr = {"apiVersion": "networking.istio.io/v1alpha3", "kind": "DestinationRule",
+          "metadata": {"name": "web"}, "spec": {"host": "web", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}}
+    created = request("PUT", url, dr)
+    assert created["metadata"]["namespace"] == "default"
+    listed = request("GET", stack.registry_url + "/apis/networking.istio.io/v1/namespaces/default/destinationrules")
+    assert listed["metadata"]["resourceVersion"] == "1"
+    assert [i["metadata"]["name"] for i in listed["items"]] == ["web"]
+    with pytest.raises(RegistryError) as e:
+        request("PUT", url.replace("/web", "/other"), dr)
+    assert e.value.status == 400
+
+
+def test_every_write_is_announced_with_its_revision(stack, tmp_path):
+    async def run() -> list[dict]:
+        nc = await nats.connect(stack.nats_url)
+        got: list[dict] = []
+        sub = await nc.subscribe("mizzen.config.changed")
+        f = tmp_path / "svc.yaml"
+        f.write_text(SERVICE)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.cli.main", "apply", "-f", str(f),
+                                                    "--server", stack.registry_url)
+        await proc.wait()
+        msg = await sub.next_msg(timeout=10)
+        got.append(json.loads(msg.data))
+        await nc.close()
+        return got
+
+    events = asyncio.run(run())
+    assert events == [{"revision": 1, "keys": ["Service/default/web"]}]
+
+
+def test_registry_restart_loses_nothing(stack, tmp_path):
+    f = tmp_path / "svc.yaml"
+    f.write_text(SERVICE)
+    assert mizzen("apply", "-f", str(f), server=stack.registry_url).returncode == 0
+    stack.restart_service("registry")
+    assert request("GET", stack.registry_url + "/api/v1/namespaces/default/services/web")["metadata"]["name"] == "web"
+    # and Redis itself restarting (AOF on) keeps the state too
+    stack.restart_infra("redis")
+    r = redis.Redis.from_url(stack.redis_url)
+    assert r.hexists("config:objects", "Service/default/web")
+    assert int(r.get("config:rev")) == 1
+    r.close()
