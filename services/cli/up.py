@@ -1,0 +1,81 @@
+"""`mizzen up`: the whole stack in the foreground for development.
+
+Private NATS and Redis from the bundled binaries (or `--nats-url`/`--redis-url`), then the registry, the
+translator and the xDS gateway (and the logsink when it is installed). State lives in `--data-dir`, so a second
+`mizzen up` comes back with the same config. Ctrl-C or SIGTERM stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..mesh import settings
+from ..mesh.stack import Stack
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mizzen up", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None, help="state directory (default $MIZZEN_DATA_DIR or ~/.mizzen)")
+    p.add_argument("--nats-url", default=None, help="use this NATS instead of starting one")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    p.add_argument("--registry-port", type=int, default=settings.REGISTRY_PORT)
+    p.add_argument("--xds-port", type=int, default=settings.XDS_PORT)
+    p.add_argument("--demo", action="store_true", help="apply a demo mesh and start Envoy sidecars for it")
+    p.add_argument("--netns", action="store_true", help="with --demo: run the demo pods in network namespaces (root)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--for", dest="duration", type=float, default=None,
+                   help="stop by itself after this many seconds (for scripts and smoke tests)")
+    return p
+
+
+def main(argv: list[str], command: str = "up") -> int:
+    args = parser().parse_args(argv)
+    data_dir = settings.data_dir(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(Path(data_dir) / "stack", nats_url=args.nats_url, redis_url=args.redis_url,
+                  registry_port=args.registry_port, xds_port=args.xds_port, log_level=args.log_level)
+    stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: stop.set())
+    demo = None
+    try:
+        print(f"mizzen: state in {data_dir}", flush=True)
+        stack.start_infra()
+        print(f"  nats         {stack.nats_url}", flush=True)
+        print(f"  redis        {stack.redis_url}", flush=True)
+        for name in ("registry", "translator", "xds-gateway"):
+            stack.start_service(name)
+        print(f"  registry     {stack.registry_url}   (export MIZZEN_SERVER={stack.registry_url})", flush=True)
+        print(f"  translator   http://127.0.0.1:{stack.http_ports['translator']}/metrics", flush=True)
+        print(f"  xds-gateway  grpc://{stack.xds_address}   http://127.0.0.1:{stack.http_ports['xds-gateway']}/metrics",
+              flush=True)
+        print(f"  logs         {stack.log_dir}", flush=True)
+        if args.demo:
+            from .demo import Demo
+
+            demo = Demo(stack, netns=args.netns)
+            demo.start()
+        print("mizzen: ready (Ctrl-C to stop)", flush=True)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.is_set():
+            if deadline and time.monotonic() > deadline:
+                break
+            for name, p in list(stack.procs.items()):
+                if not p.alive():
+                    print(f"mizzen: {name} exited ({p.popen.returncode}); restarting. Log: {p.log_path}", file=sys.stderr)
+                    stack.procs.pop(name)
+                    if name in ("nats", "redis"):
+                        raise RuntimeError(f"{name} died; see {p.log_path}")
+                    stack.start_service(name)
+            stop.wait(0.5)
+    finally:
+        print("mizzen: stopping", flush=True)
+        if demo is not None:
+            demo.stop()
+        stack.stop()
+    return 0
