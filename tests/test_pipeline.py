@@ -1,0 +1,154 @@
+"""Registry → translator → Redis snapshots, as real processes against real NATS and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import nats
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from services.cli.http import request
+from services.mesh.snapstore import SnapshotStore
+from services.mesh.stack import Stack
+from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.conftest import SEED_MESH
+
+WEBSERVERV1 = "sidecar~10.200.0.135~webserverv1-84596579c6-xxvhd.default~default.svc.cluster.local"
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = Stack(tmp_path)
+    try:
+        s.start(services=("registry", "translator"))
+        yield s
+    finally:
+        s.stop()
+
+
+def apply(stack: Stack, path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mizzen", "apply", "-f", str(path), "--server", stack.registry_url],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def snapshot_digest(url: str) -> dict[str, dict]:
+    """Every stored snapshot: proxy → (revision-independent) type versions and resource hashes."""
+    r = aioredis.from_url(url)
+    store = SnapshotStore(r)
+    out = {}
+    for p in await store.proxies():
+        snap = await store.load(p)
+        out[p] = {"versions": snap.manifest.versions, "index": snap.index}
+    await r.aclose()
+    return out
+
+
+async def wait_snapshot_revision(url: str, proxy: str, revision: int, timeout: float = 30.0):
+    r = aioredis.from_url(url)
+    store = SnapshotStore(r)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            m = await store.manifest(proxy)
+            if m is not None and m.revision >= revision:
+                return m
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"no snapshot at revision {revision} for {proxy}")
+    finally:
+        await r.aclose()
+
+
+def test_apply_builds_stores_and_announces_snapshots(stack):
+    async def run():
+        nc = await nats.connect(stack.nats_url)
+        sub = await nc.subscribe("mizzen.snapshot.>")
+        r = apply(stack, SEED_MESH)
+        assert r.returncode == 0, r.stderr
+        rev = request("GET", stack.registry_url + "/version")["revision"]
+        m = await wait_snapshot_revision(stack.redis_url, WEBSERVERV1, rev)
+        subjects = set()
+        deadline = time.monotonic() + 10
+        while WEBSERVERV1 not in {s.removeprefix("mizzen.snapshot.") for s in subjects} and time.monotonic() < deadline:
+            msg = await sub.next_msg(timeout=10)
+            subjects.add(msg.subject)
+            if msg.subject == "mizzen.snapshot." + WEBSERVERV1:
+                assert orjson.loads(msg.data)["version"] == m.version
+        await nc.close()
+        assert "mizzen.snapshot." + WEBSERVERV1 in subjects
+        r = aioredis.from_url(stack.redis_url)
+        msgs = await SnapshotStore(r).load_messages(WEBSERVERV1)
+        await r.aclose()
+        return msgs
+
+    msgs = asyncio.run(run())
+    assert "outbound|80|v1|webserver.default.svc.cluster.local" in msgs[CLUSTER]
+    assert "outbound|80|v1|webserver.default.svc.cluster.local" in msgs[ENDPOINT]
+    assert {"virtualOutbound", "virtualInbound", "0.0.0.0_80", "10.200.1.132_80"} <= set(msgs[LISTENER])
+    assert {"80", "proxy.default.svc.cluster.local:80"} <= set(msgs[ROUTE])
+
+
+def test_invalid_apply_changes_no_snapshot(stack, tmp_path):
+    assert apply(stack, SEED_MESH).returncode == 0
+    rev = request("GET", stack.registry_url + "/version")["revision"]
+    asyncio.run(wait_snapshot_revision(stack.redis_url, WEBSERVERV1, rev))
+    before = asyncio.run(snapshot_digest(stack.redis_url))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: webserver, namespace: default}
+spec:
+  host: webserver
+  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 10}}}
+""")
+    r = apply(stack, bad)
+    assert r.returncode == 1
+    assert "DestinationRule default/webserver: spec.trafficPolicy.connectionPool.tcp.connectTimeout" in r.stderr
+    assert request("GET", stack.registry_url + "/version")["revision"] == rev
+    time.sleep(0.5)
+    assert asyncio.run(snapshot_digest(stack.redis_url)) == before
+
+
+def test_restarts_lose_nothing_and_rebuild_the_same(stack, tmp_path):
+    assert apply(stack, SEED_MESH).returncode == 0
+    rev = request("GET", stack.registry_url + "/version")["revision"]
+    asyncio.run(wait_snapshot_revision(stack.redis_url, WEBSERVERV1, rev))
+    before = asyncio.run(snapshot_digest(stack.redis_url))
+    # translator killed and started again: rebuilds from Redis, same content
+    stack.restart_service("translator")
+    assert asyncio.run(snapshot_digest(stack.redis_url)) == before
+    # a change made while the translator is down is picked up when it comes back
+    stack.stop_service("translator", kill=True)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("""apiVersion: v1
+kind: Service
+metadata: {name: late, namespace: default}
+spec:
+  clusterIP: 10.200.1.250
+  ports: [{name: http, port: 8080, targetPort: 8080}]
+""")
+    assert apply(stack, extra).returncode == 0
+    rev2 = request("GET", stack.registry_url + "/version")["revision"]
+    stack.start_service("translator")
+    asyncio.run(wait_snapshot_revision(stack.redis_url, WEBSERVERV1, rev2))
+    after = asyncio.run(snapshot_digest(stack.redis_url))
+    assert "outbound|8080||late.default.svc.cluster.local" in after[WEBSERVERV1]["index"][CLUSTER]
+    # registry killed: state is still there and served
+    stack.restart_service("registry")
+    assert request("GET", stack.registry_url + "/api/v1/namespaces/default/services/late")["metadata"]["name"] == "late"
+    # NATS restarted: the services reconnect and the next apply flows through
+    stack.restart_infra("nats")
+    extra.write_text(extra.read_text().replace("late", "later").replace("10.200.1.250", "10.200.1.251"))
+    deadline = time.monotonic() + 20
+    while apply(stack, extra).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    rev3 = request("GET", stack.registry_url + "/version")["revision"]
+    asyncio.run(wait_snapshot_revision(stack.redis_url, WEBSERVERV1, rev3))
+    # Redis restarted (AOF): nothing lost, snapshots still readable
+    stack.restart_infra("redis")
+    final = asyncio.run(snapshot_digest(stack.redis_url))
+    assert "outbound|8080||later.default.svc.cluster.local" in final[WEBSERVERV1]["index"][CLUSTER]
