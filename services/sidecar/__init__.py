@@ -1,0 +1,1 @@
+"""What runs beside a workload: the Envoy sidecar's bootstrap, and (from other modules) its traffic interception."""
