@@ -1,0 +1,109 @@
+"""A small Kubernetes API server for tests: list + watch with the API's semantics (one resourceVersion
+counter, watch from a resourceVersion, bookmarks, and `410 Gone` once history is compacted)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import orjson
+from aiohttp import web
+
+from services.mesh.kinds import BY_PLURAL
+
+
+class FakeKubeAPI:
+    def __init__(self) -> None:
+        self.rv = 100
+        self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, ns, name) → object
+        self.history: list[tuple[int, str, dict]] = []  # (rv, type, object)
+        self.compacted_below = 0
+        self.changed = asyncio.Condition()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ---- test controls ----
+    async def put(self, obj: dict) -> None:
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        key = (obj["kind"], meta.get("namespace", ""), meta["name"])
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        typ = "MODIFIED" if key in self.objects else "ADDED"
+        self.objects[key] = obj
+        await self._record(typ, obj)
+
+    async def delete(self, kind: str, ns: str, name: str) -> None:
+        obj = self.objects.pop((kind, ns, name))
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        await self._record("DELETED", obj)
+
+    async def compact(self) -> None:
+        """Forget all history: watches from an older resourceVersion now get 410 Gone."""
+        self.compacted_below = self.rv + 1
+        self.history.clear()
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _record(self, typ: str, obj: dict) -> None:
+        self.history.append((self.rv, typ, obj))
+        async with self.changed:
+            self.changed.notify_all()
+
+    # ---- the API ----
+    async def handle(self, req: web.Request) -> web.StreamResponse:
+        kind = BY_PLURAL[req.match_info["plural"]].kind
+        if req.query.get("watch") in ("1", "true"):
+            return await self._watch(req, kind)
+        items = [o for (k, _ns, _n), o in sorted(self.objects.items()) if k == kind]
+        return web.json_response({"kind": f"{kind}List", "metadata": {"resourceVersion": str(self.rv)}, "items": items},
+                                 dumps=lambda d: orjson.dumps(d).decode())
+
+    async def _watch(self, req: web.Request, kind: str) -> web.StreamResponse:
+        since = int(req.query.get("resourceVersion") or self.rv)
+        if since < self.compacted_below - 1:
+            return web.json_response({"kind": "Status", "code": 410, "reason": "Expired",
+                                      "message": f"too old resource version: {since}"}, status=410)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(req)
+        try:
+            return await self._stream(resp, kind, since)
+        except (ConnectionResetError, asyncio.CancelledError):
+            return resp  # the client went away
+
+    async def _stream(self, resp: web.StreamResponse, kind: str, since: int) -> web.StreamResponse:
+        sent = since
+        while True:
+            if sent < self.compacted_below - 1:
+                await resp.write(orjson.dumps({"type": "ERROR", "object": {"kind": "Status", "code": 410,
+                                                                           "reason": "Expired"}}) + b"\n")
+                return resp
+            for rv, typ, obj in list(self.history):
+                if rv > sent:
+                    sent = rv
+                    if obj["kind"] == kind:
+                        await resp.write(orjson.dumps({"type": typ, "object": obj}) + b"\n")
+            async with self.changed:
+                try:
+                    await asyncio.wait_for(self.changed.wait(), timeout=1.0)
+                except TimeoutError:
+                    await resp.write(orjson.dumps({"type": "BOOKMARK", "object": {
+                        "kind": kind, "metadata": {"resourceVersion": str(sent)}}}) + b"\n")
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/api/{version}/{plural}", self.handle)
+        app.router.add_get("/apis/{group}/{version}/{plural}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.shutdown()
+            await self.runner.cleanup()
