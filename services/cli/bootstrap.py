@@ -37,7 +37,9 @@ def _labels(values: list[str]) -> dict[str, str]:
 def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Write an Envoy sidecar bootstrap (JSON).")
     p.add_argument("--pod", default=os.environ.get("POD_NAME"), help="pod name (env POD_NAME)")
-    p.add_argument("--namespace", "-n", default=os.environ.get("POD_NAMESPACE"), help="namespace (env POD_NAMESPACE)")
+    p.add_argument(
+        "--namespace", "-n", default=os.environ.get("POD_NAMESPACE"), help="namespace (env POD_NAMESPACE)"
+    )
     p.add_argument("--ip", default=os.environ.get("INSTANCE_IP"), help="the pod's IP (env INSTANCE_IP)")
     p.add_argument("--xds", default=bs.DEFAULT_XDS, help="control plane HOST:PORT (default %(default)s)")
     p.add_argument("--router", action="store_true", help="a gateway (node id router~…) instead of a sidecar")
@@ -47,14 +49,20 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
         default=bs.DEFAULT_ACCESS_LOG,
         help="where the JSON access log goes (default %(default)s; empty: no access log)",
     )
-    p.add_argument("--label", "-l", action="append", default=[], metavar="KEY=VALUE", help="pod label (repeatable)")
-    p.add_argument("--cluster-id", default="Kubernetes", help="node metadata CLUSTER_ID (default %(default)s)")
+    p.add_argument(
+        "--label", "-l", action="append", default=[], metavar="KEY=VALUE", help="pod label (repeatable)"
+    )
+    p.add_argument(
+        "--cluster-id", default="Kubernetes", help="node metadata CLUSTER_ID (default %(default)s)"
+    )
     p.add_argument("--service-account", default="default", help="node metadata SERVICE_ACCOUNT")
     p.add_argument("--admin-port", type=int, default=settings.PROXY_ADMIN_PORT)
     p.add_argument("--agent-port", type=int, default=settings.PROXY_AGENT_PORT)
     p.add_argument("--health-port", type=int, default=settings.PROXY_HEALTH_PORT)
     p.add_argument("--prometheus-port", type=int, default=settings.PROXY_PROMETHEUS_PORT)
-    p.add_argument("--listen-address", default=None, help="address of the 15090/15021 listeners (default: wildcard)")
+    p.add_argument(
+        "--listen-address", default=None, help="address of the 15090/15021 listeners (default: wildcard)"
+    )
     p.add_argument(
         "--health",
         choices=bs.HEALTH_MODES,
@@ -63,10 +71,16 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     )
     p.add_argument("--sds-path", default=bs.DEFAULT_SDS_PATH, help="unix socket of the SDS server")
     p.add_argument(
-        "--zipkin", default=bs.DEFAULT_ZIPKIN, help="Zipkin collector HOST:PORT (default %(default)s; empty: no tracing)"
+        "--zipkin",
+        default=bs.DEFAULT_ZIPKIN,
+        help="Zipkin collector HOST:PORT (default %(default)s; empty: no tracing)",
     )
-    p.add_argument("--xds-root-cert", default=None, help="CA file: talk TLS to the control plane and check it")
-    p.add_argument("--initial-fetch-timeout", default=None, help="how long to wait for the first CDS/LDS (e.g. 5s)")
+    p.add_argument(
+        "--xds-root-cert", default=None, help="CA file: talk TLS to the control plane and check it"
+    )
+    p.add_argument(
+        "--initial-fetch-timeout", default=None, help="how long to wait for the first CDS/LDS (e.g. 5s)"
+    )
     p.add_argument("--all-stats", action="store_true", help="keep every Envoy stat (no Istio stats matcher)")
     p.add_argument("-o", "--output", default=None, help="write to FILE instead of stdout")
     return p
@@ -75,7 +89,11 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
 def main(argv: list[str], command: str = "bootstrap") -> int:
     parser = build_parser(f"mizzen {command}")
     args = parser.parse_args(argv)
-    missing = [flag for flag, value in (("--pod", args.pod), ("--namespace", args.namespace), ("--ip", args.ip)) if not value]
+    missing = [
+        flag
+        for flag, value in (("--pod", args.pod), ("--namespace", args.namespace), ("--ip", args.ip))
+        if not value
+    ]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
     try:

@@ -47,7 +47,14 @@ HEALTH_MODES = ("envoy", "agent")
 
 # Stats Envoy keeps when the Istio-style stats matcher is on (pilot-agent's required prefixes). Everything
 # else is not even created, as in an Istio sidecar; `all_stats=True` turns the matcher off.
-REQUIRED_STATS_PREFIXES = ("reporter=", "cluster_manager", "listener_manager", "server", "cluster.xds-grpc", "wasm")
+REQUIRED_STATS_PREFIXES = (
+    "reporter=",
+    "cluster_manager",
+    "listener_manager",
+    "server",
+    "cluster.xds-grpc",
+    "wasm",
+)
 
 # The access-log fields, in the seed's order, then those Istio 1.9 added, then Mizzen's extras.
 # `istio_policy_status` is the Mixer-era field the seed shows; stock Envoy renders it as null.
@@ -88,9 +95,15 @@ MIZZEN_ACCESS_LOG_FIELDS: dict[str, str] = {
     "downstream_peer_uri_san": "%DOWNSTREAM_PEER_URI_SAN%",
     "upstream_peer_uri_san": "%UPSTREAM_PEER_URI_SAN%",
 }
-ACCESS_LOG_FIELDS: dict[str, str] = {**SEED_ACCESS_LOG_FIELDS, **ISTIO_ACCESS_LOG_FIELDS, **MIZZEN_ACCESS_LOG_FIELDS}
+ACCESS_LOG_FIELDS: dict[str, str] = {
+    **SEED_ACCESS_LOG_FIELDS,
+    **ISTIO_ACCESS_LOG_FIELDS,
+    **MIZZEN_ACCESS_LOG_FIELDS,
+}
 
-_HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_HCM_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
 _ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS_TYPE = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
@@ -143,7 +156,9 @@ def access_log_proto(path: str = DEFAULT_ACCESS_LOG, *, listener: bool = False):
 # node
 
 
-def node_id(pod: str, namespace: str, ip: str, *, router: bool = False, domain_suffix: str = settings.DOMAIN_SUFFIX) -> str:
+def node_id(
+    pod: str, namespace: str, ip: str, *, router: bool = False, domain_suffix: str = settings.DOMAIN_SUFFIX
+) -> str:
     kind = "router" if router else "sidecar"
     return f"{kind}~{ip}~{pod}.{namespace}~{namespace}.svc.{domain_suffix}"
 
@@ -195,7 +210,10 @@ def _load_assignment(name: str, address: dict) -> dict:
 
 
 def _http2_options(**common: Any) -> dict:
-    opts: dict[str, Any] = {"@type": _HTTP_OPTIONS_TYPE, "explicit_http_config": {"http2_protocol_options": {}}}
+    opts: dict[str, Any] = {
+        "@type": _HTTP_OPTIONS_TYPE,
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
     if common:
         opts["common_http_protocol_options"] = common
     return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": opts}
@@ -237,7 +255,8 @@ def _xds_cluster(host: str, port: int, dns_family: str, root_cert: str | None, s
         validation: dict[str, Any] = {"trusted_ca": {"filename": root_cert}}
         if sans:
             validation["match_typed_subject_alt_names"] = [
-                {"san_type": "DNS" if not s.startswith("spiffe://") else "URI", "matcher": {"exact": s}} for s in sans
+                {"san_type": "DNS" if not s.startswith("spiffe://") else "URI", "matcher": {"exact": s}}
+                for s in sans
             ]
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -270,7 +289,13 @@ def _sds_secret(name: str) -> dict:
 
 
 def _http_listener(
-    address: str, port: int, stat_prefix: str, prefix: str, cluster: str, rewrite: str | None, access_log: str | None
+    address: str,
+    port: int,
+    stat_prefix: str,
+    prefix: str,
+    cluster: str,
+    rewrite: str | None,
+    access_log: str | None,
 ) -> dict:
     route: dict[str, Any] = {"cluster": cluster}
     if rewrite is not None:
@@ -280,7 +305,13 @@ def _http_listener(
         "codec_type": "AUTO",
         "stat_prefix": stat_prefix,
         "route_config": {
-            "virtual_hosts": [{"name": "backend", "domains": ["*"], "routes": [{"match": {"prefix": prefix}, "route": route}]}],
+            "virtual_hosts": [
+                {
+                    "name": "backend",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": prefix}, "route": route}],
+                }
+            ],
         },
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}}],
     }
@@ -288,7 +319,9 @@ def _http_listener(
         hcm["access_log"] = [access_log_config(access_log)]
     return {
         "address": _socket_address(address, port),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
     }
 
 
@@ -316,7 +349,10 @@ def _stats_config(extra_prefixes: Sequence[str], all_stats: bool) -> dict:
         {"tag_name": "tcp_prefix", "regex": r"^tcp\.((.*?)\.)\w+?$"},
         {"tag_name": "response_code", "regex": r"_rq(_(\d{3}))$"},
         {"tag_name": "response_code_class", "regex": r"_rq(_(\dxx))$"},
-        {"tag_name": "http_conn_manager_listener_prefix", "regex": rf"^listener(?=\.).*?\.http\.(({ip_or_port})\.)"},
+        {
+            "tag_name": "http_conn_manager_listener_prefix",
+            "regex": rf"^listener(?=\.).*?\.http\.(({ip_or_port})\.)",
+        },
         {"tag_name": "http_conn_manager_prefix", "regex": rf"^http\.(({ip_or_port})\.)"},
         {"tag_name": "listener_address", "regex": rf"^listener\.(({ip_or_port})\.)"},
     ]
@@ -357,6 +393,47 @@ def _runtime() -> dict:
             {"name": "admin", "admin_layer": {}},
         ]
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# how to run Envoy on it
+
+
+def envoy_command(
+    config_path: str,
+    *,
+    envoy: str | None = None,
+    concurrency: int | None = None,
+    log_level: str = "warning",
+    flush_interval_ms: int = 1000,
+    drain_seconds: int = 45,
+    ipv6: bool = False,
+) -> list[str]:
+    """The Envoy command line for a bootstrap file, as pilot-agent starts it (minus hot restart).
+
+    Access-log lines are flushed every `flush_interval_ms` (Envoy's default is 10 s, too slow for a logsink
+    that tails the file; Envoy also flushes once 64 KB are buffered, and on exit)."""
+    if envoy is None:
+        from services.mesh import procs
+
+        envoy = procs.envoy_binary()
+    argv = [
+        envoy,
+        "-c",
+        config_path,
+        "--disable-hot-restart",
+        "--drain-time-s",
+        str(drain_seconds),
+        "--local-address-ip-version",
+        "v6" if ipv6 else "v4",
+        "--file-flush-interval-msec",
+        str(flush_interval_ms),
+        "-l",
+        log_level,
+    ]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    return argv
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,7 +552,10 @@ def build_bootstrap(
         _static_cluster("agent", _socket_address(localhost, agent_port)),
         # A pipe endpoint is only dialled when a secret is asked for, so a socket that does not exist yet
         # does not stop Envoy from starting.
-        {**_static_cluster("sds-grpc", {"pipe": {"path": sds_path}}, "1s"), "typed_extension_protocol_options": _http2_options()},
+        {
+            **_static_cluster("sds-grpc", {"pipe": {"path": sds_path}}, "1s"),
+            "typed_extension_protocol_options": _http2_options(),
+        },
         _xds_cluster(xds_host, xds_port, dns_family, xds_root_cert, xds_sans),
     ]
     if zipkin:
@@ -484,12 +564,22 @@ def build_bootstrap(
 
     static_log = access_log if log_static_listeners else None
     if health == "envoy":
-        health_listener = _http_listener(listen, health_port, "agent", "/healthz/ready", "prometheus_stats", "/ready", static_log)
+        health_listener = _http_listener(
+            listen, health_port, "agent", "/healthz/ready", "prometheus_stats", "/ready", static_log
+        )
     else:
-        health_listener = _http_listener(listen, health_port, "agent", "/healthz/ready", "agent", None, static_log)
+        health_listener = _http_listener(
+            listen, health_port, "agent", "/healthz/ready", "agent", None, static_log
+        )
     listeners = [
         _http_listener(
-            listen, prometheus_port, "stats", "/stats/prometheus", "prometheus_stats", "/stats/prometheus", static_log
+            listen,
+            prometheus_port,
+            "stats",
+            "/stats/prometheus",
+            "prometheus_stats",
+            "/stats/prometheus",
+            static_log,
         ),
         health_listener,
     ]
