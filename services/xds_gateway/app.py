@@ -1,0 +1,112 @@
+"""The xds_gateway process: Redis + NATS in, gRPC ADS out, /healthz/ready and /metrics on the side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from services.mesh.bus import Bus
+from services.mesh.service import health_routes, serve_http
+
+from .cache import SnapshotCache
+from .metrics import Metrics
+from .server import make_server
+from .status import StatusRecorder
+from .stream import Gateway
+
+log = logging.getLogger("mizzen.xds_gateway")
+
+
+@dataclass
+class Options:
+    host: str
+    port: int
+    http_host: str
+    http_port: int
+    nats_url: str
+    redis_url: str
+    replica: str
+    resync_interval: float = 5.0
+    status_ttl: float = 30.0
+    grace: float = 5.0
+
+
+async def _wait_redis(redis: aioredis.Redis, stop: asyncio.Event) -> bool:
+    while not stop.is_set():
+        try:
+            await redis.ping()
+            return True
+        except Exception as e:  # noqa: BLE001 - not up yet
+            log.info("waiting for redis: %s", e)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    return False
+
+
+async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
+    metrics = Metrics()
+    redis_ok = False
+    state = {"serving": False}
+    redis = aioredis.from_url(opts.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    bus = Bus(opts.nats_url, f"xds-gateway-{opts.replica}")
+
+    def ready() -> bool:
+        return state["serving"] and redis_ok and bus.connected.is_set()
+
+    http = web.Application()
+    health_routes(http, ready, metrics.registry)
+    runner = await serve_http(http, opts.http_host, opts.http_port)
+    log.info("http listening", extra={"addr": f"{opts.http_host}:{opts.http_port}"})
+
+    if not await _wait_redis(redis, stop):
+        await runner.cleanup()
+        return
+    redis_ok = True
+    connect = asyncio.create_task(bus.connect(timeout=3600))
+    done, _ = await asyncio.wait({connect, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if connect not in done:
+        connect.cancel()
+        await runner.cleanup()
+        await redis.aclose()
+        return
+
+    cache = SnapshotCache(redis, bus, resync_interval=opts.resync_interval)
+    status = StatusRecorder(redis, opts.replica, ttl=opts.status_ttl)
+    gw = Gateway(cache=cache, status=status, metrics=metrics, replica=opts.replica, bus=bus)
+    await cache.start()
+    await status.start()
+    server, port = make_server(gw, opts.host, opts.port)
+    await server.start()
+    state["serving"] = True
+    log.info("xds gateway serving", extra={"addr": f"{opts.host}:{port}", "replica": opts.replica})
+
+    async def watch_redis() -> None:
+        nonlocal redis_ok
+        while True:
+            await asyncio.sleep(2)
+            try:
+                await redis.ping()
+                redis_ok = True
+            except Exception:  # noqa: BLE001
+                redis_ok = False
+            gw.update_queue_gauge()
+
+    pinger = asyncio.create_task(watch_redis())
+    await stop.wait()
+    started = time.monotonic()
+    log.info("shutting down", extra={"streams": len(gw.streams)})
+    state["serving"] = False
+    await server.stop(opts.grace)
+    pinger.cancel()
+    await cache.stop()
+    await status.stop()
+    await bus.close()
+    await redis.aclose()
+    await runner.cleanup()
+    log.info("stopped", extra={"seconds": round(time.monotonic() - started, 3)})

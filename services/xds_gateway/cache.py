@@ -1,0 +1,393 @@
+"""Where snapshots come from: Redis (via SnapshotStore), woken by NATS, kept in memory as shared wire bytes.
+
+The protocol code (sotw.py, delta.py) never touches Redis or NATS; it asks this cache for a proxy's current
+`ProxyView` and registers a callback to hear when it changes. Everything here is shared between streams:
+
+- `ResourceSet` is an immutable name → hash map of one type with its content version. Sets are interned, so
+  2,000 proxies with the same clusters hold one set object, and its response body is built once.
+- Resource bytes are cached by (type URL, hash) already wrapped in `google.protobuf.Any`, so a resource is
+  read from Redis and wrapped once, and every stream that gets it sends the same bytes.
+
+The gateway is stateless: the truth is in Redis. NATS `mizzen.snapshot.<proxy>` events only say "look again";
+a periodic resync (and one after every NATS reconnect) re-reads the manifests of the watched proxies, so a lost
+event costs latency, never correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from services.mesh.bus import SNAPSHOT_PREFIX, Bus
+from services.mesh.snapstore import MANIFEST, RES, Manifest, SnapshotStore, digest, type_version
+from services.mesh.xds_types import ENDPOINT
+
+from . import wire
+
+log = logging.getLogger("mizzen.xds_gateway.cache")
+
+
+class LRU(OrderedDict):
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_recent(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class ResourceSet:
+    """Resources of one type, name → content hash. Immutable once built; `version` is a hash of the content
+    (the same function the translator uses for manifest type versions, so a full set's version equals the
+    manifest's)."""
+
+    __slots__ = ("type_url", "entries", "version", "synthesized", "_names", "sotw_body", "__weakref__")
+
+    def __init__(self, type_url: str, entries: dict[str, str], version: str | None = None,
+                 synthesized: frozenset[str] = frozenset()):
+        self.type_url = type_url
+        self.entries = entries
+        self.version = version or type_version(entries)
+        self.synthesized = synthesized  # names the snapshot lacks, answered with an empty resource
+        self._names: frozenset[str] | None = None
+        self.sotw_body: bytes | None = None  # the DiscoveryResponse `resources` fields, built on first use
+
+    @property
+    def names(self) -> frozenset[str]:
+        if self._names is None:
+            self._names = frozenset(self.entries)
+        return self._names
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"ResourceSet({self.type_url.rsplit('.', 1)[-1]}, {len(self.entries)} res, v={self.version})"
+
+
+@dataclass
+class ProxyView:
+    """A proxy's snapshot as the gateway sees it: the manifest plus one ResourceSet per type."""
+
+    manifest: Manifest
+    full: dict[str, ResourceSet]
+    seen_at: float  # monotonic time the gateway learned about this manifest (push latency starts here)
+
+    @property
+    def key(self) -> tuple:
+        return (self.manifest.version, tuple(self.manifest.layers))
+
+    def versions(self) -> dict[str, str]:
+        return self.manifest.versions
+
+    def resources(self, type_url: str) -> ResourceSet | None:
+        return self.full.get(type_url)
+
+
+Watcher = Callable[[ProxyView | None], None]
+
+
+def empty_load_assignment(name: str) -> bytes:
+    """ClusterLoadAssignment{cluster_name=name}: istiod answers EDS for a cluster with no endpoints this way,
+    so the cluster finishes warming at once instead of after Envoy's 15 s initial-fetch timeout."""
+    return wire.string_field(1, name)
+
+
+class SnapshotCache:
+    def __init__(self, redis: aioredis.Redis, bus: Bus | None = None, resync_interval: float = 5.0,
+                 resource_cache_limit: int = 400_000, set_cache_limit: int = 20_000):
+        self.redis = redis
+        self.store = SnapshotStore(redis, cache_limit=16)  # we keep our own (wrapped) resource cache
+        self.bus = bus
+        self.resync_interval = resync_interval
+        self._any: LRU = LRU(resource_cache_limit)  # (type_url, hash) → Any bytes
+        self._sets: LRU = LRU(set_cache_limit)  # interning key → ResourceSet
+        self._names: dict[frozenset[str], frozenset[str]] = {}  # interned subscription name sets
+        self._views: dict[str, ProxyView] = {}
+        self._watchers: dict[str, dict[int, Watcher]] = {}
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._loading: dict[tuple, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._next_watch = 0
+        self.events_received = 0
+        self.loads = 0
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        if self.bus is not None and self.bus.nc is not None:
+            await self.bus.subscribe(SNAPSHOT_PREFIX + ">", self._on_event)
+            previous = self.bus.on_reconnect
+
+            async def on_reconnect() -> None:
+                if previous:
+                    await previous()
+                self.mark_all_dirty()
+
+            self.bus.on_reconnect = on_reconnect
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="snapshot-refresh"))
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name="snapshot-resync"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._dirty)
+
+    # ---- watching ----
+    def watch(self, proxy: str, callback: Watcher) -> int:
+        self._next_watch += 1
+        self._watchers.setdefault(proxy, {})[self._next_watch] = callback
+        return self._next_watch
+
+    def unwatch(self, proxy: str, handle: int) -> None:
+        ws = self._watchers.get(proxy)
+        if ws is None:
+            return
+        ws.pop(handle, None)
+        if not ws:
+            del self._watchers[proxy]
+            self._views.pop(proxy, None)
+
+    def watched(self) -> list[str]:
+        return list(self._watchers)
+
+    def mark_dirty(self, proxy: str) -> None:
+        if proxy in self._watchers:
+            self._dirty.add(proxy)
+            self._dirty_event.set()
+
+    def mark_all_dirty(self) -> None:
+        self._dirty.update(self._watchers)
+        if self._dirty:
+            self._dirty_event.set()
+
+    async def _on_event(self, msg) -> None:
+        self.events_received += 1
+        self.mark_dirty(msg.subject[len(SNAPSHOT_PREFIX):])
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_interval)
+            self.mark_all_dirty()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            batch = list(self._dirty)
+            self._dirty.clear()
+            try:
+                await self.refresh(batch)
+            except Exception:  # noqa: BLE001 - Redis away: retry these proxies on the next round
+                log.exception("snapshot refresh failed; will retry")
+                self._dirty.update(batch)
+                await asyncio.sleep(0.5)
+                self._dirty_event.set()
+
+    async def refresh(self, proxies: list[str]) -> None:
+        """Re-read these proxies' manifests (one MGET) and tell watchers about the ones that changed."""
+        for i in range(0, len(proxies), 500):
+            chunk = proxies[i:i + 500]
+            raw = await self.redis.mget([MANIFEST + p for p in chunk])
+            for proxy, data in zip(chunk, raw, strict=True):
+                if proxy not in self._watchers:
+                    continue
+                old = self._views.get(proxy)
+                if data is None:
+                    if old is not None:
+                        self._views.pop(proxy, None)
+                        self._notify(proxy, None)
+                    continue
+                manifest = Manifest.from_json(data)
+                if old is not None and old.key == (manifest.version, tuple(manifest.layers)):
+                    continue
+                view = await self._build_view(manifest)
+                self._views[proxy] = view
+                self._notify(proxy, view)
+
+    def _notify(self, proxy: str, view: ProxyView | None) -> None:
+        for cb in list(self._watchers.get(proxy, {}).values()):
+            try:
+                cb(view)
+            except Exception:  # noqa: BLE001 - one broken stream must not stop the others
+                log.exception("snapshot watcher failed", extra={"proxy": proxy})
+
+    # ---- views ----
+    async def view(self, proxy: str) -> ProxyView | None:
+        """The proxy's current view (from memory when watched and loaded, else from Redis)."""
+        v = self._views.get(proxy)
+        if v is not None:
+            return v
+        manifest = await self.store.manifest(proxy)
+        if manifest is None:
+            return None
+        v = await self._build_view(manifest)
+        if proxy in self._watchers:
+            self._views[proxy] = v
+        return v
+
+    def current(self, proxy: str) -> ProxyView | None:
+        return self._views.get(proxy)
+
+    async def _build_view(self, manifest: Manifest) -> ProxyView:
+        self.loads += 1
+        layers = [await self.store.layer(h) for h in manifest.layers]
+        full: dict[str, ResourceSet] = {}
+        types = {t for layer in layers for t in layer}
+        for t in types:
+            holders = [(h, layer[t]) for h, layer in zip(manifest.layers, layers, strict=True) if layer.get(t)]
+            key = ("full", t, tuple(h for h, _ in holders))
+            rs = self._sets.get_recent(key)
+            if rs is None:
+                if len(holders) == 1:
+                    entries = holders[0][1]  # one layer holds the type: share its dict as is
+                else:
+                    entries = {}
+                    for _h, idx in holders:
+                        entries.update(idx)
+                rs = ResourceSet(t, entries, manifest.versions.get(t))
+                self._sets.put(key, rs)
+            full[t] = rs
+        return ProxyView(manifest, full, time.monotonic())
+
+    # ---- resource sets ----
+    def intern_names(self, names: Iterable[str]) -> frozenset[str]:
+        fs = frozenset(names)
+        found = self._names.get(fs)
+        if found is None:
+            if len(self._names) > 50_000:
+                self._names.clear()
+            self._names[fs] = fs
+            found = fs
+        return found
+
+    def empty(self, type_url: str) -> ResourceSet:
+        key = ("empty", type_url)
+        rs = self._sets.get_recent(key)
+        if rs is None:
+            rs = ResourceSet(type_url, {})
+            self._sets.put(key, rs)
+        return rs
+
+    def subset(self, full: ResourceSet | None, type_url: str, names: frozenset[str]) -> ResourceSet:
+        """The resources of `full` named in `names` (EDS names with no assignment get an empty one)."""
+        base = full if full is not None else self.empty(type_url)
+        key = ("sub", type_url, base.version, names)
+        rs = self._sets.get_recent(key)
+        if rs is not None:
+            return rs
+        if names >= base.names and type_url != ENDPOINT:
+            rs = base
+        else:
+            entries: dict[str, str] = {}
+            made: list[str] = []
+            src = base.entries
+            for n in names:
+                h = src.get(n)
+                if h is None and type_url == ENDPOINT:
+                    h = self._synthesize(type_url, empty_load_assignment(n))
+                    made.append(n)
+                if h is not None:
+                    entries[n] = h
+            if len(entries) == len(src) and entries.keys() == src.keys():
+                rs = base
+            else:
+                rs = ResourceSet(type_url, entries, synthesized=frozenset(made))
+        self._sets.put(key, rs)
+        return rs
+
+    def merge(self, base: ResourceSet, overrides: dict[str, str]) -> ResourceSet:
+        """base with `overrides` added or replacing entries: how a stream keeps a cluster (and its endpoints)
+        the snapshot dropped until nothing on the proxy references it any more."""
+        entries = dict(base.entries)
+        entries.update(overrides)
+        key = ("merge", base.type_url, type_version(entries))
+        rs = self._sets.get_recent(key)
+        if rs is None:
+            rs = ResourceSet(base.type_url, entries)
+            self._sets.put(key, rs)
+        return rs
+
+    def _synthesize(self, type_url: str, data: bytes) -> str:
+        h = digest(data)
+        if (type_url, h) not in self._any:
+            self._any.put((type_url, h), wire.any_message(type_url, data))
+        return h
+
+    # ---- bytes ----
+    async def ensure(self, type_url: str, hashes: Iterable[str]) -> None:
+        """Make sure the Any bytes of these resources are in memory (one MGET for the missing ones, shared by
+        every stream that asks for the same hashes at the same time)."""
+        hashes = list(hashes)
+        while True:
+            missing = [h for h in hashes if (type_url, h) not in self._any]
+            if not missing:
+                return
+            key = (type_url, tuple(missing[:4]), len(missing))
+            fut = self._loading.get(key)
+            if fut is None:
+                break
+            await asyncio.shield(fut)  # someone is loading (probably) the same set; then look again
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            for i in range(0, len(missing), 2000):
+                chunk = missing[i:i + 2000]
+                values = await self.redis.mget([RES + h for h in chunk])
+                for h, v in zip(chunk, values, strict=True):
+                    if v is None:
+                        raise KeyError(f"snapshot resource {h} missing from Redis")
+                    self._any.put((type_url, h), wire.any_message(type_url, v))
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self._loading.pop(key, None)
+
+    def any_bytes(self, type_url: str, h: str) -> bytes:
+        return self._any[(type_url, h)]
+
+    async def sotw_body(self, rs: ResourceSet) -> bytes:
+        """The `resources` fields of a DiscoveryResponse carrying rs, built once per set."""
+        if rs.sotw_body is None:
+            await self.ensure(rs.type_url, rs.entries.values())
+            if rs.sotw_body is None:
+                t = rs.type_url
+                rs.sotw_body = b"".join(wire.field(wire.DR_RESOURCES, self._any[(t, h)])
+                                        for _n, h in sorted(rs.entries.items()))
+        return rs.sotw_body
+
+    async def delta_entries(self, type_url: str, items: list[tuple[str, str]]) -> list[bytes]:
+        """discovery.v3.Resource entries for (name, hash) pairs; the version of each resource is its hash."""
+        await self.ensure(type_url, [h for _n, h in items])
+        out = []
+        for name, h in items:
+            body = wire.string_field(wire.RES_NAME, name) + wire.string_field(wire.RES_VERSION, h)
+            body += wire.field(wire.RES_RESOURCE, self._any[(type_url, h)])
+            out.append(wire.field(wire.DDR_RESOURCES, body))
+        return out

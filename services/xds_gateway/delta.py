@@ -1,0 +1,182 @@
+"""Incremental ADS: AggregatedDiscoveryService.DeltaAggregatedResources.
+
+Per the xDS protocol's incremental variant:
+- The server tracks, per type, which resources the client has and at which version (here: the resource's
+  content hash), and sends only resources that changed plus `removed_resources` for ones that went away.
+- On (re)connect the client lists what it already has in `initial_resource_versions`; those are not resent
+  when unchanged, so a gateway restart costs almost nothing on the wire.
+- resource_names_subscribe / _unsubscribe change the subscription at any time; a name subscribed again is
+  always resent (the client may have forgotten it). CDS and LDS are wildcard when the first request names
+  nothing, or names "*"; "*" can also be unsubscribed.
+- Every response has its own nonce; the request echoing it is the ACK (or, with error_detail, the NACK). A
+  NACKed resource is not resent until the snapshot changes it again. Unknown nonces are ignored for ACK/NACK
+  purposes, but the subscription changes they carry are applied.
+- Same make-before-break order as SotW: CDS, EDS, LDS, RDS, and clusters are removed only after listeners and
+  routes that stopped referencing them are ACKed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from services.mesh.snapstore import digest
+from services.mesh.xds_types import CLUSTER, ENDPOINT, WILDCARD
+
+from . import wire
+from .cache import LRU, ResourceSet, empty_load_assignment
+from .stream import Stream, order_types
+
+log = logging.getLogger("mizzen.xds_gateway.delta")
+
+DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
+
+# (id of a shared "client has" map, desired version) → (that map, to_send, removed, entries): after a snapshot
+# change every stream that held the same set needs the same delta, so it is computed and encoded once.
+_diffs: LRU = LRU(2_000)
+
+
+@dataclass(eq=False)
+class DeltaSubscription:
+    wildcard: bool
+    names: set[str]
+    names_key: frozenset[str]
+    has: dict[str, str]  # what the client holds: name → version (our content hash)
+    has_shared: bool = False  # `has` is a ResourceSet's own dict: copy before changing it
+    outstanding: dict[str, str] = field(default_factory=dict)  # nonce → system version sent
+    sent_any: bool = False
+
+    def own_has(self) -> dict[str, str]:
+        if self.has_shared:
+            self.has = dict(self.has)
+            self.has_shared = False
+        return self.has
+
+
+class DeltaStream(Stream):
+    api = "delta"
+
+    def __init__(self, gw, context):
+        super().__init__(gw, context)
+        self.subs: dict[str, DeltaSubscription] = {}
+
+    async def handle(self, req: DeltaDiscoveryRequest) -> None:
+        if not self.proxy:
+            await self.identify(req.node)
+        t = req.type_url
+        if not t:
+            return
+        now = time.monotonic()
+        sub = self.subs.get(t)
+        subscribe = list(req.resource_names_subscribe)
+        unsubscribe = list(req.resource_names_unsubscribe)
+        if sub is None:
+            names = set(subscribe)
+            wildcard = t in WILDCARD and (not names or "*" in names)
+            names.discard("*")
+            sub = DeltaSubscription(wildcard, names, self.gw.cache.intern_names(names),
+                                    dict(req.initial_resource_versions))
+            self.subs[t] = sub
+            self.type_status(t).pending_since = now
+        elif subscribe or unsubscribe:
+            has = sub.own_has()
+            for n in subscribe:
+                if n == "*":
+                    sub.wildcard = True
+                else:
+                    sub.names.add(n)
+                    has.pop(n, None)  # always resend what is (re)subscribed
+            for n in unsubscribe:
+                if n == "*":
+                    sub.wildcard = False
+                else:
+                    sub.names.discard(n)
+                    has.pop(n, None)  # the client dropped it; a later subscribe must resend it
+            sub.names_key = self.gw.cache.intern_names(sub.names)
+            self.type_status(t).pending_since = now
+        nonce = req.response_nonce
+        if nonce:
+            version = sub.outstanding.get(nonce)
+            if version is None:
+                self.gw.metrics.stale_nonces.inc()
+            else:
+                # responses are processed in order: everything sent before this nonce is settled too
+                for n in list(sub.outstanding):
+                    del sub.outstanding[n]
+                    if n == nonce:
+                        break
+                if req.HasField("error_detail"):
+                    self.record_nack(t, nonce, req.error_detail.message)
+                else:
+                    self.record_ack(t, nonce, version)
+        await self.push(now)
+
+    def type_settled(self, t: str) -> bool:
+        sub = self.subs.get(t)
+        if sub is None:
+            return True
+        st = self.type_status(t)
+        if sub.outstanding or (st.sent_nonce and st.acked_nonce != st.sent_nonce):
+            return False
+        desired = self.desired(t, sub.wildcard, sub.names_key)
+        return sub.has is desired.entries or sub.has == desired.entries
+
+    def _diff(self, sub: DeltaSubscription, desired: ResourceSet) -> tuple[list[tuple[str, str]], list[str]]:
+        has = sub.has
+        to_send = [(n, h) for n, h in desired.entries.items() if has.get(n) != h]
+        removed = [n for n in has if n not in desired.entries]
+        return to_send, removed
+
+    async def push(self, since: float) -> None:
+        if self.view is None:
+            return
+        cache = self.gw.cache
+        for t in order_types(self.subs):
+            sub = self.subs[t]
+            desired = self.desired(t, sub.wildcard, sub.names_key)
+            if sub.has is desired.entries:
+                to_send, removed, entries = [], [], []
+            else:
+                memo = _diffs.get_recent((id(sub.has), desired.version)) if sub.has_shared else None
+                if memo is not None and memo[0] is sub.has:
+                    _has, to_send, removed, entries = memo
+                else:
+                    to_send, removed = self._diff(sub, desired)
+                    entries = None
+            held = False
+            if t == ENDPOINT and desired.synthesized and to_send:
+                # endpoints of a cluster the snapshot dropped: keep them while Envoy still has the cluster
+                keep = [n for n, h in to_send if n in desired.synthesized and n in sub.has
+                        and sub.has[n] != digest(empty_load_assignment(n))]
+                if keep:
+                    to_send = [(n, h) for n, h in to_send if n not in keep]
+                    held, entries = True, None
+            if t == CLUSTER and removed and not self.references_settled():
+                removed, held = [], True
+            if not to_send and not removed and sub.sent_any:
+                st = self.type_status(t)
+                basis = "" if held else self.basis(t)
+                if st.basis != basis:
+                    st.basis = basis
+                    self.changed()
+                continue
+            if entries is None or held:
+                entries = await cache.delta_entries(t, to_send)
+                if sub.has_shared and not held:
+                    _diffs.put((id(sub.has), desired.version), (sub.has, to_send, removed, entries))
+            nonce = self.next_nonce()
+            msg = wire.delta_response(desired.version, t, nonce, entries, removed, self.gw.replica)
+            await self.send(msg)
+            if held:
+                has = sub.own_has()
+                has.update(to_send)
+                for n in removed:
+                    has.pop(n, None)
+            else:
+                sub.has, sub.has_shared = desired.entries, True
+            sub.outstanding[nonce] = desired.version
+            sub.sent_any = True
+            self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since)

@@ -1,0 +1,33 @@
+"""The gateway's Prometheus metrics (one registry per process, served on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.mesh.xds_types import SHORT
+
+
+def short(type_url: str) -> str:
+    return SHORT.get(type_url, type_url.rsplit(".", 1)[-1])
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.pushes = Counter("mizzen_xds_pushes", "xDS responses sent", ["type", "api"], registry=r)
+        self.push_bytes = Counter("mizzen_xds_push_bytes", "bytes of xDS responses sent", ["type"], registry=r)
+        self.push_latency = Histogram(
+            "mizzen_xds_push_latency_seconds",
+            "time from the gateway seeing a new snapshot (or a request) to the proxy's ACK",
+            ["type"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.nacks = Counter("mizzen_xds_nacks", "NACKs received from proxies", ["type"], registry=r)
+        self.acks = Counter("mizzen_xds_acks", "ACKs received from proxies", ["type"], registry=r)
+        self.stale_nonces = Counter("mizzen_xds_stale_nonces", "requests ignored for a stale nonce", registry=r)
+        self.connected = Gauge("mizzen_xds_connected_proxies", "streams open on this replica", ["api"], registry=r)
+        self.queue_depth = Gauge("mizzen_xds_queue_depth",
+                                 "proxies whose snapshot must be re-read plus streams with a push pending",
+                                 registry=r)
+        self.snapshot_events = Counter("mizzen_xds_snapshot_events", "snapshot events received from NATS",
+                                       registry=r)

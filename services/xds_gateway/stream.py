@@ -1,0 +1,246 @@
+"""What SotW and delta streams share: identifying the proxy, watching its snapshot, the event loop of one
+stream (requests and snapshot wake-ups handled one at a time, in order), and status/metrics reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import orjson
+
+from services.mesh.bus import PROXY_CONNECTED, Bus
+from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+
+from .cache import ProxyView, ResourceSet, SnapshotCache
+from .metrics import Metrics, short
+from .status import StatusRecorder, node_info
+
+log = logging.getLogger("mizzen.xds_gateway.stream")
+
+_conn_ids = itertools.count(1)
+_WAKE = object()
+_CLOSED = object()
+
+
+@dataclass
+class Gateway:
+    """Everything a stream needs from the process around it."""
+
+    cache: SnapshotCache
+    status: StatusRecorder | None
+    metrics: Metrics
+    replica: str
+    bus: Bus | None = None
+    streams: set = field(default_factory=set)
+    pending_wakes: int = 0
+
+    def update_queue_gauge(self) -> None:
+        self.metrics.queue_depth.set(self.cache.queue_depth + self.pending_wakes)
+
+
+def order_types(types) -> list[str]:
+    """PUSH_ORDER first (CDS, EDS, LDS, RDS), then any other requested type."""
+    rest = sorted(t for t in types if t not in PUSH_ORDER)
+    return [t for t in PUSH_ORDER if t in types] + rest
+
+
+@dataclass
+class TypeStatus:
+    """What status reports per type (both protocols)."""
+
+    sent_nonce: str = ""
+    acked_nonce: str = ""
+    sent_version: str = ""
+    acked_version: str = ""
+    basis: str = ""  # manifest type version the last sent content reflects ("" while held back)
+    error: str = ""
+    error_nonce: str = ""
+    sent_at: float = 0.0
+    acked_at: float = 0.0
+    pending_since: float = 0.0  # when the change being pushed was first seen (latency metric)
+
+    def doc(self) -> dict:
+        return {"sent_nonce": self.sent_nonce, "acked_nonce": self.acked_nonce, "sent_version": self.sent_version,
+                "acked_version": self.acked_version, "basis": self.basis, "error": self.error,
+                "error_nonce": self.error_nonce, "sent_at": self.sent_at, "acked_at": self.acked_at}
+
+
+class Stream:
+    api = "sotw"
+
+    def __init__(self, gw: Gateway, context: grpc.aio.ServicerContext):
+        self.gw = gw
+        self.context = context
+        self.conn_id = f"{gw.replica}-{os.getpid()}-{next(_conn_ids)}"
+        self.proxy = ""
+        self.node_info: dict[str, Any] = {}
+        self.connected_at = time.time()
+        self.view: ProxyView | None = None
+        self.view_seen_at = 0.0
+        self.status: dict[str, TypeStatus] = {}
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._wake_pending = False
+        self._watch: int | None = None
+        self._nonce = itertools.count(1)
+
+    # ---- helpers for subclasses ----
+    def next_nonce(self) -> str:
+        return f"{next(self._nonce)}"
+
+    def type_status(self, t: str) -> TypeStatus:
+        st = self.status.get(t)
+        if st is None:
+            st = self.status[t] = TypeStatus()
+        return st
+
+    def desired(self, t: str, wildcard: bool, names: frozenset[str]) -> ResourceSet:
+        """The resources of type t this stream should hold now."""
+        assert self.view is not None
+        full = self.view.resources(t)
+        if wildcard:  # all of the type (explicitly named ones are in it when they exist)
+            return full if full is not None else self.gw.cache.empty(t)
+        return self.gw.cache.subset(full, t, names)
+
+    def basis(self, t: str) -> str:
+        return self.view.manifest.versions.get(t, "") if self.view is not None else ""
+
+    def record_sent(self, t: str, nonce: str, version: str, basis: str, size: int, since: float) -> None:
+        st = self.type_status(t)
+        st.sent_nonce, st.sent_version, st.basis, st.sent_at = nonce, version, basis, time.time()
+        if not st.pending_since:
+            st.pending_since = since
+        self.gw.metrics.pushes.labels(short(t), self.api).inc()
+        self.gw.metrics.push_bytes.labels(short(t)).inc(size)
+        self.changed()
+
+    def record_ack(self, t: str, nonce: str, version: str) -> None:
+        st = self.type_status(t)
+        st.acked_nonce, st.acked_version, st.acked_at = nonce, version, time.time()
+        st.error = st.error_nonce = ""
+        if st.pending_since:
+            self.gw.metrics.push_latency.labels(short(t)).observe(max(0.0, time.monotonic() - st.pending_since))
+            st.pending_since = 0.0
+        self.gw.metrics.acks.labels(short(t)).inc()
+        self.changed()
+
+    def record_nack(self, t: str, nonce: str, message: str) -> None:
+        st = self.type_status(t)
+        st.error, st.error_nonce = message or "rejected (no detail)", nonce
+        st.pending_since = 0.0
+        self.gw.metrics.nacks.labels(short(t)).inc()
+        log.warning("proxy rejected config", extra={"proxy": self.proxy, "type": short(t), "nonce": nonce,
+                                                    "error_detail": message})
+        self.changed()
+
+    def changed(self) -> None:
+        if self.gw.status is not None and self.proxy:
+            self.gw.status.changed(self)
+
+    def status_doc(self) -> dict:
+        return {"proxy": self.proxy, "conn": self.conn_id, "replica": self.gw.replica, "api": self.api,
+                "connected_at": self.connected_at, "node": self.node_info,
+                "manifest_version": self.view.manifest.version if self.view else "",
+                "types": {t: s.doc() for t, s in self.status.items()}}
+
+    def references_settled(self) -> bool:
+        """True once listeners and routes the proxy holds match the current snapshot and are ACKed, so clusters
+        they no longer reference can go (make-before-break)."""
+        return all(self.type_settled(t) for t in (LISTENER, ROUTE))
+
+    def type_settled(self, t: str) -> bool:
+        raise NotImplementedError
+
+    # ---- identification ----
+    async def identify(self, node: Any) -> None:
+        self.proxy = node.id
+        if not self.proxy:
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry node.id")
+        self.node_info = node_info(node)
+        self._watch = self.gw.cache.watch(self.proxy, self._on_snapshot)
+        self.view = await self.gw.cache.view(self.proxy)
+        self.view_seen_at = time.monotonic()
+        if self.gw.status is not None:
+            try:
+                await self.gw.status.connected(self)
+            except Exception as e:  # noqa: BLE001 - serving config matters more than reporting it
+                log.warning("could not record connection of %s: %s", self.proxy, e)
+        if self.gw.bus is not None and self.gw.bus.nc is not None:
+            payload = {"proxy": self.proxy, "replica": self.gw.replica, "node": self.node_info}
+            await self.gw.bus.publish(PROXY_CONNECTED, orjson.dumps(payload))
+        log.info("proxy connected", extra={"proxy": self.proxy, "api": self.api, "conn": self.conn_id,
+                                           "has_snapshot": self.view is not None})
+
+    def _on_snapshot(self, view: ProxyView | None) -> None:
+        if view is None:
+            return  # a deleted snapshot keeps the proxy's last config; nothing to push
+        self.view = view
+        self.view_seen_at = view.seen_at
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.gw.pending_wakes += 1
+            self._inbox.put_nowait(_WAKE)
+
+    # ---- the stream's loop ----
+    async def run(self, request_iterator) -> None:
+        self.gw.streams.add(self)
+        self.gw.metrics.connected.labels(self.api).inc()
+        reader = asyncio.create_task(self._read(request_iterator))
+        try:
+            while True:
+                item = await self._inbox.get()
+                if item is _CLOSED:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _WAKE:
+                    self._wake_pending = False
+                    self.gw.pending_wakes -= 1
+                    self.gw.update_queue_gauge()
+                    await self.push(self.view_seen_at)
+                else:
+                    await self.handle(item)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            if self._wake_pending:
+                self.gw.pending_wakes -= 1
+            self.gw.streams.discard(self)
+            self.gw.metrics.connected.labels(self.api).dec()
+            if self._watch is not None:
+                self.gw.cache.unwatch(self.proxy, self._watch)
+            if self.gw.status is not None and self.proxy:
+                with contextlib.suppress(Exception):
+                    await self.gw.status.disconnected(self)
+            log.info("proxy disconnected", extra={"proxy": self.proxy, "conn": self.conn_id})
+
+    async def _read(self, request_iterator) -> None:
+        try:
+            async for req in request_iterator:
+                self._inbox.put_nowait(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the client went away
+            log.debug("stream read ended: %s", e)
+        self._inbox.put_nowait(_CLOSED)
+
+    async def send(self, data: bytes) -> None:
+        await self.context.write(data)
+
+    async def handle(self, req: Any) -> None:
+        raise NotImplementedError
+
+    async def push(self, since: float) -> None:
+        raise NotImplementedError
+
+
+# Types whose absence from a SotW response removes them on the client (the others are only ever added).
+STATE_OF_THE_WORLD_TYPES = {CLUSTER, LISTENER}
+ENDPOINT_TYPE = ENDPOINT

@@ -1,0 +1,141 @@
+"""xds_gateway against a real Envoy: config arrives, traffic follows live updates, NACKs keep the last good
+config and show in proxy-status; for both SotW (GRPC) and delta (DELTA_GRPC) ADS."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.mesh import procs
+from services.mesh.snapstore import SnapshotStore
+from services.xds_gateway.status import load_statuses
+
+from .test_xds_support import (
+    Mesh,
+    Upstream,
+    bad_listener,
+    dynamic_clusters,
+    dynamic_listeners,
+    dynamic_routes,
+    endpoint_ports,
+    eventually,
+    get_async,
+    node_id,
+    rejected_listeners,
+    start_envoy,
+    start_gateway,
+    write_snapshot,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def upstreams():
+    ups = {name: Upstream(name) for name in ("alpha", "beta")}
+    try:
+        yield ups
+    finally:
+        for u in ups.values():
+            u.close()
+
+
+async def _statuses(redis) -> dict[str, dict]:
+    return {s["proxy"]: s for s in await load_statuses(redis)}
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+async def test_envoy_gets_config_and_follows_updates(api, tmp_path, nats_server, redis_server, upstreams):
+    nats_url, redis_url = nats_server.meta["url"], redis_server.meta["url"]
+    redis = aioredis.from_url(redis_url)
+    store = SnapshotStore(redis)
+    proxy = node_id("app-1")
+    listen = procs.free_port()
+    alpha, beta = upstreams["alpha"], upstreams["beta"]
+
+    mesh = Mesh()
+    mesh.clusters["svc"] = [alpha.port]
+    mesh.listeners["http"] = (listen, "web")
+    mesh.routes["web"] = [("/", "svc")]
+    await write_snapshot(store, proxy, 1, mesh)  # before anything runs: the gateway must read it from Redis
+
+    gw = start_gateway(tmp_path, nats_url, redis_url, replica="gw-a")
+    envoy = None
+    try:
+        envoy = start_envoy(tmp_path, proxy, gw.meta["port"], delta=(api == "delta"))
+        admin = envoy.meta["admin"]
+
+        # config_dump holds what was stored, and traffic reaches the upstream EDS chose
+        await eventually(lambda: _body_is(listen, "/", "alpha"), what="traffic to alpha")
+        assert set(dynamic_clusters(admin)) == {"svc"}
+        assert set(dynamic_listeners(admin)) == {"http"}
+        assert set(dynamic_routes(admin)) == {"web"}
+        assert endpoint_ports(admin) == {"svc": [alpha.port]}
+
+        st = await eventually(lambda: _synced(redis, proxy), what="SYNCED status")
+        assert st["istiod"] == "gw-a" and st["name"] == "app-1.default" and st["version"] == "1.7.0"
+        assert st["api"] == api
+
+        # a new endpoint: EDS moves traffic to beta without a restart
+        mesh.clusters["svc"] = [beta.port]
+        await write_snapshot(store, proxy, 2, mesh, nats_url)
+        await eventually(lambda: _body_is(listen, "/", "beta"), what="traffic to beta")
+        assert endpoint_ports(admin) == {"svc": [beta.port]}
+
+        # a new service: cluster + route, reachable at once; the old one keeps working
+        mesh.clusters["other"] = [alpha.port]
+        mesh.routes["web"] = [("/other", "other"), ("/", "svc")]
+        await write_snapshot(store, proxy, 3, mesh, nats_url)
+        await eventually(lambda: _body_is(listen, "/other", "alpha"), what="new service reachable")
+        assert (await get_async(listen, "/"))[1] == "beta"
+        assert set(dynamic_clusters(admin)) == {"svc", "other"}
+
+        # a removal: the route goes first, then the cluster (make before break)
+        del mesh.clusters["other"]
+        mesh.routes["web"] = [("/", "svc")]
+        await write_snapshot(store, proxy, 4, mesh, nats_url)
+        await eventually(lambda: "other" not in dynamic_clusters(admin), what="cluster removed")
+        assert (await get_async(listen, "/other"))[1] == "beta"  # now matched by "/" → svc
+        assert set(dynamic_clusters(admin)) == {"svc"}
+        await eventually(lambda: _synced(redis, proxy), what="SYNCED after removal")
+
+        # a config Envoy rejects: NACKed, recorded, and the last good config keeps serving
+        mesh.extra_listeners["broken"] = bad_listener("broken", procs.free_port())
+        await write_snapshot(store, proxy, 5, mesh, nats_url)
+        st = await eventually(lambda: _state(redis, proxy, "LDS", "NACKed"), what="LDS NACKed")
+        assert "broken" in st["errors"]["LDS"] and "StatPrefix" in st["errors"]["LDS"], st["errors"]
+        assert st["status"]["CDS"] == "SYNCED"
+        for _ in range(20):
+            assert await get_async(listen, "/") == (200, "beta")
+        assert set(dynamic_listeners(admin)) == {"http"}
+        assert any("StatPrefix" in e.get("details", "") for e in rejected_listeners(admin))
+
+        # fixing the snapshot clears the NACK
+        del mesh.extra_listeners["broken"]
+        mesh.clusters["svc"] = [alpha.port]
+        await write_snapshot(store, proxy, 6, mesh, nats_url)
+        await eventually(lambda: _body_is(listen, "/", "alpha"), what="traffic after fix")
+        await eventually(lambda: _synced(redis, proxy), what="SYNCED after fix")
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        gw.stop()
+        await redis.aclose()
+    assert gw.popen.returncode == 0, gw.log_text()[-2000:]
+
+
+async def _body_is(port: int, path: str, body: str) -> bool:
+    status, text = await get_async(port, path)
+    return status == 200 and text == body
+
+
+async def _synced(redis, proxy: str) -> dict | None:
+    st = (await _statuses(redis)).get(proxy)
+    if st and all(v == "SYNCED" for v in st["status"].values()):
+        return st
+    return None
+
+
+async def _state(redis, proxy: str, short: str, want: str) -> dict | None:
+    st = (await _statuses(redis)).get(proxy)
+    return st if st and st["status"][short] == want else None
