@@ -1,0 +1,1 @@
+"""Applications the test pods run."""
