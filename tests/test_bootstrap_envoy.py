@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +26,7 @@ from services.mesh import procs, xds_types
 from services.sidecar import bootstrap as bs
 from tests.test_bootstrap_unit import SEED_LOG_LINE, SEED_STATIC_CLUSTERS
 
+ROOT = Path(__file__).resolve().parent.parent
 POD = "webserverv1-84596579c6-xxvhd"
 LABELS = {"app": "webserverv1", "version": "v1"}
 
@@ -482,3 +485,35 @@ def test_static_listeners_can_log_too(tmp_path):
     assert {"/healthz/ready", "/stats/prometheus"} <= paths
     clusters = {json.loads(line)["upstream_cluster"] for line in lines}
     assert clusters == {"prometheus_stats"}
+
+
+def test_cli_exec_becomes_envoy(tmp_path):
+    """`mizzen bootstrap -o FILE --exec` writes the file and turns into Envoy running on it (same pid)."""
+    ports = sidecar_ports()
+    out = tmp_path / "etc" / "istio" / "proxy" / "envoy-rev0.json"
+    with ads_server() as (xds_port, ads):
+        argv = [
+            sys.executable, "-m", "services.cli.main", "bootstrap",
+            "--pod", POD, "--namespace", "default", "--ip", "10.200.0.135",
+            "--xds", f"127.0.0.1:{xds_port}", "--zipkin", f"127.0.0.1:{procs.free_port()}",
+            "--listen-address", "127.0.0.1", "--access-log", str(tmp_path / "access.log"),
+            "--admin-port", str(ports["admin_port"]), "--agent-port", str(ports["agent_port"]),
+            "--health-port", str(ports["health_port"]), "--prometheus-port", str(ports["prometheus_port"]),
+            "--concurrency", "1", "-o", str(out), "--exec",
+        ]  # fmt: skip
+        proc = procs.spawn(
+            "bootstrap-exec",
+            argv,
+            tmp_path / "logs",
+            cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        try:
+            assert (
+                wait_http(f"http://127.0.0.1:{ports['health_port']}/healthz/ready", proc).strip() == b"LIVE"
+            )
+            assert Path(os.readlink(f"/proc/{proc.pid}/exe")).name == "envoy"
+            assert json.loads(out.read_text())["node"]["id"].startswith("sidecar~10.200.0.135~")
+            assert ads.sotw and ads.sotw[0].node.id.startswith("sidecar~10.200.0.135~")
+        finally:
+            proc.stop()

@@ -1,9 +1,10 @@
 """`mizzen bootstrap`: write the Envoy bootstrap of one sidecar (or gateway) as JSON.
 
     mizzen bootstrap --pod NAME --namespace NS --ip IP [--xds HOST:PORT] [--router] [--delta]
-                     [--access-log PATH] [--admin-port N] [-o FILE]
+                     [--access-log PATH] [--admin-port N] [-o FILE [--exec]]
 
-Then `envoy -c FILE` runs the sidecar. Without -o the JSON goes to stdout. The pod, namespace and IP fall back
+Then `envoy -c FILE` runs the sidecar (or `--exec` starts it at once, with the command line
+`bootstrap.envoy_command` gives). Without -o the JSON goes to stdout. The pod, namespace and IP fall back
 to the environment Istio's injector sets (POD_NAME, POD_NAMESPACE, INSTANCE_IP), so a sidecar container can
 run `mizzen bootstrap -o /etc/envoy/envoy.json` with nothing else.
 """
@@ -83,6 +84,13 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     )
     p.add_argument("--all-stats", action="store_true", help="keep every Envoy stat (no Istio stats matcher)")
     p.add_argument("-o", "--output", default=None, help="write to FILE instead of stdout")
+    p.add_argument(
+        "--exec",
+        dest="exec_envoy",
+        action="store_true",
+        help="after writing -o FILE, replace this process with Envoy running on it (for sidecar containers)",
+    )
+    p.add_argument("--concurrency", type=int, default=None, help="with --exec: Envoy worker threads")
     return p
 
 
@@ -96,6 +104,8 @@ def main(argv: list[str], command: str = "bootstrap") -> int:
     ]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
+    if args.exec_envoy and (not args.output or args.output == "-"):
+        parser.error("--exec needs -o FILE")
     try:
         config = bs.build_bootstrap(
             args.pod,
@@ -133,6 +143,13 @@ def main(argv: list[str], command: str = "bootstrap") -> int:
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+    if args.exec_envoy:
+        argv = bs.envoy_command(
+            str(Path(args.output).resolve()), concurrency=args.concurrency, ipv6=":" in args.ip
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)
     return 0
 
 
