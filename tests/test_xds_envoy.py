@@ -3,6 +3,8 @@ config and show in proxy-status; for both SotW (GRPC) and delta (DELTA_GRPC) ADS
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -10,6 +12,7 @@ from services.mesh import procs
 from services.mesh.snapstore import SnapshotStore
 from services.xds_gateway.status import load_statuses
 
+from .test_xds_proxy_status import run_cli
 from .test_xds_support import (
     Mesh,
     Upstream,
@@ -105,6 +108,11 @@ async def test_envoy_gets_config_and_follows_updates(api, tmp_path, nats_server,
         st = await eventually(lambda: _state(redis, proxy, "LDS", "NACKed"), what="LDS NACKed")
         assert "broken" in st["errors"]["LDS"] and "StatPrefix" in st["errors"]["LDS"], st["errors"]
         assert st["status"]["CDS"] == "SYNCED"
+        out = await asyncio.to_thread(run_cli, "--redis-url", redis_url)
+        assert out.returncode == 0, out.stderr
+        header, row = out.stdout.splitlines()
+        assert header.split() == ["NAME", "CDS", "LDS", "EDS", "RDS", "ISTIOD", "VERSION"]
+        assert row.split() == ["app-1.default", "SYNCED", "NACKed", "SYNCED", "SYNCED", "gw-a", "1.7.0"]
         for _ in range(20):
             assert await get_async(listen, "/") == (200, "beta")
         assert set(dynamic_listeners(admin)) == {"http"}

@@ -145,6 +145,8 @@ class Upstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            wbufsize = 65536  # one write per response: no Nagle/delayed-ACK stall between headers and body
+            disable_nagle_algorithm = True
 
             def do_GET(self):  # noqa: N802 - http.server's naming
                 outer.hits += 1

@@ -179,4 +179,4 @@ class DeltaStream(Stream):
                 sub.has, sub.has_shared = desired.entries, True
             sub.outstanding[nonce] = desired.version
             sub.sent_any = True
-            self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since)
+            self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(to_send))

@@ -16,6 +16,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.pushes = Counter("mizzen_xds_pushes", "xDS responses sent", ["type", "api"], registry=r)
+        self.resources_sent = Counter("mizzen_xds_resources_sent", "resources carried by xDS responses",
+                                      ["type"], registry=r)
         self.push_bytes = Counter("mizzen_xds_push_bytes", "bytes of xDS responses sent", ["type"], registry=r)
         self.push_latency = Histogram(
             "mizzen_xds_push_latency_seconds",

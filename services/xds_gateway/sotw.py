@@ -132,4 +132,4 @@ class SotwStream(Stream):
             msg = wire.sotw_response(desired.version, t, nonce, body, self.gw.replica)
             await self.send(msg)
             sub.sent, sub.nonce, sub.force, sub.held = desired, nonce, False, held
-            self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since)
+            self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(desired))

@@ -111,13 +111,15 @@ class Stream:
     def basis(self, t: str) -> str:
         return self.view.manifest.versions.get(t, "") if self.view is not None else ""
 
-    def record_sent(self, t: str, nonce: str, version: str, basis: str, size: int, since: float) -> None:
+    def record_sent(self, t: str, nonce: str, version: str, basis: str, size: int, since: float,
+                    count: int) -> None:
         st = self.type_status(t)
         st.sent_nonce, st.sent_version, st.basis, st.sent_at = nonce, version, basis, time.time()
         if not st.pending_since:
             st.pending_since = since
         self.gw.metrics.pushes.labels(short(t), self.api).inc()
         self.gw.metrics.push_bytes.labels(short(t)).inc(size)
+        self.gw.metrics.resources_sent.labels(short(t)).inc(count)
         self.changed()
 
     def record_ack(self, t: str, nonce: str, version: str) -> None:
