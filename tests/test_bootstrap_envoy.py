@@ -517,3 +517,25 @@ def test_cli_exec_becomes_envoy(tmp_path):
             assert ads.sotw and ads.sotw[0].node.id.startswith("sidecar~10.200.0.135~")
         finally:
             proc.stop()
+
+
+def test_two_sidecars_share_one_loopback(tmp_path):
+    """With their ports moved, two sidecars run side by side and each dials ADS as itself."""
+    with ads_server() as (xds_port, ads):
+        first, second = sidecar_ports(), sidecar_ports()
+        config_a = loopback_bootstrap(first, xds_port)
+        config_b = bs.build_bootstrap(
+            "webserverv2-7c9d8f6b5-abcde", "default", "10.200.0.148", xds=f"127.0.0.1:{xds_port}",
+            listen_address="127.0.0.1", zipkin=None, initial_fetch_timeout="2s", **second,
+        )  # fmt: skip
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        with run_envoy(tmp_path / "a", config_a, "a") as a, run_envoy(tmp_path / "b", config_b, "b") as b:
+            wait_http(f"http://127.0.0.1:{first['health_port']}/healthz/ready", a)
+            wait_http(f"http://127.0.0.1:{second['health_port']}/healthz/ready", b)
+            for ports in (first, second):
+                assert http_get(f"http://127.0.0.1:{ports['prometheus_port']}/stats/prometheus")[0] == 200
+            nodes = wait_for(
+                lambda: len({r.node.id for r in ads.sotw if r.node.id}) == 2 and ads.sotw, what="two nodes"
+            )
+    assert {r.node.id for r in nodes if r.node.id} == {config_a["node"]["id"], config_b["node"]["id"]}
