@@ -106,7 +106,9 @@ def test_listener_filters_and_short_form(seed_dump):
     assert ("Trans: tls; App: TCP TLS",
             "Inline Route: /*") in texts
     assert tables.listener_rows(seed_dump, tables.ListenerFilter(type="HTTP+TCP"), verbose=False) == [
-        ["0.0.0.0", "80", "HTTP+TCP"], ["10.200.1.132", "80", "HTTP+TCP"]]
+        ["0.0.0.0", "80", "HTTP+TCP"], ["10.200.1.132", "80", "HTTP+TCP"], ["10.200.1.62", "853", "HTTP+TCP"],
+        ["10.200.1.10", "9153", "HTTP+TCP"], ["0.0.0.0", "15010", "HTTP+TCP"], ["0.0.0.0", "15014", "HTTP+TCP"],
+        ["10.200.1.101", "15021", "HTTP+TCP"]]
     # the inbound listener's blackhole chain does not count as TCP; the bootstrap's listeners are HTTP too
     assert tables.listener_rows(seed_dump, tables.ListenerFilter(type="http"), verbose=False) == [
         ["0.0.0.0", "15006", "HTTP"], ["0.0.0.0", "15021", "HTTP"], ["0.0.0.0", "15090", "HTTP"]]

@@ -139,6 +139,8 @@ def _eds(name: str, dr: str | None = None, subset: str | None = None) -> dict:
 
 def _static(name: str, hosts: list, ctype: str = "STATIC", meta: dict | None = None) -> dict:
     c = {"name": name, "type": ctype, "connect_timeout": "10s"}
+    if ctype == "ORIGINAL_DST":
+        c["lb_policy"] = "CLUSTER_PROVIDED"
     if hosts:
         c["load_assignment"] = {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": h}} for h in hosts]}]}
@@ -154,8 +156,29 @@ def _hcm(route: dict, prefix: str, legacy: bool = True) -> dict:
             "typed_config": cfg}
 
 
+def _rds(name: str) -> dict:
+    return {"rds": {"route_config_name": name, "config_source": {"ads": {}, "resource_api_version": "V3"}}}
+
+
 def _tcp(cluster: str) -> dict:
     return {"name": "envoy.tcp_proxy", "typed_config": {"@type": TCP, "stat_prefix": cluster, "cluster": cluster}}
+
+
+_HTTP_ALPN = {"application_protocols": ["http/1.0", "http/1.1", "h2c"]}
+
+
+def _http_listener(port: int) -> dict:
+    """istiod 1.7's wildcard listener of an HTTP port: ALPN-matched HTTP chain, PassthroughFilterChain."""
+    return {"name": f"0.0.0.0_{port}", "address": _sock("0.0.0.0", port), "filter_chains": [
+        {"filter_chain_match": _HTTP_ALPN, "filters": [_hcm(_rds(str(port)), f"outbound_0.0.0.0_{port}")]},
+        {"name": "PassthroughFilterChain", "filters": [_tcp("PassthroughCluster")]}]}
+
+
+def _sniffed_listener(fqdn: str, port: int, vip: str) -> dict:
+    """istiod 1.7's listener of an auto-detected port on a VIP: HTTP chain to `<fqdn>:<port>`, TCP chain."""
+    return {"name": f"{vip}_{port}", "address": _sock(vip, port), "filter_chains": [
+        {"filter_chain_match": _HTTP_ALPN, "filters": [_hcm(_rds(f"{fqdn}:{port}"), f"outbound_{vip}_{port}")]},
+        {"filters": [_tcp(f"outbound|{port}||{fqdn}")]}]}
 
 
 def _domains(fqdn: str, port: int, vip: str) -> list[str]:
@@ -210,17 +233,16 @@ def istio17_resources() -> tuple[dict, dict]:
         _cla("outbound|80|v1|webserver.default.svc.cluster.local", [("10.200.0.135", 3030)]),
         _cla("outbound|80|v2|webserver.default.svc.cluster.local", [("10.200.0.148", 3030)]),
     ]
-    http_alpn = {"application_protocols": ["http/1.0", "http/1.1", "h2c"]}
     listeners = [
-        {"name": "0.0.0.0_80", "address": _sock("0.0.0.0", 80), "filter_chains": [
-            {"filter_chain_match": http_alpn, "filters": [_hcm({"rds": {"route_config_name": "80"}}, "outbound_0.0.0.0_80")]},
-            {"name": "PassthroughFilterChain", "filters": [_tcp("PassthroughCluster")]}]},
-        {"name": "10.200.1.132_80", "address": _sock("10.200.1.132", 80), "filter_chains": [
-            {"filter_chain_match": http_alpn, "filters": [
-                _hcm({"rds": {"route_config_name": "proxy.default.svc.cluster.local:80"}}, "outbound_10.200.1.132_80")]},
-            {"filters": [_tcp("outbound|80||proxy.default.svc.cluster.local")]}]},
+        _http_listener(80),
+        _sniffed_listener("proxy.default.svc.cluster.local", 80, "10.200.1.132"),
         {"name": "10.200.1.62_443", "address": _sock("10.200.1.62", 443), "filter_chains": [
             {"filters": [_tcp("outbound|443||istiod.istio-system.svc.cluster.local")]}]},
+        *(_http_listener(port) for port in (15010, 15014)),
+        *(_sniffed_listener(fqdn, port, vip[fqdn]) for fqdn, port in (
+            ("istio-ingressgateway.istio-system.svc.cluster.local", 15021),
+            ("kube-dns.kube-system.svc.cluster.local", 9153),
+            ("istiod.istio-system.svc.cluster.local", 853))),
         {"name": "virtualOutbound", "address": _sock("0.0.0.0", 15001), "filter_chains": [
             {"filter_chain_match": {"destination_port": 15001}, "filters": [_tcp("BlackHoleCluster")]},
             {"filters": [_tcp("PassthroughCluster")]}]},

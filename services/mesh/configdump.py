@@ -290,8 +290,8 @@ def _bootstrap_proto(bootstrap: Any):
     return _parse(bootstrap_pb2.Bootstrap, prepare(dict(bootstrap)), "bootstrap")
 
 
-def inline_route_configs(listener) -> list:
-    """The route configurations written inline in a listener's HTTP connection managers, in chain order."""
+def _connection_managers(listener) -> list:
+    """A listener's HTTP connection managers, in chain order (the default chain last)."""
     from envoy.extensions.filters.network.http_connection_manager.v3 import (
         http_connection_manager_pb2 as hcm_pb2,
     )
@@ -299,14 +299,18 @@ def inline_route_configs(listener) -> list:
     chains = list(listener.filter_chains)
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
-    out = []
-    for chain in chains:
-        for f in chain.filters:
-            if f.HasField("typed_config") and f.typed_config.type_url.endswith(".HttpConnectionManager"):
-                hcm = _unpack(f.typed_config, hcm_pb2.HttpConnectionManager)
-                if hcm.HasField("route_config"):
-                    out.append(hcm.route_config)
-    return out
+    return [_unpack(f.typed_config, hcm_pb2.HttpConnectionManager) for chain in chains for f in chain.filters
+            if f.HasField("typed_config") and f.typed_config.type_url.endswith(".HttpConnectionManager")]
+
+
+def inline_route_configs(listener) -> list:
+    """The route configurations written inline in a listener's HTTP connection managers, in chain order."""
+    return [hcm.route_config for hcm in _connection_managers(listener) if hcm.HasField("route_config")]
+
+
+def rds_route_names(listener) -> list[str]:
+    """The route configurations a listener asks RDS for."""
+    return [hcm.rds.route_config_name for hcm in _connection_managers(listener) if hcm.HasField("rds")]
 
 
 def _reported_endpoints(cla, cluster_name: str):
@@ -345,7 +349,9 @@ def dump_from_snapshot(resources: Mapping[str, Mapping[str, Any]], bootstrap: An
     out = ParsedDump(bootstrap=boot, has_endpoints=True)
     out.dynamic_clusters = list(resources.get(xds_types.CLUSTER, {}).values())
     out.dynamic_listeners = list(resources.get(xds_types.LISTENER, {}).values())
-    out.dynamic_routes = list(resources.get(xds_types.ROUTE, {}).values())
+    # Envoy asks RDS only for the route configurations its listeners name
+    wanted = {name for lst in out.dynamic_listeners for name in rds_route_names(lst)}
+    out.dynamic_routes = [rc for name, rc in resources.get(xds_types.ROUTE, {}).items() if name in wanted]
     if boot is not None:
         out.static_clusters = list(boot.static_resources.clusters)
         out.static_listeners = list(boot.static_resources.listeners)
