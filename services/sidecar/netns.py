@@ -268,8 +268,11 @@ class Pod:
     def wait_envoy_ready(self, admin_port: int, proc: procs.Proc | None = None, timeout: float = 30.0) -> None:
         def ready() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", admin_port), timeout=1) as s:
-                s.sendall(b"GET /ready HTTP/1.0\r\nHost: admin\r\n\r\n")
-                return b"LIVE" in s.recv(4096)
+                s.sendall(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                reply = b""
+                while chunk := s.recv(4096):  # Envoy refuses HTTP/1.0; with close it ends the stream
+                    reply += chunk
+                return reply.startswith(b"HTTP/1.1 200") and b"LIVE" in reply
             return False
 
         deadline = time.monotonic() + timeout
