@@ -1,0 +1,540 @@
+"""CDS: Envoy Clusters for a proxy, as istiod 1.7's cluster.go / cluster_builder.go build them.
+
+Outbound clusters (one per visible service port, plus one per DestinationRule subset), BlackHoleCluster,
+PassthroughCluster, and for sidecars the 1.7-style inbound clusters `inbound|<svcPort>|<portName>|<fqdn>`
+(STATIC to 127.0.0.1:<targetPort>) and InboundPassthroughClusterIpv4. Per-service clusters are memoised on
+the push context, so every scope that sees the same service through the same DestinationRule shares them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
+from google.protobuf import struct_pb2
+
+from . import pb, protocol, tls
+from .model import ALIAS, DNS_LB, DNS_ROUND_ROBIN_LB, PASSTHROUGH, Config, Port, Service
+from .push_context import PushContext, SidecarScope, duration
+
+Cluster = cluster_pb2.Cluster
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+H2_MAX_CONCURRENT_STREAMS = 1073741824
+INBOUND_PASSTHROUGH_BIND_IPV4 = "127.0.0.6"
+LOCALHOST = "127.0.0.1"
+ENVOY_DNS_REFRESH = 5.0
+
+
+def subset_key(direction: str, subset: str, hostname: str, port: int) -> str:
+    """`outbound|80|v1|reviews.default.svc.cluster.local` (Istio's BuildSubsetKey)."""
+    return f"{direction}|{port}|{subset}|{hostname}"
+
+
+def dns_srv_subset_key(subset: str, hostname: str, port: int) -> str:
+    """`outbound_.80_.v1_.reviews.default.svc.cluster.local`: the ISTIO_MUTUAL SNI form."""
+    return f"outbound_.{port}_.{subset}_.{hostname}"
+
+
+def parse_subset_key(name: str) -> tuple[str, str, str, int] | None:
+    parts = name.split("|")
+    if len(parts) != 4:
+        return None
+    try:
+        return parts[0], parts[2], parts[3], int(parts[1])
+    except ValueError:
+        return None
+
+
+@dataclass(eq=False, slots=True)
+class EdsNeed:
+    """A ClusterLoadAssignment an EDS cluster needs: which endpoints (service port, subset labels)."""
+
+    cluster_name: str
+    service: Service
+    port: int
+    labels: dict | None
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def select_port_policy(policy: dict | None, port: int) -> tuple[dict, bool]:
+    """The four policy blocks for a port: a matching portLevelSettings entry replaces the top level wholesale."""
+    if not policy:
+        return {}, False
+    for pls in policy.get("portLevelSettings") or []:
+        if int((pls.get("port") or {}).get("number") or 0) == port:
+            return {k: pls.get(k) for k in ("connectionPool", "outlierDetection", "loadBalancer", "tls")}, True
+    return {k: policy.get(k) for k in ("connectionPool", "outlierDetection", "loadBalancer", "tls")}, False
+
+
+def effective_policy(dr: Config | None, port: int, subset: dict | None = None) -> dict:
+    """DR top-level (port-level applied), overlaid block by block by a subset's own policy."""
+    top, _ = select_port_policy((dr.spec.get("trafficPolicy") if dr else None), port)
+    if subset is None or not subset.get("trafficPolicy"):
+        return top
+    sub, port_level = select_port_policy(subset["trafficPolicy"], port)
+    if port_level:
+        return sub
+    out = dict(top)
+    for k, v in sub.items():
+        if v:
+            out[k] = v
+    return out
+
+
+def _find_subset(dr: Config | None, name: str) -> dict | None:
+    if dr is None:
+        return None
+    for s in dr.spec.get("subsets") or []:
+        if s.get("name") == name:
+            return s
+    return None
+
+
+class _Http:
+    """Upstream HTTP settings collected while building, written once as HttpProtocolOptions."""
+
+    __slots__ = ("h2", "downstream", "idle", "max_requests", "h2_keepalive", "max_streams")
+
+    def __init__(self):
+        self.h2 = False
+        self.downstream = False
+        self.idle = None
+        self.max_requests = 0
+        self.h2_keepalive = None
+        self.max_streams = 0
+
+    def apply(self, c: Cluster) -> None:
+        if not (self.h2 or self.downstream or self.idle is not None or self.max_requests):
+            return
+        opts = hpo.HttpProtocolOptions()
+        h2 = protocol_pb2.Http2ProtocolOptions()
+        h2.max_concurrent_streams.value = self.max_streams or H2_MAX_CONCURRENT_STREAMS
+        if self.h2_keepalive:
+            ka = h2.connection_keepalive
+            pb.set_duration(ka.interval, self.h2_keepalive[0])
+            pb.set_duration(ka.timeout, self.h2_keepalive[1])
+        if self.downstream:
+            opts.use_downstream_protocol_config.http_protocol_options.SetInParent()
+            opts.use_downstream_protocol_config.http2_protocol_options.CopyFrom(h2)
+        elif self.h2:
+            opts.explicit_http_config.http2_protocol_options.CopyFrom(h2)
+        else:
+            opts.explicit_http_config.http_protocol_options.SetInParent()
+        if self.idle is not None:
+            pb.set_duration(opts.common_http_protocol_options.idle_timeout, self.idle)
+        if self.max_requests:
+            opts.common_http_protocol_options.max_requests_per_connection.value = self.max_requests
+        c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(opts)
+
+
+def _default_thresholds(c: Cluster) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:
+    del c.circuit_breakers.thresholds[:]
+    th = c.circuit_breakers.thresholds.add()
+    th.max_connections.value = pb.MAX_UINT32
+    th.max_pending_requests.value = pb.MAX_UINT32
+    th.max_requests.value = pb.MAX_UINT32
+    th.max_retries.value = pb.MAX_UINT32
+    return th
+
+
+def _apply_connection_pool(push: PushContext, c: Cluster, http: _Http, pool: dict | None) -> None:
+    if not pool:
+        return
+    th = _default_thresholds(c)
+    hs = pool.get("http") or {}
+    if int(hs.get("http2MaxRequests") or 0) > 0:
+        th.max_requests.value = int(hs["http2MaxRequests"])
+    if int(hs.get("http1MaxPendingRequests") or 0) > 0:
+        th.max_pending_requests.value = int(hs["http1MaxPendingRequests"])
+    if int(hs.get("maxRetries") or 0) > 0:
+        th.max_retries.value = int(hs["maxRetries"])
+    if int(hs.get("maxRequestsPerConnection") or 0) > 0:
+        http.max_requests = int(hs["maxRequestsPerConnection"])
+    if int(hs.get("maxConcurrentStreams") or 0) > 0:
+        http.max_streams = int(hs["maxConcurrentStreams"])
+    idle = duration(hs.get("idleTimeout"))
+    ts = pool.get("tcp") or {}
+    if idle is None:
+        idle = duration(ts.get("idleTimeout"))
+    if idle is not None:
+        http.idle = idle
+    ka = hs.get("http2KeepAlive")  # not in 1.7's API; harmless when absent
+    if ka:
+        http.h2_keepalive = (duration(ka.get("interval"), 0) or 0, duration(ka.get("timeout"), 0) or 0)
+    if ts:
+        ct = duration(ts.get("connectTimeout"))
+        if ct is not None:
+            pb.set_duration(c.connect_timeout, ct)
+        if int(ts.get("maxConnections") or 0) > 0:
+            th.max_connections.value = int(ts["maxConnections"])
+    mesh_ka = push.mesh.tcp_keepalive
+    dr_ka = ts.get("tcpKeepalive") if ts else None
+    if mesh_ka is not None or dr_ka is not None:
+        keep = c.upstream_connection_options.tcp_keepalive
+        keep.SetInParent()
+        for src in (mesh_ka, dr_ka):
+            if not src:
+                continue
+            if int(src.get("probes") or 0) > 0:
+                keep.keepalive_probes.value = int(src["probes"])
+            t = duration(src.get("time"))
+            if t is not None:
+                keep.keepalive_time.value = int(t)
+            i = duration(src.get("interval"))
+            if i is not None:
+                keep.keepalive_interval.value = int(i)
+
+
+def _apply_outlier(c: Cluster, od: dict | None) -> None:
+    if not od:
+        return
+    out = c.outlier_detection
+    out.enforcing_success_rate.value = 0
+    c5 = od.get("consecutive5xxErrors")
+    if c5 is None and od.get("consecutiveErrors"):
+        c5 = od["consecutiveErrors"]  # deprecated alias
+    if c5 is not None:
+        v = int(c5.get("value", 0) if isinstance(c5, dict) else c5)
+        out.consecutive_5xx.value = v
+        out.enforcing_consecutive_5xx.value = 100 if v > 0 else 0
+    gw = od.get("consecutiveGatewayErrors")
+    if gw is not None:
+        v = int(gw.get("value", 0) if isinstance(gw, dict) else gw)
+        out.consecutive_gateway_failure.value = v
+        out.enforcing_consecutive_gateway_failure.value = 100 if v > 0 else 0
+    iv = duration(od.get("interval"))
+    if iv is not None:
+        pb.set_duration(out.interval, iv)
+    be = duration(od.get("baseEjectionTime"))
+    if be is not None:
+        pb.set_duration(out.base_ejection_time, be)
+    if int(od.get("maxEjectionPercent") or 0) > 0:
+        out.max_ejection_percent.value = int(od["maxEjectionPercent"])
+    if od.get("splitExternalLocalOriginErrors"):
+        out.split_external_local_origin_errors = True
+        if od.get("consecutiveLocalOriginFailures") is not None:
+            lof = od["consecutiveLocalOriginFailures"]
+            out.consecutive_local_origin_failure.value = int(lof.get("value", 0) if isinstance(lof, dict) else lof)
+        out.enforcing_consecutive_local_origin_failure.value = 100
+        out.enforcing_local_origin_success_rate.value = 0
+    # Panic threshold off by default (few pods per service): written even when 0.
+    c.common_lb_config.healthy_panic_threshold.value = float(od.get("minHealthPercent") or 0)
+
+
+def _apply_load_balancer(c: Cluster, lb: dict | None) -> None:
+    if c.type == Cluster.ORIGINAL_DST:
+        c.lb_policy = Cluster.CLUSTER_PROVIDED
+        return
+    if not lb:
+        return
+    simple = lb.get("simple")
+    if simple in ("LEAST_CONN", "LEAST_REQUEST"):
+        c.lb_policy = Cluster.LEAST_REQUEST
+    elif simple == "RANDOM":
+        c.lb_policy = Cluster.RANDOM
+    elif simple == "ROUND_ROBIN":
+        c.lb_policy = Cluster.ROUND_ROBIN
+    elif simple == "PASSTHROUGH":
+        c.lb_policy = Cluster.CLUSTER_PROVIDED
+        c.type = Cluster.ORIGINAL_DST
+        c.ClearField("load_assignment")
+    ch = lb.get("consistentHash")
+    if ch is not None:
+        if ch.get("maglev") is not None:
+            c.lb_policy = Cluster.MAGLEV
+            size = int((ch.get("maglev") or {}).get("tableSize") or 0)
+            if size:
+                c.maglev_lb_config.table_size.value = size
+        else:
+            c.lb_policy = Cluster.RING_HASH
+            ring = ch.get("ringHash") or {}
+            size = int(ring.get("minimumRingSize") or ch.get("minimumRingSize") or 1024)
+            c.ring_hash_lb_config.minimum_ring_size.value = size
+
+
+def _locality_weighted(c: Cluster) -> None:
+    # Locality LB is on by default (mesh localityLbSetting.enabled); failover needs outlier detection.
+    if c.HasField("outlier_detection") and c.lb_policy not in (Cluster.RING_HASH, Cluster.MAGLEV):
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+
+
+_MATCH_ISTIO = struct_pb2.Struct()
+_MATCH_ISTIO.update({"tlsMode": "istio"})
+
+
+def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None, *, sni: str, sans: list[str],
+               auto_ok: bool, is_sidecar: bool) -> None:
+    """DR tls, or auto mTLS (transport_socket_matches on the endpoint's tlsMode) when the DR has none."""
+    if tls_cfg:
+        mode = tls_cfg.get("mode") or "DISABLE"
+        if mode == "DISABLE":
+            return
+        if mode == "ISTIO_MUTUAL":
+            ctx = tls.istio_mutual_upstream(tls_cfg.get("sni") or sni, list(tls_cfg.get("subjectAltNames") or sans),
+                                            http.h2)
+        else:
+            ctx = tls.user_upstream(tls_cfg, http.h2, is_sidecar)
+            if ctx is None:
+                return
+        c.transport_socket.CopyFrom(tls.tls_socket(ctx))
+        return
+    if not auto_ok or c.type == Cluster.ORIGINAL_DST:
+        return
+    ctx = tls.istio_mutual_upstream(sni, sans, http.h2)
+    m = c.transport_socket_matches.add(name="tlsMode-istio")
+    m.match.CopyFrom(_MATCH_ISTIO)
+    m.transport_socket.CopyFrom(tls.tls_socket(ctx))
+    d = c.transport_socket_matches.add(name="tlsMode-disabled")
+    d.match.SetInParent()
+    d.transport_socket.CopyFrom(pb.raw_buffer_socket())
+
+
+def _eds_config(c: Cluster) -> None:
+    c.eds_cluster_config.service_name = c.name
+    c.eds_cluster_config.eds_config.CopyFrom(_ADS)
+
+
+_ADS = pb.ads_config_source()
+
+
+# ---------------------------------------------------------------------------------------------- outbound
+def discovery_type(service: Service, is_sidecar: bool) -> int:
+    r = service.resolution
+    if r == DNS_LB:
+        return Cluster.STRICT_DNS
+    if r == DNS_ROUND_ROBIN_LB:
+        return Cluster.LOGICAL_DNS
+    if r == PASSTHROUGH and is_sidecar:
+        return Cluster.ORIGINAL_DST
+    return Cluster.EDS
+
+
+def _new_cluster(push: PushContext, name: str, ctype: int) -> Cluster:
+    c = Cluster(name=name, type=ctype)
+    pb.set_duration(c.connect_timeout, push.mesh.connect_timeout)
+    _default_thresholds(c)
+    if ctype == Cluster.ORIGINAL_DST:
+        c.lb_policy = Cluster.CLUSTER_PROVIDED
+    return c
+
+
+def dns_load_assignment(name: str, service: Service, port: int, labels: dict | None):
+    """Inline endpoints of a DNS cluster (hostname endpoints Envoy resolves); None when there are none."""
+    eps = [e for e in service.endpoints.get(port, ()) if not labels or all(e.labels.get(k) == v
+                                                                           for k, v in labels.items())]
+    if not eps:
+        return None
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    by_locality: dict[str, list] = {}
+    for e in eps:
+        by_locality.setdefault(e.locality, []).append(e)
+    for locality, group in by_locality.items():
+        lle = cla.endpoints.add()
+        if locality:
+            _set_locality(lle.locality, locality)
+        total = 0
+        for e in group:
+            lb = lle.lb_endpoints.add()
+            sa = lb.endpoint.address.socket_address
+            sa.address = e.address
+            sa.port_value = e.port
+            w = e.weight or 1
+            lb.load_balancing_weight.value = w
+            total += w
+        lle.load_balancing_weight.value = total
+    return cla
+
+
+def _set_locality(loc: base_pb2.Locality, label: str) -> None:
+    parts = label.split("/")
+    loc.region = parts[0]
+    if len(parts) > 1:
+        loc.zone = parts[1]
+    if len(parts) > 2:
+        loc.sub_zone = parts[2]
+
+
+def _set_upstream_protocol(c: Cluster, http: _Http, port: Port, is_sidecar: bool, inbound: bool) -> None:
+    if protocol.is_http2(port.protocol):
+        http.h2 = True
+    if is_sidecar and protocol.is_auto(port.protocol):
+        http.h2 = True
+        http.downstream = True
+
+
+def _h2_upgrade(push: PushContext, http: _Http, port: Port, pool: dict | None) -> None:
+    if not protocol.is_http(port.protocol):
+        return
+    hs = (pool or {}).get("http") or {}
+    override = hs.get("h2UpgradePolicy") or "DEFAULT"
+    if hs.get("useClientProtocol") or override == "DO_NOT_UPGRADE":
+        return
+    if override == "UPGRADE" or (override == "DEFAULT" and push.mesh.h2_upgrade_policy == "UPGRADE"):
+        http.h2 = True
+
+
+def _service_clusters(push: PushContext, service: Service, port: Port, dr: Config | None, is_sidecar: bool,
+                      sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
+    ctype = discovery_type(service, is_sidecar)
+    name = (dns_srv_subset_key("", service.hostname, port.port) if sni_dnat
+            else subset_key("outbound", "", service.hostname, port.port))
+    clusters: list[Cluster] = []
+    needs: list[EdsNeed] = []
+    auto_ok = (push.mesh.enable_auto_mtls and not service.mesh_external and not sni_dnat
+               and push.service_mtls_mode(service) not in ("DISABLE", "UNKNOWN"))
+    meta_path = dr.meta_path if dr else None
+
+    def build(cluster_name: str, subset: dict | None, base_type: int) -> Cluster | None:
+        labels = subset.get("labels") if subset else None
+        c = _new_cluster(push, cluster_name, base_type)
+        if base_type in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
+            cla = dns_load_assignment(cluster_name, service, port.port, labels)
+            if cla is None:
+                return None
+            c.dns_lookup_family = Cluster.V4_ONLY
+            # Envoy 1.40 deprecates dns_refresh_rate/respect_dns_ttl on Cluster (1.7 set both); its default
+            # refresh (5s) is 1.7's mesh default, so the field is written only for another mesh value.
+            if push.mesh.dns_refresh_rate != ENVOY_DNS_REFRESH:
+                pb.set_duration(c.dns_refresh_rate, push.mesh.dns_refresh_rate)
+            c.load_assignment.CopyFrom(cla)
+        http = _Http()
+        _set_upstream_protocol(c, http, port, is_sidecar and not sni_dnat, inbound=False)
+        policy = effective_policy(dr, port.port, subset)
+        pool = policy.get("connectionPool")
+        _h2_upgrade(push, http, port, pool)
+        _apply_connection_pool(push, c, http, pool)
+        _apply_outlier(c, policy.get("outlierDetection"))
+        _apply_load_balancer(c, policy.get("loadBalancer"))
+        _locality_weighted(c)
+        if not sni_dnat:
+            subset_name = subset.get("name", "") if subset else ""
+            _apply_tls(push, c, http, policy.get("tls"),
+                       sni=dns_srv_subset_key(subset_name, service.hostname, port.port),
+                       sans=service.service_accounts, auto_ok=auto_ok, is_sidecar=is_sidecar)
+        http.apply(c)
+        if c.type == Cluster.EDS:
+            _eds_config(c)
+            needs.append(EdsNeed(cluster_name, service, port.port, labels))
+        if meta_path:
+            md = {"config": meta_path}
+            if subset is not None:
+                md["subset"] = subset.get("name", "")
+            c.metadata.CopyFrom(pb.istio_metadata(md))
+        return c
+
+    default = build(name, None, ctype)
+    if default is None:
+        return clusters, needs
+    clusters.append(default)
+    if dr is not None:
+        for subset in dr.spec.get("subsets") or []:
+            sname = subset.get("name") or ""
+            sub_name = (dns_srv_subset_key(sname, service.hostname, port.port) if sni_dnat
+                        else subset_key("outbound", sname, service.hostname, port.port))
+            sc = build(sub_name, subset, default.type)
+            if sc is not None:
+                clusters.append(sc)
+    return clusters, needs
+
+
+def service_port_clusters(push: PushContext, service: Service, port: Port, dr: Config | None,
+                          is_sidecar: bool, sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
+    """Memoised: the clusters of one service port under one DR (shared by every scope that sees them)."""
+    key = ("cds", id(service), port.port, id(dr) if dr else 0, is_sidecar, sni_dnat)
+    hit = push.cache.get(key)
+    if hit is None:
+        hit = push.cache[key] = _service_clusters(push, service, port, dr, is_sidecar, sni_dnat)
+    return hit
+
+
+def blackhole_cluster(push: PushContext) -> Cluster:
+    c = Cluster(name=pb.BLACKHOLE_CLUSTER, type=Cluster.STATIC, lb_policy=Cluster.ROUND_ROBIN)
+    pb.set_duration(c.connect_timeout, push.mesh.connect_timeout)
+    return c
+
+
+def passthrough_cluster(push: PushContext, name: str = pb.PASSTHROUGH_CLUSTER) -> Cluster:
+    c = _new_cluster(push, name, Cluster.ORIGINAL_DST)
+    http = _Http()
+    http.downstream = True
+    http.apply(c)
+    return c
+
+
+def inbound_passthrough_cluster(push: PushContext) -> Cluster:
+    c = passthrough_cluster(push, pb.INBOUND_PASSTHROUGH_CLUSTER_IPV4)
+    c.upstream_bind_config.source_address.CopyFrom(
+        address_pb2.SocketAddress(address=INBOUND_PASSTHROUGH_BIND_IPV4, port_value=0))
+    return c
+
+
+def outbound_clusters(push: PushContext, scope: SidecarScope, is_sidecar: bool,
+                      gateway_sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
+    """Every outbound cluster of a scope (then BlackHole, and Passthrough for sidecars), duplicates dropped."""
+    out: list[Cluster] = []
+    needs: list[EdsNeed] = []
+    seen: set[str] = set()
+
+    def add(cs: list[Cluster], ns: list[EdsNeed]) -> None:
+        for c in cs:
+            if c.name not in seen:
+                seen.add(c.name)
+                out.append(c)
+        needs.extend(n for n in ns if n.cluster_name in seen)
+
+    for svc in scope.services:
+        if svc.resolution == ALIAS:
+            continue
+        dr = push.destination_rule(scope.namespace, svc)
+        for port in svc.ports:
+            if port.protocol == protocol.UDP:
+                continue
+            add(*service_port_clusters(push, svc, port, dr, is_sidecar))
+    if gateway_sni_dnat:
+        for svc in scope.services:
+            if svc.mesh_external or svc.resolution == ALIAS:
+                continue
+            dr = push.destination_rule(scope.namespace, svc)
+            for port in svc.ports:
+                if port.protocol != protocol.UDP:
+                    add(*service_port_clusters(push, svc, port, dr, is_sidecar, sni_dnat=True))
+    out.append(blackhole_cluster(push))
+    if is_sidecar:
+        out.append(passthrough_cluster(push))
+    return out, needs
+
+
+# ---------------------------------------------------------------------------------------------- inbound
+def inbound_cluster_name(instance) -> str:
+    return subset_key("inbound", instance.port.name, instance.service.hostname, instance.port.port)
+
+
+def inbound_clusters(push: PushContext, proxy, instances) -> list[Cluster]:
+    """1.7: one STATIC cluster per (service, port) the workload serves, to 127.0.0.1:<targetPort>."""
+    out: list[Cluster] = []
+    seen: set[str] = set()
+    for inst in instances:
+        name = inbound_cluster_name(inst)
+        if name in seen:
+            continue
+        seen.add(name)
+        c = _new_cluster(push, name, Cluster.STATIC)
+        cla = c.load_assignment
+        cla.cluster_name = name
+        lb = cla.endpoints.add().lb_endpoints.add()
+        sa = lb.endpoint.address.socket_address
+        sa.address = LOCALHOST
+        sa.port_value = inst.endpoint_port
+        http = _Http()
+        _set_upstream_protocol(c, http, inst.port, True, inbound=True)
+        dr = push.destination_rule(proxy.namespace, inst.service)
+        if dr is not None and dr.spec.get("trafficPolicy"):
+            policy, _ = select_port_policy(dr.spec["trafficPolicy"], inst.port.port)
+            _apply_connection_pool(push, c, http, policy.get("connectionPool"))
+            c.metadata.CopyFrom(pb.istio_metadata({"config": dr.meta_path}))
+        http.apply(c)
+        out.append(c)
+    return out

@@ -1,0 +1,152 @@
+"""TLS contexts: upstream (DestinationRule tls / auto mTLS) and downstream (PeerAuthentication inbound mTLS).
+
+Istio certificates come over SDS from the bootstrap's `sds-grpc` cluster under the names `default` (the
+workload's key and certificate) and `ROOTCA` (the mesh root). File certificates named in a DestinationRule
+are SDS resources too (`file-cert:<cert>~<key>`, `file-root:<ca>`), as istiod 1.7 sends them.
+"""
+
+from __future__ import annotations
+
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
+
+from . import pb
+
+SDS_DEFAULT = "default"
+SDS_ROOT = "ROOTCA"
+
+ALPN_IN_MESH = ["istio-peer-exchange", "istio"]
+ALPN_IN_MESH_H2 = ["istio-peer-exchange", "istio", "h2"]
+ALPN_H2_ONLY = ["h2"]
+ALPN_DOWNSTREAM_HTTP = ["h2", "http/1.1"]
+ALPN_DOWNSTREAM_TCP = ["istio-peer-exchange", "h2", "http/1.1"]
+
+# Istio's default inbound cipher suites.
+INBOUND_CIPHERS = ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                   "ECDHE-RSA-AES128-GCM-SHA256", "AES256-GCM-SHA384", "AES128-GCM-SHA256"]
+
+
+def _sds(name: str) -> secret_pb2.SdsSecretConfig:
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=pb.sds_config_source())
+
+
+def _san_matchers(vc: common_pb2.CertificateValidationContext, sans: list[str], prefix: bool = False) -> None:
+    for san in sans:
+        m = string_pb2.StringMatcher(prefix=san) if prefix else string_pb2.StringMatcher(exact=san)
+        san_type = common_pb2.SubjectAltNameMatcher.URI if san.startswith("spiffe://") else \
+            common_pb2.SubjectAltNameMatcher.DNS
+        vc.match_typed_subject_alt_names.add(san_type=san_type, matcher=m)
+
+
+def istio_mutual_upstream(sni: str, sans: list[str], h2: bool) -> tls_pb2.UpstreamTlsContext:
+    ctx = tls_pb2.UpstreamTlsContext(sni=sni)
+    c = ctx.common_tls_context
+    c.tls_certificate_sds_secret_configs.append(_sds(SDS_DEFAULT))
+    cvc = c.combined_validation_context
+    cvc.default_validation_context.SetInParent()
+    _san_matchers(cvc.default_validation_context, sans)
+    cvc.validation_context_sds_secret_config.CopyFrom(_sds(SDS_ROOT))
+    c.alpn_protocols.extend(ALPN_IN_MESH_H2 if h2 else ALPN_IN_MESH)
+    return ctx
+
+
+def user_upstream(tls: dict, h2: bool, is_sidecar: bool) -> tls_pb2.UpstreamTlsContext | None:
+    """DestinationRule `tls` mode SIMPLE or MUTUAL (ISTIO_MUTUAL and DISABLE are handled by the caller)."""
+    mode = tls.get("mode")
+    if tls.get("credentialName"):
+        if is_sidecar:
+            return None  # sidecars cannot fetch Kubernetes secrets; istiod 1.7 drops the context
+        ctx = tls_pb2.UpstreamTlsContext(sni=tls.get("sni") or "")
+        c = ctx.common_tls_context
+        name = tls["credentialName"]
+        if mode == "MUTUAL":
+            c.tls_certificate_sds_secret_configs.append(_sds(f"kubernetes://{name}"))
+        cvc = c.combined_validation_context
+        cvc.default_validation_context.SetInParent()
+        _san_matchers(cvc.default_validation_context, list(tls.get("subjectAltNames") or []))
+        cvc.validation_context_sds_secret_config.CopyFrom(_sds(f"kubernetes://{name}-cacert"))
+        if h2:
+            c.alpn_protocols.extend(ALPN_H2_ONLY)
+        return ctx
+    ctx = tls_pb2.UpstreamTlsContext(sni=tls.get("sni") or "")
+    c = ctx.common_tls_context
+    if mode == "MUTUAL":
+        cert, key = tls.get("clientCertificate") or "", tls.get("privateKey") or ""
+        if not cert or not key:
+            return None
+        c.tls_certificate_sds_secret_configs.append(_sds(f"file-cert:{cert}~{key}"))
+    ca = tls.get("caCertificates") or ""
+    if ca:
+        cvc = c.combined_validation_context
+        cvc.default_validation_context.SetInParent()
+        _san_matchers(cvc.default_validation_context, list(tls.get("subjectAltNames") or []))
+        cvc.validation_context_sds_secret_config.CopyFrom(_sds(f"file-root:{ca}"))
+    else:
+        c.validation_context.SetInParent()
+    if h2:
+        c.alpn_protocols.extend(ALPN_H2_ONLY)
+    return ctx
+
+
+def inbound_mtls(http: bool, trust_domain: str, drop_mxc: bool = False) -> tls_pb2.DownstreamTlsContext:
+    """The server side of Istio mTLS: require a client certificate signed by the mesh root."""
+    ctx = tls_pb2.DownstreamTlsContext()
+    ctx.require_client_certificate.value = True
+    c = ctx.common_tls_context
+    if http:
+        c.alpn_protocols.extend(ALPN_DOWNSTREAM_HTTP)
+    else:
+        c.alpn_protocols.extend(a for a in ALPN_DOWNSTREAM_TCP if not (drop_mxc and a == "istio-peer-exchange"))
+    c.tls_params.tls_minimum_protocol_version = common_pb2.TlsParameters.TLSv1_2
+    c.tls_params.tls_maximum_protocol_version = common_pb2.TlsParameters.TLSv1_3
+    c.tls_params.cipher_suites.extend(INBOUND_CIPHERS)
+    c.tls_certificate_sds_secret_configs.append(_sds(SDS_DEFAULT))
+    cvc = c.combined_validation_context
+    cvc.default_validation_context.SetInParent()
+    _san_matchers(cvc.default_validation_context, [f"spiffe://{trust_domain}/"], prefix=True)
+    cvc.validation_context_sds_secret_config.CopyFrom(_sds(SDS_ROOT))
+    return ctx
+
+
+def tls_socket(ctx) -> pb.base_pb2.TransportSocket:
+    return pb.base_pb2.TransportSocket(name=pb.TLS_SOCKET, typed_config=pb.pack(ctx))
+
+
+def server_tls(server_tls: dict, trust_domain: str) -> tls_pb2.DownstreamTlsContext | None:
+    """A Gateway server's `tls` (SIMPLE, MUTUAL, OPTIONAL_MUTUAL, ISTIO_MUTUAL); None for PASSTHROUGH modes."""
+    mode = server_tls.get("mode") or "SIMPLE"
+    if mode in ("PASSTHROUGH", "AUTO_PASSTHROUGH"):
+        return None
+    ctx = tls_pb2.DownstreamTlsContext()
+    c = ctx.common_tls_context
+    c.alpn_protocols.extend(ALPN_DOWNSTREAM_HTTP)
+    versions = {"TLS_AUTO": 0, "TLSV1_0": 1, "TLSV1_1": 2, "TLSV1_2": 3, "TLSV1_3": 4}
+    if server_tls.get("minProtocolVersion"):
+        c.tls_params.tls_minimum_protocol_version = versions.get(server_tls["minProtocolVersion"], 0)
+    if server_tls.get("maxProtocolVersion"):
+        c.tls_params.tls_maximum_protocol_version = versions.get(server_tls["maxProtocolVersion"], 0)
+    if server_tls.get("cipherSuites"):
+        c.tls_params.cipher_suites.extend(server_tls["cipherSuites"])
+    if mode == "ISTIO_MUTUAL":
+        c.tls_certificate_sds_secret_configs.append(_sds(SDS_DEFAULT))
+        cvc = c.combined_validation_context
+        cvc.default_validation_context.SetInParent()
+        _san_matchers(cvc.default_validation_context, list(server_tls.get("subjectAltNames") or []))
+        cvc.validation_context_sds_secret_config.CopyFrom(_sds(SDS_ROOT))
+        ctx.require_client_certificate.value = True
+        return ctx
+    cred = server_tls.get("credentialName")
+    if cred:
+        c.tls_certificate_sds_secret_configs.append(_sds(f"kubernetes://{cred}"))
+        root = f"kubernetes://{cred}-cacert"
+    else:
+        c.tls_certificate_sds_secret_configs.append(
+            _sds(f"file-cert:{server_tls.get('serverCertificate', '')}~{server_tls.get('privateKey', '')}"))
+        root = f"file-root:{server_tls['caCertificates']}" if server_tls.get("caCertificates") else ""
+    if mode in ("MUTUAL", "OPTIONAL_MUTUAL"):
+        ctx.require_client_certificate.value = mode == "MUTUAL"
+        cvc = c.combined_validation_context
+        cvc.default_validation_context.SetInParent()
+        _san_matchers(cvc.default_validation_context, list(server_tls.get("subjectAltNames") or []))
+        cvc.validation_context_sds_secret_config.CopyFrom(_sds(root or f"kubernetes://{cred}-cacert"))
+    return ctx
