@@ -1,0 +1,721 @@
+"""RDS: RouteConfigurations, as istiod 1.7's httproute.go and route/route.go build them.
+
+Sidecar outbound routes are named after the listener (`"80"`, or `"<fqdn>:80"` for a sniffed port bound to a
+service VIP); their virtual hosts come from the visible services and mesh-bound VirtualServices, with 1.7's
+domain lists (every host form with and without `:port`). Inbound and gateway route configs live here too.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.cors.v3 import cors_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
+
+from . import pb, protocol
+from .clusters import parse_subset_key, subset_key
+from .model import PASSTHROUGH, UNSPECIFIED_IP, Config, Service, host_matches, is_ip
+from .push_context import MESH_GATEWAY, ProxyView, PushContext, duration
+
+RouteConfiguration = route_pb2.RouteConfiguration
+ALLOW_ANY = "allow_any"
+BLOCK_ALL = "block_all"
+DEFAULT_ROUTE_NAME = "default"
+INBOUND_VHOST_PREFIX = "inbound|http|"
+REGEX_PROGRAM_SIZE = 1024
+HTTP_STATUS_CODES = frozenset(
+    [100, 101, 102, 103] + list(range(200, 209)) + [226] + list(range(300, 309)) + list(range(400, 419))
+    + [421, 422, 423, 424, 425, 426, 428, 429, 431, 451] + list(range(500, 509)) + [510, 511])
+
+_ZERO = pb.duration(0)
+_PREVIOUS_HOSTS = pb.pack(previous_hosts_pb2.PreviousHostsPredicate())
+_PREVIOUS_PRIORITIES = pb.pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=2))
+
+
+# ---------------------------------------------------------------------------------------------- matchers
+def regex_matcher(regex: str) -> regex_pb2.RegexMatcher:
+    """1.7 shape: `safe_regex {google_re2 {max_program_size 1024}, regex}` (istioctl prints it in MATCH)."""
+    m = regex_pb2.RegexMatcher(regex=regex)
+    m.google_re2.max_program_size.value = REGEX_PROGRAM_SIZE
+    return m
+
+
+def string_matcher(sm: dict) -> string_pb2.StringMatcher | None:
+    if "exact" in sm:
+        return string_pb2.StringMatcher(exact=sm["exact"])
+    if "prefix" in sm:
+        return string_pb2.StringMatcher(prefix=sm["prefix"])
+    if "regex" in sm:
+        return string_pb2.StringMatcher(safe_regex=regex_matcher(sm["regex"]))
+    return None
+
+
+def header_matcher(name: str, sm: dict | None) -> rc.HeaderMatcher:
+    out = rc.HeaderMatcher(name=name)
+    # An empty match, or the regex "*", means "header present".
+    if not sm or sm.get("regex") == "*" or string_matcher(sm) is None:
+        out.present_match = True
+        return out
+    out.string_match.CopyFrom(string_matcher(sm))
+    return out
+
+
+def translate_match(m: dict | None) -> rc.RouteMatch:
+    out = rc.RouteMatch(prefix="/")
+    if m is None:
+        return out
+    headers = []
+    for name, sm in (m.get("headers") or {}).items():
+        headers.append(header_matcher(name, sm))
+    for name, sm in (m.get("withoutHeaders") or {}).items():
+        h = header_matcher(name, sm)
+        h.invert_match = True
+        headers.append(h)
+    headers.sort(key=lambda h: h.name)
+    uri = m.get("uri")
+    if uri:
+        if "exact" in uri:
+            out.path = uri["exact"]
+        elif "prefix" in uri:
+            out.prefix = uri["prefix"]
+        elif "regex" in uri:
+            out.safe_regex.CopyFrom(regex_matcher(uri["regex"]))
+    out.case_sensitive.value = not m.get("ignoreUriCase", False)
+    for key, header in (("method", ":method"), ("authority", ":authority"), ("scheme", ":scheme")):
+        if m.get(key):
+            headers.append(header_matcher(header, m[key]))
+    out.headers.extend(headers)
+    for name, sm in (m.get("queryParams") or {}).items():
+        q = out.query_parameters.add(name=name)
+        smm = string_matcher(sm or {}) if sm and sm.get("regex") != "*" else None
+        if smm is None:
+            q.present_match = True
+        else:
+            q.string_match.CopyFrom(smm)
+    return out
+
+
+def is_catch_all_match(m: dict) -> bool:
+    uri = m.get("uri") or {}
+    catch_all = uri.get("prefix") == "/" or uri.get("regex") == "*"
+    return catch_all and not m.get("headers") and not m.get("queryParams")
+
+
+# ---------------------------------------------------------------------------------------------- actions
+_DEFAULT_RETRY = rc.RetryPolicy(
+    retry_on="connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+    retriable_status_codes=[503], host_selection_retry_max_attempts=5)
+_DEFAULT_RETRY.num_retries.value = 2
+_DEFAULT_RETRY.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts",
+                                        typed_config=_PREVIOUS_HOSTS)
+
+
+def default_retry_policy() -> rc.RetryPolicy:
+    """Istio ≤1.27 default: 2 retries on connect-failure, refused-stream, unavailable, cancelled, 503."""
+    p = rc.RetryPolicy()
+    p.CopyFrom(_DEFAULT_RETRY)
+    return p
+
+
+def retry_policy(retries: dict | None) -> rc.RetryPolicy | None:
+    if retries is None:
+        return default_retry_policy()
+    attempts = int(retries.get("attempts") or 0)
+    if attempts <= 0:
+        return None
+    out = default_retry_policy()
+    out.num_retries.value = attempts
+    retry_on = retries.get("retryOn")
+    if retry_on:
+        words, codes = [], []
+        for part in retry_on.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part.isdigit() and int(part) in HTTP_STATUS_CODES:
+                codes.append(int(part))
+            else:
+                words.append(part)
+        out.retry_on = ",".join(words)
+        del out.retriable_status_codes[:]
+        out.retriable_status_codes.extend(codes)
+    ptt = duration(retries.get("perTryTimeout"))
+    if ptt is not None:
+        pb.set_duration(out.per_try_timeout, ptt)
+    remote = retries.get("retryRemoteLocalities")
+    if remote is True or (isinstance(remote, dict) and remote.get("value")):
+        out.retry_priority.name = "envoy.retry_priorities.previous_priorities"
+        out.retry_priority.typed_config.CopyFrom(_PREVIOUS_PRIORITIES)
+    return out
+
+
+def _header_ops(headers: dict | None) -> tuple[list, list, list, list]:
+    """(request adds, request removes, response adds, response removes); each add list sorted by key."""
+    req = (headers or {}).get("request") or {}
+    resp = (headers or {}).get("response") or {}
+
+    def adds(section: dict) -> list[base_pb2.HeaderValueOption]:
+        out = []
+        for key, action in (("set", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD),
+                            ("add", base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)):
+            for k, v in sorted((section.get(key) or {}).items()):
+                if k.startswith(":") or k.lower() == "host":
+                    continue
+                out.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=str(v)),
+                                                      append_action=action))
+        return out
+
+    return adds(req), list(req.get("remove") or []), adds(resp), list(resp.get("remove") or [])
+
+
+def _fractional(pct: float) -> percent_pb2.FractionalPercent:
+    return percent_pb2.FractionalPercent(numerator=int(round(pct * 10000)),
+                                         denominator=percent_pb2.FractionalPercent.MILLION)
+
+
+def _percent_value(p) -> float | None:
+    if p is None:
+        return None
+    if isinstance(p, dict):
+        return float(p.get("value") or 0)
+    return float(p)
+
+
+def translate_fault(fault: dict) -> fault_pb2.HTTPFault | None:
+    out = fault_pb2.HTTPFault()
+    delay = fault.get("delay")
+    if delay and delay.get("fixedDelay"):
+        d = out.delay
+        pct = _percent_value(delay.get("percentage"))
+        if pct is not None:
+            d.percentage.CopyFrom(_fractional(pct))
+        else:
+            d.percentage.CopyFrom(percent_pb2.FractionalPercent(numerator=int(delay.get("percent") or 0)))
+        pb.set_duration(d.fixed_delay, duration(delay["fixedDelay"], 0) or 0)
+    abort = fault.get("abort")
+    if abort and (abort.get("httpStatus") or abort.get("grpcStatus")):
+        a = out.abort
+        pct = _percent_value(abort.get("percentage"))
+        if pct is not None:
+            a.percentage.CopyFrom(_fractional(pct))
+        if abort.get("httpStatus"):
+            a.http_status = int(abort["httpStatus"])
+        else:
+            a.grpc_status = _GRPC_CODES.get(str(abort["grpcStatus"]).upper(), 2)
+    if not out.HasField("delay") and not out.HasField("abort"):
+        return None
+    return out
+
+
+_GRPC_CODES = {n: i for i, n in enumerate(
+    ["OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+     "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"])}
+
+
+def translate_cors(cors: dict) -> cors_pb2.CorsPolicy:
+    out = cors_pb2.CorsPolicy()
+    for sm in cors.get("allowOrigins") or []:
+        m = string_matcher(sm)
+        if m is not None:
+            out.allow_origin_string_match.append(m)
+    for origin in cors.get("allowOrigin") or []:  # deprecated exact list
+        out.allow_origin_string_match.append(string_pb2.StringMatcher(exact=origin))
+    out.filter_enabled.default_value.numerator = 100
+    out.filter_enabled.default_value.denominator = percent_pb2.FractionalPercent.HUNDRED
+    if "allowCredentials" in cors:
+        ac = cors["allowCredentials"]
+        out.allow_credentials.value = bool(ac.get("value") if isinstance(ac, dict) else ac)
+    out.allow_headers = ",".join(cors.get("allowHeaders") or [])
+    out.allow_methods = ",".join(cors.get("allowMethods") or [])
+    out.expose_headers = ",".join(cors.get("exposeHeaders") or [])
+    if cors.get("maxAge"):
+        out.max_age = str(int(duration(cors["maxAge"], 0) or 0))
+    return out
+
+
+def hash_policy(ch: dict | None) -> rc.RouteAction.HashPolicy | None:
+    if not ch:
+        return None
+    if ch.get("httpHeaderName"):
+        return rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=ch["httpHeaderName"]))
+    if ch.get("httpCookie"):
+        c = ch["httpCookie"]
+        hp = rc.RouteAction.HashPolicy()
+        hp.cookie.name = c.get("name", "")
+        hp.cookie.path = c.get("path", "")
+        ttl = duration(c.get("ttl"))
+        if ttl is not None:
+            pb.set_duration(hp.cookie.ttl, ttl)
+        return hp
+    if ch.get("useSourceIp"):
+        hp = rc.RouteAction.HashPolicy()
+        hp.connection_properties.source_ip = True
+        return hp
+    if ch.get("httpQueryParameterName"):
+        hp = rc.RouteAction.HashPolicy()
+        hp.query_parameter.name = ch["httpQueryParameterName"]
+        return hp
+    return None
+
+
+def _port_level_hash(policy: dict | None, port: int | None) -> dict | None:
+    if not policy or port is None:
+        return None
+    for pls in policy.get("portLevelSettings") or []:
+        if int((pls.get("port") or {}).get("number") or 0) == port:
+            return (pls.get("loadBalancer") or {}).get("consistentHash")
+    return None
+
+
+def destination_hash(push: PushContext, view: ProxyView, dest: dict, port: int | None) -> dict | None:
+    """Consistent-hash key for a route destination: subset port-level → subset → DR port-level → DR."""
+    svc = view.scope.services_by_host.get(dest.get("host", ""))
+    if svc is None:
+        return None
+    dr = push.destination_rule(view.namespace, svc)
+    if dr is None:
+        return None
+    tp = dr.spec.get("trafficPolicy") or {}
+    dport = int((dest.get("port") or {}).get("number") or 0) or None
+    ch = (tp.get("loadBalancer") or {}).get("consistentHash")
+    pls = _port_level_hash(tp, dport)
+    for subset in dr.spec.get("subsets") or []:
+        if subset.get("name") == dest.get("subset"):
+            stp = subset.get("trafficPolicy") or {}
+            sp = _port_level_hash(stp, dport)
+            if sp:
+                return sp
+            sh = (stp.get("loadBalancer") or {}).get("consistentHash")
+            if sh:
+                return sh
+    return pls or ch
+
+
+def destination_cluster(dest: dict, service: Service | None, listener_port: int) -> str:
+    """Istio's GetDestinationCluster: explicit port, else the service's only port, else the listener port."""
+    port = listener_port
+    if dest.get("port") and (dest["port"].get("number")):
+        port = int(dest["port"]["number"])
+    elif service is not None and len(service.ports) == 1:
+        port = service.ports[0].port
+    host = dest.get("host", "")
+    if service is not None and service.external_name:
+        host = service.external_name
+    return subset_key("outbound", dest.get("subset") or "", host, port)
+
+
+def _operation(route: rc.Route, vs_name: str, port: int) -> str:
+    m = route.match
+    which = m.WhichOneof("path_specifier")
+    path = "/*"
+    if which == "prefix":
+        path = m.prefix + "*"
+    elif which == "path":
+        path = m.path
+    elif which == "safe_regex":
+        path = m.safe_regex.regex
+    if route.HasField("route") and route.route.WhichOneof("cluster_specifier") == "cluster":
+        parsed = parse_subset_key(route.route.cluster)
+        if parsed:
+            return f"{parsed[2]}:{parsed[3]}{path}"
+    return f"{vs_name}:{port}{path}"
+
+
+def source_match(m: dict | None, view: ProxyView, gateways: set[str]) -> bool:
+    if m is None:
+        return True
+    if m.get("gateways"):
+        return any(g in gateways for g in m["gateways"])
+    labels = m.get("sourceLabels") or {}
+    if any(view.labels.get(k) != v for k, v in labels.items()):
+        return False
+    return not m.get("sourceNamespace") or m["sourceNamespace"] == view.namespace
+
+
+def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, m: dict | None, port: int,
+                    registry: dict[str, Service], gateways: set[str]) -> rc.Route | None:
+    if not source_match(m, view, gateways):
+        return None
+    if m is not None and m.get("port") and int(m["port"]) != port:
+        return None
+    out = rc.Route(match=translate_match(m))
+    out.metadata.CopyFrom(pb.istio_metadata({"config": vs.meta_path}))
+    name = rule.get("name") or ""
+    if m is not None and m.get("name"):
+        name = f"{name}.{m['name']}"
+    out.name = name
+    req_add, req_rm, resp_add, resp_rm = _header_ops(rule.get("headers"))
+    out.request_headers_to_add.extend(req_add)
+    out.request_headers_to_remove.extend(req_rm)
+    out.response_headers_to_add.extend(resp_add)
+    out.response_headers_to_remove.extend(resp_rm)
+    redirect = rule.get("redirect")
+    if redirect is not None:
+        code = int(redirect.get("redirectCode") or 0)
+        codes = {0: rc.RedirectAction.MOVED_PERMANENTLY, 301: rc.RedirectAction.MOVED_PERMANENTLY,
+                 302: rc.RedirectAction.FOUND, 303: rc.RedirectAction.SEE_OTHER,
+                 307: rc.RedirectAction.TEMPORARY_REDIRECT, 308: rc.RedirectAction.PERMANENT_REDIRECT}
+        if code not in codes:
+            return None
+        r = out.redirect
+        r.response_code = codes[code]
+        if redirect.get("authority"):
+            r.host_redirect = redirect["authority"]
+        if redirect.get("uri"):
+            r.path_redirect = redirect["uri"]
+        if redirect.get("scheme"):
+            r.scheme_redirect = redirect["scheme"]
+        if redirect.get("port"):
+            r.port_redirect = int(redirect["port"])
+    elif rule.get("directResponse") is not None:
+        dr_ = rule["directResponse"]
+        out.direct_response.status = int(dr_.get("status") or 200)
+        body = dr_.get("body") or {}
+        if body.get("string") is not None:
+            out.direct_response.body.inline_string = body["string"]
+        elif body.get("bytes") is not None:
+            import base64
+
+            out.direct_response.body.inline_bytes = base64.b64decode(body["bytes"])
+    else:
+        action = out.route
+        rp = retry_policy(rule.get("retries"))
+        if rp is not None:
+            action.retry_policy.CopyFrom(rp)
+        timeout = duration(rule.get("timeout"), 0.0) or 0.0
+        pb.set_duration(action.timeout, timeout)
+        pb.set_duration(action.max_stream_duration.grpc_timeout_header_max, timeout)
+        rewrite = rule.get("rewrite")
+        if rewrite:
+            if rewrite.get("uri"):
+                action.prefix_rewrite = rewrite["uri"]
+            if rewrite.get("uriRegexRewrite"):
+                rr = rewrite["uriRegexRewrite"]
+                action.regex_rewrite.pattern.CopyFrom(regex_matcher(rr.get("match", "")))
+                action.regex_rewrite.substitution = rr.get("rewrite", "")
+            if rewrite.get("authority"):
+                action.host_rewrite_literal = rewrite["authority"]
+        mirrors = []
+        if rule.get("mirror"):
+            pct = _percent_value(rule.get("mirrorPercentage"))
+            if pct is None and rule.get("mirrorPercent") is not None:
+                pct = float(_percent_value(rule["mirrorPercent"]) or 0)
+            mirrors.append((rule["mirror"], pct))
+        for mm in rule.get("mirrors") or []:
+            mirrors.append((mm.get("destination") or {}, _percent_value(mm.get("percentage"))))
+        for dest, pct in mirrors:
+            if pct is not None and pct <= 0:
+                continue
+            mp = action.request_mirror_policies.add(
+                cluster=destination_cluster(dest, registry.get(dest.get("host", "")), port))
+            if pct is None:
+                mp.runtime_fraction.default_value.numerator = 100
+            else:
+                mp.runtime_fraction.default_value.CopyFrom(_fractional(pct))
+            mp.trace_sampled.value = False
+        weighted = []
+        destinations = rule.get("route") or []
+        for d in destinations:
+            weight = int(d.get("weight") or 0)
+            if weight == 0:
+                if len(destinations) == 1:
+                    weight = 100
+                else:
+                    continue
+            dest = d.get("destination") or {}
+            cw = rc.WeightedCluster.ClusterWeight(
+                name=destination_cluster(dest, registry.get(dest.get("host", "")), port))
+            cw.weight.value = weight
+            a, r, ra, rr_ = _header_ops(d.get("headers"))
+            cw.request_headers_to_add.extend(a)
+            cw.request_headers_to_remove.extend(r)
+            cw.response_headers_to_add.extend(ra)
+            cw.response_headers_to_remove.extend(rr_)
+            weighted.append(cw)
+            hp = hash_policy(destination_hash(push, view, dest, port))
+            if hp is not None:
+                action.hash_policy.append(hp)
+        if len(weighted) == 1:
+            w = weighted[0]
+            action.cluster = w.name
+            out.request_headers_to_add.extend(w.request_headers_to_add)
+            out.request_headers_to_remove.extend(w.request_headers_to_remove)
+            out.response_headers_to_add.extend(w.response_headers_to_add)
+            out.response_headers_to_remove.extend(w.response_headers_to_remove)
+        elif weighted:
+            action.weighted_clusters.clusters.extend(weighted)
+        else:
+            action.cluster = pb.BLACKHOLE_CLUSTER
+        if rule.get("corsPolicy"):
+            out.typed_per_filter_config[pb.HTTP_CORS].Pack(translate_cors(rule["corsPolicy"]))
+    out.decorator.operation = _operation(out, vs.name, port)
+    if rule.get("fault"):
+        f = translate_fault(rule["fault"])
+        if f is not None:
+            out.typed_per_filter_config[pb.HTTP_FAULT].Pack(f)
+    return out
+
+
+def routes_for_virtual_service(push: PushContext, view: ProxyView, vs: Config, registry: dict[str, Service],
+                               port: int, gateways: set[str]) -> list[rc.Route]:
+    """Istio's BuildHTTPRoutesForVirtualService: one route per match; a catch-all ends the list."""
+    out: list[rc.Route] = []
+    for rule in vs.spec.get("http") or []:
+        matches = rule.get("match") or []
+        if not matches:
+            r = translate_route(push, view, vs, rule, None, port, registry, gateways)
+            if r is not None:
+                out.append(r)
+            break
+        catch_all = next((m for m in matches if is_catch_all_match(m)), None)
+        if catch_all is not None:
+            r = translate_route(push, view, vs, rule, catch_all, port, registry, gateways)
+            if r is not None:
+                out.append(r)
+                break
+        for m in matches:
+            r = translate_route(push, view, vs, rule, m, port, registry, gateways)
+            if r is not None:
+                out.append(r)
+    return out
+
+
+def default_route(cluster: str, operation: str, retry: bool = True) -> rc.Route:
+    r = rc.Route(name=DEFAULT_ROUTE_NAME, match=rc.RouteMatch(prefix="/"))
+    r.decorator.operation = operation
+    a = r.route
+    a.cluster = cluster
+    a.timeout.CopyFrom(_ZERO)
+    a.max_stream_duration.grpc_timeout_header_max.CopyFrom(_ZERO)
+    if retry:
+        a.retry_policy.CopyFrom(_DEFAULT_RETRY)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- domains
+def _unique_and_shared(fqdn: str, proxy_domain: str) -> tuple[str, str]:
+    a = fqdn.split(".")[::-1]
+    b = proxy_domain.split(".")[::-1]
+    shared = []
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared.append(x)
+    if not shared:
+        return fqdn, ""
+    return ".".join(a[len(shared):][::-1]), ".".join(shared[::-1])
+
+
+def alt_hosts(hostname: str, port: int, proxy_domain: str) -> list[str]:
+    """1.7 generateAltVirtualHosts: the unique part, then unique + each shorter shared suffix, with :port."""
+    uniq, shared = _unique_and_shared(hostname, proxy_domain)
+    if not shared:
+        return []
+    out = [uniq, f"{uniq}:{port}"]
+    for i in range(len(shared) - 1, 0, -1):
+        if shared[i] == ".":
+            variant = f"{uniq}.{shared[:i]}"
+            out += [variant, f"{variant}:{port}"]
+    return out
+
+
+def vhost_domains(service: Service, port: int, proxy_domain: str) -> list[str]:
+    domains = [service.hostname, f"{service.hostname}:{port}"]
+    domains += alt_hosts(service.hostname, port, proxy_domain)
+    if service.resolution == PASSTHROUGH and service.registry == "Kubernetes":
+        domains += ["*." + d for d in domains]
+    addr = service.address
+    if addr and addr != UNSPECIFIED_IP and "/" not in addr:
+        domains += [addr, f"{addr}:{port}"] if is_ip(addr) else []
+    return domains
+
+
+# ---------------------------------------------------------------------------------------------- sidecar RDS
+def _catch_all_vhost(view: ProxyView) -> rc.VirtualHost:
+    if view.scope.outbound_policy == "REGISTRY_ONLY":
+        vh = rc.VirtualHost(name=BLOCK_ALL, domains=["*"], include_request_attempt_count=True)
+        r = vh.routes.add(name=BLOCK_ALL, match=rc.RouteMatch(prefix="/"))
+        r.direct_response.status = 502
+        return vh
+    cluster = pb.PASSTHROUGH_CLUSTER
+    if view.scope.egress_proxy:
+        cluster = destination_cluster(view.scope.egress_proxy, None, 0)
+    vh = rc.VirtualHost(name=ALLOW_ANY, domains=["*"], include_request_attempt_count=True)
+    r = vh.routes.add(name=ALLOW_ANY, match=rc.RouteMatch(prefix="/"))
+    r.route.cluster = cluster
+    r.route.timeout.CopyFrom(_ZERO)
+    r.route.max_stream_duration.grpc_timeout_header_max.CopyFrom(_ZERO)
+    return vh
+
+
+def _is_http_or_sniffed(p) -> bool:
+    return protocol.is_http(p.protocol) or protocol.is_auto(p.protocol)
+
+
+def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> list[rc.VirtualHost]:
+    """All virtual hosts of listener port `port` (Istio's buildSidecarOutboundVirtualHosts), memoised."""
+    key = ("vhosts", view.key, port)
+    hit = push.cache.get(key)
+    if hit is not None:
+        return hit
+    listener = view.scope.listener_for_rds(port)
+    if listener is None:
+        push.cache[key] = []
+        return []
+    registry: dict[str, Service] = {}
+    for svc in listener.services:
+        if svc.port_by_number(port) is not None and svc.hostname not in registry:
+            registry[svc.hostname] = svc
+    wrappers = []  # (vs hosts not in registry, services, routes)
+    gateways = {MESH_GATEWAY}
+    covered: set[str] = set()
+    for vs in listener.virtual_services:
+        hosts, services = [], []
+        for h in vs.hosts:
+            if not h.startswith("*"):
+                if h in registry:
+                    services.append(registry[h])
+                else:
+                    hosts.append(h)
+            else:
+                found = [s for name, s in registry.items() if host_matches(name, h)]
+                if found:
+                    services.extend(found)
+                else:
+                    hosts.append(h)
+        services = [s for s in services if _is_http_or_sniffed(s.port_by_number(port))]
+        if not services and port != 80:
+            continue  # non-registry hosts only get vhosts on port 80 (istiod's "gross hack")
+        routes = routes_for_virtual_service(push, view, vs, registry, port, gateways)
+        if not routes:
+            continue
+        wrappers.append((hosts, services, routes))
+        covered.update(s.hostname for s in services)
+    for name, svc in registry.items():
+        if name in covered or svc.resolution == "Alias":
+            continue
+        p = svc.port_by_number(port)
+        if not _is_http_or_sniffed(p):
+            continue
+        r = default_route(subset_key("outbound", "", svc.hostname, port), f"{svc.hostname}:{port}/*")
+        dr = push.destination_rule(view.namespace, svc)
+        if dr is not None:
+            tp = dr.spec.get("trafficPolicy") or {}
+            ch = _port_level_hash(tp, port) if _port_level_hash(tp, port) else \
+                (tp.get("loadBalancer") or {}).get("consistentHash")
+            hp = hash_policy(ch)
+            if hp is not None:
+                r.route.hash_policy.append(hp)
+        wrappers.append(([], [svc], [r]))
+    vhosts: list[rc.VirtualHost] = []
+    names: set[str] = set()
+    used_domains: set[str] = set()
+    for hosts, services, routes in wrappers:
+        for h in hosts:
+            name = f"{h}:{port}"
+            if name in names:
+                continue
+            names.add(name)
+            domains = [d for d in (h, name) if d not in used_domains]
+            used_domains.update(domains)
+            vh = rc.VirtualHost(name=name, domains=domains, include_request_attempt_count=True)
+            vh.routes.extend(routes)
+            vhosts.append(vh)
+        for svc in services:
+            name = f"{svc.hostname}:{port}"
+            if name in names:
+                continue
+            names.add(name)
+            domains = [d for d in vhost_domains(svc, port, view.dns_domain) if d not in used_domains]
+            used_domains.update(domains)
+            vh = rc.VirtualHost(name=name, domains=domains, include_request_attempt_count=True)
+            vh.routes.extend(routes)
+            vhosts.append(vh)
+    vhosts.sort(key=lambda v: v.name)
+    push.cache[key] = vhosts
+    return vhosts
+
+
+def sidecar_route_config(push: PushContext, view: ProxyView, route_name: str) -> RouteConfiguration:
+    """Route `"<port>"` (every vhost on the port + catch-all) or `"<fqdn>:<port>"` (that service's vhost)."""
+    host, sep, port_text = route_name.rpartition(":")
+    sniffed = bool(sep)
+    try:
+        port = int(port_text if sniffed else route_name)
+    except ValueError:
+        return RouteConfiguration(name=route_name, validate_clusters=pb.wrappers_pb2.BoolValue(value=False))
+    vhosts = outbound_virtual_hosts(push, view, port)
+    if sniffed:
+        picked = [v for v in vhosts if route_name in v.domains]
+        vhosts = picked or vhosts
+    rcfg = RouteConfiguration(name=route_name)
+    rcfg.validate_clusters.value = False
+    rcfg.virtual_hosts.extend(vhosts)
+    if not sniffed:
+        rcfg.virtual_hosts.append(_catch_all_vhost(view))
+    return rcfg
+
+
+# ---------------------------------------------------------------------------------------------- inbound
+def inbound_route_config(cluster_name: str, service_port: int, hostname: str) -> RouteConfiguration:
+    """The inline route of an inbound HTTP chain: one `*` vhost, default route to the inbound cluster."""
+    rcfg = RouteConfiguration(name=cluster_name)
+    rcfg.validate_clusters.value = False
+    vh = rcfg.virtual_hosts.add(name=f"{INBOUND_VHOST_PREFIX}{service_port}", domains=["*"])
+    vh.routes.append(default_route(cluster_name, f"{hostname}:{service_port}/*", retry=False))
+    return rcfg
+
+
+# ---------------------------------------------------------------------------------------------- gateway RDS
+def gateway_route_config(push: PushContext, view: ProxyView, route_name: str, servers: list[tuple[Config, dict]],
+                         port: int) -> RouteConfiguration:
+    """`http.<port>`: one vhost per VirtualService host that a server on the port exposes."""
+    rcfg = RouteConfiguration(name=route_name)
+    rcfg.validate_clusters.value = False
+    vhosts: dict[str, rc.VirtualHost] = {}
+    registry = {s.hostname: s for s in view.scope.services}
+    https_redirect = False
+    for gw, server in servers:
+        gw_name = f"{gw.namespace}/{gw.name}"
+        if (server.get("tls") or {}).get("httpsRedirect"):
+            https_redirect = True
+        server_hosts = []
+        for h in server.get("hosts") or []:
+            ns, sep, dns = h.partition("/")
+            server_hosts.append((ns if sep else "*", dns if sep else h))
+        for vs in push.mesh_virtual_services(view.namespace, gw_name):
+            matched = []
+            for vh in vs.hosts:
+                for ns, sh in server_hosts:
+                    if ns not in ("*", ".", vs.namespace) and not (ns == "." and vs.namespace == gw.namespace):
+                        continue
+                    if host_matches(sh, vh):
+                        # The more specific of the two names is the vhost host.
+                        matched.append(vh if (not vh.startswith("*") or len(vh) >= len(sh)) else sh)
+            if not matched:
+                continue
+            routes = routes_for_virtual_service(push, view, vs, registry, port, {gw_name})
+            if not routes:
+                continue
+            for h in matched:
+                name = f"{h}:{port}"
+                if name in vhosts:
+                    continue
+                vhost = rc.VirtualHost(name=name, domains=[h, f"{h}:{port}"])
+                vhost.routes.extend(routes)
+                if https_redirect:
+                    vhost.require_tls = rc.VirtualHost.ALL
+                vhosts[name] = vhost
+    if not vhosts:
+        vh = rc.VirtualHost(name=f"blackhole:{port}", domains=["*"])
+        if https_redirect:
+            vh.require_tls = rc.VirtualHost.ALL
+        vhosts[vh.name] = vh
+    rcfg.virtual_hosts.extend(sorted(vhosts.values(), key=lambda v: v.name))
+    return rcfg
