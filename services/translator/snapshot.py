@@ -1,0 +1,117 @@
+"""A proxy's snapshot as layers of Envoy resources, shared between proxies wherever the content is the same.
+
+    build_snapshot(push, proxy) -> Snapshot     layers: [outbound, endpoints, proxy's own]
+
+* outbound layer — clusters, listeners and route configs that depend only on the proxy's view (type,
+  namespace, Sidecar scope, the labels VirtualService rules test): memoised on the push context, so proxies
+  with the same view get the **same Python object**;
+* endpoints layer — the ClusterLoadAssignments the outbound EDS clusters need (memoised the same way; they
+  never depend on the proxy);
+* proxy layer — the sidecar's own inbound clusters, InboundPassthroughClusterIpv4 and `virtualInbound`.
+
+Within a type, resources keep istiod's order (outbound clusters, BlackHole, Passthrough, inbound clusters,
+InboundPassthrough; per-port listeners, virtualOutbound, virtualInbound). The shell serialises each layer once
+per object identity; every RDS name a listener uses and every EDS cluster's assignment is in the snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+from . import clusters, endpoints, listeners, routes
+from .proxy import Proxy
+from .push_context import ProxyView, PushContext
+
+Layer = dict[str, dict[str, object]]
+
+
+@dataclass
+class Snapshot:
+    proxy: Proxy
+    layers: list[Layer] = field(default_factory=list)
+
+    def resources(self, type_url: str) -> dict[str, object]:
+        """One type's resources across layers (later layers win on a name clash), in order."""
+        out: dict[str, object] = {}
+        for layer in self.layers:
+            out.update(layer.get(type_url, {}))
+        return out
+
+    def merged(self) -> dict[str, dict[str, object]]:
+        return {t: self.resources(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+
+
+def _by_name(items) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for m in items:
+        out.setdefault(m.name, m)
+    return out
+
+
+def _sidecar_outbound(push: PushContext, view: ProxyView) -> tuple[Layer, list]:
+    cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=True)
+    lds, rds_names = listeners.outbound_listeners(push, view)
+    lds.append(listeners.virtual_outbound_listener(push, view))
+    rds = [routes.sidecar_route_config(push, view, name) for name in rds_names]
+    layer = {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}
+    return layer, needs
+
+
+def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[Layer, list]:
+    instances = push.proxy_instances(proxy)
+    lds, rds_map = listeners.gateway_listeners(push, view, instances)
+    sni_dnat = any(((s.get("tls") or {}).get("mode") == "AUTO_PASSTHROUGH")
+                   for g in view.gateways for s in g.spec.get("servers") or [])
+    cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=False, gateway_sni_dnat=sni_dnat)
+    rds = [routes.gateway_route_config(push, view, name, servers, port) for name, (port, servers) in rds_map.items()]
+    return {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}, needs
+
+
+def _endpoint_layer(push: PushContext, needs: list) -> Layer:
+    key = ("eds-layer", frozenset((n.cluster_name, id(n.service), endpoints._labels_key(n.labels)) for n in needs))
+    layer = push.cache.get(key)
+    if layer is None:
+        layer = {ENDPOINT: endpoints.load_assignments(push, needs)}
+        push.cache[key] = layer
+    return layer
+
+
+def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
+    """(outbound layer, endpoints layer) for a proxy: memoised, identical objects for equal views."""
+    view = push.view(proxy)
+    key = view.key
+    if view.is_router:
+        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),)
+    hit = push.cache.get(("layers", key))
+    if hit is None:
+        if view.is_router:
+            layer, needs = _router_outbound(push, view, proxy)
+        else:
+            layer, needs = _sidecar_outbound(push, view)
+        hit = (layer, _endpoint_layer(push, needs))
+        push.cache[("layers", key)] = hit
+    return hit
+
+
+def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
+    """The sidecar's own inbound side (empty for gateways)."""
+    if proxy.is_router:
+        return {}
+    view = push.view(proxy)
+    instances = push.proxy_instances(proxy)
+    cds = clusters.inbound_clusters(push, proxy, instances)
+    cds.append(clusters.inbound_passthrough_cluster(push))
+    lds = [listeners.virtual_inbound_listener(push, view, proxy, instances)]
+    return {CLUSTER: _by_name(cds), LISTENER: _by_name(lds)}
+
+
+def build_snapshot(push: PushContext, proxy: Proxy) -> Snapshot:
+    outbound, eds = outbound_layers(push, proxy)
+    return Snapshot(proxy, [outbound, eds, proxy_layer(push, proxy)])
+
+
+def build_all(push: PushContext, proxies: list[Proxy]) -> dict[str, Snapshot]:
+    """Snapshots for many proxies from one push context (shared layers are built once)."""
+    return {p.id: build_snapshot(push, p) for p in proxies}
