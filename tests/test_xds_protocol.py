@@ -297,3 +297,43 @@ async def test_sotw_cluster_removal_waits_for_routes(stack):
         await eventually(lambda: _status(stack["redis"], proxy, "CDS", "SYNCED"), what="CDS synced after removal")
     finally:
         await c.close()
+
+
+async def test_layered_snapshots_compose_and_override(stack):
+    """A snapshot of several layers (mesh-wide + proxy-specific): the response carries the union, a later layer
+    overrides a name, and a name dropped from a shared layer is removed."""
+    from .test_xds_support import eds_cluster
+
+    store, nats_url = stack["store"], stack["nats"]
+    proxy = node_id("proto-layers")
+
+    def layer(**clusters):
+        return {CLUSTER: {n: eds_cluster(n).SerializeToString() if t is None else
+                          cluster_pb2.Cluster(name=n, connect_timeout={"seconds": t}).SerializeToString()
+                          for n, t in clusters.items()}}
+
+    shared = layer(a=None, b=None, c=None)
+    own = layer(inbound=None, b=7)  # b overridden by the proxy's own layer
+    await store.put(proxy, 1, [shared, own])
+    c = AdsClient(stack["gw"].meta["port"])
+    try:
+        await c.send(discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=proxy), type_url=CLUSTER))
+        r1 = await c.recv()
+        got = {cluster_pb2.Cluster.FromString(a.value).name: cluster_pb2.Cluster.FromString(a.value)
+               for a in r1.resources}
+        assert sorted(got) == ["a", "b", "c", "inbound"] and len(r1.resources) == 4
+        assert got["b"].connect_timeout.seconds == 7
+        manifest = await store.manifest(proxy)
+        assert r1.version_info == manifest.versions[CLUSTER]
+        await c.send(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, version_info=r1.version_info,
+                                                    response_nonce=r1.nonce))
+        # without overlap too: two layers, one body each, joined
+        await store.put(proxy, 2, [layer(a=None, c=None), layer(inbound=None)])
+        from .test_xds_support import publish
+
+        await publish(nats_url, proxy)
+        r2 = await c.recv()
+        assert sorted(cluster_pb2.Cluster.FromString(a.value).name for a in r2.resources) == ["a", "c", "inbound"]
+        assert r2.version_info == (await store.manifest(proxy)).versions[CLUSTER]
+    finally:
+        await c.close()

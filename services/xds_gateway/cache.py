@@ -55,18 +55,35 @@ class LRU(OrderedDict):
 class ResourceSet:
     """Resources of one type, name → content hash. Immutable once built; `version` is a hash of the content
     (the same function the translator uses for manifest type versions, so a full set's version equals the
-    manifest's)."""
+    manifest's).
 
-    __slots__ = ("type_url", "entries", "version", "synthesized", "_names", "sotw_body", "__weakref__")
+    A proxy's full set is usually composed of layers (mesh-wide outbound config shared by every proxy plus a
+    few proxy-specific resources). Such a set keeps its `parts`: its response body is the concatenation of the
+    parts' bodies (a protobuf repeated field is just repeated entries), and its name map is only merged when
+    something needs it. So 2,000 proxies sharing a 1,000-cluster layer share that layer's bytes and dict."""
 
-    def __init__(self, type_url: str, entries: dict[str, str], version: str | None = None,
-                 synthesized: frozenset[str] = frozenset()):
+    __slots__ = ("type_url", "_entries", "version", "synthesized", "parts", "_names", "_len", "_body",
+                 "__weakref__")
+
+    def __init__(self, type_url: str, entries: dict[str, str] | None, version: str | None = None,
+                 synthesized: frozenset[str] = frozenset(), parts: tuple[ResourceSet, ...] = ()):
         self.type_url = type_url
-        self.entries = entries
-        self.version = version or type_version(entries)
+        self._entries = entries
+        self.parts = parts
+        self.version = version or type_version(self.entries)
         self.synthesized = synthesized  # names the snapshot lacks, answered with an empty resource
         self._names: frozenset[str] | None = None
-        self.sotw_body: bytes | None = None  # the DiscoveryResponse `resources` fields, built on first use
+        self._len = len(entries) if entries is not None else sum(len(p) for p in parts)
+        self._body: bytes | None = None
+
+    @property
+    def entries(self) -> dict[str, str]:
+        if self._entries is None:
+            merged: dict[str, str] = {}
+            for p in self.parts:
+                merged.update(p.entries)
+            self._entries = merged
+        return self._entries
 
     @property
     def names(self) -> frozenset[str]:
@@ -75,10 +92,10 @@ class ResourceSet:
         return self._names
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self._len
 
     def __repr__(self) -> str:
-        return f"ResourceSet({self.type_url.rsplit('.', 1)[-1]}, {len(self.entries)} res, v={self.version})"
+        return f"ResourceSet({self.type_url.rsplit('.', 1)[-1]}, {len(self)} res, v={self.version})"
 
 
 @dataclass
@@ -119,6 +136,7 @@ class SnapshotCache:
         self._any: LRU = LRU(resource_cache_limit)  # (type_url, hash) → Any bytes
         self._sets: LRU = LRU(set_cache_limit)  # interning key → ResourceSet
         self._names: dict[frozenset[str], frozenset[str]] = {}  # interned subscription name sets
+        self._diffs: LRU = LRU(5_000)  # (old part version, new part version) → removed names
         self._views: dict[str, ProxyView] = {}
         self._watchers: dict[str, dict[int, Watcher]] = {}
         self._dirty: set[str] = set()
@@ -258,20 +276,38 @@ class SnapshotCache:
         full: dict[str, ResourceSet] = {}
         types = {t for layer in layers for t in layer}
         for t in types:
-            holders = [(h, layer[t]) for h, layer in zip(manifest.layers, layers, strict=True) if layer.get(t)]
-            key = ("full", t, tuple(h for h, _ in holders))
+            holders = [self._layer_set(t, h, layer[t]) for h, layer in zip(manifest.layers, layers, strict=True)
+                       if layer.get(t)]
+            if len(holders) == 1:
+                full[t] = holders[0]
+                continue
+            key = ("full", t, tuple(p.version for p in holders))
             rs = self._sets.get_recent(key)
             if rs is None:
-                if len(holders) == 1:
-                    entries = holders[0][1]  # one layer holds the type: share its dict as is
-                else:
-                    entries = {}
-                    for _h, idx in holders:
-                        entries.update(idx)
-                rs = ResourceSet(t, entries, manifest.versions.get(t))
+                version = manifest.versions.get(t)
+                rs = ResourceSet(t, None, version, parts=tuple(holders))
+                if self._overlap(rs):
+                    rs = ResourceSet(t, rs.entries, version)  # a later layer overrides a name: merge for real
                 self._sets.put(key, rs)
             full[t] = rs
         return ProxyView(manifest, full, time.monotonic())
+
+    def _layer_set(self, t: str, h: str, entries: dict[str, str]) -> ResourceSet:
+        key = ("layer", t, h)
+        rs = self._sets.get_recent(key)
+        if rs is None:
+            rs = ResourceSet(t, entries)
+            self._sets.put(key, rs)
+        return rs
+
+    @staticmethod
+    def _overlap(rs: ResourceSet) -> bool:
+        seen = 0
+        names: set[str] = set()
+        for p in rs.parts:
+            names.update(p.entries)
+            seen += len(p)
+        return len(names) != seen
 
     # ---- resource sets ----
     def intern_names(self, names: Iterable[str]) -> frozenset[str]:
@@ -373,14 +409,39 @@ class SnapshotCache:
         return self._any[(type_url, h)]
 
     async def sotw_body(self, rs: ResourceSet) -> bytes:
-        """The `resources` fields of a DiscoveryResponse carrying rs, built once per set."""
-        if rs.sotw_body is None:
-            await self.ensure(rs.type_url, rs.entries.values())
-            if rs.sotw_body is None:
-                t = rs.type_url
-                rs.sotw_body = b"".join(wire.field(wire.DR_RESOURCES, self._any[(t, h)])
-                                        for _n, h in sorted(rs.entries.items()))
-        return rs.sotw_body
+        """The `resources` fields of a DiscoveryResponse carrying rs. Built once per set (a composed set joins
+        its parts' cached bodies; it keeps the result only while the LRU of bodies has room)."""
+        if rs._body is not None:
+            return rs._body
+        if rs.parts:
+            return b"".join([await self.sotw_body(p) for p in rs.parts])
+        await self.ensure(rs.type_url, rs.entries.values())
+        if rs._body is None:
+            t = rs.type_url
+            rs._body = b"".join([wire.field(wire.DR_RESOURCES, self._any[(t, h)]) for h in rs.entries.values()])
+        return rs._body
+
+    def removed(self, old: ResourceSet, new: ResourceSet) -> list[str]:
+        """Names in old that new lacks, computed part by part so that what proxies share is computed once."""
+        new_parts = new.parts or (new,)
+        out: list[str] = []
+        for p in old.parts or (old,):
+            if any(p is q or p.version == q.version for q in new_parts):
+                continue
+            rest: frozenset[str] | list[str] | None = None
+            for q in sorted(new_parts, key=len, reverse=True):
+                if rest is None:
+                    key = ("diff", p.version, q.version)
+                    rest = self._diffs.get_recent(key)
+                    if rest is None:
+                        rest = p.names - q.names
+                        self._diffs.put(key, rest)
+                else:
+                    rest = [n for n in rest if n not in q.names]
+                if not rest:
+                    break
+            out.extend(rest or ())
+        return out
 
     async def delta_entries(self, type_url: str, items: list[tuple[str, str]]) -> list[bytes]:
         """discovery.v3.Resource entries for (name, hash) pairs; the version of each resource is its hash."""

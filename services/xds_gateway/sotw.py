@@ -99,9 +99,9 @@ class SotwStream(Stream):
         """What to send for t now, and whether it is held back from the snapshot's exact content."""
         desired = self.desired(t, sub.wildcard, sub.names)
         held = False
-        if sub.sent is not None and desired is not sub.sent:
+        if sub.sent is not None and desired.version != sub.sent.version:
             if t == CLUSTER:
-                removed = sub.sent.names - desired.names
+                removed = self.gw.cache.removed(sub.sent, desired)
                 if removed and not self.references_settled():
                     desired = self.gw.cache.merge(desired, {n: sub.sent.entries[n] for n in removed})
                     held = True
