@@ -149,12 +149,7 @@ def translate_offline(paths: list[str], pod: str, namespace: str) -> tuple[dict,
 
     objects, errors = check_documents(load_paths(paths))
     if errors:
-        lines = []
-        for err in errors:
-            what = f"{err.kind or '?'} {err.namespace + '/' if err.namespace else ''}{err.name or '?'}"
-            for fe in err.errors:
-                field = f"{fe.field}: " if fe.field else ""
-                lines.append(f"{err.source}, document {err.index}: {what}: {field}{fe.message}")
+        lines = [line for err in errors for line in str(err).splitlines()]
         raise ProxyConfigError("invalid config:\n  " + "\n  ".join(lines))
     try:
         from ..translator.proxy import Proxy

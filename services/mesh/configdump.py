@@ -108,6 +108,31 @@ def ensure_type(type_url: str) -> bool:
     return _known(full_name)
 
 
+def ensure_nested_types(msg: Any) -> None:
+    """Import the message types of every Any inside a message (protos read from bytes carry only URLs, and
+    json_format needs the types to print them)."""
+    from google.protobuf import symbol_database
+
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            value_field = fd.message_type.fields_by_name["value"]
+            items = list(value.values()) if value_field.message_type is not None else []
+        else:
+            items = list(value) if fd.is_repeated else [value]
+        for item in items:
+            if item.DESCRIPTOR.full_name == "google.protobuf.Any":
+                if not ensure_type(item.type_url):
+                    continue
+                name = item.type_url.rsplit("/", 1)[-1]
+                inner = symbol_database.Default().GetSymbol(name)()
+                inner.ParseFromString(item.value)
+                ensure_nested_types(inner)
+            else:
+                ensure_nested_types(item)
+
+
 def _type_urls(obj: Any, out: set[str]) -> None:
     if isinstance(obj, dict):
         t = obj.get("@type")
@@ -403,6 +428,7 @@ def to_config_dump(dump: ParsedDump, version: str = "") -> dict:
         routes.dynamic_route_configs.add(version_info=version).route_config.Pack(rc)
     cd.configs.add().Pack(routes)
 
+    ensure_nested_types(cd)
     return json_format.MessageToDict(cd, preserving_proto_field_name=True)
 
 
