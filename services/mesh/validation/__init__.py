@@ -2,23 +2,40 @@
 
 `check_documents` is the one entry point: it normalises each document (namespace defaulting, apiVersion and
 kind checks, metadata) and runs the kind's validator. Per-kind rules live in the modules beside this one and
-register themselves in `VALIDATORS`.
+register themselves in `VALIDATORS`:
+
+- `kube.py`: Namespace, Service, Endpoints, EndpointSlice, Pod (Kubernetes' own rules and wording);
+- `istio.py` with `istio_schema.py` (the structural schema of every Istio kind) and one module per kind
+  (`virtualservice.py`, `destinationrule.py`, `gateway.py`, `sidecar.py`, `serviceentry.py`);
+- `schema.py` (the structural checker) and `common.py` (hosts, ports, labels, IPs, regexes, exportTo).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from ..errors import DocumentError, FieldError
 from ..kinds import BY_KIND, kind_for_api_version
 from ..yamlio import Document
+from .common import (
+    Errs,
+    check_k8s_labels,
+    invalid,
+    k8s_label_errors,
+    k8s_subdomain_errors,
+    qualified_name_errors,
+)
+from .schema import Map, Str, check, unknown_field
 
 # kind → validator(obj) → list of field errors (paths relative to the object root, e.g. "spec.hosts[0]").
 VALIDATORS: dict[str, Callable[[dict], list[FieldError]]] = {}
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_OBJECT_META_FIELDS = (
+    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation", "creationTimestamp",
+    "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations", "ownerReferences", "finalizers",
+    "managedFields",
+)
+_MAX_ANNOTATIONS_BYTES = 256 * 1024
 
 
 def register(kind: str):
@@ -29,24 +46,66 @@ def register(kind: str):
     return deco
 
 
+def normalize(value: object) -> object:
+    """What the Kubernetes API server does before validating: nulls dropped, map keys made strings.
+
+    Dropping nulls (as for non-nullable CRD fields) makes `route:` with nothing after it mean "no route", and
+    keeps None out of the stored dicts. Keys become strings the way YAML→JSON conversion makes them (YAML reads
+    `8080:` as an integer and `on:` as a boolean; JSON, and so the store, only has string keys).
+    """
+    if isinstance(value, dict):
+        return {_key_str(k): normalize(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [normalize(v) for v in value]
+    return value
+
+
+def _key_str(k: object) -> object:
+    if isinstance(k, bool):
+        return "true" if k else "false"
+    if isinstance(k, int | float):
+        return str(k)
+    return k
+
+
 def _check_metadata(obj: dict, namespaced: bool) -> list[FieldError]:
-    errs: list[FieldError] = []
     meta = obj.get("metadata")
     if not isinstance(meta, dict):
-        return [FieldError("metadata", "metadata is required")]
+        return [FieldError("metadata", "Required value" if meta is None else "must be an object")]
+    errs = Errs()
+    for k in meta:
+        if k not in _OBJECT_META_FIELDS:
+            errs.add(f"metadata.{k}", unknown_field(str(k), _OBJECT_META_FIELDS))
     name = meta.get("name")
     if not isinstance(name, str) or not name:
-        errs.append(FieldError("metadata.name", "name is required"))
-    elif len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
-        errs.append(FieldError("metadata.name", f"invalid name {name!r}: must be a lowercase RFC 1123 subdomain"))
+        errs.add("metadata.name", "name is required" if name in (None, "") else "must be a string")
+    else:
+        for m in k8s_subdomain_errors(name):
+            errs.add("metadata.name", invalid(name, m))
     ns = meta.get("namespace")
-    if namespaced and ns is not None and (not isinstance(ns, str) or not _DNS1123_LABEL.match(ns)):
-        errs.append(FieldError("metadata.namespace", f"invalid namespace {ns!r}: must be a DNS-1123 label"))
+    if namespaced and ns is not None:
+        if not isinstance(ns, str):
+            errs.add("metadata.namespace", "must be a string")
+        else:
+            for m in k8s_label_errors(ns):
+                errs.add("metadata.namespace", invalid(ns, m))
     for fld in ("labels", "annotations"):
-        v = meta.get(fld)
-        if v is not None and (not isinstance(v, dict) or not all(isinstance(k, str) for k in v)):
-            errs.append(FieldError(f"metadata.{fld}", f"{fld} must be a map of strings"))
-    return errs
+        if fld not in meta:
+            continue
+        shape = check(meta[fld], Map(Str()), f"metadata.{fld}")
+        if shape:
+            errs.items.extend(shape)
+            continue
+        if fld == "labels":
+            check_k8s_labels(meta[fld], "metadata.labels", errs)
+        else:
+            for k in meta[fld]:
+                for m in qualified_name_errors(k):
+                    errs.add(f"metadata.annotations[{k}]", invalid(k, m))
+            size = sum(len(k) + len(v) for k, v in meta[fld].items())
+            if size > _MAX_ANNOTATIONS_BYTES:
+                errs.add("metadata.annotations", f"Too long: must have at most {_MAX_ANNOTATIONS_BYTES} bytes")
+    return errs.items
 
 
 def _load_kind_modules() -> None:
@@ -65,10 +124,14 @@ def validate_object(obj: dict) -> list[FieldError]:
 def check_documents(
     docs: list[Document | DocumentError], default_namespace: str = "default"
 ) -> tuple[list[dict], list[DocumentError]]:
-    """Normalise and validate documents; returns (objects, errors). Callers store nothing if errors is non-empty."""
+    """Normalise and validate documents; returns (objects, errors).
+
+    All or nothing: when any document is invalid, `objects` is empty and `errors` names every bad document
+    (file, document index, kind, namespace, name, and each field), so a caller can never store half an apply.
+    """
     objects: list[dict] = []
     errors: list[DocumentError] = []
-    seen: dict[tuple[str, str, str], int] = {}
+    seen: dict[tuple[str, str, str], tuple[str, int]] = {}
     for d in docs:
         if isinstance(d, DocumentError):
             errors.append(d)
@@ -84,16 +147,15 @@ def check_documents(
             ns = meta.get("namespace") or default_namespace
         doc_err = DocumentError(d.source, d.index, kind_name, ns if isinstance(ns, str) else "", name)
         if kind is None:
-            field = "kind" if kind_name else "kind"
-            doc_err.errors.append(FieldError(field, f"unknown kind {kind_name!r}" if kind_name else "kind is required"))
+            doc_err.errors.append(FieldError("kind", f"unknown kind {kind_name!r}" if kind_name else "kind is required"))
             errors.append(doc_err)
             continue
         if kind_for_api_version(api_version, kind_name) is None:
             allowed = ", ".join(kind.api_version(v) for v in kind.versions)
             doc_err.errors.append(FieldError("apiVersion", f"apiVersion {api_version!r} is not served for {kind_name} (use {allowed})"))
+        obj = normalize(obj)
         doc_err.errors.extend(_check_metadata(obj, kind.namespaced))
         if not doc_err.errors:
-            obj = dict(obj)
             obj["metadata"] = dict(obj["metadata"])
             if kind.namespaced:
                 obj["metadata"]["namespace"] = ns
@@ -102,10 +164,12 @@ def check_documents(
             doc_err.errors.extend(validate_object(obj))
             ident = (kind_name, ns, name)
             if ident in seen:
-                doc_err.errors.append(FieldError("metadata.name", f"duplicate of document {seen[ident]} in the same apply"))
-            seen[ident] = d.index
+                src, idx = seen[ident]
+                doc_err.errors.append(FieldError("metadata.name", f"duplicate of {src}, document {idx} in the same apply"))
+            else:
+                seen[ident] = (d.source, d.index)
         if doc_err.errors:
             errors.append(doc_err)
         else:
             objects.append(obj)
-    return objects, errors
+    return ([] if errors else objects), errors
