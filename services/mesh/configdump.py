@@ -21,6 +21,7 @@ import copy
 import importlib
 import json
 import pkgutil
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,16 +165,29 @@ def _normalise(obj: Any, unknown: set[str]) -> Any:
     return out
 
 
-def prepare(document: Any) -> Any:
-    """Resolve every `@type` of a JSON document; returns a copy json_format can parse."""
+_TYPE_FIELD = re.compile(r'"@type"\s*:\s*"([^"\\]*)"')
+
+
+def prepare(document: Any, text: str | bytes | None = None) -> Any:
+    """Resolve every `@type` of a JSON document: returns the document, or a rewritten copy when it names
+    legacy or unknown types, ready for json_format. `text`, the JSON the document was read from, is a faster
+    place to find the type URLs."""
     urls: set[str] = set()
-    _type_urls(document, urls)
+    if text is not None:
+        urls.update(_TYPE_FIELD.findall(text.decode() if isinstance(text, bytes) else text))
+    else:
+        _type_urls(document, urls)
     unknown: set[str] = set()
+    rewrite = False
     for url in urls:
         name = url.rsplit("/", 1)[-1]
-        if not ensure_type(url) and not (name in _LEGACY_TYPES and ensure_type(_LEGACY_TYPES[name])):
+        if name in _LEGACY_TYPES:
+            rewrite = True
+            if ensure_type(_LEGACY_TYPES[name]):
+                continue
+        if not ensure_type(url):
             unknown.add(url)
-    return _normalise(document, unknown)
+    return _normalise(document, unknown) if rewrite or unknown else document
 
 
 def _parse(message_cls, data: Any, what: str):
@@ -238,14 +252,16 @@ def parse_config_dump(document: Mapping | str | bytes) -> ParsedDump:
     from envoy.admin.v3 import config_dump_shared_pb2 as shared
     from envoy.config.bootstrap.v3 import bootstrap_pb2
 
+    text = None
     if isinstance(document, (str, bytes)):
+        text = document
         try:
             document = json.loads(document)
         except ValueError as e:
             raise ConfigDumpError(f"not JSON: {e}") from None
     if not isinstance(document, Mapping) or not isinstance(document.get("configs"), list):
         raise ConfigDumpError("not an Envoy config dump: no `configs` list")
-    dump = _parse(config_dump_pb2.ConfigDump, prepare(dict(document)), "config dump")
+    dump = _parse(config_dump_pb2.ConfigDump, prepare(dict(document), text), "config dump")
     cluster_cls = xds_types.message_class(xds_types.CLUSTER)
     listener_cls = xds_types.message_class(xds_types.LISTENER)
     route_cls = xds_types.message_class(xds_types.ROUTE)
