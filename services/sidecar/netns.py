@@ -194,6 +194,11 @@ class NetNS:
 
     def spawn(self, name: str, argv: Sequence[str], *, uid: int | None = None, gid: int | None = None,
               env: dict | None = None, cwd: Path | None = None) -> procs.Proc:
+        if uid is not None:
+            # The program may reopen its stdout by name (Envoy's `/dev/stdout` access log): let it.
+            log_file = self.log_dir / f"{self.name}.{name}.log"
+            log_file.touch()
+            os.chown(log_file, uid, uid if gid is None else gid)
         # `ip netns exec` and setpriv both exec, so the pid is the program's own.
         p = procs.spawn(f"{self.name}.{name}", self.argv(argv, uid, gid), self.log_dir, env=env, cwd=cwd)
         self.procs.append(p)
@@ -325,7 +330,8 @@ class Pod:
             "kind": "Pod",
             "metadata": {"name": self.name, "namespace": self.namespace, "labels": dict(self.labels)},
             "spec": {"serviceAccountName": self.service_account,
-                     "containers": [{"name": "app", **({"ports": ports} if ports else {})}]},
+                     "containers": [{"name": "app", "image": "mizzen/test-echo:latest",
+                                     **({"ports": ports} if ports else {})}]},
             "status": {"phase": "Running", "podIP": self.ip, "podIPs": [{"ip": self.ip}]},
         }
 

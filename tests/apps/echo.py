@@ -2,7 +2,7 @@
 
 Standard library only, so it runs as `python tests/apps/echo.py …` inside any network namespace, as any uid.
 
-  serve  [--http PORT]… [--tcp PORT]… [--name NAME] [--bind ADDR]
+  serve  [--http PORT]… [--tcp PORT]… [--mixed PORT]… [--name NAME] [--bind ADDR]
   http   URL [--header 'K: V']… [--next URL]… [--timeout S]
   tcp    HOST:PORT [--send TEXT] [--timeout S]
 
@@ -13,10 +13,13 @@ names a next hop (`x-echo-next: URL[,URL…]` header or `?next=URL` query), the 
 `next`. The next hop gets the rest of the list, x-request-id and the tracing headers, so A→B→C works.
 
 TCP is client-first (safe behind protocol sniffing): the server reads one line, answers one JSON line
-(`name`, `local`, `peer`, `original_dst`, `data`), then echoes every further byte until EOF.
+(`name`, `local`, `peer`, `original_dst`, `data`), then echoes every further byte until EOF. A `--mixed`
+port speaks both on one port: a connection whose first bytes are an HTTP request line gets the HTTP echo,
+any other the TCP echo (for a Service port whose protocol the sidecar has to sniff).
 
 Clients print one JSON object: `status`/`body` (HTTP) or `reply`/`echo` (TCP), plus `local` and `peer` of
-the client's socket, which show the destination the client believes it is talking to.
+the client's socket, which show the destination the client believes it is talking to. A TCP connection that
+was accepted but then closed or reset gives `reply: null` and `closed`; one that failed gives `error`.
 """
 
 from __future__ import annotations
@@ -81,12 +84,18 @@ def tcp_call(target: str, text: str, timeout: float = 10.0) -> dict:
     host, _, port = target.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         local, peer = addr(s.getsockname()), addr(s.getpeername())
-        s.sendall(text.encode() + b"\n")
-        f = s.makefile("rb")
-        reply = json.loads(f.readline())
-        s.sendall(b"again\n")
-        s.shutdown(socket.SHUT_WR)
-        echo = f.read().decode()
+        try:
+            s.sendall(text.encode() + b"\n")
+            f = s.makefile("rb")
+            line = f.readline()
+            if not line:
+                raise ConnectionAbortedError("closed before answering")
+            reply = json.loads(line)
+            s.sendall(b"again\n")
+            s.shutdown(socket.SHUT_WR)
+            echo = f.read().decode()
+        except OSError as e:  # connected, then closed or reset (e.g. a proxy with nowhere to go)
+            return {"local": local, "peer": peer, "reply": None, "echo": None, "closed": f"{type(e).__name__}: {e}"}
     return {"local": local, "peer": peer, "reply": reply, "echo": echo}
 
 
@@ -161,7 +170,29 @@ class TcpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
-def serve(http_ports: list[int], tcp_ports: list[int], name: str, bind: str) -> None:
+HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"PRI * ")
+
+
+class MixedServer(TcpServer):
+    """HTTP or TCP echo on one port, chosen by peeking at the first bytes the client sends."""
+
+    http_handler: type[EchoHandler] = EchoHandler
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+        request.settimeout(30)
+        try:
+            head = request.recv(8, socket.MSG_PEEK)
+        except OSError:
+            return
+        finally:
+            request.settimeout(None)
+        if head.startswith(HTTP_STARTS) or any(h.startswith(head) for h in HTTP_STARTS if head):
+            self.http_handler(request, client_address, self)
+        else:
+            TcpEchoHandler(request, client_address, self)
+
+
+def serve(http_ports: list[int], tcp_ports: list[int], name: str, bind: str, mixed_ports: list[int] = ()) -> None:
     servers: list[socketserver.BaseServer] = []
     handler = type("Handler", (EchoHandler,), {"server_name_label": name})
     for port in http_ports:
@@ -172,12 +203,17 @@ def serve(http_ports: list[int], tcp_ports: list[int], name: str, bind: str) -> 
         srv = TcpServer((bind, port), TcpEchoHandler)
         srv.label = name  # type: ignore[attr-defined]
         servers.append(srv)
+    for port in mixed_ports:
+        srv = MixedServer((bind, port), TcpEchoHandler)
+        srv.label = name  # type: ignore[attr-defined]
+        srv.http_handler = handler
+        servers.append(srv)
     if not servers:
-        raise SystemExit("serve: give at least one --http or --tcp port")
+        raise SystemExit("serve: give at least one --http, --tcp or --mixed port")
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for t in threads:
         t.start()
-    print(json.dumps({"serving": name, "http": http_ports, "tcp": tcp_ports}), flush=True)
+    print(json.dumps({"serving": name, "http": http_ports, "tcp": tcp_ports, "mixed": list(mixed_ports)}), flush=True)
     threading.Event().wait()  # until SIGTERM
 
 
@@ -187,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("--http", type=int, action="append", default=[])
     s.add_argument("--tcp", type=int, action="append", default=[])
+    s.add_argument("--mixed", type=int, action="append", default=[], help="HTTP and TCP echo on one port")
     s.add_argument("--name", default="echo")
     s.add_argument("--bind", default="0.0.0.0")
     h = sub.add_parser("http")
@@ -201,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.cmd == "serve":
-        serve(args.http, args.tcp, args.name, args.bind)
+        serve(args.http, args.tcp, args.name, args.bind, args.mixed)
         return 0
     try:
         if args.cmd == "http":
