@@ -89,7 +89,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
         s.add_argument("--server", "-s", default=None,
                        help="registry URL (default $MIZZEN_SERVER or http://127.0.0.1:15080)")
         s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an HTTP source")
-        if name in ("cluster", "all"):
+        if name == "cluster":
             s.add_argument("--fqdn", default="", help="filter clusters by substring of the Service FQDN field")
             s.add_argument("--direction", default="", help="filter clusters by the Direction field")
             s.add_argument("--subset", default="", help="filter clusters by substring of the Subset field")
@@ -152,6 +152,7 @@ def translate_offline(paths: list[str], pod: str, namespace: str) -> tuple[dict,
         lines = [line for err in errors for line in str(err).splitlines()]
         raise ProxyConfigError("invalid config:\n  " + "\n  ".join(lines))
     try:
+        from ..translator.proxies import pod_node_ids
         from ..translator.proxy import Proxy
         from ..translator.push_context import PushContext
         from ..translator.snapshot import build_snapshot
@@ -161,11 +162,12 @@ def translate_offline(paths: list[str], pod: str, namespace: str) -> tuple[dict,
                     and o["metadata"].get("namespace", "default") == namespace), None)
     if pod_obj is None:
         raise ProxyConfigError(f"pod {pod}.{namespace} is not in the given config")
-    if not (pod_obj.get("status") or {}).get("podIP"):
-        raise ProxyConfigError(f"pod {pod}.{namespace} has no status.podIP: it has no proxy to show")
+    # the proxy the translator service builds for this pod (the same node id the registry path finds)
+    node_ids = [n for n in pod_node_ids([pod_obj]) if f"~{pod}.{namespace}~" in n]
+    if not node_ids:
+        raise ProxyConfigError(f"pod {pod}.{namespace} has no proxy (no status.podIP, or host network)")
     push = PushContext.from_resources(objects)
-    proxy = Proxy.for_pod(pod_obj, push)
-    snapshot = build_snapshot(push, proxy)
+    snapshot = build_snapshot(push, Proxy.from_node_id(node_ids[0], push))
     return merge_layers(snapshot.layers), pod_obj
 
 
@@ -225,7 +227,7 @@ def _parse(document: dict, where: str) -> ParsedDump:
 
 
 def _cluster_filter(a) -> tables.ClusterFilter:
-    return tables.ClusterFilter(fqdn=a.fqdn, port=getattr(a, "port", 0), subset=a.subset, direction=a.direction)
+    return tables.ClusterFilter(fqdn=a.fqdn, port=a.port, subset=a.subset, direction=a.direction)
 
 
 def render(args: argparse.Namespace, src: Source) -> str:
@@ -241,8 +243,7 @@ def render(args: argparse.Namespace, src: Source) -> str:
     if what == "all":
         if out != "short":
             return tables.render_raw(src.document, out)
-        sections = [tables.cluster_table(dump, _cluster_filter(args)), tables.listener_table(dump),
-                    tables.route_table(dump)]
+        sections = [tables.cluster_table(dump), tables.listener_table(dump), tables.route_table(dump)]
         if dump.has_endpoints:
             sections.append(tables.endpoint_table(dump))
         return "\n".join(sections)
