@@ -1,5 +1,5 @@
 """The seed's traffic flow end to end: real control plane (registry, translator, xds_gateway), pods in network
-namespaces with `mizzen iptables` (the seed's flags), Envoy sidecars (uid 1337) from Mizzen's bootstrap,
+namespaces with `mizzen iptables` (the seed's flags), Envoy sidecars (uid 1337) from `mizzen bootstrap`,
 and the echo app.
 
 Pod A's app calls service B's ClusterIP; A's Envoy (15001) picks B's endpoint by EDS; B's Envoy (15006)
@@ -14,6 +14,7 @@ DestinationRule with tls DISABLE); everything else is as a sidecar in Istio 1.7/
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 import urllib.request
@@ -35,7 +36,6 @@ for _module in ("services.sidecar.bootstrap", "services.translator.snapshot", "s
     pytest.importorskip(_module, reason=f"the e2e test needs {_module}")
 
 from services.cli.http import apply_objects  # noqa: E402
-from services.sidecar import bootstrap as bs  # noqa: E402
 from tests.stack import Stack  # noqa: E402
 
 ECHO = str(REPO_ROOT / "tests" / "apps" / "echo.py")
@@ -96,10 +96,15 @@ class SeedMesh:
         for pod in self.pods.values():
             pod.apply_iptables(SEED_IPTABLES_FLAGS)
             pod.forward_to_host(stack.xds_port, XDS_IN_POD)
-            boot = bs.build_bootstrap(
-                pod.name, "default", pod.ip, xds=f"127.0.0.1:{XDS_IN_POD}", labels=pod.labels,
-                access_log=str(pod.work_dir / "access.log"), zipkin=None,
-                pod_ports=[{"containerPort": p, "protocol": "TCP"} for p in pod.container_ports])
+            boot = pod.work_dir / "envoy.json"
+            labels = [arg for k, v in pod.labels.items() for arg in ("-l", f"{k}={v}")]
+            res = subprocess.run(
+                [sys.executable, "-m", "services.cli.main", "bootstrap", "--pod", pod.name, "-n", "default",
+                 "--ip", pod.ip, "--xds", f"127.0.0.1:{XDS_IN_POD}", *labels, "--zipkin", "",
+                 "--access-log", str(pod.work_dir / "access.log"), "-o", str(boot)],
+                capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+            assert res.returncode == 0, res.stderr
+            boot.chmod(0o644)
             pod.start_envoy(boot, extra_args=["--file-flush-interval-msec", "100"], timeout=60)
         for pod in self.pods.values():
             self.wait_listeners(pod)
