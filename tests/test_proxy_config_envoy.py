@@ -14,15 +14,13 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from services.cli import proxy_config, tables
 from services.mesh import procs, xds_types
 from services.mesh.configdump import config_dump_for_snapshot, parse_config_dump
+from services.sidecar.bootstrap import build_bootstrap
 from tests.test_proxy_config_support import POD, istio17_resources, parse_resources
-
-bootstrap_mod = pytest.importorskip("services.sidecar.bootstrap")
 
 
 class SnapshotADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -68,8 +66,7 @@ def ads_server(resources: dict):
 def run_envoy(tmp_path: Path, bootstrap: dict):
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(bootstrap))
-    argv = [procs.envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
-            "-l", "warning", "--base-id", str(procs.free_port())]
+    argv = [procs.envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
     # cwd = tmp_path: the relative SDS pipe path points at a socket that does not exist (and is not needed)
     proc = procs.spawn("envoy", argv, tmp_path / "logs", cwd=tmp_path)
     try:
@@ -134,7 +131,7 @@ def servable(resources: dict) -> dict:
 
 def loopback_bootstrap(xds_port: int) -> tuple[dict, int]:
     admin = procs.free_port()
-    boot = bootstrap_mod.build_bootstrap(
+    boot = build_bootstrap(
         POD, "default", "10.200.0.135", xds=f"127.0.0.1:{xds_port}", labels={"app": "webserver", "version": "v1"},
         admin_port=admin, agent_port=procs.free_port(), health_port=procs.free_port(),
         prometheus_port=procs.free_port(), listen_address="127.0.0.1", zipkin=f"127.0.0.1:{procs.free_port()}",
