@@ -3,7 +3,9 @@
 The fields the mesh reads are checked the way the Kubernetes API server checks them (`pkg/apis/core/validation`,
 `pkg/apis/discovery/validation`, with their error wording); parts of a Pod the mesh never reads (volumes, probes,
 resources, …) are accepted as they are, but their field names are still checked so typos surface.
-One deliberate difference: endpoint addresses may be loopback (see `common.k8s_endpoint_ip_errors`).
+Deliberate differences, because Mizzen describes workloads but never runs them: endpoint addresses may be
+loopback (see `common.k8s_endpoint_ip_errors`), and a Pod needs neither containers nor images (a Pod may be just
+a name, labels, a service account and an IP); whatever a Pod does declare is checked as Kubernetes would.
 """
 
 from __future__ import annotations
@@ -339,9 +341,6 @@ def _slice_address_errors(addr: str, address_type: str) -> list[str]:
 
 def check_pod(obj: dict, errs: Errs) -> None:
     spec = obj.get("spec", {})
-    containers = spec.get("containers", [])
-    if not containers:
-        errs.add("spec.containers", "Required value")
     names: set[str] = set()
     for field in ("initContainers", "containers"):
         for i, container in enumerate(spec.get(field, [])):
@@ -382,9 +381,7 @@ def _check_container(container: dict, path: str, names: set[str], errs: Errs) ->
             errs.add(child(path, "name"), f'Duplicate value: "{name}"')
         names.add(name)
     image = container.get("image", "")
-    if not image:
-        errs.add(child(path, "image"), "Required value")
-    elif image != image.strip():
+    if image != image.strip():
         errs.add(child(path, "image"), invalid(image, "must not have leading or trailing whitespace"))
     port_names: set[str] = set()
     for i, port in enumerate(container.get("ports", [])):
