@@ -280,7 +280,8 @@ def _check_endpoint_ports(ports: list[dict], path: str, errs: Errs, name_require
             _invalid_all(errs, child(at, "name"), name, k8s_label_errors(name))
         elif name_required and len(ports) > 1:
             errs.add(child(at, "name"), "Required value")
-        if name in names:
+        # Endpoints report a missing name (above); a slice may have one unnamed port, not two.
+        if name in names and (name or not name_required):
             errs.add(child(at, "name"), f'Duplicate value: "{name}"')
         names.add(name)
         if "port" in port or name_required:

@@ -223,9 +223,6 @@ class Obj(Schema):
         else:
             self._required = {name: "Required value" for name in self.required}
 
-    def extend(self, **more: Schema) -> Obj:
-        return Obj({**self.fields, **more}, self._required, self.oneof, self.open)
-
     def check(self, value: object, path: str, errs: list[FieldError]) -> None:
         if not isinstance(value, dict):
             errs.append(FieldError(path, f"must be an object, got {_kind_of(value)}"))
