@@ -1,0 +1,133 @@
+"""Who wrote a log line: the `service.name` (and namespace, pod) of the sidecar's workload.
+
+Sources, best first: the input's proxy identity (an Istio node id `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`,
+a plain `<name>.<namespace>`, or a kubelet log path `/var/log/pods/<ns>_<pod>_<uid>/…`); for a server-side line
+the mTLS SNI (`outbound_.80_._.b.default.svc.cluster.local` names the service being called); the pod-IP map
+learned from other lines (a client line's `upstream_host` is a pod of the service its cluster names); for a
+client line, the server line of the same pod it was made for. Service names follow Istio's tracing default
+(APP_LABEL_AND_NAMESPACE): `<name>.<namespace>`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+_K8S_ALNUM = "bcdfghjklmnpqrstvwxz2456789"  # the alphabet of ReplicaSet hashes and pod-name suffixes
+_DEPLOY_POD = re.compile(rf"^(.+)-[{_K8S_ALNUM}]{{6,10}}-[{_K8S_ALNUM}]{{5}}$")
+_SUFFIXED_POD = re.compile(rf"^(.+)-[{_K8S_ALNUM}]{{5}}$")
+_ORDINAL_POD = re.compile(r"^(.+)-\d+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    service: str
+    namespace: str = ""
+    pod: str = ""
+
+    def resource_attributes(self) -> list[tuple[str, str]]:
+        attrs = [("service.name", self.service)]
+        if self.namespace:
+            attrs.append(("service.namespace", self.namespace))
+            attrs.append(("k8s.namespace.name", self.namespace))
+        if self.pod:
+            attrs.append(("k8s.pod.name", self.pod))
+            attrs.append(("service.instance.id", f"{self.pod}.{self.namespace}" if self.namespace else self.pod))
+        return attrs
+
+
+def workload_from_pod(pod: str) -> str:
+    """`reviews-v1-545db77b95-2ps7q` → `reviews-v1` (Deployment), `web-0` → `web` (StatefulSet)."""
+    for rx in (_DEPLOY_POD, _SUFFIXED_POD, _ORDINAL_POD):
+        m = rx.match(pod)
+        if m:
+            return m.group(1)
+    return pod
+
+
+def identity_from_proxy(proxy: str) -> Identity | None:
+    """An identity from what an input knows about the sidecar; None when it says nothing."""
+    if not proxy:
+        return None
+    parts = proxy.split("~")
+    if len(parts) == 4 and parts[0] in ("sidecar", "router", "waypoint"):
+        pod_ns = parts[2]
+        pod, _, ns = pod_ns.rpartition(".")
+        if not pod:
+            pod, ns = pod_ns, ""
+        return Identity(f"{workload_from_pod(pod)}.{ns}" if ns else workload_from_pod(pod), ns, pod)
+    if "/" in proxy:
+        return identity_from_path(proxy)
+    name, _, ns = proxy.partition(".")
+    if ns and "." not in ns:
+        return Identity(proxy, ns)
+    return Identity(proxy)
+
+
+def identity_from_path(path: str) -> Identity | None:
+    """Kubelet log layouts: `/var/log/pods/<ns>_<pod>_<uid>/<container>/<n>.log` and
+    `/var/log/containers/<pod>_<ns>_<container>-<id>.log`."""
+    p = PurePath(path)
+    for part in p.parts:
+        bits = part.split("_")
+        if len(bits) == 3 and len(bits[2]) >= 32 and "pods" in p.parts:
+            ns, pod = bits[0], bits[1]
+            return Identity(f"{workload_from_pod(pod)}.{ns}", ns, pod)
+    if "containers" in p.parts:
+        bits = p.name.split("_")
+        if len(bits) == 3:
+            pod, ns = bits[0], bits[1]
+            return Identity(f"{workload_from_pod(pod)}.{ns}", ns, pod)
+    return None
+
+
+@dataclass(slots=True)
+class Source:
+    """Where lines come from: an input name (for metrics) and, when known, the sidecar that wrote them."""
+
+    input: str
+    proxy: str = ""
+    identity: Identity | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.identity is None and self.proxy:
+            self.identity = identity_from_proxy(self.proxy)
+
+
+# Addresses that are the same on every pod and so say nothing about which pod wrote a line.
+_SHARED_IPS = frozenset({"127.0.0.1", "127.0.0.6", "::1", "0.0.0.0", "::", "::6"})
+
+
+class PeerMap:
+    """pod IP → identity, learned from the lines themselves, with a bound (cleared when full: the entries are
+    relearned from the next lines). Entries learned from a sidecar's own identity are strong and are not
+    overwritten by guesses from other lines."""
+
+    def __init__(self, capacity: int = 65536):
+        self.capacity = capacity
+        self._m: dict[str, tuple[Identity, bool]] = {}
+
+    def learn(self, ip: str | None, ident: Identity, strong: bool) -> None:
+        if not ip or ip in _SHARED_IPS:
+            return
+        old = self._m.get(ip)
+        if old is not None and (old[0] == ident or (old[1] and not strong)):
+            return
+        if len(self._m) >= self.capacity:
+            self._m.clear()
+        self._m[ip] = (ident, strong)
+
+    def get(self, ip: str | None) -> Identity | None:
+        if not ip:
+            return None
+        hit = self._m.get(ip)
+        return hit[0] if hit else None
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+
+def unknown(ip: str | None) -> Identity:
+    """The OpenTelemetry fallback name, made distinct per pod so unknown callers stay apart in Jaeger."""
+    return Identity(f"unknown_service:{ip}" if ip else "unknown_service")

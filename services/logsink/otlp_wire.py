@@ -1,0 +1,181 @@
+"""OTLP trace protobufs written straight to wire bytes.
+
+Building `opentelemetry-proto` message objects costs ~1.5 µs per attribute on this machine (measured: 25 µs
+for a 16-attribute span), which alone would cap the logsink far below its 100k lines/s goal. The messages
+involved are few and simple, so this module writes their wire format directly, with the constant parts
+(attribute keys, tags) precomputed. Field numbers are from opentelemetry-proto (`trace/v1/trace.proto`,
+`common/v1/common.proto`, `resource/v1/resource.proto`, `collector/trace/v1/trace_service.proto`); the tests
+decode every output with the real `opentelemetry-proto` classes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+# Varints for small lengths, precomputed: almost every length we write is below 16384.
+_V: list[bytes] = [bytes((i,)) for i in range(128)] + [bytes(((i & 0x7F) | 0x80, i >> 7)) for i in range(128, 16384)]
+
+
+def varint(n: int) -> bytes:
+    if 0 <= n < 16384:
+        return _V[n]
+    if n < 0:
+        n &= (1 << 64) - 1  # int64 two's complement, 10 bytes
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def ld(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    n = len(payload)
+    return tag + (_V[n] if n < 16384 else varint(n)) + payload
+
+
+_pack_q = struct.Struct("<Q").pack
+_pack_i = struct.Struct("<I").pack
+_pack_d = struct.Struct("<d").pack
+
+# Tags (field number << 3 | wire type).
+T_KV = b"\x4a"  # Span.attributes (9), also Resource.attributes is 1 → see R_ATTR
+R_ATTR = b"\x0a"
+KV_KEY = b"\x0a"
+KV_VALUE = b"\x12"
+AV_STRING = b"\x0a"
+AV_BOOL = b"\x10"
+AV_INT = b"\x18"
+AV_DOUBLE = b"\x21"
+AV_ARRAY = b"\x2a"
+AV_KVLIST = b"\x32"
+AV_BYTES = b"\x3a"
+
+SPAN_TRACE_ID = b"\x0a\x10"
+SPAN_SPAN_ID = b"\x12\x08"
+SPAN_TRACE_STATE = b"\x1a"
+SPAN_PARENT_ID = b"\x22\x08"
+SPAN_NAME = b"\x2a"
+SPAN_KIND = b"\x30"
+SPAN_START = b"\x39"
+SPAN_END = b"\x41"
+SPAN_STATUS = b"\x7a"
+SPAN_FLAGS = b"\x85\x01"  # field 16, fixed32
+
+STATUS_UNSET = 0
+STATUS_OK = 1
+STATUS_ERROR = 2
+
+# Span.flags bits (trace.proto SpanFlags): W3C sampled, and whether the parent is known to be remote.
+FLAG_SAMPLED = 0x01
+FLAG_HAS_IS_REMOTE = 0x100
+FLAG_IS_REMOTE = 0x200
+
+
+def anyvalue(v: Any) -> bytes:
+    """An AnyValue for any JSON-ish Python value (strings, ints, floats, bools, lists, dicts, bytes)."""
+    c = v.__class__
+    if c is str:
+        return ld(AV_STRING, v.encode())
+    if c is bool:
+        return AV_BOOL + (b"\x01" if v else b"\x00")
+    if c is int:
+        if -(1 << 63) <= v < (1 << 63):
+            return AV_INT + varint(v)
+        return ld(AV_STRING, str(v).encode())
+    if c is float:
+        return AV_DOUBLE + _pack_d(v)
+    if c is list or c is tuple:
+        return ld(AV_ARRAY, b"".join(ld(b"\x0a", anyvalue(x)) for x in v))
+    if c is dict:
+        return ld(AV_KVLIST, b"".join(ld(b"\x0a", keyvalue_body(str(k), x)) for k, x in v.items()))
+    if c is bytes:
+        return ld(AV_BYTES, v)
+    if v is None:
+        return b""  # an empty AnyValue: "no value"
+    return ld(AV_STRING, orjson.dumps(v, default=str))
+
+
+def keyvalue_body(key: str, v: Any) -> bytes:
+    return ld(KV_KEY, key.encode()) + ld(KV_VALUE, anyvalue(v))
+
+
+class Key:
+    """An attribute key with its encoded prefix, so each attribute costs one concatenation."""
+
+    __slots__ = ("name", "prefix", "plen")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.prefix = ld(KV_KEY, name.encode()) + KV_VALUE
+        self.plen = len(self.prefix)
+
+    def s(self, value: str) -> bytes:
+        b = value.encode()
+        n = len(b)
+        if n < 120 and self.plen + n < 124:
+            # KeyValue{key, value: AnyValue{string_value}}: every length fits one varint byte.
+            return b"".join((T_KV, _V[self.plen + n + 3], self.prefix, _V[n + 2], AV_STRING, _V[n], b))
+        av = ld(AV_STRING, b)
+        return ld(T_KV, self.prefix + varint(len(av)) + av)
+
+    def i(self, value: int) -> bytes:
+        av = AV_INT + (_V[value] if 0 <= value < 16384 else varint(value))
+        inner = self.prefix + _V[len(av)] + av
+        return T_KV + _V[len(inner)] + inner
+
+    def b(self, value: bool) -> bytes:
+        inner = self.prefix + b"\x02" + AV_BOOL + (b"\x01" if value else b"\x00")
+        return T_KV + _V[len(inner)] + inner
+
+    def any(self, value: Any) -> bytes:
+        return ld(T_KV, self.prefix[:-1] + ld(KV_VALUE, anyvalue(value)))
+
+    def strs(self, values: Iterable[str]) -> bytes:
+        arr = b"".join(ld(b"\x0a", ld(AV_STRING, x.encode())) for x in values)
+        return ld(T_KV, self.prefix[:-1] + ld(KV_VALUE, ld(AV_ARRAY, arr)))
+
+
+def status(code: int, message: str = "") -> bytes:
+    body = (ld(b"\x12", message.encode()) if message else b"") + (b"\x18" + _V[code] if code else b"")
+    return ld(SPAN_STATUS, body) if body else b""
+
+
+def span_times(start_ns: int, end_ns: int) -> bytes:
+    return SPAN_START + _pack_q(start_ns) + SPAN_END + _pack_q(end_ns)
+
+
+def span_header(trace_id: bytes, span_id: bytes, parent_id: bytes | None, flags: int, trace_state: str = "") -> bytes:
+    head = SPAN_TRACE_ID + trace_id + SPAN_SPAN_ID + span_id
+    if parent_id:
+        head += SPAN_PARENT_ID + parent_id
+    if trace_state:
+        head += ld(SPAN_TRACE_STATE, trace_state.encode())
+    return head + SPAN_FLAGS + _pack_i(flags)
+
+
+def wrap_span(payload: bytes) -> bytes:
+    """A Span as the `spans` (2) field of ScopeSpans."""
+    return ld(b"\x12", payload)
+
+
+def resource(attrs: Iterable[tuple[str, Any]]) -> bytes:
+    """A Resource message body (attributes, field 1)."""
+    return b"".join(ld(R_ATTR, keyvalue_body(k, v)) for k, v in attrs)
+
+
+def scope(name: str, version: str) -> bytes:
+    return ld(b"\x0a", name.encode()) + ld(b"\x12", version.encode())
+
+
+def resource_spans(resource_body: bytes, scope_body: bytes, spans: list[bytes]) -> bytes:
+    """ResourceSpans{resource, scope_spans[{scope, spans}]}, as the `resource_spans` (1) field of
+    ExportTraceServiceRequest: concatenating several of these makes a request."""
+    ss = ld(b"\x0a", scope_body) + b"".join(spans)
+    rs = ld(b"\x0a", resource_body) + ld(b"\x12", ss)
+    return ld(b"\x0a", rs)

@@ -1,0 +1,177 @@
+"""The logsink's pure core: lines → records → joined spans → OTLP requests. No I/O here: inputs call
+`feed_line`/`feed_record`, the owner calls `tick` and `flush`, and finished requests go to `on_batch`.
+
+Every line carries an optional ack token (a callable). A token is called once the line is finished: its span
+was accepted by the receiver (the exporter calls the batch's tokens) or it went to the dead letters. Inputs
+use that to commit file offsets and JetStream acks only for lines that are really done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from . import otlp_wire as w
+from .deadletter import DeadLetters
+from .identity import Identity, Source
+from .join import Joiner, prepare
+from .metrics import IstioMetrics, Stats
+from .parse import KIND_CLIENT, KIND_SERVER, BadLine, Record, address_ip, parse_line
+from .spans import K, encode_body
+
+SCOPE_NAME = "mizzen.logsink"
+SCOPE_VERSION = "0.1.0"
+
+Token = Callable[[], None]
+# on_batch(request_bytes, span_count, tokens)
+BatchSink = Callable[[bytes, int, list[Token]], None]
+
+
+class Batch:
+    __slots__ = ("by_resource", "count", "tokens")
+
+    def __init__(self) -> None:
+        self.by_resource: dict[Identity, list[bytes]] = {}
+        self.count = 0
+        self.tokens: list[Token] = []
+
+
+class Pipeline:
+    def __init__(
+        self,
+        on_batch: BatchSink,
+        dead: DeadLetters | None = None,
+        stats: Stats | None = None,
+        istio: IstioMetrics | None = None,
+        window: float = 5.0,
+        max_records: int = 200_000,
+        batch_size: int = 512,
+        max_line_bytes: int = 1 << 20,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.on_batch = on_batch
+        self.dead = dead or DeadLetters(None)
+        self.stats = stats or Stats()
+        self.istio = istio
+        self.batch_size = batch_size
+        self.max_line_bytes = max_line_bytes
+        self.clock = clock
+        self.joiner = Joiner(self._emitted, window=window, max_records=max_records)
+        self.stats.joins = self.joiner.stats
+        self.traces: set[bytes] | None = None  # convert counts distinct traces
+        self._batch = Batch()
+        self._resources: dict[Identity, bytes] = {}
+        self._scope = w.scope(SCOPE_NAME, SCOPE_VERSION)
+        self._link_attr = {how: K["mizzen.parent.source"].s(how) for how in
+                           ("connection", "request_id", "same_pod", "traceparent")}
+
+    # ---- intake -------------------------------------------------------------------------------------------
+    def feed_line(self, raw: bytes, src: Source, token: Token | None = None, now: float | None = None) -> bool:
+        """One line without its newline. Returns False when it was bad (counted, dead-lettered, acked)."""
+        self.stats.lines[src.input] += 1
+        if len(raw) > self.max_line_bytes:
+            return self.bad_line(raw, BadLine(f"line too long: {len(raw)} bytes (limit {self.max_line_bytes})",
+                                              "too_long"), src, token)
+        try:
+            rec = parse_line(raw, src)
+        except BadLine as e:
+            return self.bad_line(raw, e, src, token)
+        except RecursionError:
+            return self.bad_line(raw, BadLine("JSON nested too deeply", "not_json"), src, token)
+        self.add_record(rec, raw, token, self.clock() if now is None else now)
+        return True
+
+    def bad_line(self, raw: bytes, err: BadLine, src: Source, token: Token | None) -> bool:
+        self.stats.bad[(src.input, err.kind, err.field)] += 1
+        self.dead.write(raw, err, src)
+        self.stats.dead_letters += 1
+        if token is not None:
+            token()
+        return False
+
+    def add_record(self, rec: Record, raw_for_id: bytes, token: Token | None, now: float) -> None:
+        rec.token = token
+        prepare(rec, raw_for_id)
+        rec.body = encode_body(rec)
+        f = rec.f
+        if self.istio is not None:
+            rec.mvals = (
+                f.get("response_code", 0),
+                ",".join(rec.flags),
+                f.get("duration", (rec.end_ns - rec.start_ns) // 1_000_000),
+                f.get("bytes_received", 0),
+                f.get("bytes_sent", 0),
+                "grpc" if "grpc_status" in f else "http",
+            )
+        # The fields are in the body now; drop them so waiting records stay small.
+        rec.f = None
+        rec.extra = None
+        rec.raw = None
+        self.joiner.add(rec, now)
+
+    # ---- output -------------------------------------------------------------------------------------------
+    def _emitted(self, rec: Record) -> None:
+        ident = self.joiner.identity(rec)
+        parent = rec.parent
+        if parent is not None:
+            pid = parent.span_id
+            remote = parent.kind == KIND_CLIENT  # a server span's parent lives in the caller's sidecar
+        else:
+            pid = rec.ext_parent
+            remote = pid is not None
+        flags = w.FLAG_SAMPLED | w.FLAG_HAS_IS_REMOTE | (w.FLAG_IS_REMOTE if remote else 0)
+        head = w.span_header(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "")
+        link = self._link_attr.get(rec.joined_by, b"") if pid is not None else b""
+        span = w.wrap_span(head + rec.body + link)
+        if self.istio is not None:
+            self._observe(rec, ident)
+        if self.traces is not None:
+            self.traces.add(rec.trace_id)
+        self.stats.spans += 1
+        b = self._batch
+        lst = b.by_resource.get(ident)
+        if lst is None:
+            lst = b.by_resource[ident] = []
+        lst.append(span)
+        b.count += 1
+        if rec.token is not None:
+            b.tokens.append(rec.token)
+            rec.token = None
+        rec.body = None
+        if b.count >= self.batch_size:
+            self.flush_batch()
+
+    def _observe(self, rec: Record, own: Identity) -> None:
+        peers = self.joiner.peers
+        cl = rec.cluster
+        if rec.kind == KIND_SERVER:
+            peer = self.joiner.identity(rec.parent) if rec.parent is not None else peers.get(address_ip(rec.dr))
+            dest = rec.sni_host or ""
+        else:
+            peer = peers.get(address_ip(rec.uh))
+            dest = cl.host if cl is not None and cl.host else ""
+        self.istio.observe(rec.kind, rec.http, own, peer, dest, rec.mvals)
+
+    def flush_batch(self) -> None:
+        b = self._batch
+        if b.count == 0:
+            return
+        self._batch = Batch()
+        parts = []
+        for ident, spans in b.by_resource.items():
+            res = self._resources.get(ident)
+            if res is None:
+                res = self._resources[ident] = w.resource(ident.resource_attributes())
+            parts.append(w.resource_spans(res, self._scope, spans))
+        self.on_batch(b"".join(parts), b.count, b.tokens)
+
+    def tick(self, now: float | None = None) -> None:
+        self.joiner.expire(self.clock() if now is None else now)
+        self.stats.gauges["pending_records"] = self.joiner.pending
+        self.stats.gauges["held_records"] = self.joiner.live
+
+    def flush(self) -> None:
+        """Emit everything still waiting (shutdown, end of a file conversion) and hand over the last batch."""
+        self.joiner.flush()
+        self.flush_batch()
+        self.dead.flush()
