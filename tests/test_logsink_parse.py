@@ -198,7 +198,7 @@ def test_seed_sample_line():
 
 def test_recorded_envoy_lines_typed_json():
     """Lines real Envoy 1.40 sidecars wrote with Istio's default format: typed values, null for unset."""
-    a = [parse_line(raw) for raw in (CHAIN / "a.log").read_bytes().splitlines()]
+    a = [parse_line(raw) for raw in (CHAIN / "a.jsonl").read_bytes().splitlines()]
     ok, missing, fail, down, tcp = a
     assert ok.f["response_code"] == 200 and ok.f["upstream_service_time"] == 4 and ok.kind == KIND_CLIENT
     assert missing.f["response_code"] == 404
@@ -208,10 +208,10 @@ def test_recorded_envoy_lines_typed_json():
     assert down.f.get("upstream_local_address") is None
     assert not tcp.http and tcp.kind == KIND_CLIENT and tcp.f["response_code"] == 0
     assert tcp.f["bytes_sent"] == 5 and tcp.cluster.port == 9000
-    b = [parse_line(raw) for raw in (CHAIN / "b.log").read_bytes().splitlines()]
+    b = [parse_line(raw) for raw in (CHAIN / "b.jsonl").read_bytes().splitlines()]
     assert [r.kind for r in b] == [KIND_CLIENT, KIND_SERVER] * 3
     assert b[1].cluster.direction == "inbound" and b[1].cluster.port == 8080
-    c_tcp = parse_line((CHAIN / "c.log").read_bytes().splitlines()[3])
+    c_tcp = parse_line((CHAIN / "c.jsonl").read_bytes().splitlines()[3])
     assert not c_tcp.http and c_tcp.kind == KIND_SERVER
     for rec in a + b:
         assert rec.extra is None

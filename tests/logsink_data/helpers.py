@@ -54,7 +54,7 @@ def run_lines(items: list[tuple[bytes, Source]], window: float = 5.0, **kw) -> t
 def chain_lines() -> dict[str, list[bytes]]:
     out = {}
     for pod in ("a", "b", "c"):
-        out[pod] = (CHAIN / f"{pod}.log").read_bytes().splitlines()
+        out[pod] = (CHAIN / f"{pod}.jsonl").read_bytes().splitlines()
     return out
 
 

@@ -1,4 +1,4 @@
-"""Records `chain/{a,b,c}.log`: real Envoy sidecars (see meshrig.py) logging an A→B→C request chain in
+"""Records `chain/{a,b,c}.jsonl`: real Envoy sidecars (see meshrig.py) logging an A→B→C request chain in
 Istio's default JSON format. Run from the repo root: `python -m tests.logsink_data.record_chain`.
 
 Calls, in order: GET /ok (200 everywhere), GET /missing (C answers 404), POST /fail (C answers 503),
@@ -40,9 +40,9 @@ def main() -> None:
         asyncio.run(record(Path(tmp)))
         OUT.mkdir(exist_ok=True)
         for pod in ("a", "b", "c"):
-            shutil.copy(Path(tmp) / f"{pod}.log", OUT / f"{pod}.log")
-            print(f"--- {pod}.log")
-            print((OUT / f"{pod}.log").read_text())
+            shutil.copy(Path(tmp) / f"{pod}.log", OUT / f"{pod}.jsonl")
+            print(f"--- {pod}.jsonl")
+            print((OUT / f"{pod}.jsonl").read_text())
 
 
 if __name__ == "__main__":
