@@ -16,7 +16,6 @@ import logging
 import aiohttp
 import orjson
 
-from ..mesh.errors import DocumentError
 from ..mesh.kinds import BY_KIND, Kind
 from ..mesh.store import key_of
 from ..mesh.validation import check_documents
@@ -128,12 +127,14 @@ class KubeSource:
         return rv
 
     async def _store(self, objects: list[dict]) -> None:
-        if not objects:
-            return
-        docs: list[Document | DocumentError] = [Document(SOURCE, i, o) for i, o in enumerate(objects)]
-        valid, errors = check_documents(docs)
-        for e in errors:
-            self.invalid += 1
-            log.warning("skipping invalid object from kubernetes: %s", e)
+        """Store the valid objects in one apply; invalid ones are logged and skipped (a cluster's bad object
+        must not block the rest, unlike a user's apply, which is all or nothing)."""
+        valid: list[dict] = []
+        for i, o in enumerate(objects):
+            ok, errors = check_documents([Document(SOURCE, i, o)])
+            for e in errors:
+                self.invalid += 1
+                log.warning("skipping invalid object from kubernetes: %s", e)
+            valid.extend(ok)
         if valid:
             await self.registry.apply_documents([Document(SOURCE, i, o) for i, o in enumerate(valid)])
