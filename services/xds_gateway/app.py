@@ -53,7 +53,10 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
     metrics = Metrics()
     redis_ok = False
     state = {"serving": False}
-    redis = aioredis.from_url(opts.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    # a bounded pool that waits for a free connection: 2,000 streams connecting at once must queue, not fail
+    pool = aioredis.BlockingConnectionPool.from_url(opts.redis_url, max_connections=64, timeout=30,
+                                                    socket_connect_timeout=2, socket_timeout=10)
+    redis = aioredis.Redis(connection_pool=pool)
     bus = Bus(opts.nats_url, f"xds-gateway-{opts.replica}")
 
     def ready() -> bool:
