@@ -242,12 +242,13 @@ class RegistryAPI:
             if not matches:
                 return _status(404, "NotFound", f"no snapshot for pod {pod}.{ns}")
             proxy = matches[0]
+        manifest = await self.snapshots.manifest(proxy)
         resources = await self.snapshots.load_messages(proxy)
-        if resources is None:
+        if resources is None or manifest is None:
             return _status(404, "NotFound", f"no snapshot for proxy {proxy}")
         from ..mesh.configdump import config_dump_for_snapshot
 
-        dump = config_dump_for_snapshot(resources)
+        dump = config_dump_for_snapshot(resources, version=manifest.version)
         return web.Response(body=orjson.dumps(dump), content_type="application/json",
                             headers={"X-Mizzen-Proxy": proxy})
 
