@@ -6,6 +6,7 @@ assignment is built once per push and shared.
 
 from __future__ import annotations
 
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from .clusters import EdsNeed, _set_locality
@@ -13,6 +14,18 @@ from .push_context import PushContext
 
 ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
 TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
+
+
+_TLS_MODE_MD: dict[str, base_pb2.Metadata] = {}
+
+
+def _tls_mode_metadata(mode: str) -> base_pb2.Metadata:
+    md = _TLS_MODE_MD.get(mode)
+    if md is None:
+        md = base_pb2.Metadata()
+        md.filter_metadata[TRANSPORT_SOCKET_MATCH].update({"tlsMode": mode})
+        _TLS_MODE_MD[mode] = md
+    return md
 
 
 def _labels_key(labels: dict | None) -> tuple:
@@ -46,7 +59,7 @@ def load_assignment(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:
             lb.load_balancing_weight.value = w
             total += w
             # Auto mTLS picks the TLS transport socket for endpoints whose workload runs a sidecar.
-            lb.metadata.filter_metadata[TRANSPORT_SOCKET_MATCH].update({"tlsMode": e.tls_mode or "disabled"})
+            lb.metadata.CopyFrom(_tls_mode_metadata(e.tls_mode or "disabled"))
         lle.load_balancing_weight.value = total
     push.cache[key] = cla
     return cla

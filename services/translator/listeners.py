@@ -106,10 +106,20 @@ def hcm_filter(h: HCM) -> lc.Filter:
     return lc.Filter(name=pb.HTTP_CONNECTION_MANAGER, typed_config=pb.pack(h))
 
 
+_TCP_PROXY_CACHE: dict[tuple, lc.Filter] = {}
+
+
 def tcp_proxy_filter(view: ProxyView, cluster: str, stat_prefix: str | None = None) -> lc.Filter:
-    t = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or cluster, cluster=cluster)
-    t.access_log.extend(pb.access_logs(*view.access_log))
-    return lc.Filter(name=pb.TCP_PROXY, typed_config=pb.pack(t))
+    key = (cluster, stat_prefix, view.access_log)
+    f = _TCP_PROXY_CACHE.get(key)
+    if f is None:
+        t = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or cluster, cluster=cluster)
+        t.access_log.extend(pb.access_logs(*view.access_log))
+        f = lc.Filter(name=pb.TCP_PROXY, typed_config=pb.pack(t))
+        if len(_TCP_PROXY_CACHE) > 200_000:
+            _TCP_PROXY_CACHE.clear()
+        _TCP_PROXY_CACHE[key] = f
+    return f
 
 
 def _route_filters(view: ProxyView, route_dests: list[dict], port: int, vs: Config) -> list[lc.Filter]:
@@ -182,11 +192,37 @@ def _vs_match_static(m: dict, view: ProxyView, port: int, gateways: set[str]) ->
     return not m.get("sourceNamespace") or m["sourceNamespace"] == view.namespace
 
 
+_VS_INDEX: dict[int, tuple[list, dict[str, list[Config]], list[Config]]] = {}
+
+
+def vs_for_host(virtual_services: list[Config], hostname: str) -> list[Config]:
+    """The VirtualServices (in order) with a host matching `hostname`, through a per-list index."""
+    idx = _VS_INDEX.get(id(virtual_services))
+    if idx is None or idx[0] is not virtual_services:
+        exact: dict[str, list[Config]] = {}
+        wild: list[Config] = []
+        for vs in virtual_services:
+            if any(h.startswith("*") for h in vs.hosts):
+                wild.append(vs)
+            for h in vs.hosts:
+                if not h.startswith("*"):
+                    exact.setdefault(h, []).append(vs)
+        if len(_VS_INDEX) > 1000:
+            _VS_INDEX.clear()
+        idx = _VS_INDEX[id(virtual_services)] = (virtual_services, exact, wild)
+    _, exact, wild = idx
+    hits = exact.get(hostname, [])
+    if not wild:
+        return hits
+    chosen = {id(v) for v in hits}
+    chosen.update(id(v) for v in wild if any(host_matches(h, hostname) for h in v.hosts))
+    return [v for v in virtual_services if id(v) in chosen]
+
+
 def tcp_tls_chains(view: ProxyView, service: Service | None, listen_port: Port, cidr: str,
                    virtual_services: list[Config], gateways: set[str], on_wildcard: bool) -> list[lc.FilterChain]:
     """Istio's buildSidecarOutboundTCPTLSFilterChainOpts: VS tls/tcp routes, else the service's own cluster."""
-    configs = virtual_services if service is None else [
-        vs for vs in virtual_services if any(host_matches(h, service.hostname) for h in vs.hosts)]
+    configs = virtual_services if service is None else vs_for_host(virtual_services, service.hostname)
     port = listen_port.port
     out: list[lc.FilterChain] = []
 

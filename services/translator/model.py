@@ -6,6 +6,7 @@ Plain data classes with no Envoy types; `push_context.py` fills them from stored
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import ip_address
 
 from . import protocol
@@ -24,6 +25,7 @@ UNSPECIFIED_IP = "0.0.0.0"
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 
 
+@lru_cache(maxsize=65536)
 def is_ip(text: str) -> bool:
     try:
         ip_address(text)

@@ -197,6 +197,7 @@ class PushContext:
         self.cache: dict = {}
         self._scopes: dict[tuple, SidecarScope] = {}
         self._dr_cache: dict[tuple, Config | None] = {}
+        self._dr_wildcards: dict[str, list[str]] = {}
         self._vs_mesh: dict[str, list[Config]] = {}
         self._svc_visible: dict[str, list[Service]] = {}
 
@@ -530,6 +531,19 @@ class PushContext:
             merged.spec = mspec
             by_host[host] = merged
 
+    def _dr_host(self, namespace: str, hostname: str) -> str | None:
+        """Most specific DR host in a namespace for `hostname`: exact, else the longest matching wildcard."""
+        rules = self.destination_rules.get(namespace)
+        if not rules:
+            return None
+        if hostname in rules:
+            return hostname
+        wild = self._dr_wildcards.get(namespace)
+        if wild is None:
+            wild = self._dr_wildcards[namespace] = sorted((h for h in rules if h.startswith("*")), key=len,
+                                                          reverse=True)
+        return most_specific_host_match(hostname, wild) if wild else None
+
     def destination_rule(self, proxy_ns: str, service: Service) -> Config | None:
         """The DR for a service as seen from a namespace (Istio 1.7 PushContext.DestinationRule order)."""
         key = (proxy_ns, service.hostname, service.namespace)
@@ -539,19 +553,17 @@ class PushContext:
         root = self.mesh.root_namespace
         default = self.mesh.default_destination_rule_export_to
         if proxy_ns != root:
-            local = self.destination_rules.get(proxy_ns)
-            if local:
-                h = most_specific_host_match(service.hostname, local)
-                if h is not None:
-                    out = local[h]
+            h = self._dr_host(proxy_ns, service.hostname)
+            if h is not None:
+                out = self.destination_rules[proxy_ns][h]
         if out is None:
             for owner in (service.namespace, root):
-                rules = self.destination_rules.get(owner)
-                if not rules:
+                h = self._dr_host(owner, service.hostname)
+                if h is None:
                     continue
-                h = most_specific_host_match(service.hostname, rules)
-                if h is not None and (owner == proxy_ns or _visible(rules[h].export_to, default, owner, proxy_ns)):
-                    out = rules[h]
+                rule = self.destination_rules[owner][h]
+                if owner == proxy_ns or _visible(rule.export_to, default, owner, proxy_ns):
+                    out = rule
                     break
         self._dr_cache[key] = out
         return out

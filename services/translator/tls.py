@@ -26,8 +26,15 @@ INBOUND_CIPHERS = ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384
                    "ECDHE-RSA-AES128-GCM-SHA256", "AES256-GCM-SHA384", "AES128-GCM-SHA256"]
 
 
+_SDS_CACHE: dict[str, secret_pb2.SdsSecretConfig] = {}
+
+
 def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    return secret_pb2.SdsSecretConfig(name=name, sds_config=pb.sds_config_source())
+    """An SDS reference over `sds-grpc` (built once per name; repeated fields copy it on append)."""
+    cfg = _SDS_CACHE.get(name)
+    if cfg is None:
+        cfg = _SDS_CACHE[name] = secret_pb2.SdsSecretConfig(name=name, sds_config=pb.sds_config_source())
+    return cfg
 
 
 def _san_matchers(vc: common_pb2.CertificateValidationContext, sans: list[str], prefix: bool = False) -> None:
@@ -38,15 +45,25 @@ def _san_matchers(vc: common_pb2.CertificateValidationContext, sans: list[str], 
         vc.match_typed_subject_alt_names.add(san_type=san_type, matcher=m)
 
 
+_ISTIO_MUTUAL_BASE: dict[bool, tls_pb2.UpstreamTlsContext] = {}
+
+
 def istio_mutual_upstream(sni: str, sans: list[str], h2: bool) -> tls_pb2.UpstreamTlsContext:
-    ctx = tls_pb2.UpstreamTlsContext(sni=sni)
-    c = ctx.common_tls_context
-    c.tls_certificate_sds_secret_configs.append(_sds(SDS_DEFAULT))
-    cvc = c.combined_validation_context
-    cvc.default_validation_context.SetInParent()
-    _san_matchers(cvc.default_validation_context, sans)
-    cvc.validation_context_sds_secret_config.CopyFrom(_sds(SDS_ROOT))
-    c.alpn_protocols.extend(ALPN_IN_MESH_H2 if h2 else ALPN_IN_MESH)
+    """ISTIO_MUTUAL: workload cert `default` and root `ROOTCA` over SDS, SANs of the destination's accounts."""
+    base = _ISTIO_MUTUAL_BASE.get(h2)
+    if base is None:
+        base = tls_pb2.UpstreamTlsContext()
+        c = base.common_tls_context
+        c.tls_certificate_sds_secret_configs.append(_sds(SDS_DEFAULT))
+        cvc = c.combined_validation_context
+        cvc.default_validation_context.SetInParent()
+        cvc.validation_context_sds_secret_config.CopyFrom(_sds(SDS_ROOT))
+        c.alpn_protocols.extend(ALPN_IN_MESH_H2 if h2 else ALPN_IN_MESH)
+        _ISTIO_MUTUAL_BASE[h2] = base
+    ctx = tls_pb2.UpstreamTlsContext()
+    ctx.CopyFrom(base)
+    ctx.sni = sni
+    _san_matchers(ctx.common_tls_context.combined_validation_context.default_validation_context, sans)
     return ctx
 
 
