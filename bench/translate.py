@@ -8,7 +8,9 @@ For each size it measures, in one run:
   * one proxy: PushContext from the resource dicts + one sidecar snapshot;
   * full rebuild: PushContext + snapshots for 10 proxies in the 3 namespaces (shared layers built once),
     plus serialising every distinct layer once (what the translator service stores);
-then repeats both under tracemalloc for the peak Python memory.
+and the memory of each: the resident-set growth of a fresh child process doing just that step and holding
+its results (push context, snapshots, serialised layers); RSS, because Envoy protos live in upb's C arenas,
+which tracemalloc cannot see.
 
     python bench/translate.py [--sizes 100,1000,5000] [--no-memory]
 """
@@ -18,9 +20,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import subprocess
 import sys
 import time
-import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -95,7 +97,7 @@ def one_proxy(objs: list[dict], node_id: str):
     return push, snap
 
 
-def full_rebuild(objs: list[dict], node_ids: list[str]) -> tuple[int, int]:
+def full_rebuild(objs: list[dict], node_ids: list[str], keep: list | None = None) -> tuple[int, int]:
     push = PushContext.from_resources(objs)
     seen: dict[int, dict] = {}
     resources = 0
@@ -106,6 +108,8 @@ def full_rebuild(objs: list[dict], node_ids: list[str]) -> tuple[int, int]:
                 seen[id(layer)] = {t: {n: m.SerializeToString(deterministic=True) for n, m in res.items()}
                                    for t, res in layer.items()}
                 resources += sum(len(r) for r in layer.values())
+    if keep is not None:
+        keep.extend([push, seen])
     return len(seen), resources
 
 
@@ -116,21 +120,45 @@ def timed(fn, *args):
     return time.perf_counter() - t0, out
 
 
-def peak_mib(fn, *args) -> float:
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _child(n: int, mode: str, proxies: int) -> None:
+    """Run one step in this (fresh) process and print the RSS growth it caused."""
+    objs = generate(n)
+    node_ids = proxies_for(n, proxies)
     gc.collect()
-    tracemalloc.start()
-    fn(*args)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak / 2**20
+    before = _rss_mib()
+    keep: list = []
+    if mode == "one":
+        keep.append(one_proxy(objs, node_ids[0]))
+    else:
+        full_rebuild(objs, node_ids, keep)
+    print(f"{_rss_mib() - before:.1f}")
+
+
+def peak_mib(n: int, mode: str, proxies: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", f"{n}:{mode}", "--proxies", str(proxies)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,1000,5000")
     ap.add_argument("--proxies", type=int, default=10)
-    ap.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        n, mode = args.child.split(":")
+        _child(int(n), mode, args.proxies)
+        return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
     print(f"{'services':>8} {'resources in':>12} {'1 proxy s':>10} {'full s':>8} {'layers':>6} {'resources':>9}"
           f" {'1 proxy MiB':>11} {'full MiB':>9}")
@@ -142,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         tf, (layers, resources) = timed(full_rebuild, objs, node_ids)
         m1 = mf = float("nan")
         if not args.no_memory:
-            m1 = peak_mib(one_proxy, objs, node_ids[0])
-            mf = peak_mib(full_rebuild, objs, node_ids)
+            m1 = peak_mib(n, "one", args.proxies)
+            mf = peak_mib(n, "full", args.proxies)
         print(f"{n:>8} {len(objs):>12} {t1:>10.3f} {tf:>8.3f} {layers:>6} {resources:>9} {m1:>11.1f} {mf:>9.1f}",
               flush=True)
     print(f"(one proxy = PushContext + 1 snapshot; full = PushContext + {args.proxies} snapshots in "
-          f"{len(NAMESPACES)} namespaces + serialising each distinct layer once; MiB = tracemalloc peak; "
+          f"{len(NAMESPACES)} namespaces + serialising each distinct layer once; MiB = RSS growth holding the results; "
           f"python {sys.version.split()[0]}, one core)")
     return 0
 

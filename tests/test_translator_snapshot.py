@@ -130,3 +130,39 @@ def test_endpoint_tls_mode_from_pod_label():
     [lle] = res["outbound|8080||billing.shop.internal"].endpoints
     assert [(e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
             for e in lle.lb_endpoints] == [("192.168.10.5", 18080)]
+
+
+MALFORMED = """
+apiVersion: v1
+kind: Service
+metadata: {name: good, namespace: default}
+spec: {clusterIP: 10.0.0.1, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: default}
+spec: {clusterIP: 10.0.0.2, ports: [{name: http, port: eighty}]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: good, namespace: default}
+spec: {host: good, trafficPolicy: {connectionPool: {tcp: {maxConnections: lots}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: good, namespace: default}
+spec: {hosts: [good], http: [{route: [{destination: {host: good}, weight: heavy}, {destination: {host: good}}]}]}
+"""
+
+
+def test_unreadable_objects_are_reported_not_fatal():
+    push = push_of(MALFORMED)
+    res = snap(push, "sidecar~10.0.0.9~x.default~default.svc.cluster.local").merged()
+    good = res[CLUSTER]["outbound|80||good.default.svc.cluster.local"]
+    assert good.circuit_breakers.thresholds[0].max_connections.value == 4294967295  # built without the bad DR
+    assert not any("broken" in n for n in res[CLUSTER])
+    vh = [v for v in res[ROUTE]["80"].virtual_hosts if v.name == "good.default.svc.cluster.local:80"][0]
+    assert [r.name for r in vh.routes] == ["default"]  # the unreadable VirtualService is skipped
+    assert any(e.startswith("Service default/broken") for e in push.errors)
+    assert any(e.startswith("DestinationRule default/good") for e in push.errors)
+    assert any(e.startswith("VirtualService default/good") for e in push.errors)

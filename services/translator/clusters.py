@@ -18,7 +18,7 @@ from google.protobuf import struct_pb2
 
 from . import pb, protocol, tls
 from .model import ALIAS, DNS_LB, DNS_ROUND_ROBIN_LB, PASSTHROUGH, Config, Port, Service
-from .push_context import PushContext, SidecarScope, duration
+from .push_context import MALFORMED, PushContext, SidecarScope, duration
 
 Cluster = cluster_pb2.Cluster
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -446,7 +446,15 @@ def service_port_clusters(push: PushContext, service: Service, port: Port, dr: C
     key = ("cds", id(service), port.port, id(dr) if dr else 0, is_sidecar, sni_dnat)
     hit = push.cache.get(key)
     if hit is None:
-        hit = push.cache[key] = _service_clusters(push, service, port, dr, is_sidecar, sni_dnat)
+        try:
+            hit = _service_clusters(push, service, port, dr, is_sidecar, sni_dnat)
+        except MALFORMED as e:
+            if dr is None:
+                raise
+            # A DestinationRule we cannot read must not take the service down: build it without the rule.
+            push.report(f"DestinationRule {dr.namespace}/{dr.name} for {service.hostname}:{port.port}", e)
+            hit = _service_clusters(push, service, port, None, is_sidecar, sni_dnat)
+        push.cache[key] = hit
     return hit
 
 

@@ -25,7 +25,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from . import pb, protocol, routes, tls
 from .clusters import inbound_cluster_name, subset_key
 from .model import PASSTHROUGH, UNSPECIFIED_IP, Config, Port, Service, ServiceInstance, host_matches, is_ip
-from .push_context import MESH_GATEWAY, ProxyView, PushContext
+from .push_context import MALFORMED, MESH_GATEWAY, ProxyView, PushContext
 
 Listener = listener_pb2.Listener
 HCM = hcm_pb.HttpConnectionManager
@@ -223,6 +223,17 @@ def tcp_tls_chains(view: ProxyView, service: Service | None, listen_port: Port, 
                    virtual_services: list[Config], gateways: set[str], on_wildcard: bool) -> list[lc.FilterChain]:
     """Istio's buildSidecarOutboundTCPTLSFilterChainOpts: VS tls/tcp routes, else the service's own cluster."""
     configs = virtual_services if service is None else vs_for_host(virtual_services, service.hostname)
+    if configs:
+        try:
+            return _tcp_tls_chains(view, service, listen_port, cidr, configs, gateways, on_wildcard)
+        except MALFORMED as e:
+            view.errors.append(f"VirtualService tcp/tls routes for {service.hostname if service else '?'}: {e}")
+            configs = []
+    return _tcp_tls_chains(view, service, listen_port, cidr, configs, gateways, on_wildcard)
+
+
+def _tcp_tls_chains(view: ProxyView, service: Service | None, listen_port: Port, cidr: str,
+                    configs: list[Config], gateways: set[str], on_wildcard: bool) -> list[lc.FilterChain]:
     port = listen_port.port
     out: list[lc.FilterChain] = []
 
@@ -682,22 +693,29 @@ def virtual_inbound_listener(push: PushContext, view: ProxyView, proxy, instance
 
 # ---------------------------------------------------------------------------------------------- gateways
 def gateway_servers(push: PushContext, view: ProxyView, instances: list[ServiceInstance]
-                    ) -> dict[int, list[tuple[Config, dict, int]]]:
-    """Servers of every Gateway selecting the proxy, merged by listen port (server port → targetPort)."""
+                    ) -> dict[tuple[int, str], list[tuple[Config, dict, int]]]:
+    """Servers of every Gateway selecting the proxy, merged by (listen port, bind): server port → targetPort,
+    and a server with `bind` gets a listener of its own on that address (Istio ≥ 1.10's MergeGateways)."""
     target = {i.port.port: i.endpoint_port for i in instances}
-    out: dict[int, list[tuple[Config, dict, int]]] = {}
+    out: dict[tuple[int, str], list[tuple[Config, dict, int]]] = {}
     for gw in view.gateways:
         for server in gw.spec.get("servers") or []:
             sport = int((server.get("port") or {}).get("number") or 0)
             if not sport:
                 continue
             listen = target.get(sport, sport)
-            out.setdefault(listen, []).append((gw, server, sport))
+            out.setdefault((listen, server.get("bind") or ""), []).append((gw, server, sport))
     return out
 
 
+def _bind_suffix(server: dict) -> str:
+    """Istio's gatewayRDSRouteName appends `.<bind>` for a server with `bind`."""
+    return f".{server['bind']}" if server.get("bind") else ""
+
+
 def https_route_name(server: dict, gw: Config, sport: int) -> str:
-    return f"https.{sport}.{(server.get('port') or {}).get('name', '')}.{gw.name}.{gw.namespace}"
+    return (f"https.{sport}.{(server.get('port') or {}).get('name', '')}.{gw.name}.{gw.namespace}"
+            f"{_bind_suffix(server)}")
 
 
 def gateway_listeners(push: PushContext, view: ProxyView, instances: list[ServiceInstance]
@@ -705,10 +723,11 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
     """Gateway listeners, plus the RDS names they use → (server port, servers) for routes.gateway_route_config."""
     listeners: list[Listener] = []
     rds: dict[str, tuple[int, list[tuple[Config, dict]]]] = {}
-    for listen, servers in sorted(gateway_servers(push, view, instances).items()):
+    for (listen, bind), servers in sorted(gateway_servers(push, view, instances).items()):
         if listen in RESERVED_PORTS:
             continue
-        lst = Listener(name=f"{WILDCARD}_{listen}", address=pb.socket_address(WILDCARD, listen),
+        address = bind or WILDCARD
+        lst = Listener(name=f"{address}_{listen}", address=pb.socket_address(address, listen),
                      traffic_direction=base_pb2.OUTBOUND)
         chains: list[lc.FilterChain] = []
         keys: set[bytes] = set()
@@ -729,7 +748,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
                     continue
                 name = https_route_name(server, gw, sport)
                 rds[name] = (sport, [(gw, server)])
-                h = build_hcm(push, view, f"outbound_{WILDCARD}_{listen}", rds=name, port_protocol=proto,
+                h = build_hcm(push, view, f"outbound_{address}_{listen}", rds=name, port_protocol=proto,
                               use_remote_address=True)
                 fc = _chain([hcm_filter(h)], sni=hosts)
                 ctx = tls.server_tls(stls, push.mesh.trust_domain)
@@ -764,9 +783,9 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
                                 keys.add(_match_key(fc))
                                 chains.append(fc)
         if plain_http:
-            name = f"http.{sport_for_http}"
+            name = f"http.{sport_for_http}{_bind_suffix(plain_http[0][1])}"
             rds[name] = (sport_for_http, plain_http)
-            h = build_hcm(push, view, f"outbound_{WILDCARD}_{listen}", rds=name,
+            h = build_hcm(push, view, f"outbound_{address}_{listen}", rds=name,
                           port_protocol=protocol.HTTP, use_remote_address=True)
             fc = lc.FilterChain(filters=[hcm_filter(h)])
             if b"" not in keys:

@@ -39,6 +39,8 @@ from .model import (
 )
 
 MESH_GATEWAY = "mesh"
+# What a malformed field raises while we read it; such an object is reported and skipped, never fatal.
+MALFORMED = (ValueError, TypeError, AttributeError, KeyError)
 EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
 
 
@@ -167,6 +169,7 @@ class ProxyView:
     own_ip: str | None = None  # set only when the proxy is itself an endpoint of a headless service
     access_log: tuple[str, str] = ("", "")
     gateways: list[Config] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the push context's error list
 
     @property
     def is_router(self) -> bool:
@@ -195,6 +198,8 @@ class PushContext:
         self.headless_ips: set[str] = set()
         # Builders memoise here (layers, per-service protos); lives as long as this revision.
         self.cache: dict = {}
+        # Objects (or parts) skipped because they could not be translated: "Kind ns/name: reason".
+        self.errors: list[str] = []
         self._scopes: dict[tuple, SidecarScope] = {}
         self._dr_cache: dict[tuple, Config | None] = {}
         self._dr_wildcards: dict[str, list[str]] = {}
@@ -223,15 +228,30 @@ class PushContext:
         push._build_services(by_kind)
         push._build_virtual_services(by_kind.get("VirtualService", []))
         push._build_destination_rules(by_kind.get("DestinationRule", []))
-        for obj in by_kind.get("Gateway", []):
-            push.gateways.append(push._config(obj))
-        for obj in by_kind.get("Sidecar", []):
-            c = push._config(obj)
-            push.sidecars.setdefault(c.namespace, []).append(c)
-        for obj in by_kind.get("PeerAuthentication", []):
-            c = push._config(obj)
-            push.peer_authentications.setdefault(c.namespace, []).append(c)
+        for kind, index in (("Gateway", None), ("Sidecar", push.sidecars),
+                            ("PeerAuthentication", push.peer_authentications)):
+            for obj in by_kind.get(kind, []):
+                try:
+                    c = push._config(obj)
+                except MALFORMED as e:
+                    push.report(push.describe(obj), e)
+                    continue
+                if index is None:
+                    push.gateways.append(c)
+                else:
+                    index.setdefault(c.namespace, []).append(c)
         return push
+
+    def report(self, what: str, err: Exception) -> None:
+        """Record a config that could not be translated (it is skipped; the rest of the mesh still is)."""
+        msg = f"{what}: {type(err).__name__}: {err}"
+        if msg not in self.errors:
+            self.errors.append(msg)
+
+    @staticmethod
+    def describe(obj: dict) -> str:
+        meta = obj.get("metadata") or {}
+        return f"{obj.get('kind', '?')} {meta.get('namespace', '')}/{meta.get('name', '')}"
 
     def _config(self, obj: dict) -> Config:
         meta = obj["metadata"]
@@ -254,15 +274,22 @@ class PushContext:
                 slices.setdefault((s["metadata"].get("namespace", "default"), owner), []).append(s)
         services: list[Service] = []
         for obj in by_kind.get("Service", []):
-            svc = self._kube_service(obj)
-            key = (svc.namespace, svc.name)
-            if key in slices:
-                self._slice_endpoints(svc, slices[key])
-            elif key in endpoints:
-                self._kube_endpoints(svc, endpoints[key])
+            try:
+                svc = self._kube_service(obj)
+                key = (svc.namespace, svc.name)
+                if key in slices:
+                    self._slice_endpoints(svc, slices[key])
+                elif key in endpoints:
+                    self._kube_endpoints(svc, endpoints[key])
+            except MALFORMED as e:
+                self.report(self.describe(obj), e)
+                continue
             services.append(svc)
         for obj in by_kind.get("ServiceEntry", []):
-            services.extend(self._service_entry(obj))
+            try:
+                services.extend(self._service_entry(obj))
+            except MALFORMED as e:
+                self.report(self.describe(obj), e)
         # Creation order, then hostname (Istio sorts services by creation time; ties by name).
         services.sort(key=lambda s: (s.created[0], s.hostname, s.namespace))
         self.services = services
@@ -431,13 +458,18 @@ class PushContext:
         roots: list[Config] = []
         suffix = self.mesh.domain_suffix
         for obj in objs:
-            c = self._config(obj)
-            spec = copy.deepcopy(c.spec)
-            c.spec = spec
-            c.export_to = _export_set(spec.get("exportTo"), c.namespace)
-            c.hosts = [resolve_short_name(h, c.namespace, suffix) for h in spec.get("hosts") or []]
-            c.gateways = [resolve_gateway_name(g, c.namespace) for g in spec.get("gateways") or []] or [MESH_GATEWAY]
-            self._resolve_vs_destinations(spec, c.namespace)
+            try:
+                c = self._config(obj)
+                spec = copy.deepcopy(c.spec)
+                c.spec = spec
+                c.export_to = _export_set(spec.get("exportTo"), c.namespace)
+                c.hosts = [resolve_short_name(h, c.namespace, suffix) for h in spec.get("hosts") or []]
+                c.gateways = [resolve_gateway_name(g, c.namespace) for g in spec.get("gateways") or []] or \
+                    [MESH_GATEWAY]
+                self._resolve_vs_destinations(spec, c.namespace)
+            except MALFORMED as e:
+                self.report(self.describe(obj), e)
+                continue
             if not c.hosts:
                 self.delegate_virtual_services[(c.namespace, c.name)] = c
             else:
@@ -506,9 +538,13 @@ class PushContext:
     def _build_destination_rules(self, objs: list[dict]) -> None:
         suffix = self.mesh.domain_suffix
         for obj in objs:
-            c = self._config(obj)
-            spec = c.spec
-            host = resolve_short_name(spec.get("host") or "", c.namespace, suffix)
+            try:
+                c = self._config(obj)
+                spec = c.spec
+                host = resolve_short_name(spec.get("host") or "", c.namespace, suffix)
+            except MALFORMED as e:
+                self.report(self.describe(obj), e)
+                continue
             c.hosts = [host]
             c.export_to = _export_set(spec.get("exportTo"), c.namespace)
             by_host = self.destination_rules.setdefault(c.namespace, {})
@@ -740,7 +776,7 @@ class PushContext:
             return cached
         dns_domain = f"{proxy.namespace}.svc.{self.mesh.domain_suffix}"
         view = ProxyView(proxy.type, proxy.namespace, dict(proxy.labels), dns_domain, scope, key, own_ip,
-                         access_log, gateways)
+                         access_log, gateways, self.errors)
         self.cache[("view", key)] = view
         return view
 

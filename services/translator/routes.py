@@ -20,7 +20,7 @@ from envoy.type.v3 import percent_pb2
 from . import pb, protocol
 from .clusters import parse_subset_key, subset_key
 from .model import PASSTHROUGH, UNSPECIFIED_IP, Config, Service, host_matches, is_ip
-from .push_context import MESH_GATEWAY, ProxyView, PushContext, duration
+from .push_context import MALFORMED, MESH_GATEWAY, ProxyView, PushContext, duration
 
 RouteConfiguration = route_pb2.RouteConfiguration
 ALLOW_ANY = "allow_any"
@@ -464,7 +464,17 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
 
 def routes_for_virtual_service(push: PushContext, view: ProxyView, vs: Config, registry: dict[str, Service],
                                port: int, gateways: set[str]) -> list[rc.Route]:
-    """Istio's BuildHTTPRoutesForVirtualService: one route per match; a catch-all ends the list."""
+    """Istio's BuildHTTPRoutesForVirtualService; a VirtualService we cannot read yields no routes."""
+    try:
+        return _routes_for_virtual_service(push, view, vs, registry, port, gateways)
+    except MALFORMED as e:
+        push.report(f"VirtualService {vs.namespace}/{vs.name}", e)
+        return []
+
+
+def _routes_for_virtual_service(push: PushContext, view: ProxyView, vs: Config, registry: dict[str, Service],
+                                port: int, gateways: set[str]) -> list[rc.Route]:
+    """One route per match; a catch-all match ends the list."""
     out: list[rc.Route] = []
     for rule in vs.spec.get("http") or []:
         matches = rule.get("match") or []
