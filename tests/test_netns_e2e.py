@@ -38,7 +38,7 @@ for _module in ("services.sidecar.bootstrap", "services.translator.snapshot", "s
 from services.cli.http import apply_objects  # noqa: E402
 from tests.stack import Stack  # noqa: E402
 
-ECHO = str(REPO_ROOT / "tests" / "apps" / "echo.py")
+ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
 APP_UID = 1000  # the app's uid: anything but the proxy's 1337
 XDS_IN_POD = 15010  # inside a pod, 127.0.0.1:15010 is relayed to the gateway on the host
 

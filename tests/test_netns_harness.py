@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
 ]
 
-ECHO = str(REPO_ROOT / "tests" / "apps" / "echo.py")
+ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
 
 
 def netns_names() -> set[str]:

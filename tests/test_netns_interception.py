@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
 ]
 
-ECHO = str(REPO_ROOT / "tests" / "apps" / "echo.py")
+ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
 HTTP_PORT, TCP_PORT, EXCLUDED_PORT = 8080, 9000, 15020  # 15020 is in the seed's -d list
 
 LOG_FIELDS = {
