@@ -228,7 +228,7 @@ def test_service_entry_resolutions(shop):
     eu = shop["outbound|443|eu|api.payments.example.com"].load_assignment
     assert [e.endpoint.address.socket_address.address for lle in eu.endpoints for e in lle.lb_endpoints] == \
         ["eu.payments.example.com"]
-    assert not any("legacy" in n for n in shop)  # ExternalName services get no cluster
+    assert not any("legacy.shop.svc" in n for n in shop)  # ExternalName services get no cluster
 
 
 def test_dns_subset_without_endpoints_is_not_emitted():
@@ -290,3 +290,16 @@ def test_sidecar_scope_limits_clusters(features_push):
                         "outbound|9080||reviews.shop.svc.cluster.local",
                         "outbound|9080|v1|reviews.shop.svc.cluster.local",
                         "outbound|9080|v2|reviews.shop.svc.cluster.local"])
+
+
+def test_sidecar_ingress_clusters(features_push):
+    cds = snapshot_of(features_push, "sidecar~10.4.0.10~app-1.legacy~legacy.svc.cluster.local")[CLUSTER]
+    inbound = {n: c for n, c in cds.items() if n.startswith("inbound|")}
+    assert set(inbound) == {"inbound|9080|http-in|app.legacy.svc.cluster.local",
+                            "inbound|9443|tcp-sock|app-ingress.legacy"}  # no service on 9443: the Sidecar's name
+    sa = inbound["inbound|9080|http-in|app.legacy.svc.cluster.local"].load_assignment.endpoints[0] \
+        .lb_endpoints[0].endpoint.address.socket_address
+    assert (sa.address, sa.port_value) == ("127.0.0.1", 8080)  # the defaultEndpoint
+    pipe = inbound["inbound|9443|tcp-sock|app-ingress.legacy"].load_assignment.endpoints[0] \
+        .lb_endpoints[0].endpoint.address.pipe
+    assert pipe.path == "/var/run/app.sock"

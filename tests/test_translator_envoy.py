@@ -57,6 +57,7 @@ def test_seed_mesh_snapshots_validate(envoy_available, node_id):
     "sidecar~10.1.0.30~ratings-0.shop~shop.svc.cluster.local",     # headless endpoint itself
     "sidecar~10.2.0.10~toolbox-1.tools~tools.svc.cluster.local",   # Sidecar egress, REGISTRY_ONLY, DISABLE
     "router~10.3.0.10~ingress-1.edge~edge.svc.cluster.local",      # gateway: HTTP, HTTPS, TCP, TLS passthrough
+    "sidecar~10.4.0.10~app-1.legacy~legacy.svc.cluster.local",     # Sidecar ingress, unix socket, capture NONE
 ])
 def test_feature_mesh_snapshots_validate(envoy_available, node_id):
     _check(push_of(load(FEATURES)), node_id)

@@ -360,3 +360,18 @@ def test_gateway_listeners(features_push):
     assert rows(lds["0.0.0.0_15443"]) == [("SNI: a.passthrough.example.com",
                                            "Cluster: outbound|9090||frontend.shop.svc.cluster.local")]
     assert rows(lds["0.0.0.0_31400"]) == [("ALL", "Cluster: outbound|5432||frontend.shop.svc.cluster.local")]
+
+
+def test_sidecar_ingress_listeners(features_push):
+    lds = snapshot_of(features_push, "sidecar~10.4.0.10~app-1.legacy~legacy.svc.cluster.local")[LISTENER]
+    vi = inbound_rows(lds["virtualInbound"])
+    # the ingress port replaces the service's target port; the cluster is named after the ingress port
+    assert [r for r in vi if r[1]] == [
+        ("0.0.0.0_9080", 9080, "", ["istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"], True,
+         "Inline: inbound|9080|http-in|app.legacy.svc.cluster.local"),
+        ("0.0.0.0_9080", 9080, "", [], False, "Inline: inbound|9080|http-in|app.legacy.svc.cluster.local")]
+    # captureMode NONE: a real listener on the workload's address instead of a virtualInbound chain
+    bound = lds["10.4.0.10_9443"]
+    assert not bound.HasField("bind_to_port") and bound.traffic_direction == base_pb2.INBOUND
+    assert rows(bound) == [("App: istio-peer-exchange,istio", "Cluster: inbound|9443|tcp-sock|app-ingress.legacy"),
+                           ("ALL", "Cluster: inbound|9443|tcp-sock|app-ingress.legacy")]

@@ -533,9 +533,12 @@ def inbound_clusters(push: PushContext, proxy, instances) -> list[Cluster]:
         cla = c.load_assignment
         cla.cluster_name = name
         lb = cla.endpoints.add().lb_endpoints.add()
-        sa = lb.endpoint.address.socket_address
-        sa.address = LOCALHOST
-        sa.port_value = inst.endpoint_port
+        if inst.endpoint_address.startswith("unix://"):
+            lb.endpoint.address.pipe.path = inst.endpoint_address[len("unix://"):]
+        else:
+            sa = lb.endpoint.address.socket_address
+            sa.address = inst.endpoint_address or LOCALHOST
+            sa.port_value = inst.endpoint_port
         http = _Http()
         _set_upstream_protocol(c, http, inst.port, True, inbound=True)
         dr = push.destination_rule(proxy.namespace, inst.service)

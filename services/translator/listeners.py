@@ -560,7 +560,7 @@ def _inbound_class(p: Port) -> str:
 def inbound_chains(push: PushContext, view: ProxyView, proxy, inst: ServiceInstance, mode: str) -> list[lc.FilterChain]:
     """The filter chains for one inbound target port, per mTLS mode (1.7 listener.go + authn plugin)."""
     cluster = inbound_cluster_name(inst)
-    port = inst.endpoint_port
+    port = inst.inbound_port
     name = f"{WILDCARD}_{port}"
     cls = _inbound_class(inst.port)
     td = push.mesh.trust_domain
@@ -667,17 +667,17 @@ def virtual_inbound_listener(push: PushContext, view: ProxyView, proxy, instance
     lst.use_original_dst.value = True
     workload_mode = push.mtls_mode(proxy.namespace, proxy.labels)
     chains = _passthrough_chains(push, view, workload_mode, None)
-    declared = {i.endpoint_port for i in instances}
+    declared = {i.inbound_port for i in instances}
     for p, pmode in sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items()):
         if p not in declared and pmode != "UNSET":
             chains += _passthrough_chains(push, view, pmode, p)
     service_chains: list[lc.FilterChain] = []
     seen_ports: set[int] = set()
     for inst in instances:
-        if inst.endpoint_port in seen_ports or inst.port.protocol == protocol.UDP:
-            continue  # first service on a target port wins
-        seen_ports.add(inst.endpoint_port)
-        mode = push.mtls_mode(proxy.namespace, proxy.labels, inst.endpoint_port)
+        if inst.inbound_port in seen_ports or inst.port.protocol == protocol.UDP or inst.capture_mode == "NONE":
+            continue  # first service on a target port wins; capture NONE ports get a listener of their own
+        seen_ports.add(inst.inbound_port)
+        mode = push.mtls_mode(proxy.namespace, proxy.labels, inst.inbound_port)
         service_chains += inbound_chains(push, view, proxy, inst, mode)
     service_chains.sort(key=lambda fc: fc.name)
     chains += service_chains
@@ -689,6 +689,32 @@ def virtual_inbound_listener(push: PushContext, view: ProxyView, proxy, instance
     pb.set_duration(lst.listener_filters_timeout, push.mesh.inbound_protocol_detection_timeout)
     lst.continue_on_listener_filters_timeout = True
     return lst
+
+
+def bound_inbound_listeners(push: PushContext, view: ProxyView, proxy,
+                            instances: list[ServiceInstance]) -> list[Listener]:
+    """Sidecar ingress ports with `captureMode: NONE`: real listeners on the workload's address."""
+    out = []
+    for inst in instances:
+        if inst.capture_mode != "NONE":
+            continue
+        bind = inst.bind or proxy.ip
+        mode = push.mtls_mode(proxy.namespace, proxy.labels, inst.inbound_port)
+        lst = Listener(name=f"{bind}_{inst.inbound_port}", address=pb.socket_address(bind, inst.inbound_port),
+                       traffic_direction=base_pb2.INBOUND)
+        for fc in inbound_chains(push, view, proxy, inst, mode):
+            fc.name = lst.name
+            fc.filter_chain_match.ClearField("destination_port")
+            if fc.filter_chain_match.ByteSize() == 0:
+                fc.ClearField("filter_chain_match")
+            lst.filter_chains.append(fc)
+        if any(fc.filter_chain_match.transport_protocol or fc.filter_chain_match.application_protocols
+               for fc in lst.filter_chains):
+            lst.listener_filters.append(_TLS_INSPECTOR)
+        if any(list(fc.filter_chain_match.application_protocols) == PLAINTEXT_HTTP_ALPNS for fc in lst.filter_chains):
+            lst.listener_filters.append(_HTTP_INSPECTOR)
+        out.append(lst)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- gateways

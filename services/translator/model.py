@@ -180,3 +180,13 @@ class ServiceInstance:
     service: Service
     port: Port
     endpoint_port: int
+    # Sidecar `ingress` listeners: where the app listens (defaultEndpoint) and the port traffic arrives on.
+    endpoint_address: str = "127.0.0.1"
+    listen_port: int | None = None
+    capture_mode: str = "DEFAULT"
+    bind: str = ""
+
+    @property
+    def inbound_port(self) -> int:
+        """The port inbound traffic is addressed to (the chain's destination_port)."""
+        return self.listen_port if self.listen_port is not None else self.endpoint_port

@@ -87,9 +87,19 @@ def struct_of(values: dict) -> struct_pb2.Struct:
     return s
 
 
+_MD_CACHE: dict[tuple, base_pb2.Metadata] = {}
+
+
 def istio_metadata(values: dict) -> base_pb2.Metadata:
-    md = base_pb2.Metadata()
-    md.filter_metadata["istio"].update(values)
+    """`filter_metadata.istio` (config path, subset); built once per distinct value, callers CopyFrom it."""
+    key = tuple(sorted(values.items()))
+    md = _MD_CACHE.get(key)
+    if md is None:
+        md = base_pb2.Metadata()
+        md.filter_metadata["istio"].update(values)
+        if len(_MD_CACHE) > 100_000:
+            _MD_CACHE.clear()
+        _MD_CACHE[key] = md
     return md
 
 

@@ -798,6 +798,29 @@ class PushContext:
         self.cache[key] = seen
         return seen
 
+    def ingress_instances(self, proxy, sidecar: Config) -> list[ServiceInstance]:
+        """Sidecar `ingress` listeners as service instances (Istio 1.7 findOrCreateServiceInstance)."""
+        real = self.proxy_instances(proxy)
+        out = []
+        for ing in sidecar.spec.get("ingress") or []:
+            p = ing.get("port") or {}
+            number = int(p.get("number") or 0)
+            listen = Port(p.get("name") or "", number, protocol.parse(p.get("protocol")))
+            match = next((i for i in real if i.endpoint_port == number), None)
+            service = match.service if match is not None else Service(
+                f"{sidecar.name}.{sidecar.namespace}", sidecar.namespace, sidecar.name, "Sidecar", KUBERNETES, [],
+                [listen], CLIENT_SIDE_LB)
+            default = ing.get("defaultEndpoint") or f"127.0.0.1:{number}"
+            if default.startswith("unix://"):
+                address, target = default, 0
+            else:
+                host, _, port_text = default.rpartition(":")
+                address = proxy.ip if host == "0.0.0.0" else "127.0.0.1"
+                target = int(port_text or number)
+            out.append(ServiceInstance(service, listen, target, endpoint_address=address, listen_port=number,
+                                       capture_mode=ing.get("captureMode") or "DEFAULT", bind=ing.get("bind") or ""))
+        return out
+
     def gateways_for(self, proxy) -> list[Config]:
         """Gateways whose selector matches a router proxy's labels (all namespaces, creation order)."""
         out = []

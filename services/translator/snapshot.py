@@ -100,10 +100,15 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
     if proxy.is_router:
         return {}
     view = push.view(proxy)
-    instances = push.proxy_instances(proxy)
+    sidecar = view.scope.config
+    if sidecar is not None and sidecar.spec.get("ingress"):
+        instances = push.ingress_instances(proxy, sidecar)  # Sidecar ingress replaces the service-derived side
+    else:
+        instances = push.proxy_instances(proxy)
     cds = clusters.inbound_clusters(push, proxy, instances)
     cds.append(clusters.inbound_passthrough_cluster(push))
-    lds = [listeners.virtual_inbound_listener(push, view, proxy, instances)]
+    lds = listeners.bound_inbound_listeners(push, view, proxy, instances)
+    lds.append(listeners.virtual_inbound_listener(push, view, proxy, instances))
     return {CLUSTER: _by_name(cds), LISTENER: _by_name(lds)}
 
 
