@@ -375,3 +375,12 @@ def test_sidecar_ingress_listeners(features_push):
     assert not bound.HasField("bind_to_port") and bound.traffic_direction == base_pb2.INBOUND
     assert rows(bound) == [("App: istio-peer-exchange,istio", "Cluster: inbound|9443|tcp-sock|app-ingress.legacy"),
                            ("ALL", "Cluster: inbound|9443|tcp-sock|app-ingress.legacy")]
+
+
+def test_sidecar_egress_capture_none_binds_for_real(features_push):
+    res = snapshot_of(features_push, "sidecar~10.4.0.10~app-1.legacy~legacy.svc.cluster.local")
+    lst = res[LISTENER]["127.0.0.1_9000"]
+    assert not lst.HasField("bind_to_port")  # a real bound port: the app talks to 127.0.0.1:9000 directly
+    assert rows(lst) == [("ALL", "Route: 9000")]  # not on the wildcard: no sniffing, no passthrough chain
+    assert "9000" in res["type.googleapis.com/envoy.config.route.v3.RouteConfiguration"]
+    assert res[LISTENER]["0.0.0.0_80"].bind_to_port.value is False

@@ -293,7 +293,8 @@ def _tcp_tls_chains(view: ProxyView, service: Service | None, listen_port: Port,
 
 
 class _Entry:
-    __slots__ = ("bind", "port", "services", "service_port", "protocol", "chains", "http_inspector", "locked")
+    __slots__ = ("bind", "port", "services", "service_port", "protocol", "chains", "http_inspector", "locked",
+                 "bind_to_port")
 
     def __init__(self, bind: str, port: int, service: Service | None, service_port: Port, proto: str,
                  chains: list[lc.FilterChain], http_inspector: bool):
@@ -305,6 +306,7 @@ class _Entry:
         self.chains = chains
         self.http_inspector = http_inspector
         self.locked = False
+        self.bind_to_port = False
 
 
 def _merge_tcp(entry: _Entry, incoming: list[lc.FilterChain], service: Service | None) -> None:
@@ -342,7 +344,13 @@ class _OutboundBuilder:
         self.view = view
         self.entries: dict[str, _Entry] = {}
         self.rds_names: dict[str, None] = {}
+        self.bind_to_port = False  # set while adding a Sidecar egress listener with captureMode NONE
         self._rds_of: dict[int, str] = {}  # id(filter chain) → its RDS name, to list only names still in use
+
+    def _new_entry(self, *args) -> _Entry:
+        e = _Entry(*args)
+        e.bind_to_port = self.bind_to_port
+        return e
 
     def _http_chain(self, bind: str, port: int, rds: str, port_protocol: str, alpn: bool) -> lc.FilterChain:
         h = build_hcm(self.push, self.view, f"outbound_{bind}_{port}", rds=rds, port_protocol=port_protocol)
@@ -398,7 +406,7 @@ class _OutboundBuilder:
         chains = [self._http_chain(bind, port, str(port), listen_port.protocol, alpn=on_wildcard)]
         proto = "AUTO" if on_wildcard else "HTTP"
         if cur is None:
-            self.entries[key] = _Entry(bind, port, service, sport, proto, chains, on_wildcard)
+            self.entries[key] = self._new_entry(bind, port, service, sport, proto, chains, on_wildcard)
             return
         # HTTP over TCP: the TCP chains stay, the HTTP chain is sniffed by ALPN.
         if _well_known_conflict(listen_port.protocol, cur.service_port.protocol):
@@ -423,7 +431,7 @@ class _OutboundBuilder:
         if not chains:
             return
         if cur is None:
-            self.entries[key] = _Entry(bind, port, service, sport, "TCP", chains, False)
+            self.entries[key] = self._new_entry(bind, port, service, sport, "TCP", chains, False)
             return
         if _well_known_conflict(listen_port.protocol, cur.service_port.protocol):
             return
@@ -453,10 +461,10 @@ class _OutboundBuilder:
             rds = str(port)
         chains.append(self._http_chain(bind, port, rds, listen_port.protocol, alpn=True))
         if cur is None:
-            self.entries[key] = _Entry(bind, port, service, sport, "AUTO", chains, True)
+            self.entries[key] = self._new_entry(bind, port, service, sport, "AUTO", chains, True)
             return
         if cur.protocol == "HTTP":
-            entry = _Entry(bind, port, service, sport, "AUTO", chains, True)
+            entry = self._new_entry(bind, port, service, sport, "AUTO", chains, True)
             entry.services = cur.services + entry.services
             self.entries[key] = entry
         elif cur.protocol == "TCP":
@@ -488,7 +496,8 @@ class _OutboundBuilder:
         needs_tls = e.http_inspector or any(fc.filter_chain_match.server_names for fc in chains)
         lst = Listener(name=f"{e.bind}_{e.port}", address=pb.socket_address(e.bind, e.port),
                      traffic_direction=base_pb2.OUTBOUND)
-        lst.bind_to_port.value = False
+        if not e.bind_to_port:
+            lst.bind_to_port.value = False  # reached through virtualOutbound's original-destination hand-off
         if needs_tls:
             lst.listener_filters.append(_TLS_INSPECTOR)
         if e.http_inspector:
@@ -504,6 +513,7 @@ def outbound_listeners(push: PushContext, view: ProxyView) -> tuple[list[Listene
     b = _OutboundBuilder(push, view)
     for egress in view.scope.egress:
         bind_to_port = egress.capture_mode == "NONE"
+        b.bind_to_port = bind_to_port
         if egress.port is not None:
             bind = egress.bind or ("127.0.0.1" if bind_to_port else WILDCARD)
             for svc in egress.services:
