@@ -228,7 +228,10 @@ def test_service_entry_resolutions(shop):
     eu = shop["outbound|443|eu|api.payments.example.com"].load_assignment
     assert [e.endpoint.address.socket_address.address for lle in eu.endpoints for e in lle.lb_endpoints] == \
         ["eu.payments.example.com"]
-    assert not any("legacy.shop.svc" in n for n in shop)  # ExternalName services get no cluster
+    legacy = shop["outbound|80||legacy.shop.svc.cluster.local"]  # 1.7: ExternalName → DNS to the external name
+    assert legacy.type == C.STRICT_DNS and not legacy.transport_socket_matches
+    sa = legacy.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (sa.address, sa.port_value) == ("legacy.example.com", 80)
 
 
 def test_dns_subset_without_endpoints_is_not_emitted():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.translator import protocol as P
-from services.translator.model import ALIAS, CLIENT_SIDE_LB, DNS_LB, PASSTHROUGH, host_matches
+from services.translator.model import CLIENT_SIDE_LB, DNS_LB, PASSTHROUGH, host_matches
 from services.translator.proxy import NodeIdError, Proxy
 from tests.translator_helpers import FEATURES, SEED_MESH, SEED_PROXY, load, push_of
 
@@ -99,7 +99,9 @@ def test_not_ready_slice_endpoints_are_dropped(features):
 def test_headless_and_external_name(features):
     assert svc(features, "ratings.shop.svc.cluster.local").resolution == PASSTHROUGH
     legacy = svc(features, "legacy.shop.svc.cluster.local")
-    assert (legacy.resolution, legacy.external_name) == (ALIAS, "legacy.example.com")
+    # 1.7: a DNS service (mesh external) whose endpoint is the external name
+    assert (legacy.resolution, legacy.mesh_external, legacy.external_name) == (DNS_LB, True, "legacy.example.com")
+    assert [(e.address, e.port) for e in legacy.endpoints[80]] == [("legacy.example.com", 80)]
     assert "10.1.0.30" in features.headless_ips
 
 

@@ -19,7 +19,6 @@ from services.mesh.duration import DurationError, parse_duration
 
 from . import protocol
 from .model import (
-    ALIAS,
     CLIENT_SIDE_LB,
     DNS_LB,
     DNS_ROUND_ROBIN_LB,
@@ -313,11 +312,13 @@ class PushContext:
         svc_type = spec.get("type") or "ClusterIP"
         cluster_ip = spec.get("clusterIP") or ""
         addresses: list[str] = []
-        external_name = ""
-        if svc_type == "ExternalName":
-            resolution = ALIAS
-            external_name = spec.get("externalName") or ""
-        elif cluster_ip == "None":
+        external_name = (spec.get("externalName") or "") if svc_type == "ExternalName" else ""
+        mesh_external = False
+        if external_name:
+            # 1.7: an ExternalName service is a DNS service whose one endpoint per port is the external name.
+            resolution = DNS_LB
+            mesh_external = True
+        elif cluster_ip == "None" or svc_type == "ExternalName":
             resolution = PASSTHROUGH
         else:
             resolution = CLIENT_SIDE_LB
@@ -326,9 +327,16 @@ class PushContext:
         annotations = meta.get("annotations") or {}
         export = annotations.get(EXPORT_TO_ANNOTATION)
         export_to = _export_set(export.split(","), ns) if export else None
-        return Service(self.fqdn(name, ns), ns, name, "Service", KUBERNETES, addresses, ports, resolution,
-                       export_to=export_to, selector=spec.get("selector") or None, external_name=external_name,
-                       created=_created(obj), labels=meta.get("labels") or {})
+        labels = meta.get("labels") or {}
+        svc = Service(self.fqdn(name, ns), ns, name, "Service", KUBERNETES, addresses, ports, resolution,
+                      mesh_external=mesh_external, export_to=export_to,
+                      selector=None if external_name else spec.get("selector") or None,
+                      external_name=external_name, created=_created(obj), labels=labels)
+        if external_name:
+            for p in ports:
+                if p.protocol != protocol.UDP:
+                    svc.endpoints[p.port] = [Endpoint(external_name, p.port, p.name, dict(labels), namespace=ns)]
+        return svc
 
     def _pod_endpoint(self, ip: str, port: int, port_name: str, target_ref: dict | None, ns: str) -> Endpoint:
         pod = None

@@ -304,10 +304,7 @@ def destination_cluster(dest: dict, service: Service | None, listener_port: int)
         port = int(dest["port"]["number"])
     elif service is not None and len(service.ports) == 1:
         port = service.ports[0].port
-    host = dest.get("host", "")
-    if service is not None and service.external_name:
-        host = service.external_name
-    return subset_key("outbound", dest.get("subset") or "", host, port)
+    return subset_key("outbound", dest.get("subset") or "", dest.get("host", ""), port)
 
 
 def _operation(route: rc.Route, vs_name: str, port: int) -> str:
