@@ -26,10 +26,10 @@ def dead_letter_entry(raw: bytes, err: BadLine, src: Source | None, max_line_byt
         "field": err.field or None,
         "input": src.input if src else None,
         "proxy": (src.proxy or None) if src else None,
-        "line_bytes": len(raw),
+        "line_bytes": err.size if err.size is not None else len(raw),
         "line": raw[:max_line_bytes].decode("utf-8", errors="replace"),
     }
-    if len(raw) > max_line_bytes:
+    if len(raw) > max_line_bytes or (err.size or 0) > len(raw):
         d["truncated"] = True
     return orjson.dumps(d)
 

@@ -73,22 +73,27 @@ def split_endpoint(endpoint: str, protocol: str) -> tuple[str, bool]:
 
 class GrpcExporter:
     def __init__(self, endpoint: str, timeout: float = 10.0, headers: dict[str, str] | None = None):
-        target, tls = split_endpoint(endpoint, "grpc")
+        self.target, self.tls = split_endpoint(endpoint, "grpc")
+        self.timeout = timeout
+        self.metadata = tuple((k.lower(), v) for k, v in (headers or {}).items()) or None
+        self.channel: grpc.aio.Channel | None = None
+
+    def _connect(self) -> None:
+        # Created on first use: a grpc.aio channel belongs to the event loop it was made in.
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.enable_retries", 0)]
-        if tls:
-            self.channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=opts)
+        if self.tls:
+            self.channel = grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(), options=opts)
         else:
-            self.channel = grpc.aio.insecure_channel(target, options=opts)
+            self.channel = grpc.aio.insecure_channel(self.target, options=opts)
         self.call = self.channel.unary_unary(
             EXPORT_METHOD,
             request_serializer=lambda b: b,
             response_deserializer=ts_pb2.ExportTraceServiceResponse.FromString,
         )
-        self.timeout = timeout
-        self.metadata = tuple((k.lower(), v) for k, v in (headers or {}).items()) or None
-        self.target = target
 
     async def export(self, body: bytes) -> tuple[int, str]:
+        if self.channel is None:
+            self._connect()
         try:
             resp = await self.call(body, timeout=self.timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
@@ -99,7 +104,8 @@ class GrpcExporter:
         return _partial(resp)
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
 
 
 class HttpExporter:
@@ -233,6 +239,16 @@ class Shipper:
                 self.stats.rejected += count
                 log.error("OTLP receiver refused a batch of %d spans (%s: %s); dropped", count, e.kind, e)
                 return True
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - unexpected: keep the worker alive and retry
+                log.exception("OTLP export failed unexpectedly")
+                self.stats.export_errors["internal"] += 1
+                if self._give_up:
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+                continue
             if rejected:
                 self.stats.rejected += rejected
                 log.warning("OTLP receiver rejected %d of %d spans: %s", rejected, count, msg)

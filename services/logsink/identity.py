@@ -94,6 +94,11 @@ class Source:
         if self.identity is None and self.proxy:
             self.identity = identity_from_proxy(self.proxy)
 
+    @property
+    def pod_key(self) -> str:
+        """Names the sidecar when the input knows which one wrote the lines (else "", and IPs decide)."""
+        return self.proxy if self.identity is not None else ""
+
 
 # Addresses that are the same on every pod and so say nothing about which pod wrote a line.
 _SHARED_IPS = frozenset({"127.0.0.1", "127.0.0.6", "::1", "0.0.0.0", "::", "::6"})

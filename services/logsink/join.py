@@ -267,8 +267,10 @@ class Joiner:
 
 def _same_pod(c: Record, s: Record) -> bool:
     cs, ss = c.src, s.src
-    if cs is not None and ss is not None and cs.proxy and ss.proxy:
-        return cs.proxy == ss.proxy
+    if cs is not None and ss is not None:
+        ck, sk = cs.pod_key, ss.pod_key
+        if ck and sk:
+            return ck == sk
     sip = address_ip(s.dl)
     if not sip or sip in _SHARED_IPS:
         return False

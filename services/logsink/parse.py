@@ -125,11 +125,12 @@ class BadLine(ValueError):
     vocabulary for metrics (empty, not_json, cut_off, not_utf8, not_object, wrong_type, bad_value,
     missing_field, too_long) and `field` the field, if one is to blame."""
 
-    def __init__(self, reason: str, kind: str = "bad_value", field: str = ""):
+    def __init__(self, reason: str, kind: str = "bad_value", field: str = "", size: int | None = None):
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
         self.field = field
+        self.size = size  # the line's full length when only its head is kept (over-long lines)
 
 
 class Record:

@@ -8,6 +8,7 @@ use that to commit file offsets and JetStream acks only for lines that are reall
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from .join import Joiner, prepare
 from .metrics import IstioMetrics, Stats
 from .parse import KIND_CLIENT, KIND_SERVER, BadLine, Record, address_ip, parse_line
 from .spans import K, encode_body
+
+log = logging.getLogger("mizzen.logsink")
 
 SCOPE_NAME = "mizzen.logsink"
 SCOPE_VERSION = "0.1.0"
@@ -60,6 +63,7 @@ class Pipeline:
         self.stats.joins = self.joiner.stats
         self.traces: set[bytes] | None = None  # convert counts distinct traces
         self._batch = Batch()
+        self.batch_since = 0.0
         self._resources: dict[Identity, bytes] = {}
         self._scope = w.scope(SCOPE_NAME, SCOPE_VERSION)
         self._link_attr = {how: K["mizzen.parent.source"].s(how) for how in
@@ -78,6 +82,9 @@ class Pipeline:
             return self.bad_line(raw, e, src, token)
         except RecursionError:
             return self.bad_line(raw, BadLine("JSON nested too deeply", "not_json"), src, token)
+        except Exception as e:  # noqa: BLE001 - a bug must cost one line, never the stream
+            log.exception("unexpected error parsing a line")
+            return self.bad_line(raw, BadLine(f"internal error: {e!r}", "internal_error"), src, token)
         self.add_record(rec, raw, token, self.clock() if now is None else now)
         return True
 
@@ -129,6 +136,8 @@ class Pipeline:
             self.traces.add(rec.trace_id)
         self.stats.spans += 1
         b = self._batch
+        if b.count == 0:
+            self.batch_since = self.clock()
         lst = b.by_resource.get(ident)
         if lst is None:
             lst = b.by_resource[ident] = []
@@ -151,6 +160,10 @@ class Pipeline:
             peer = peers.get(address_ip(rec.uh))
             dest = cl.host if cl is not None and cl.host else ""
         self.istio.observe(rec.kind, rec.http, own, peer, dest, rec.mvals)
+
+    @property
+    def batch_count(self) -> int:
+        return self._batch.count
 
     def flush_batch(self) -> None:
         b = self._batch

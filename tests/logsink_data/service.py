@@ -1,0 +1,75 @@
+"""Run the logsink as a real process (`python -m services.logsink`) for tests, and stop it by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import ClientSession, ClientTimeout
+
+from services.mesh import procs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class LogsinkProc:
+    def __init__(self, workdir: Path, args: list[str], name: str = "logsink"):
+        self.workdir = workdir
+        self.args = args
+        self.name = name
+        self.admin_port = procs.free_port()
+        self.proc: procs.Proc | None = None
+        self.runs = 0
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env["MIZZEN_DATA_DIR"] = str(self.workdir / "data")
+        argv = [sys.executable, "-m", "services.logsink", "--admin", f"127.0.0.1:{self.admin_port}",
+                "--log-level", "info", *self.args]
+        self.runs += 1
+        self.proc = procs.spawn(f"{self.name}-{self.runs}", argv, self.workdir, env=env, cwd=str(REPO))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with ClientSession(timeout=ClientTimeout(total=1)) as s:
+            while True:
+                if not self.proc.alive():
+                    raise RuntimeError(f"logsink exited with {self.proc.popen.returncode}:\n{self.proc.log_text()}")
+                try:
+                    async with s.get(self.admin + "/healthz/ready") as r:
+                        if r.status == 200:
+                            return
+                except Exception:  # noqa: BLE001 - not listening yet
+                    pass
+                if loop.time() > deadline:
+                    raise TimeoutError(f"logsink not ready:\n{self.proc.log_text()}")
+                await asyncio.sleep(0.1)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Stop by pid in a thread, so the test's event loop (and its OTLP receiver) keeps serving meanwhile."""
+        if self.proc is None:
+            return None
+        rc = await asyncio.to_thread(self.proc.stop, timeout, sig)
+        return rc
+
+    async def metrics(self) -> dict[str, float]:
+        """`/metrics` as {"name{labels}": value}."""
+        async with ClientSession(timeout=ClientTimeout(total=5)) as s, s.get(self.admin + "/metrics") as r:
+            text = await r.text()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def log_text(self) -> str:
+        return "\n".join((self.workdir / f"{self.name}-{i}.log").read_text(errors="replace")
+                         for i in range(1, self.runs + 1) if (self.workdir / f"{self.name}-{i}.log").exists())
