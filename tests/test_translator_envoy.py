@@ -77,3 +77,39 @@ def test_validation_catches_a_broken_snapshot(envoy_available):
     result = envoy_validate(static_bootstrap(resources, proxy.id))
     assert result.returncode != 0
     assert "has the same matching rules" in result.stderr
+
+
+def test_envoy_goes_live_without_an_sds_server(envoy_available, tmp_path):
+    """Auto-mTLS clusters reference SDS secrets; with no SDS server Envoy must still finish initialising."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from services.mesh.xds_types import CLUSTER
+
+    push = push_of(load(SEED_MESH))
+    proxy = Proxy.from_node_id(SEED_PROXY, push)
+    resources = build_snapshot(push, proxy).merged()
+    assert any(c.transport_socket_matches for c in resources[CLUSTER].values())
+    resources[LISTENER] = {}  # the clusters are what waits for secrets; no ports to bind in a test
+    boot = static_bootstrap(resources, proxy.id)
+    admin = procs.free_port()
+    boot.admin.address.socket_address.port_value = admin
+    path = tmp_path / "bootstrap.pb"
+    path.write_bytes(boot.SerializeToString())
+    envoy = procs.spawn("envoy", [envoy_available, "-c", str(path), "-l", "warning", "--use-dynamic-base-id",
+                                  "--base-id-path", str(tmp_path / "base-id")], tmp_path)
+    try:
+        state = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and state != "LIVE":
+            try:
+                state = urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=2).read().decode().strip()
+            except urllib.error.HTTPError as e:
+                state = e.read().decode().strip()
+            except OSError:
+                state = "unreachable"
+            time.sleep(0.2)
+        assert state == "LIVE", f"envoy state {state}:\n{envoy.log_text()[-3000:]}"
+    finally:
+        envoy.stop()

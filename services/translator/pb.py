@@ -6,6 +6,8 @@ Names follow Istio 1.7 where `istioctl` 1.7 reads them (network filters `envoy.h
 
 from __future__ import annotations
 
+import os
+
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
@@ -31,6 +33,10 @@ PASSTHROUGH_CLUSTER = "PassthroughCluster"
 INBOUND_PASSTHROUGH_CLUSTER_IPV4 = "InboundPassthroughClusterIpv4"
 PASSTHROUGH_FILTER_CHAIN = "PassthroughFilterChain"
 SDS_CLUSTER = "sds-grpc"
+# istiod sends SDS references with initial_fetch_timeout 0s (wait forever): its node agent is always there.
+# Without an SDS server Envoy would then never finish initialising, so Mizzen waits this long for the
+# certificates and then starts anyway (plaintext keeps working; mTLS starts when the secrets arrive).
+SDS_FETCH_TIMEOUT = float(os.environ.get("MIZZEN_SDS_FETCH_TIMEOUT") or 3.0)
 MAX_UINT32 = 4294967295
 
 _any_cache: dict = {}
@@ -77,7 +83,7 @@ def sds_config_source() -> config_source_pb2.ConfigSource:
             transport_api_version=config_source_pb2.V3,
             grpc_services=[grpc_service_pb2.GrpcService(
                 envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=SDS_CLUSTER))]),
-        initial_fetch_timeout=duration_pb2.Duration(),
+        initial_fetch_timeout=duration(SDS_FETCH_TIMEOUT),
         resource_api_version=config_source_pb2.V3)
 
 
