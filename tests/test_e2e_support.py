@@ -1,0 +1,369 @@
+"""Helpers of the full-stack end-to-end tests (no tests here).
+
+`E2E` is one running mesh: the real control plane as processes (`Stack`: private NATS and Redis, registry,
+translator, xds_gateway), test pods in network namespaces (`PodNetwork`), and for each pod with a sidecar a
+real Envoy started from `mizzen bootstrap` (the CLI, as a user would), with an SDS server
+(`tests/sds_fixture.py`) on the unix socket the bootstrap's `sds-grpc` cluster names, so Istio's auto mTLS
+works between the sidecars. Config changes go through the `mizzen apply` / `mizzen delete` CLI.
+
+Everything is loopback or inside namespaces the test made: the gateway, registry, NATS and Redis listen on
+127.0.0.1; each pod reaches the gateway through a relay (127.0.0.1:15010 inside the pod → the gateway's port
+on the host) and the test reaches each Envoy's admin through another (a free host port → 127.0.0.1:15000
+inside the pod).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from services.cli.http import apply_objects
+from services.demo.echo import http_call
+from services.mesh import procs
+from services.sidecar.bootstrap import envoy_command
+from services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, Pod, PodNetwork, endpoints_object
+from tests.sds_fixture import SdsServer, TestCA, make_ca
+from tests.stack import Stack
+
+ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
+APP_UID = 1000  # the apps' uid: anything but the proxy's 1337
+XDS_IN_POD = 15010  # inside a pod, 127.0.0.1:15010 is relayed to the gateway on the host
+SDS_SOCKET = Path("etc/istio/proxy/SDS")  # the bootstrap's default, relative to Envoy's working directory
+TLS_MODE_LABEL = "security.istio.io/tlsMode"  # set by Istio's injector; auto mTLS keys on it
+MESH_IDENTITY = "spiffe://cluster.local/ns/default/sa/default"
+
+
+def mizzen(*args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run the `mizzen` CLI (`python -m mizzen …`) as a user would."""
+    res = subprocess.run([sys.executable, "-m", "mizzen", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    if check and res.returncode != 0:
+        raise AssertionError(f"mizzen {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def service(name: str, cluster_ip: str, port: int = 80, target_port: int = 8080, port_name: str = "http",
+            app: str | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": cluster_ip, "selector": {"app": app or name},
+                     "ports": [{"name": port_name, "port": port, "targetPort": target_port, "protocol": "TCP"}]}}
+
+
+def endpoints(name: str, pods: list[Pod], port: int = 8080, port_name: str = "http") -> dict:
+    return endpoints_object(name, "default", pods, [{"name": port_name, "port": port, "protocol": "TCP"}])
+
+
+def eventually(check: Callable[[], object], timeout: float = 30.0, interval: float = 0.1,
+               what: str = "condition") -> object:
+    """Poll `check()` until it returns something truthy (returned); fail with the last value or error."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as e:  # noqa: BLE001 - keep polling; reported if it never succeeds
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+# --- a sidecar ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sidecar:
+    """A pod's Envoy: started from `mizzen bootstrap`, its SDS server, its admin relayed to the host."""
+
+    pod: Pod
+    delta: bool
+    proc: procs.Proc
+    sds: SdsServer
+    admin_port: int  # on the host, relayed to 127.0.0.1:15000 inside the pod
+    bootstrap_path: Path
+    access_log: Path
+    pod_name: str  # the Kubernetes pod name (the netns pod may have a shorter name)
+    namespace: str = "default"
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def proxy_name(self) -> str:
+        return f"{self.pod_name}.{self.namespace}"
+
+    def get(self, path: str, timeout: float = 5.0) -> bytes:
+        with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=timeout) as r:
+            return r.read()
+
+    def config_dump(self) -> dict:
+        return json.loads(self.get("/config_dump?include_eds"))
+
+    def section(self, suffix: str, dump: dict | None = None) -> dict:
+        for c in (dump or self.config_dump())["configs"]:
+            if c["@type"].endswith(suffix):
+                return c
+        return {}
+
+    def clusters(self) -> set[str]:
+        sec = self.section("ClustersConfigDump")
+        return {c["cluster"]["name"] for c in sec.get("dynamic_active_clusters", [])}
+
+    def cluster_hosts(self, cluster: str) -> set[str] | None:
+        """The hosts Envoy holds for a cluster right now (from /clusters), None if it has no such cluster."""
+        status = json.loads(self.get("/clusters?format=json"))
+        for c in status.get("cluster_statuses", []):
+            if c["name"] == cluster:
+                return {f"{h['address']['socket_address']['address']}:{h['address']['socket_address']['port_value']}"
+                        for h in c.get("host_statuses", [])}
+        return None
+
+    def listeners(self) -> set[str]:
+        status = json.loads(self.get("/listeners?format=json"))
+        return {x["name"] for x in status.get("listener_statuses", [])}
+
+    def server_info(self) -> dict:
+        return json.loads(self.get("/server_info"))
+
+    def stat(self, name: str) -> int:
+        for line in self.get(f"/stats?filter=^{name}$").decode().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise KeyError(name)
+
+    def pc(self, *args: str) -> str:
+        """`mizzen proxy-config <args> --admin <this Envoy>`."""
+        return mizzen("proxy-config", *args, "--admin", self.admin).stdout
+
+    def log_entries(self) -> list[dict]:
+        """The JSON access-log lines: from the bootstrap's --access-log file, or from Envoy's own output when the
+        snapshot's loggers write to /dev/stdout (the translator does not read the path from node metadata)."""
+        lines: list[str] = []
+        for path in (self.access_log, self.proc.log_path):
+            if path is not None and path.exists():
+                lines += [ln for ln in path.read_text(errors="replace").splitlines() if ln.startswith("{")]
+        return [json.loads(ln) for ln in lines]
+
+    def wait_entry(self, timeout: float = 10.0, **match: object) -> dict:
+        def find() -> dict | None:
+            for e in self.log_entries():
+                if all(e.get(k) == v for k, v in match.items()):
+                    return e
+            return None
+
+        return eventually(find, timeout, 0.05, what=f"{self.pod_name}: access-log line with {match}")  # type: ignore[return-value]
+
+    def alive(self) -> bool:
+        return self.proc.alive()
+
+
+# --- the environment --------------------------------------------------------------------------------------
+
+
+@dataclass
+class E2E:
+    """One mesh: the control plane, the pod network, the sidecars."""
+
+    work: Path
+    subnet: str = "10.244.1.0/24"
+    service_cidr: str = "10.96.0.0/16"
+    stack: Stack = field(init=False)
+    net: PodNetwork = field(init=False)
+    ca: TestCA = field(init=False)
+    sidecars: dict[str, Sidecar] = field(default_factory=dict)
+    _sds: list[SdsServer] = field(default_factory=list)
+    _files: int = 0
+
+    def __post_init__(self) -> None:
+        self.ca = make_ca(MESH_IDENTITY)
+        self.stack = Stack(self.work)
+        self.net = None  # type: ignore[assignment]
+        try:
+            self.stack.start()
+            self.net = PodNetwork(self.subnet, self.service_cidr, keep_dir=self.work)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop everything this mesh started: pods (Envoys, apps, relays, namespaces), SDS servers, the stack."""
+        if self.net is not None:
+            with contextlib.suppress(Exception):
+                self.net.close()
+        for sds in self._sds:
+            with contextlib.suppress(Exception):
+                sds.stop()
+        with contextlib.suppress(Exception):
+            self.stack.stop()
+
+    # config
+    @property
+    def server(self) -> str:
+        return self.stack.registry_url
+
+    def register(self, objects: list[dict]) -> None:
+        """Set-up writes straight through the registry's HTTP API (the steps under test use the CLI)."""
+        apply_objects(self.server, objects)
+
+    def _yaml(self, objects: list[dict]) -> Path:
+        self._files += 1
+        path = self.work / f"change-{self._files}.yaml"
+        path.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+        return path
+
+    def apply(self, *objects: dict) -> str:
+        return mizzen("apply", "-f", str(self._yaml(list(objects))), "--server", self.server).stdout
+
+    def delete(self, *objects: dict) -> str:
+        return mizzen("delete", "-f", str(self._yaml(list(objects))), "--server", self.server).stdout
+
+    def proxy_status(self) -> dict[str, list[str]]:
+        """`mizzen proxy-status` (through the registry's /debug/syncz): NAME → the row's other cells."""
+        out = mizzen("proxy-status", "--server", self.server).stdout
+        rows = [line.split() for line in out.splitlines()[1:]]
+        return {r[0]: r[1:] for r in rows if r}
+
+    # pods
+    def add_pod(self, name: str, labels: dict[str, str], app_port: int | None = None, register: bool = True,
+                ip: str | None = None) -> Pod:
+        """A pod (registered as a Pod object unless told otherwise), running the echo app on app_port."""
+        pod = self.net.add_pod(name, labels=labels, ip=ip, register=self.register if register else None,
+                               container_ports=[app_port] if app_port else [])
+        if app_port:
+            pod.start_app([sys.executable, ECHO, "serve", "--http", str(app_port), "--name", name], uid=APP_UID,
+                          wait_ports=[app_port])
+        return pod
+
+    def start_sidecar(self, pod: Pod, *, delta: bool = False, xds: str = f"127.0.0.1:{XDS_IN_POD}",
+                      pod_name: str | None = None, extra_bootstrap: list[str] = (),
+                      hosts: dict[str, str] | None = None, iptables: bool = True) -> Sidecar:
+        """`mizzen iptables` in the pod, the xDS relay, an SDS server, `mizzen bootstrap -o FILE [--delta]`,
+        and Envoy as uid 1337 (not waited for: see wait_ready). With `hosts`, Envoy sees a private /etc/hosts
+        (a bind mount in its own mount namespace) and a resolv.conf naming only the pod's loopback, so its
+        DNS answers come from the test and never leave the pod."""
+        pod_name = pod_name or pod.name
+        if iptables:
+            pod.apply_iptables(SEED_IPTABLES_FLAGS)
+        if xds == f"127.0.0.1:{XDS_IN_POD}":
+            pod.forward_to_host(self.stack.xds_port, XDS_IN_POD)
+        sds = SdsServer([pod.work_dir / SDS_SOCKET], ca=self.ca)
+        self._sds.append(sds)
+        sds.start()
+        boot = pod.work_dir / "envoy.json"
+        access_log = pod.work_dir / "access.log"
+        labels = [arg for k, v in pod.labels.items() for arg in ("--label", f"{k}={v}")]
+        mizzen("bootstrap", "--pod", pod_name, "-n", pod.namespace, "--ip", pod.ip, "--xds", xds, *labels,
+               "--access-log", str(access_log), *(["--delta"] if delta else []), *extra_bootstrap, "-o", str(boot))
+        boot.chmod(0o644)
+        argv = envoy_command(str(boot), concurrency=1, log_level="info", flush_interval_ms=100, drain_seconds=5)
+        setpriv = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "--"]
+        if hosts is None:
+            proc = pod.spawn("envoy", argv, uid=1337, cwd=pod.work_dir)
+        else:
+            hosts_file, resolv = pod.work_dir / "hosts", pod.work_dir / "resolv.conf"
+            hosts_file.write_text("".join(f"{ip} {name}\n" for name, ip in hosts.items()))
+            resolv.write_text("nameserver 127.0.0.1\n")
+            script = 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"'
+            # Envoy reopens its stdout by name for a `/dev/stdout` access log: as uid 1337 it must own the file
+            log_file = pod.netns.log_dir / f"{pod.netns_name}.envoy.log"
+            log_file.touch()
+            os.chown(log_file, 1337, 1337)
+            proc = pod.spawn("envoy", ["unshare", "--mount", "sh", "-c", script, "sh", str(hosts_file), str(resolv),
+                                       *setpriv, *argv], cwd=pod.work_dir)
+        admin = pod.forward_from_host(15000)
+        car = Sidecar(pod, delta, proc, sds, admin, boot, access_log, pod_name)
+        self.sidecars[pod.name] = car
+        return car
+
+    def wait_ready(self, car: Sidecar, timeout: float = 60.0) -> None:
+        """Envoy initialised (its first CDS and LDS applied, secrets included: SDS has no fetch timeout) and
+        listening on 15001/15006."""
+        car.pod.wait_envoy_ready(15000, car.proc, timeout)
+        car.sds.wait_acked("default", "ROOTCA", timeout=timeout)
+        eventually(lambda: {"virtualOutbound", "virtualInbound"} <= car.listeners(), timeout,
+                   what=f"{car.pod_name}: virtualOutbound and virtualInbound listening")
+
+
+# --- traffic ----------------------------------------------------------------------------------------------
+
+
+def call(pod: Pod, url: str, request_id: str | None = None, timeout: float = 5.0) -> dict:
+    """One HTTP GET from inside the pod as root (so the pod's iptables send it through its sidecar).
+    Returns echo.py's client result, or {"error": …} when the request failed."""
+    headers = {"x-request-id": request_id} if request_id else {}
+    try:
+        return pod.call(http_call, url, headers, timeout, timeout=timeout + 10)
+    except OSError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def served_by(result: dict) -> str | None:
+    """The echo app that answered (its --name), None for anything but a 200 from an echo app."""
+    body = result.get("body")
+    if result.get("status") == 200 and isinstance(body, dict):
+        return body.get("name")
+    return None
+
+
+class RequestLoop:
+    """A bounded request loop from inside a pod: GETs `url` every `gap` seconds until stop() (or max_requests,
+    or max_seconds), counting a request as failed unless it got a 200 from one of `expect` (echo app names)."""
+
+    def __init__(self, pod: Pod, url: str, expect: set[str], gap: float = 0.02, max_requests: int = 2000,
+                 max_seconds: float = 60.0, timeout: float = 3.0):
+        self.pod, self.url, self.expect = pod, url, expect
+        self.gap, self.max_requests, self.max_seconds, self.timeout = gap, max_requests, max_seconds, timeout
+        self.sent = 0
+        self.failures: list[str] = []
+        self.by_upstream: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"loop-{pod.name}")
+
+    def _body(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and self.sent < self.max_requests and time.monotonic() < deadline:
+            self.sent += 1
+            try:
+                res = http_call(self.url, {}, self.timeout)
+            except OSError as e:
+                res = {"error": f"{type(e).__name__}: {e}"}
+            name = served_by(res)
+            if name in self.expect:
+                self.by_upstream[name] = self.by_upstream.get(name, 0) + 1
+            else:
+                self.failures.append(json.dumps({k: res.get(k) for k in ("status", "error", "body")})[:300])
+            time.sleep(self.gap)
+
+    def _run(self) -> None:
+        try:
+            self.pod.call(self._body, timeout=self.max_seconds + 30)
+        except Exception as e:  # noqa: BLE001 - reported as a failure of the loop
+            self.failures.append(f"loop crashed: {type(e).__name__}: {e}")
+
+    def start(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> RequestLoop:
+        self._stop.set()
+        self._thread.join(self.max_seconds + 40)
+        assert not self._thread.is_alive(), "request loop did not stop"
+        return self
+
+    @property
+    def ok(self) -> int:
+        return sum(self.by_upstream.values())
