@@ -282,6 +282,11 @@ def test_gateway_clusters(features_push):
     assert "PassthroughCluster" not in cds and "BlackHoleCluster" in cds
     assert not any(n.startswith("inbound|") for n in cds)
     assert http_options(cds["outbound|7070||frontend.shop.svc.cluster.local"]) is None  # no sniffing upstream
+    # AUTO_PASSTHROUGH servers add SNI-DNAT clusters (no TLS: the client's mTLS passes through)
+    dnat = cds["outbound_.9080_._.reviews.shop.svc.cluster.local"]
+    assert dnat.type == C.EDS and not dnat.transport_socket_matches and not dnat.HasField("transport_socket")
+    assert "outbound_.9080_.v1_.reviews.shop.svc.cluster.local" in cds
+    assert not any(n.startswith("outbound_.") and "payments" in n for n in cds)  # mesh-external: none
 
 
 def test_sidecar_scope_limits_clusters(features_push):

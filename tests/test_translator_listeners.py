@@ -343,7 +343,8 @@ def test_virtual_inbound_modes(features_push, shop):
 
 def test_gateway_listeners(features_push):
     lds = snapshot_of(features_push, INGRESS)[LISTENER]
-    assert set(lds) == {"0.0.0.0_8080", "0.0.0.0_8443", "0.0.0.0_31400", "0.0.0.0_15443"}  # 80→8080, 443→8443
+    assert set(lds) == {"0.0.0.0_8080", "0.0.0.0_8443", "0.0.0.0_31400", "0.0.0.0_15443", "0.0.0.0_9443",
+                        "0.0.0.0_15444"}  # 80→8080, 443→8443 (the gateway Service's targetPorts)
     http = lds["0.0.0.0_8080"]
     assert not http.HasField("bind_to_port")  # gateways really bind
     h = hcm(http.filter_chains[0])
@@ -360,6 +361,13 @@ def test_gateway_listeners(features_push):
     assert rows(lds["0.0.0.0_15443"]) == [("SNI: a.passthrough.example.com",
                                            "Cluster: outbound|9090||frontend.shop.svc.cluster.local")]
     assert rows(lds["0.0.0.0_31400"]) == [("ALL", "Cluster: outbound|5432||frontend.shop.svc.cluster.local")]
+    # TLS terminated at the gateway, then TCP routes; AUTO_PASSTHROUGH routes by SNI to SNI-DNAT clusters
+    [term] = lds["0.0.0.0_9443"].filter_chains
+    assert match_text(term) == "SNI: db.example.com" and term.HasField("transport_socket")
+    assert tcp(term).cluster == "outbound|5432||frontend.shop.svc.cluster.local"
+    [auto] = lds["0.0.0.0_15444"].filter_chains
+    assert [f.name for f in auto.filters] == ["envoy.filters.network.sni_cluster", "envoy.tcp_proxy"]
+    assert match_text(auto) == "SNI: *.local"
 
 
 def test_sidecar_ingress_listeners(features_push):

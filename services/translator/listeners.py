@@ -764,7 +764,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
             continue
         address = bind or WILDCARD
         lst = Listener(name=f"{address}_{listen}", address=pb.socket_address(address, listen),
-                     traffic_direction=base_pb2.OUTBOUND)
+                       traffic_direction=base_pb2.OUTBOUND)
         chains: list[lc.FilterChain] = []
         keys: set[bytes] = set()
         plain_http: list[tuple[Config, dict]] = []
@@ -772,16 +772,16 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
         for gw, server, sport in servers:
             proto = protocol.parse((server.get("port") or {}).get("protocol"))
             stls = server.get("tls") or {}
-            mode = stls.get("mode") or ("SIMPLE" if protocol.is_tls(proto) else "")
+            mode = stls.get("mode") or "SIMPLE"
             hosts = [h.partition("/")[2] if "/" in h else h for h in server.get("hosts") or []]
             gw_name = f"{gw.namespace}/{gw.name}"
-            if protocol.is_http(proto) or (protocol.is_tls(proto) and mode not in ("PASSTHROUGH",
-                                                                                  "AUTO_PASSTHROUGH")):
-                if protocol.is_http(proto) and not (stls and mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL",
-                                                                      "ISTIO_MUTUAL") and stls.get("mode")):
-                    plain_http.append((gw, server))
-                    sport_for_http = sport
-                    continue
+
+            if protocol.is_http(proto) and not stls.get("mode"):
+                plain_http.append((gw, server))  # merged into one `http.<port>` chain (httpsRedirect: vhost)
+                sport_for_http = sport
+            elif (protocol.is_http(proto) or proto == protocol.HTTPS) and mode not in ("PASSTHROUGH",
+                                                                                       "AUTO_PASSTHROUGH"):
+                # HTTPS terminated here: one chain per server, SNI = its hosts, RDS `https.<port>.<name>.<gw>.<ns>`
                 name = https_route_name(server, gw, sport)
                 rds[name] = (sport, [(gw, server)])
                 h = build_hcm(push, view, f"outbound_{address}_{listen}", rds=name, port_protocol=proto,
@@ -790,34 +790,34 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
                 ctx = tls.server_tls(stls, push.mesh.trust_domain)
                 if ctx is not None:
                     fc.transport_socket.CopyFrom(tls.tls_socket(ctx))
-                if _match_key(fc) not in keys:
-                    keys.add(_match_key(fc))
-                    chains.append(fc)
+                _add_unique(chains, keys, fc)
             elif protocol.is_tls(proto) and mode == "AUTO_PASSTHROUGH":
-                fc = _chain([lc.Filter(name="envoy.filters.network.sni_cluster",
-                                       typed_config=pb.pack(_sni_cluster())),
-                             tcp_proxy_filter(view, pb.BLACKHOLE_CLUSTER)], sni=hosts, force_match=True)
-                if _match_key(fc) not in keys:
-                    keys.add(_match_key(fc))
-                    chains.append(fc)
+                # SNI `outbound_.<port>_.<subset>_.<host>` names the SNI-DNAT cluster directly
+                _add_unique(chains, keys, _chain(
+                    [lc.Filter(name="envoy.filters.network.sni_cluster", typed_config=pb.pack(_sni_cluster())),
+                     tcp_proxy_filter(view, pb.BLACKHOLE_CLUSTER)], sni=hosts, force_match=True))
             else:
-                vss = push.mesh_virtual_services(view.namespace, gw_name)
-                section = "tls" if protocol.is_tls(proto) else "tcp"
-                for vs in vss:
+                # TCP, TLS passthrough (VirtualService tls routes by SNI) or TLS terminated here (tcp routes)
+                passthrough = protocol.is_tls(proto) and mode == "PASSTHROUGH"
+                section = "tls" if passthrough else "tcp"
+                ctx = tls.server_tls(stls, push.mesh.trust_domain) if protocol.is_tls(proto) and not passthrough \
+                    else None
+                for vs in push.mesh_virtual_services(view.namespace, gw_name):
                     for rule in vs.spec.get(section) or []:
-                        matches = rule.get("match") or [{}]
-                        for m in matches:
+                        for m in rule.get("match") or [{}]:
                             if m and not _vs_match_static(m, view, sport, {gw_name}):
                                 continue
                             sni = [s for s in (m.get("sniHosts") or []) if any(host_matches(s, h) for h in hosts)]
-                            if section == "tls" and not sni:
+                            if passthrough and not sni:
                                 continue
+                            if ctx is not None and not sni:
+                                sni = hosts
                             fc = _chain(_route_filters(view, rule.get("route") or [], sport, vs), sni=sni,
                                         cidrs=list(m.get("destinationSubnets") or []),
                                         metadata=pb.istio_metadata({"config": vs.meta_path}))
-                            if _match_key(fc) not in keys:
-                                keys.add(_match_key(fc))
-                                chains.append(fc)
+                            if ctx is not None:
+                                fc.transport_socket.CopyFrom(tls.tls_socket(ctx))
+                            _add_unique(chains, keys, fc)
         if plain_http:
             name = f"http.{sport_for_http}{_bind_suffix(plain_http[0][1])}"
             rds[name] = (sport_for_http, plain_http)
@@ -834,6 +834,14 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
             lst.listener_filters.append(_TLS_INSPECTOR)
         listeners.append(lst)
     return listeners, rds
+
+
+def _add_unique(chains: list[lc.FilterChain], keys: set[bytes], fc: lc.FilterChain) -> None:
+    """Append a chain unless one with the same match is there (Envoy rejects duplicates; the first wins)."""
+    k = _match_key(fc)
+    if k not in keys:
+        keys.add(k)
+        chains.append(fc)
 
 
 def _sni_cluster():
