@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=int, default=settings.XDS_PORT)
     p.add_argument("--demo", action="store_true", help="apply a demo mesh and start Envoy sidecars for it")
     p.add_argument("--netns", action="store_true", help="with --demo: run the demo pods in network namespaces (root)")
+    p.add_argument("--gateway-port", type=int, default=None,
+                   help="with --demo: the ingress gateway's port on 127.0.0.1 (default 18080, or a free one if taken)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--for", dest="duration", type=float, default=None,
                    help="stop by itself after this many seconds (for scripts and smoke tests)")
@@ -58,7 +60,7 @@ def main(argv: list[str], command: str = "up") -> int:
         if args.demo:
             from .demo import Demo
 
-            demo = Demo(stack, netns=args.netns)
+            demo = Demo(stack, netns=args.netns, gateway_port=args.gateway_port, abort=stop)
             demo.start()
         print("mizzen: ready (Ctrl-C to stop)", flush=True)
         deadline = time.monotonic() + args.duration if args.duration else None

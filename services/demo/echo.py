@@ -187,7 +187,9 @@ def loop(url: str, every: float, count: int, summary: float, label: str, headers
             next_report = time.monotonic() + summary
         stop.wait(every)
     if summary:
-        print(tally.flush(label), flush=True)
+        if tally.window[0]:
+            print(tally.flush(label), flush=True)
+        print(f"total {tally.summary(label)}", flush=True)
     return 0
 
 
