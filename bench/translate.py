@@ -8,6 +8,7 @@ For each size it measures, in one run:
   * one proxy: PushContext from the resource dicts + one sidecar snapshot;
   * full rebuild: PushContext + snapshots for 10 proxies in the 3 namespaces (shared layers built once),
     plus serialising every distinct layer once (what the translator service stores);
+  * every pod: the same for a sidecar on every generated Pod (3 per service), as the translator service does;
 and the memory of each: the resident-set growth of a fresh child process doing just that step and holding
 its results (push context, snapshots, serialised layers); RSS, because Envoy protos live in upb's C arenas,
 which tracemalloc cannot see.
@@ -113,6 +114,10 @@ def full_rebuild(objs: list[dict], node_ids: list[str], keep: list | None = None
     return len(seen), resources
 
 
+def all_pod_ids(n: int) -> list[str]:
+    return proxies_for(n, 3 * n)  # a sidecar on every Pod
+
+
 def timed(fn, *args):
     gc.collect()
     t0 = time.perf_counter()
@@ -161,19 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
     print(f"{'services':>8} {'resources in':>12} {'1 proxy s':>10} {'full s':>8} {'layers':>6} {'resources':>9}"
-          f" {'1 proxy MiB':>11} {'full MiB':>9}")
+          f" {'1 proxy MiB':>11} {'full MiB':>9} {'every pod s':>11} {'pods':>6} {'layers':>6}")
     for n in sizes:
         objs = generate(n)
         node_ids = proxies_for(n, args.proxies)
         t1, (push, snap) = timed(one_proxy, objs, node_ids[0])
         del push, snap
         tf, (layers, resources) = timed(full_rebuild, objs, node_ids)
+        pods = all_pod_ids(n)
+        tp, (pod_layers, _) = timed(full_rebuild, objs, pods)
         m1 = mf = float("nan")
         if not args.no_memory:
             m1 = peak_mib(n, "one", args.proxies)
             mf = peak_mib(n, "full", args.proxies)
-        print(f"{n:>8} {len(objs):>12} {t1:>10.3f} {tf:>8.3f} {layers:>6} {resources:>9} {m1:>11.1f} {mf:>9.1f}",
-              flush=True)
+        print(f"{n:>8} {len(objs):>12} {t1:>10.3f} {tf:>8.3f} {layers:>6} {resources:>9} {m1:>11.1f} {mf:>9.1f}"
+              f" {tp:>11.3f} {len(pods):>6} {pod_layers:>6}", flush=True)
     print(f"(one proxy = PushContext + 1 snapshot; full = PushContext + {args.proxies} snapshots in "
           f"{len(NAMESPACES)} namespaces + serialising each distinct layer once; MiB = RSS growth holding the results; "
           f"python {sys.version.split()[0]}, one core)")

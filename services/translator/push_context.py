@@ -737,32 +737,18 @@ class PushContext:
         if pod is not None:
             labels = pod["metadata"].get("labels") or {}
             pod_ns = pod["metadata"].get("namespace") or "default"
-            for svc in self.services:
-                if svc.registry != KUBERNETES or svc.namespace != pod_ns or not svc.selector:
-                    continue
+            for svc in self._selecting_services(pod_ns, labels):
                 if not labels_match(svc.selector, labels):
                     continue
                 for p in svc.ports:
                     if p.protocol == protocol.UDP:
                         continue
                     out.append(ServiceInstance(svc, p, _pod_target_port(pod, p)))
+        by_ip = self._instances_by_ip().get(proxy.ip, ())
         if not out:
-            for svc in self.services:
-                if svc.registry != KUBERNETES:
-                    continue
-                for p in svc.ports:
-                    for e in svc.endpoints.get(p.port, ()):
-                        if e.address == proxy.ip and p.protocol != protocol.UDP:
-                            out.append(ServiceInstance(svc, p, e.port))
-                            break
-        for svc in self.services:
-            if svc.registry != EXTERNAL or svc.mesh_external:
-                continue
-            for p in svc.ports:
-                for e in svc.endpoints.get(p.port, ()):
-                    if e.address == proxy.ip:
-                        out.append(ServiceInstance(svc, p, e.port))
-                        break
+            out = [ServiceInstance(svc, p, port) for svc, p, port in by_ip if svc.registry == KUBERNETES]
+        out += [ServiceInstance(svc, p, port) for svc, p, port in by_ip
+                if svc.registry == EXTERNAL and not svc.mesh_external]
         out.sort(key=lambda i: (i.service.created[0], i.service.hostname))
         self.cache[key] = out
         return out
@@ -828,6 +814,43 @@ class PushContext:
             out.append(ServiceInstance(service, listen, target, endpoint_address=address, listen_port=number,
                                        capture_mode=ing.get("captureMode") or "DEFAULT", bind=ing.get("bind") or ""))
         return out
+
+    def _instances_by_ip(self) -> dict[str, list[tuple[Service, Port, int]]]:
+        """Endpoint IP → (service, port, endpoint port), first endpoint per service port; built once per push."""
+        index = self.cache.get("by-ip")
+        if index is None:
+            index = {}
+            for svc in self.services:
+                for p in svc.ports:
+                    if p.protocol == protocol.UDP:
+                        continue
+                    seen = set()
+                    for e in svc.endpoints.get(p.port, ()):
+                        if e.address not in seen:
+                            seen.add(e.address)
+                            index.setdefault(e.address, []).append((svc, p, e.port))
+            self.cache["by-ip"] = index
+        return index
+
+    def _selecting_services(self, namespace: str, labels: dict) -> list[Service]:
+        """Kubernetes services in a namespace whose selector may match `labels` (creation order).
+
+        Indexed once per push by one (key, value) pair of each selector, so a pod looks at a handful of
+        candidates instead of every service; callers still check the whole selector.
+        """
+        index = self.cache.get("selecting")
+        if index is None:
+            index = {}
+            for pos, svc in enumerate(self.services):
+                if svc.registry == KUBERNETES and svc.selector:
+                    k, v = min(svc.selector.items())
+                    index.setdefault((svc.namespace, k, str(v)), []).append((pos, svc))
+            self.cache["selecting"] = index
+        found: dict[int, Service] = {}
+        for k, v in labels.items():
+            for pos, svc in index.get((namespace, k, str(v)), ()):
+                found[pos] = svc
+        return [found[p] for p in sorted(found)]
 
     def gateways_for(self, proxy) -> list[Config]:
         """Gateways whose selector matches a router proxy's labels (all namespaces, creation order)."""

@@ -7,7 +7,8 @@
   with the same view get the **same Python object**;
 * endpoints layer — the ClusterLoadAssignments the outbound EDS clusters need (memoised the same way; they
   never depend on the proxy);
-* proxy layer — the sidecar's own inbound clusters, InboundPassthroughClusterIpv4 and `virtualInbound`.
+* own layer — the sidecar's inbound clusters, InboundPassthroughClusterIpv4 and `virtualInbound` (replicas
+  of one workload, which have identical inbound sides, share it too).
 
 Within a type, resources keep istiod's order (outbound clusters, BlackHole, Passthrough, inbound clusters,
 InboundPassthrough; per-port listeners, virtualOutbound, virtualInbound). The shell serialises each layer once
@@ -105,11 +106,23 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
         instances = push.ingress_instances(proxy, sidecar)  # Sidecar ingress replaces the service-derived side
     else:
         instances = push.proxy_instances(proxy)
+    # Replicas of one workload have identical inbound sides: share the layer unless it names the pod's IP.
+    uses_ip = any(i.capture_mode == "NONE" or i.endpoint_address == proxy.ip for i in instances)
+    modes = (push.mtls_mode(proxy.namespace, proxy.labels),
+             tuple(sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items())),
+             tuple(push.mtls_mode(proxy.namespace, proxy.labels, i.inbound_port) for i in instances))
+    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None,
+           tuple((id(i.service), i.port.port, i.port.name, i.port.protocol, i.endpoint_port, i.endpoint_address,
+                  i.listen_port, i.capture_mode, i.bind) for i in instances))
+    layer = push.cache.get(key)
+    if layer is not None:
+        return layer
     cds = clusters.inbound_clusters(push, proxy, instances)
     cds.append(clusters.inbound_passthrough_cluster(push))
     lds = listeners.bound_inbound_listeners(push, view, proxy, instances)
     lds.append(listeners.virtual_inbound_listener(push, view, proxy, instances))
-    return {CLUSTER: _by_name(cds), LISTENER: _by_name(lds)}
+    layer = push.cache[key] = {CLUSTER: _by_name(cds), LISTENER: _by_name(lds)}
+    return layer
 
 
 def build_snapshot(push: PushContext, proxy: Proxy) -> Snapshot:
