@@ -166,3 +166,40 @@ def test_unreadable_objects_are_reported_not_fatal():
     assert any(e.startswith("Service default/broken") for e in push.errors)
     assert any(e.startswith("DestinationRule default/good") for e in push.errors)
     assert any(e.startswith("VirtualService default/good") for e in push.errors)
+
+
+REPLICAS = """
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {clusterIP: 10.0.0.1, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: default, labels: {app: api, pod-template-hash: abc}}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-2, namespace: default, labels: {app: api, pod-template-hash: abc}}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-strict, namespace: default, labels: {app: api, strict: "yes"}}
+status: {podIP: 10.1.0.3}
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: strict-one, namespace: default}
+spec: {selector: {matchLabels: {strict: "yes"}}, mtls: {mode: STRICT}}
+"""
+
+
+def test_replicas_share_their_inbound_layer():
+    push = push_of(REPLICAS)
+    one, two, strict = (snap(push, f"sidecar~10.1.0.{i}~{name}.default~default.svc.cluster.local")
+                        for i, name in ((1, "api-1"), (2, "api-2"), (3, "api-strict")))
+    assert one.layers[2] is two.layers[2]          # identical inbound side: one object
+    assert strict.layers[2] is not one.layers[2]   # another mTLS mode: its own
+    assert set(one.layers[2][CLUSTER]) == set(strict.layers[2][CLUSTER])
