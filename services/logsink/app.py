@@ -50,6 +50,8 @@ class Settings:
     export_timeout: float = 10.0
     shutdown_grace: float = 10.0
     ack_wait: float = 60.0
+    export_queue: int = 64
+    http_room_timeout: float = 5.0
 
     @property
     def state_dir(self) -> Path:
@@ -71,13 +73,13 @@ class LogSink:
         self.registry = registry_for(self.stats, self.istio)
         self.dead = DeadLetters(s.dead_letter, keep_for_nats=bool(s.dead_letter_subject and s.nats_url))
         self.exporter = make_exporter(s.otlp_endpoint, s.otlp_protocol, s.export_timeout, s.otlp_headers)
-        self.shipper = Shipper(self.exporter, self.stats)
+        self.shipper = Shipper(self.exporter, self.stats, max_queued=s.export_queue)
         self.pipeline = Pipeline(self.shipper.submit, dead=self.dead, stats=self.stats, istio=self.istio,
                                  window=s.window, max_records=s.max_pending, batch_size=s.batch_size,
                                  max_line_bytes=s.max_line_bytes)
         self.files = FileInput(s.files, self.pipeline, self.shipper, s.state_dir / "offsets.json",
                                s.poll_interval, s.max_line_bytes) if s.files else None
-        self.http = HttpInput(self.pipeline, self.shipper) if s.http else None
+        self.http = HttpInput(self.pipeline, self.shipper, room_timeout=s.http_room_timeout) if s.http else None
         self.nats = None
         if s.nats_url:
             from .inputs.nats import NatsInput

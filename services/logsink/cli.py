@@ -47,6 +47,8 @@ def service_parser(prog: str) -> argparse.ArgumentParser:
                    help="tail an access-log file (repeatable); PROXY names the sidecar (Istio node id or name.ns)")
     p.add_argument("--http", metavar="HOST:PORT", default=_env("MIZZEN_LOGSINK_HTTP"),
                    help="accept NDJSON batches on POST /v1/accesslog [$MIZZEN_LOGSINK_HTTP]")
+    p.add_argument("--http-room-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long an HTTP batch waits for a lagging exporter before 503 [%(default)s]")
     p.add_argument("--nats", nargs="?", const="", default=None, metavar="URL",
                    help="consume mizzen.accesslog.<proxy> from NATS JetStream (URL default $MIZZEN_NATS_URL)")
     p.add_argument("--subject", default=ACCESSLOG_PREFIX + ">", help="NATS subject filter [%(default)s]")
@@ -72,6 +74,8 @@ def service_parser(prog: str) -> argparse.ArgumentParser:
                    help="how long a line waits for the other side of its call [%(default)s]")
     p.add_argument("--max-pending", type=int, default=200_000, help="memory bound: lines held by the join")
     p.add_argument("--batch-size", type=int, default=512, help="spans per OTLP export [%(default)s]")
+    p.add_argument("--export-queue", type=int, default=64,
+                   help="batches waiting for export before inputs are held back [%(default)s]")
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longer lines are dead-lettered")
     p.add_argument("--no-istio-metrics", action="store_true",
                    help="do not derive istio_requests_total etc. from the logs")
@@ -149,6 +153,8 @@ def settings_from_args(a: argparse.Namespace):
         window=a.join_window,
         max_pending=a.max_pending,
         batch_size=a.batch_size,
+        export_queue=a.export_queue,
+        http_room_timeout=a.http_room_timeout,
         max_line_bytes=a.max_line_bytes,
         istio_metrics=not a.no_istio_metrics,
         poll_interval=a.poll_interval,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from .identity import Identity
 from .parse import KIND_SERVER
@@ -129,7 +130,7 @@ class IstioMetrics(Collector):
 
     def observe(self, kind: int, http: bool, own: Identity, peer: Identity | None, dest_service: str,
                 mvals: tuple) -> None:
-        code, flags, duration_ms, bytes_in, bytes_out, proto = mvals
+        code, flags, duration_ms, bytes_in, bytes_out, proto, _authority = mvals
         if kind == KIND_SERVER:
             reporter, src, dst = "destination", peer, own
         else:
@@ -196,7 +197,7 @@ class IstioMetrics(Collector):
 
 
 def _fmt(b: float) -> str:
-    return str(int(b)) if float(b).is_integer() else str(b)
+    return floatToGoString(b)
 
 
 def _protocol(proto: str | None) -> str:

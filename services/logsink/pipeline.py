@@ -109,6 +109,7 @@ class Pipeline:
                 f.get("bytes_received", 0),
                 f.get("bytes_sent", 0),
                 "grpc" if "grpc_status" in f else "http",
+                (f.get("authority") or "").rsplit(":", 1)[0],
             )
         # The fields are in the body now; drop them so waiting records stay small.
         rec.f = None
@@ -155,7 +156,8 @@ class Pipeline:
         cl = rec.cluster
         if rec.kind == KIND_SERVER:
             peer = self.joiner.identity(rec.parent) if rec.parent is not None else peers.get(address_ip(rec.dr))
-            dest = rec.sni_host or ""
+            # the service the caller addressed: the mTLS SNI names it; else the request's authority
+            dest = rec.sni_host or rec.mvals[6]
         else:
             peer = peers.get(address_ip(rec.uh))
             dest = cl.host if cl is not None and cl.host else ""

@@ -15,6 +15,17 @@ from services.mesh import procs
 REPO = Path(__file__).resolve().parents[2]
 
 
+def parse_key(key: str) -> tuple[str, dict[str, str]]:
+    """`name{a="1",b="2"}` → ("name", {"a": "1", "b": "2"})."""
+    name, _, rest = key.partition("{")
+    labels = {}
+    for part in rest.rstrip("}").split('",'):
+        if "=" in part:
+            k, _, v = part.partition("=")
+            labels[k] = v.strip('"')
+    return name, labels
+
+
 class LogsinkProc:
     def __init__(self, workdir: Path, args: list[str], name: str = "logsink"):
         self.workdir = workdir
@@ -69,6 +80,14 @@ class LogsinkProc:
                 key, _, value = line.rpartition(" ")
                 out[key] = float(value)
         return out
+
+    async def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of /metrics by name and exact label set (label order does not matter)."""
+        for key, value in (await self.metrics()).items():
+            n, ls = parse_key(key)
+            if n == name and ls == labels:
+                return value
+        return None
 
     def log_text(self) -> str:
         return "\n".join((self.workdir / f"{self.name}-{i}.log").read_text(errors="replace")

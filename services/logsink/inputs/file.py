@@ -199,7 +199,7 @@ class FileInput:
             return {}
 
     def save_state(self) -> None:
-        files = {str(w.path): [t.state() for t in w.tails()] for w in self.watches}
+        files = {str(w.path): [t.state() for t in w.tails() if not t.finished] for w in self.watches}
         for path, entries in self._saved.items():  # paths no longer configured keep their entries
             files.setdefault(path, entries)
         if files == self._last_saved:
