@@ -337,3 +337,51 @@ async def test_layered_snapshots_compose_and_override(stack):
         assert r2.version_info == (await store.manifest(proxy)).versions[CLUSTER]
     finally:
         await c.close()
+
+
+async def test_unknown_proxy_announced_then_served_even_without_event(tmp_path, nats_server, redis_server):
+    """A proxy that connects before its snapshot exists is announced on mizzen.proxy.connected (with its node
+    metadata, also kept in Redis) and served once a snapshot appears, even if the NATS event for it is lost
+    (the periodic resync re-reads Redis)."""
+    import nats as nats_client
+    import orjson
+    from google.protobuf import struct_pb2
+
+    from services.mesh.bus import PROXY_CONNECTED
+
+    nats_url, redis_url = nats_server.meta["url"], redis_server.meta["url"]
+    redis = aioredis.from_url(redis_url)
+    gw = start_gateway(tmp_path, nats_url, redis_url, replica="gw-resync", extra=["--resync-interval", "1"])
+    nc = await nats_client.connect(nats_url)
+    announced: asyncio.Queue = asyncio.Queue()
+
+    async def on_connected(msg) -> None:
+        announced.put_nowait(orjson.loads(msg.data))
+
+    await nc.subscribe(PROXY_CONNECTED, cb=on_connected)
+    await nc.flush()
+    proxy = node_id("late-1", "shop")
+    c = AdsClient(gw.meta["port"])
+    try:
+        md = struct_pb2.Struct()
+        md.update({"NAMESPACE": "shop", "LABELS": {"app": "late"}})
+        await c.send(discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=proxy, metadata=md), type_url=CLUSTER))
+        event = await asyncio.wait_for(announced.get(), 10)
+        assert event["proxy"] == proxy and event["replica"] == "gw-resync"
+        assert event["node"]["metadata"]["LABELS"] == {"app": "late"}
+        stored = orjson.loads(await redis.get("proxynode:" + proxy))
+        assert stored["metadata"]["NAMESPACE"] == "shop" and stored["replica"] == "gw-resync"
+        assert await c.silent()  # no snapshot yet: nothing to say
+        st = await eventually(lambda: _status(redis, proxy, "CDS", "NOT SENT"), what="connected, NOT SENT")
+        assert st["name"] == "late-1.shop"
+
+        mesh = Mesh()
+        mesh.clusters = {"late": [1234]}
+        await write_snapshot(SnapshotStore(redis), proxy, 1, mesh)  # no NATS event: only the resync finds it
+        resp = await c.recv(timeout=10)
+        assert names(resp) == {"late"}
+    finally:
+        await c.close()
+        await nc.close()
+        gw.stop()
+        await redis.aclose()

@@ -87,6 +87,7 @@ class Stream:
         self.status: dict[str, TypeStatus] = {}
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._wake_pending = False
+        self._next_view: ProxyView | None = None
         self._watch: int | None = None
         self._nonce = itertools.count(1)
 
@@ -182,8 +183,8 @@ class Stream:
     def _on_snapshot(self, view: ProxyView | None) -> None:
         if view is None:
             return  # a deleted snapshot keeps the proxy's last config; nothing to push
-        self.view = view
-        self.view_seen_at = view.seen_at
+        # applied by the stream's own loop, between pushes: one push never mixes two snapshots
+        self._next_view = view
         if not self._wake_pending:
             self._wake_pending = True
             self.gw.pending_wakes += 1
@@ -205,6 +206,9 @@ class Stream:
                     self._wake_pending = False
                     self.gw.pending_wakes -= 1
                     self.gw.update_queue_gauge()
+                    if self._next_view is not None:
+                        self.view, self._next_view = self._next_view, None
+                        self.view_seen_at = self.view.seen_at
                     await self.push(self.view_seen_at)
                 else:
                     await self.handle(item)
