@@ -357,7 +357,8 @@ def _set_locality(loc: base_pb2.Locality, label: str) -> None:
         loc.sub_zone = parts[2]
 
 
-def _set_upstream_protocol(c: Cluster, http: _Http, port: Port, is_sidecar: bool, inbound: bool) -> None:
+def _set_upstream_protocol(http: _Http, port: Port, is_sidecar: bool) -> None:
+    """HTTP/2 ports speak h2 upstream; a sniffed port on a sidecar uses whatever the client spoke."""
     if protocol.is_http2(port.protocol):
         http.h2 = True
     if is_sidecar and protocol.is_auto(port.protocol):
@@ -401,7 +402,7 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
                 pb.set_duration(c.dns_refresh_rate, push.mesh.dns_refresh_rate)
             c.load_assignment.CopyFrom(cla)
         http = _Http()
-        _set_upstream_protocol(c, http, port, is_sidecar and not sni_dnat, inbound=False)
+        _set_upstream_protocol(http, port, is_sidecar and not sni_dnat)
         policy = effective_policy(dr, port.port, subset)
         pool = policy.get("connectionPool")
         _h2_upgrade(push, http, port, pool)
@@ -540,7 +541,7 @@ def inbound_clusters(push: PushContext, proxy, instances) -> list[Cluster]:
             sa.address = inst.endpoint_address or LOCALHOST
             sa.port_value = inst.endpoint_port
         http = _Http()
-        _set_upstream_protocol(c, http, inst.port, True, inbound=True)
+        _set_upstream_protocol(http, inst.port, True)
         dr = push.destination_rule(proxy.namespace, inst.service)
         if dr is not None and dr.spec.get("trafficPolicy"):
             policy, _ = select_port_policy(dr.spec["trafficPolicy"], inst.port.port)

@@ -367,13 +367,9 @@ class _OutboundBuilder:
 
     def add(self, service: Service | None, sport: Port, listen_port: Port, bind: str,
             virtual_services: list[Config]) -> None:
-        cls = protocol.listener_class(listen_port.protocol)
-        if cls is None or listen_port.protocol == protocol.THRIFT:
-            cls = None if cls is None else "TCP"
+        cls = protocol.listener_class(listen_port.protocol)  # HTTP_PROXY is HTTP; Thrift is plain TCP here
         if cls is None:
-            return
-        if listen_port.protocol == protocol.HTTP_PROXY:
-            cls = "HTTP"
+            return  # UDP
         if cls == "HTTP":
             self._add_http(service, sport, listen_port, bind or WILDCARD)
         elif cls == "TCP":
