@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--registry-port", type=int, default=settings.REGISTRY_PORT)
     p.add_argument("--xds-port", type=int, default=settings.XDS_PORT)
-    p.add_argument("--demo", action="store_true", help="apply a demo mesh and start Envoy sidecars for it")
+    p.add_argument("--demo", action="store_true",
+                   help="apply a demo mesh and run it: echo apps, a real Envoy ingress gateway, traffic (docs/demo.md)")
     p.add_argument("--netns", action="store_true", help="with --demo: run the demo pods in network namespaces (root)")
     p.add_argument("--gateway-port", type=int, default=None,
                    help="with --demo: the ingress gateway's port on 127.0.0.1 (default 18080, or a free one if taken)")
@@ -58,10 +59,14 @@ def main(argv: list[str], command: str = "up") -> int:
               flush=True)
         print(f"  logs         {stack.log_dir}", flush=True)
         if args.demo:
-            from .demo import Demo
+            from .demo import Demo, DemoError
 
             demo = Demo(stack, netns=args.netns, gateway_port=args.gateway_port, abort=stop)
-            demo.start()
+            try:
+                demo.start()
+            except DemoError as e:  # a clear message, no traceback; `finally` still stops everything
+                print(f"mizzen: the demo did not start: {e}", file=sys.stderr, flush=True)
+                return 1
         print("mizzen: ready (Ctrl-C to stop)", flush=True)
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set():
