@@ -119,10 +119,11 @@ def all_pod_ids(n: int) -> list[str]:
 
 
 def timed(fn, *args):
+    """(CPU seconds, result): CPU time, so other load on a shared machine does not skew the figure."""
     gc.collect()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     out = fn(*args)
-    return time.perf_counter() - t0, out
+    return time.process_time() - t0, out
 
 
 def _rss_mib() -> float:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             mf = peak_mib(n, "full", args.proxies)
         print(f"{n:>8} {len(objs):>12} {t1:>10.3f} {tf:>8.3f} {layers:>6} {resources:>9} {m1:>11.1f} {mf:>9.1f}"
               f" {tp:>11.3f} {len(pods):>6} {pod_layers:>6}", flush=True)
-    print(f"(one proxy = PushContext + 1 snapshot; full = PushContext + {args.proxies} snapshots in "
+    print(f"(seconds are CPU time; one proxy = PushContext + 1 snapshot; full = PushContext + {args.proxies} snapshots in "
           f"{len(NAMESPACES)} namespaces + serialising each distinct layer once; MiB = RSS growth holding the results; "
           f"python {sys.version.split()[0]}, one core)")
     return 0
