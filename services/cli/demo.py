@@ -111,6 +111,8 @@ class Demo:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("demo-*.log"):  # the logs point at this run only
+            old.unlink(missing_ok=True)
         try:
             self._choose_gateway_port()
             if self.netns:
