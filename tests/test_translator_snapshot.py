@@ -203,3 +203,35 @@ def test_replicas_share_their_inbound_layer():
     assert one.layers[2] is two.layers[2]          # identical inbound side: one object
     assert strict.layers[2] is not one.layers[2]   # another mTLS mode: its own
     assert set(one.layers[2][CLUSTER]) == set(strict.layers[2][CLUSTER])
+
+
+_DIGEST_SCRIPT = """
+import hashlib, sys
+from tests.translator_helpers import FEATURES, SEED_MESH, SEED_PROXY, load, push_of, snapshot_of
+h = hashlib.sha256()
+for mesh, node in ((SEED_MESH, SEED_PROXY), (FEATURES, "sidecar~10.1.0.10~frontend-1.shop~shop.svc.cluster.local"),
+                   (FEATURES, "router~10.3.0.10~ingress-1.edge~edge.svc.cluster.local")):
+    for t, res in sorted(snapshot_of(push_of(load(mesh)), node).items()):
+        for name, msg in sorted(res.items()):
+            h.update(t.encode() + name.encode() + msg.SerializeToString(deterministic=True))
+print(h.hexdigest())
+"""
+
+
+def test_output_is_byte_identical_across_processes():
+    """A restarted translator must produce the same bytes (content-addressed snapshots depend on it),
+    whatever the interpreter's hash seed: packed Any payloads must serialise maps deterministically."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1

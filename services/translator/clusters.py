@@ -127,7 +127,7 @@ class _Http:
             pb.set_duration(opts.common_http_protocol_options.idle_timeout, self.idle)
         if self.max_requests:
             opts.common_http_protocol_options.max_requests_per_connection.value = self.max_requests
-        c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(opts)
+        c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(opts, deterministic=True)
 
 
 def _default_thresholds(c: Cluster) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:

@@ -44,7 +44,7 @@ _any_cache: dict = {}
 
 def pack(msg) -> any_pb2.Any:
     a = any_pb2.Any()
-    a.Pack(msg)
+    a.Pack(msg, deterministic=True)  # map fields (Struct, metadata) in a stable order across processes
     return a
 
 

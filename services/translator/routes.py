@@ -450,12 +450,12 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
         else:
             action.cluster = pb.BLACKHOLE_CLUSTER
         if rule.get("corsPolicy"):
-            out.typed_per_filter_config[pb.HTTP_CORS].Pack(translate_cors(rule["corsPolicy"]))
+            out.typed_per_filter_config[pb.HTTP_CORS].Pack(translate_cors(rule["corsPolicy"]), deterministic=True)
     out.decorator.operation = _operation(out, vs.name, port)
     if rule.get("fault"):
         f = translate_fault(rule["fault"])
         if f is not None:
-            out.typed_per_filter_config[pb.HTTP_FAULT].Pack(f)
+            out.typed_per_filter_config[pb.HTTP_FAULT].Pack(f, deterministic=True)
     return out
 
 

@@ -32,7 +32,7 @@ def _grpc_cluster(name: str, port: int) -> Cluster:
 
     opts = hpo.HttpProtocolOptions()
     opts.explicit_http_config.http2_protocol_options.SetInParent()
-    c.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(opts)
+    c.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(opts, deterministic=True)
     return c
 
 
@@ -74,7 +74,7 @@ def static_bootstrap(resources: dict[str, dict[str, object]], node_id: str = "si
                     if name not in rds:
                         raise KeyError(f"listener {listener.name} uses RDS {name!r}, not in the snapshot")
                     h.route_config.CopyFrom(rds[name])
-                    f.typed_config.Pack(h)
+                    f.typed_config.Pack(h, deterministic=True)
     return b
 
 
