@@ -174,11 +174,12 @@ async def write_snapshots(redis_url: str, nats_url: str | None, layers, n: int, 
 
 
 # ---------------------------------------------------------------- simulated clients
-def client_process(port: int, proxies: list[str], eds_names: list[str], rds_names: list[str], conn) -> None:
-    asyncio.run(_client_main(port, proxies, eds_names, rds_names, conn))
+def client_process(port: int, proxies: list[str], eds_names: list[str], rds_names: list[str], conn,
+                   api: str = "sotw") -> None:
+    asyncio.run(_client_main(port, proxies, eds_names, rds_names, conn, api))
 
 
-async def _client_main(port, proxies, eds_names, rds_names, conn) -> None:
+async def _client_main(port, proxies, eds_names, rds_names, conn, api) -> None:
     import grpc
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -201,29 +202,44 @@ async def _client_main(port, proxies, eds_names, rds_names, conn) -> None:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - count it and retry, as Envoy would
-                errors.append(f"{type(e).__name__}: {e}"[:200])
+                dbg = e.debug_error_string() if hasattr(e, "debug_error_string") else ""
+                errors.append(f"{type(e).__name__} after {time.time() - t0:.1f}s, {len(acked[proxy])} types "
+                              f"acked: {e.code() if hasattr(e, 'code') else e} {dbg}"[:300])
                 await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
 
     async def one_stream(proxy: str) -> None:
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
             ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)])
         channels.append(ch)
-        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources()
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
+        delta = api == "delta"
+        call = stub.DeltaAggregatedResources() if delta else stub.StreamAggregatedResources()
         calls.append(call)
         node = base_pb2.Node(id=proxy)
         for i, t in enumerate((CLUSTER, ENDPOINT, LISTENER, ROUTE)):
-            await call.write(discovery_pb2.DiscoveryRequest(node=node if i == 0 else None, type_url=t,
-                                                            resource_names=names[t]))
+            if delta:
+                req = discovery_pb2.DeltaDiscoveryRequest(node=node if i == 0 else None, type_url=t,
+                                                          resource_names_subscribe=names[t])
+            else:
+                req = discovery_pb2.DiscoveryRequest(node=node if i == 0 else None, type_url=t,
+                                                     resource_names=names[t])
+            await call.write(req)
         mine = acked[proxy]
         while True:
             resp = await call.read()
             if resp is grpc.aio.EOF:
                 return
-            await call.write(discovery_pb2.DiscoveryRequest(type_url=resp.type_url, version_info=resp.version_info,
-                                                            response_nonce=resp.nonce,
-                                                            resource_names=names[resp.type_url]))
+            if delta:
+                await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url,
+                                                                     response_nonce=resp.nonce))
+                version = resp.system_version_info
+            else:
+                await call.write(discovery_pb2.DiscoveryRequest(
+                    type_url=resp.type_url, version_info=resp.version_info, response_nonce=resp.nonce,
+                    resource_names=names[resp.type_url]))
+                version = resp.version_info
             first = len(mine) < 4
-            mine[short[resp.type_url]] = (resp.version_info, time.time())
+            mine[short[resp.type_url]] = (version, time.time())
             if first and len(mine) == 4:
                 remaining["n"] -= 1
                 if remaining["n"] == 0:
@@ -293,7 +309,8 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
     t_connect = time.time()
     for part in parts:
         a, b = ctx.Pipe()
-        proc = ctx.Process(target=client_process, args=(port, part, layers_v1[2], layers_v1[3], b), daemon=True)
+        proc = ctx.Process(target=client_process, args=(port, part, layers_v1[2], layers_v1[3], b, args.api),
+                           daemon=True)
         proc.start()
         workers.append((proc, a))
     try:
@@ -377,6 +394,8 @@ def main() -> int:
     ap.add_argument("--services", default="100,1000")
     ap.add_argument("--clients", default="100,1000,2000")
     ap.add_argument("--procs", type=int, default=2, help="client processes")
+    ap.add_argument("--api", choices=("sotw", "delta"), default="sotw", help="StreamAggregatedResources or "
+                    "DeltaAggregatedResources")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--no-memo-layers", action="store_true",
                     help="let SnapshotStore.put re-hash the shared layer for every proxy (as it does today)")
@@ -404,7 +423,7 @@ def main() -> int:
             for n in [int(x) for x in args.clients.split(",")]:
                 row = run_case(args, stack, s, n, v1, v2)
                 rows.append(row)
-                print(f"S={row['S']:>5} N={row['N']:>5}  connect {row['connect_s']:6.2f}s  "
+                print(f"{args.api} S={row['S']:>5} N={row['N']:>5}  connect {row['connect_s']:6.2f}s  "
                       f"push p50 {row['p50']:6.2f}s p99 {row['p99']:6.2f}s max {row['max']:6.2f}s "
                       f"(writes {row['write_s']:.2f}s, {row['converged']}/{n} converged; from each proxy's own "
                       f"write p50 {row['own_p50']:.2f}s p99 {row['own_p99']:.2f}s max {row['own_max']:.2f}s)  "

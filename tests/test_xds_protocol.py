@@ -385,3 +385,45 @@ async def test_unknown_proxy_announced_then_served_even_without_event(tmp_path, 
         await nc.close()
         gw.stop()
         await redis.aclose()
+
+
+async def test_delta_layered_diffs(stack):
+    """Delta over layered snapshots: per-layer diffs are sent as one response; a resource that moves from the
+    proxy's own layer to the shared one (same content) is neither removed nor resent."""
+    from .test_xds_support import eds_cluster, publish
+
+    store, nats_url = stack["store"], stack["nats"]
+    proxy = node_id("proto-delta-layers")
+
+    def layer(*names, timeout=None):
+        out = {}
+        for n in names:
+            c = eds_cluster(n)
+            if timeout and n == "c":
+                c.connect_timeout.seconds = timeout
+            out[n] = c.SerializeToString()
+        return {CLUSTER: out}
+
+    await store.put(proxy, 1, [layer("a", "b", "c"), layer("inbound")])
+    c = AdsClient(stack["gw"].meta["port"], delta=True)
+    try:
+        await c.send(discovery_pb2.DeltaDiscoveryRequest(node=base_pb2.Node(id=proxy), type_url=CLUSTER))
+        r1 = await c.recv()
+        assert sorted(r.name for r in r1.resources) == ["a", "b", "c", "inbound"]
+        await c.send(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, response_nonce=r1.nonce))
+
+        await store.put(proxy, 2, [layer("b", "c", timeout=9), layer("inbound")])  # a removed, c changed
+        await publish(nats_url, proxy)
+        r2 = await c.recv()
+        assert [r.name for r in r2.resources] == ["c"] and list(r2.removed_resources) == ["a"]
+        assert cluster_pb2.Cluster.FromString(r2.resources[0].resource.value).connect_timeout.seconds == 9
+        await c.send(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, response_nonce=r2.nonce))
+
+        # inbound moves to the shared layer unchanged; d is new
+        shared3 = {CLUSTER: {**layer("b", "inbound")[CLUSTER], **layer("c", timeout=9)[CLUSTER]}}
+        await store.put(proxy, 3, [shared3, layer("d")])
+        await publish(nats_url, proxy)
+        r3 = await c.recv()
+        assert [r.name for r in r3.resources] == ["d"] and list(r3.removed_resources) == []
+    finally:
+        await c.close()

@@ -443,6 +443,36 @@ class SnapshotCache:
             out.extend(rest or ())
         return out
 
+    async def delta_diff(self, old: ResourceSet, new: ResourceSet):
+        """What a delta client holding `old` needs to reach `new`: (to_send, removed, encoded entries), computed
+        part by part (layer by layer) and cached per pair of parts, so every proxy that moves between the same
+        shared sets reuses one diff and its bytes. None when the parts do not line up (then diff the maps)."""
+        new_parts = new.parts or (new,)
+        old_parts = old.parts or (old,)
+        if not len(old):
+            old_parts = (old,) * len(new_parts)
+        if len(old_parts) != len(new_parts):
+            return None
+        to_send: list[tuple[str, str]] = []
+        removed: list[str] = []
+        entries: list[bytes] = []
+        for p, q in zip(old_parts, new_parts, strict=True):
+            if p.version == q.version:
+                continue
+            key = ("ddiff", p.version, q.version)
+            d = self._diffs.get_recent(key)
+            if d is None:
+                pe, qe = p.entries, q.entries
+                send = [(n, h) for n, h in qe.items() if pe.get(n) != h]
+                d = (send, [n for n in pe if n not in qe], await self.delta_entries(q.type_url, send))
+                self._diffs.put(key, d)
+            to_send.extend(d[0])
+            removed.extend(d[1])
+            entries.extend(d[2])
+        if removed and to_send and not set(removed).isdisjoint(n for n, _h in to_send):
+            return None  # a name moved between layers: the per-layer diffs contradict each other
+        return to_send, removed, entries
+
     async def delta_entries(self, type_url: str, items: list[tuple[str, str]]) -> list[bytes]:
         """discovery.v3.Resource entries for (name, hash) pairs; the version of each resource is its hash."""
         await self.ensure(type_url, [h for _n, h in items])

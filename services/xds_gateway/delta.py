@@ -27,32 +27,33 @@ from services.mesh.snapstore import digest
 from services.mesh.xds_types import CLUSTER, ENDPOINT, WILDCARD
 
 from . import wire
-from .cache import LRU, ResourceSet, empty_load_assignment
+from .cache import ResourceSet, empty_load_assignment
 from .stream import Stream, order_types
 
 log = logging.getLogger("mizzen.xds_gateway.delta")
 
 DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
 
-# (id of a shared "client has" map, desired version) → (that map, to_send, removed, entries): after a snapshot
-# change every stream that held the same set needs the same delta, so it is computed and encoded once.
-_diffs: LRU = LRU(2_000)
-
-
 @dataclass(eq=False)
 class DeltaSubscription:
     wildcard: bool
     names: set[str]
     names_key: frozenset[str]
-    has: dict[str, str]  # what the client holds: name → version (our content hash)
-    has_shared: bool = False  # `has` is a ResourceSet's own dict: copy before changing it
+    # What the client holds, name → version (our content hash). Usually exactly a set we sent (`has_set`,
+    # shared with every proxy that got the same set, so diffs between shared sets are computed once); after
+    # initial_resource_versions, subscription changes or a held removal it is a private map (`has`).
+    has_set: ResourceSet | None = None
+    has: dict[str, str] | None = None
     outstanding: dict[str, str] = field(default_factory=dict)  # nonce → system version sent
     sent_any: bool = False
 
+    def holdings(self) -> dict[str, str]:
+        return self.has if self.has is not None else self.has_set.entries  # type: ignore[union-attr]
+
     def own_has(self) -> dict[str, str]:
-        if self.has_shared:
-            self.has = dict(self.has)
-            self.has_shared = False
+        if self.has is None:
+            self.has = dict(self.has_set.entries) if self.has_set is not None else {}
+            self.has_set = None
         return self.has
 
 
@@ -77,8 +78,11 @@ class DeltaStream(Stream):
             names = set(subscribe)
             wildcard = t in WILDCARD and (not names or "*" in names)
             names.discard("*")
-            sub = DeltaSubscription(wildcard, names, self.gw.cache.intern_names(names),
-                                    dict(req.initial_resource_versions))
+            sub = DeltaSubscription(wildcard, names, self.gw.cache.intern_names(names))
+            if req.initial_resource_versions:
+                sub.has = dict(req.initial_resource_versions)
+            else:
+                sub.has_set = self.gw.cache.empty(t)
             self.subs[t] = sub
             self.type_status(t).pending_since = now
         elif subscribe or unsubscribe:
@@ -122,13 +126,23 @@ class DeltaStream(Stream):
         if sub.outstanding or (st.sent_nonce and st.acked_nonce != st.sent_nonce):
             return False
         desired = self.desired(t, sub.wildcard, sub.names_key)
-        return sub.has is desired.entries or sub.has == desired.entries
+        if sub.has_set is not None:
+            return sub.has_set.version == desired.version
+        return sub.has == desired.entries
 
-    def _diff(self, sub: DeltaSubscription, desired: ResourceSet) -> tuple[list[tuple[str, str]], list[str]]:
-        has = sub.has
-        to_send = [(n, h) for n, h in desired.entries.items() if has.get(n) != h]
-        removed = [n for n in has if n not in desired.entries]
-        return to_send, removed
+    async def _diff(self, sub: DeltaSubscription, desired: ResourceSet):
+        """(to_send [(name, hash)], removed [name], encoded entries or None)."""
+        if sub.has_set is not None:
+            if sub.has_set.version == desired.version:
+                return [], [], []
+            shared = await self.gw.cache.delta_diff(sub.has_set, desired)
+            if shared is not None:
+                return shared
+        has = sub.holdings()
+        new = desired.entries
+        to_send = [(n, h) for n, h in new.items() if has.get(n) != h]
+        removed = [n for n in has if n not in new]
+        return to_send, removed, None
 
     async def push(self, since: float) -> None:
         if self.view is None:
@@ -137,23 +151,16 @@ class DeltaStream(Stream):
         for t in order_types(self.subs):
             sub = self.subs[t]
             desired = self.desired(t, sub.wildcard, sub.names_key)
-            if sub.has is desired.entries:
-                to_send, removed, entries = [], [], []
-            else:
-                memo = _diffs.get_recent((id(sub.has), desired.version)) if sub.has_shared else None
-                if memo is not None and memo[0] is sub.has:
-                    _has, to_send, removed, entries = memo
-                else:
-                    to_send, removed = self._diff(sub, desired)
-                    entries = None
+            to_send, removed, entries = await self._diff(sub, desired)
             held = False
             if t == ENDPOINT and desired.synthesized and to_send:
                 # endpoints of a cluster the snapshot dropped: keep them while Envoy still has the cluster
-                keep = [n for n, h in to_send if n in desired.synthesized and n in sub.has
-                        and sub.has[n] != digest(empty_load_assignment(n))]
+                has = sub.holdings()
+                keep = [n for n, _h in to_send if n in desired.synthesized and n in has
+                        and has[n] != digest(empty_load_assignment(n))]
                 if keep:
                     to_send = [(n, h) for n, h in to_send if n not in keep]
-                    held, entries = True, None
+                    held = True
             if t == CLUSTER and removed and not self.references_settled():
                 removed, held = [], True
             if not to_send and not removed and sub.sent_any:
@@ -165,8 +172,6 @@ class DeltaStream(Stream):
                 continue
             if entries is None or held:
                 entries = await cache.delta_entries(t, to_send)
-                if sub.has_shared and not held:
-                    _diffs.put((id(sub.has), desired.version), (sub.has, to_send, removed, entries))
             nonce = self.next_nonce()
             msg = wire.delta_response(desired.version, t, nonce, entries, removed, self.gw.replica)
             await self.send(msg)
@@ -176,7 +181,7 @@ class DeltaStream(Stream):
                 for n in removed:
                     has.pop(n, None)
             else:
-                sub.has, sub.has_shared = desired.entries, True
+                sub.has_set, sub.has = desired, None
             sub.outstanding[nonce] = desired.version
             sub.sent_any = True
             self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(to_send))

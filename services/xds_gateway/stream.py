@@ -212,6 +212,11 @@ class Stream:
                     await self.push(self.view_seen_at)
                 else:
                     await self.handle(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stream failed", extra={"proxy": self.proxy, "conn": self.conn_id})
+            raise
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
