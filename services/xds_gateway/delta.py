@@ -37,8 +37,7 @@ DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
 @dataclass(eq=False)
 class DeltaSubscription:
     wildcard: bool
-    names: set[str]
-    names_key: frozenset[str]
+    names: frozenset[str]  # explicit subscriptions, interned (streams with the same names share one set)
     # What the client holds, name → version (our content hash). Usually exactly a set we sent (`has_set`,
     # shared with every proxy that got the same set, so diffs between shared sets are computed once); after
     # initial_resource_versions, subscription changes or a held removal it is a private map (`has`).
@@ -75,10 +74,8 @@ class DeltaStream(Stream):
         subscribe = list(req.resource_names_subscribe)
         unsubscribe = list(req.resource_names_unsubscribe)
         if sub is None:
-            names = set(subscribe)
-            wildcard = t in WILDCARD and (not names or "*" in names)
-            names.discard("*")
-            sub = DeltaSubscription(wildcard, names, self.gw.cache.intern_names(names))
+            wildcard = t in WILDCARD and (not subscribe or "*" in subscribe)
+            sub = DeltaSubscription(wildcard, self.gw.cache.intern_names(n for n in subscribe if n != "*"))
             if req.initial_resource_versions:
                 sub.has = dict(req.initial_resource_versions)
             else:
@@ -87,19 +84,20 @@ class DeltaStream(Stream):
             self.type_status(t).pending_since = now
         elif subscribe or unsubscribe:
             has = sub.own_has()
+            names = set(sub.names)
             for n in subscribe:
                 if n == "*":
                     sub.wildcard = True
                 else:
-                    sub.names.add(n)
+                    names.add(n)
                     has.pop(n, None)  # always resend what is (re)subscribed
             for n in unsubscribe:
                 if n == "*":
                     sub.wildcard = False
                 else:
-                    sub.names.discard(n)
+                    names.discard(n)
                     has.pop(n, None)  # the client dropped it; a later subscribe must resend it
-            sub.names_key = self.gw.cache.intern_names(sub.names)
+            sub.names = self.gw.cache.intern_names(names)
             self.type_status(t).pending_since = now
         nonce = req.response_nonce
         if nonce:
@@ -125,7 +123,7 @@ class DeltaStream(Stream):
         st = self.type_status(t)
         if sub.outstanding or (st.sent_nonce and st.acked_nonce != st.sent_nonce):
             return False
-        desired = self.desired(t, sub.wildcard, sub.names_key)
+        desired = self.desired(t, sub.wildcard, sub.names)
         if sub.has_set is not None:
             return sub.has_set.version == desired.version
         return sub.has == desired.entries
@@ -150,7 +148,7 @@ class DeltaStream(Stream):
         cache = self.gw.cache
         for t in order_types(self.subs):
             sub = self.subs[t]
-            desired = self.desired(t, sub.wildcard, sub.names_key)
+            desired = self.desired(t, sub.wildcard, sub.names)
             to_send, removed, entries = await self._diff(sub, desired)
             held = False
             if t == ENDPOINT and desired.synthesized and to_send:

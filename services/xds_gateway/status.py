@@ -30,14 +30,13 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from services.mesh.snapstore import MANIFEST, Manifest
+from services.mesh.snapstore import CONNECTED, MANIFEST, Manifest
+from services.mesh.snapstore import PROXY_NODE as NODE
 from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT
 
 log = logging.getLogger("mizzen.xds_gateway.status")
 
 STATUS = "proxystatus:"
-NODE = "proxynode:"
-CONNECTED = "proxies:connected"
 
 NOT_SENT = "NOT SENT"
 SYNCED = "SYNCED"
