@@ -63,6 +63,21 @@ async def wait_snapshot_revision(url: str, proxy: str, revision: int, timeout: f
         await r.aclose()
 
 
+def wait_translated(stack: Stack, revision: int, timeout: float = 30.0) -> None:
+    """Wait until the translator has stored every snapshot of `revision` (its metric moves after the last one)."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{stack.http_ports['translator']}/metrics"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("mizzen_translator_revision ") and float(line.split()[1]) >= revision:
+                    return
+        time.sleep(0.05)
+    raise TimeoutError(f"translator did not reach revision {revision}")
+
+
 def test_apply_builds_stores_and_announces_snapshots(stack):
     async def run():
         nc = await nats.connect(stack.nats_url)
@@ -95,7 +110,7 @@ def test_apply_builds_stores_and_announces_snapshots(stack):
 def test_invalid_apply_changes_no_snapshot(stack, tmp_path):
     assert apply(stack, SEED_MESH).returncode == 0
     rev = request("GET", stack.registry_url + "/version")["revision"]
-    asyncio.run(wait_snapshot_revision(stack.redis_url, WEBSERVERV1, rev))
+    wait_translated(stack, rev)
     before = asyncio.run(snapshot_digest(stack.redis_url))
     bad = tmp_path / "bad.yaml"
     bad.write_text("""apiVersion: networking.istio.io/v1alpha3
@@ -116,10 +131,11 @@ spec:
 def test_restarts_lose_nothing_and_rebuild_the_same(stack, tmp_path):
     assert apply(stack, SEED_MESH).returncode == 0
     rev = request("GET", stack.registry_url + "/version")["revision"]
-    asyncio.run(wait_snapshot_revision(stack.redis_url, WEBSERVERV1, rev))
+    wait_translated(stack, rev)
     before = asyncio.run(snapshot_digest(stack.redis_url))
     # translator killed and started again: rebuilds from Redis, same content
     stack.restart_service("translator")
+    wait_translated(stack, rev)
     assert asyncio.run(snapshot_digest(stack.redis_url)) == before
     # a change made while the translator is down is picked up when it comes back
     stack.stop_service("translator", kill=True)

@@ -9,6 +9,8 @@ not with proxies × config.
   snaplayer:<hash>   JSON {type_url: {name: hash}}
   snapshot:<proxy>   JSON manifest {revision, version, layers: [hash], versions: {type_url: version}}
   snapshot:proxies   set of proxy ids with a snapshot
+  proxynode:<proxy>  the node (id, metadata) a proxy connected with, written by xds_gateway
+  proxies:connected  proxies with a live stream
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ RES = "snapres:"
 LAYER = "snaplayer:"
 MANIFEST = "snapshot:"
 PROXIES = "snapshot:proxies"
+# Written by xds_gateway when a proxy connects, read by the translator (metadata shapes a proxy's snapshot).
+PROXY_NODE = "proxynode:"  # JSON node info {id, cluster, metadata, replica, seen_at}
+CONNECTED = "proxies:connected"  # set of node ids with a live stream on some replica
 
 Layer = dict[str, dict[str, bytes]]  # type_url → name → serialized resource
 

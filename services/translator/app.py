@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..mesh import settings
 from ..mesh.bus import CONFIG_CHANGED, PROXY_CONNECTED, Bus, snapshot_subject
 from ..mesh.service import health_routes, serve_http
-from ..mesh.snapstore import SnapshotStore
+from ..mesh.snapstore import CONNECTED, PROXY_NODE, SnapshotStore
 from ..mesh.store import ConfigStore, connect
 from .proxies import pod_node_ids
 from .proxy import Proxy
@@ -26,9 +26,6 @@ from .push_context import PushContext
 from .snapshot import build_snapshot
 
 log = logging.getLogger("mizzen.translator")
-
-CONNECTED_SET = "proxies:connected"
-
 
 class Metrics:
     def __init__(self) -> None:
@@ -85,16 +82,24 @@ class Translator:
     async def on_proxy(self, _msg) -> None:
         self.poke()
 
+    async def node_metadata(self, node_ids: list[str]) -> dict[str, dict]:
+        """The node metadata each proxy last connected with (access-log path, labels, interception mode…)."""
+        if not node_ids:
+            return {}
+        docs = await self.store.r.mget([PROXY_NODE + n for n in node_ids])
+        return {n: orjson.loads(d).get("metadata") or {} for n, d in zip(node_ids, docs, strict=True) if d}
+
     async def rebuild(self) -> None:
         t0 = time.perf_counter()
         revision, objects = await self.store.snapshot()
-        connected = [p.decode() for p in await self.store.r.smembers(CONNECTED_SET)]
-        push = PushContext.from_resources(objects)
+        connected = [p.decode() for p in await self.store.r.smembers(CONNECTED)]
+        push = PushContext.from_resources(objects, revision=revision)
         node_ids = sorted(set(pod_node_ids(objects)) | set(connected))
+        metadata = await self.node_metadata(node_ids)
         cache: dict[int, dict] = {}
         changed = []
         for node_id in node_ids:
-            proxy = Proxy.from_node_id(node_id, push)
+            proxy = Proxy.from_node_id(node_id, push, metadata=metadata.get(node_id))
             snap = build_snapshot(push, proxy)
             manifest, did_change = await self.snapshots.put(node_id, revision, serialize_layers(snap.layers, cache))
             if did_change:

@@ -760,7 +760,7 @@ class PushContext:
         scope = self.sidecar_scope(proxy.namespace, sidecar)
         signature = tuple(labels_match(sel, proxy.labels) for sel in self._source_selectors(scope))
         own_ip = proxy.ip if proxy.ip in self.headless_ips else None
-        log_path = proxy.metadata.get("ACCESS_LOG") or self.mesh.access_log_file
+        log_path = proxy.metadata.get("ACCESS_LOG_FILE") or self.mesh.access_log_file
         access_log = (log_path, proxy.metadata.get("ACCESS_LOG_ENCODING") or self.mesh.access_log_encoding)
         gateways = self.gateways_for(proxy) if is_router else []
         key = (proxy.type, proxy.namespace, scope.key, signature, own_ip, access_log,
