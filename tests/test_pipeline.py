@@ -168,3 +168,48 @@ spec:
     stack.restart_infra("redis")
     final = asyncio.run(snapshot_digest(stack.redis_url))
     assert "outbound|8080||later.default.svc.cluster.local" in final[WEBSERVERV1]["index"][CLUSTER]
+
+
+def test_connected_proxy_metadata_shapes_its_snapshot(stack, tmp_path):
+    """A proxy's bootstrap metadata (here the access-log path) reaches the listeners built for it."""
+    from envoy.extensions.access_loggers.file.v3 import file_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    assert apply(stack, SEED_MESH).returncode == 0
+    rev = request("GET", stack.registry_url + "/version")["revision"]
+    wait_translated(stack, rev)
+    log_path = str(tmp_path / "access.log")
+
+    def access_log_paths(msgs) -> set[str]:
+        paths = set()
+        for lst in msgs[LISTENER].values():
+            for fc in lst.filter_chains:
+                for f in fc.filters:
+                    if f.typed_config.type_url.endswith("HttpConnectionManager"):
+                        m = hcm.HttpConnectionManager.FromString(f.typed_config.value)
+                        for al in m.access_log:
+                            paths.add(file_pb2.FileAccessLog.FromString(al.typed_config.value).path)
+        return paths
+
+    async def run():
+        r = aioredis.from_url(stack.redis_url)
+        store = SnapshotStore(r)
+        before = access_log_paths(await store.load_messages(WEBSERVERV1))
+        await r.set("proxynode:" + WEBSERVERV1, orjson.dumps({"id": WEBSERVERV1, "metadata": {"ACCESS_LOG_FILE": log_path}}))
+        await r.sadd("proxies:connected", WEBSERVERV1)
+        nc = await nats.connect(stack.nats_url)
+        await nc.publish("mizzen.proxy.connected", orjson.dumps({"proxy": WEBSERVERV1}))
+        await nc.flush()
+        await nc.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            after = access_log_paths(await store.load_messages(WEBSERVERV1))
+            if log_path in after:
+                break
+            await asyncio.sleep(0.1)
+        await r.aclose()
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert before == {"/dev/stdout"}
+    assert after == {log_path}
