@@ -112,9 +112,10 @@ class Sidecar:
     def config_dump(self) -> dict:
         return json.loads(self.get("/config_dump?include_eds"))
 
-    def section(self, suffix: str, dump: dict | None = None) -> dict:
+    def section(self, kind: str, dump: dict | None = None) -> dict:
+        """One section of the config dump by its message name (`ClustersConfigDump`, `RoutesConfigDump`, …)."""
         for c in (dump or self.config_dump())["configs"]:
-            if c["@type"].endswith(suffix):
+            if c["@type"].rsplit(".", 1)[-1] == kind:
                 return c
         return {}
 
@@ -131,19 +132,21 @@ class Sidecar:
                         for h in c.get("host_statuses", [])}
         return None
 
+    def routes_to(self, cluster: str) -> bool:
+        """Whether one of Envoy's RDS route configurations sends requests to `cluster`."""
+        sec = self.section("RoutesConfigDump")
+        return f'"{cluster}"' in json.dumps(sec.get("dynamic_route_configs", []))
+
+    def serves(self, cluster: str, hosts: set[str]) -> bool:
+        """Envoy routes to `cluster` and holds exactly `hosts` for it (so a request now must go there)."""
+        return self.cluster_hosts(cluster) == hosts and self.routes_to(cluster)
+
     def listeners(self) -> set[str]:
         status = json.loads(self.get("/listeners?format=json"))
         return {x["name"] for x in status.get("listener_statuses", [])}
 
     def server_info(self) -> dict:
         return json.loads(self.get("/server_info"))
-
-    def stat(self, name: str) -> int:
-        for line in self.get(f"/stats?filter=^{name}$").decode().splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        raise KeyError(name)
 
     def pc(self, *args: str) -> str:
         """`mizzen proxy-config <args> --admin <this Envoy>`."""
