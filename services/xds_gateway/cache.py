@@ -52,6 +52,31 @@ class LRU(OrderedDict):
             self.popitem(last=False)
 
 
+class SizedLRU(OrderedDict):
+    """An LRU bounded by the total size of its values (as reported by `size(value)`)."""
+
+    def __init__(self, budget: int, size):
+        super().__init__()
+        self.budget = budget
+        self.size = size
+        self.used = 0
+
+    def get_recent(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        if key in self:
+            self.used -= self.size(self.pop(key))
+        self[key] = value
+        self.used += self.size(value)
+        while self.used > self.budget and len(self) > 1:
+            _k, old = self.popitem(last=False)
+            self.used -= self.size(old)
+
+
 class ResourceSet:
     """Resources of one type, name → content hash. Immutable once built; `version` is a hash of the content
     (the same function the translator uses for manifest type versions, so a full set's version equals the
@@ -128,7 +153,8 @@ def empty_load_assignment(name: str) -> bytes:
 
 class SnapshotCache:
     def __init__(self, redis: aioredis.Redis, bus: Bus | None = None, resync_interval: float = 5.0,
-                 resource_cache_limit: int = 400_000, set_cache_limit: int = 20_000):
+                 resource_cache_limit: int = 400_000, set_cache_limit: int = 20_000,
+                 delta_diff_budget: int = 256 << 20):
         self.redis = redis
         self.store = SnapshotStore(redis, cache_limit=16)  # we keep our own (wrapped) resource cache
         self.bus = bus
@@ -137,6 +163,8 @@ class SnapshotCache:
         self._sets: LRU = LRU(set_cache_limit)  # interning key → ResourceSet
         self._names: dict[frozenset[str], frozenset[str]] = {}  # interned subscription name sets
         self._diffs: LRU = LRU(5_000)  # (old part version, new part version) → removed names
+        # (old part version, new part version) → delta (to_send, removed, encoded entries), bounded by bytes
+        self._delta_diffs = SizedLRU(delta_diff_budget, lambda d: 200 + sum(len(b) for b in d[2]))
         self._views: dict[str, ProxyView] = {}
         self._watchers: dict[str, dict[int, Watcher]] = {}
         self._dirty: set[str] = set()
@@ -459,13 +487,13 @@ class SnapshotCache:
         for p, q in zip(old_parts, new_parts, strict=True):
             if p.version == q.version:
                 continue
-            key = ("ddiff", p.version, q.version)
-            d = self._diffs.get_recent(key)
+            key = (p.version, q.version)
+            d = self._delta_diffs.get_recent(key)
             if d is None:
                 pe, qe = p.entries, q.entries
                 send = [(n, h) for n, h in qe.items() if pe.get(n) != h]
                 d = (send, [n for n in pe if n not in qe], await self.delta_entries(q.type_url, send))
-                self._diffs.put(key, d)
+                self._delta_diffs.put(key, d)
             to_send.extend(d[0])
             removed.extend(d[1])
             entries.extend(d[2])
