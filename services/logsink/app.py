@@ -41,7 +41,7 @@ class Settings:
     dead_letter: Path | None = None
     dead_letter_subject: str | None = None
     window: float = 5.0
-    max_pending: int = 200_000
+    max_pending: int = 100_000
     batch_size: int = 512
     max_line_bytes: int = 1 << 20
     istio_metrics: bool = True

@@ -72,7 +72,8 @@ def service_parser(prog: str) -> argparse.ArgumentParser:
                    help="also publish bad lines to this NATS subject (with --nats)")
     p.add_argument("--join-window", type=float, default=5.0, metavar="SECONDS",
                    help="how long a line waits for the other side of its call [%(default)s]")
-    p.add_argument("--max-pending", type=int, default=200_000, help="memory bound: lines held by the join")
+    p.add_argument("--max-pending", type=int, default=100_000,
+                   help="memory bound: lines the join holds (about 2 KiB each) [%(default)s]")
     p.add_argument("--batch-size", type=int, default=512, help="spans per OTLP export [%(default)s]")
     p.add_argument("--export-queue", type=int, default=64,
                    help="batches waiting for export before inputs are held back [%(default)s]")

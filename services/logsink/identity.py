@@ -14,17 +14,31 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
+_interned: dict[tuple[str, str, str], Identity] = {}
 _K8S_ALNUM = "bcdfghjklmnpqrstvwxz2456789"  # the alphabet of ReplicaSet hashes and pod-name suffixes
 _DEPLOY_POD = re.compile(rf"^(.+)-[{_K8S_ALNUM}]{{6,10}}-[{_K8S_ALNUM}]{{5}}$")
 _SUFFIXED_POD = re.compile(rf"^(.+)-[{_K8S_ALNUM}]{{5}}$")
 _ORDINAL_POD = re.compile(r"^(.+)-\d+$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Identity:
+    """Interned (make them with `Identity.of`): equal identities are the same object, so hashing and comparing
+    them — done for every span when batching by resource — is the cheap default by-object one."""
+
     service: str
     namespace: str = ""
     pod: str = ""
+
+    @staticmethod
+    def of(service: str, namespace: str = "", pod: str = "") -> Identity:
+        key = (service, namespace, pod)
+        hit = _interned.get(key)
+        if hit is None:
+            if len(_interned) > 100_000:
+                _interned.clear()
+            hit = _interned[key] = Identity(service, namespace, pod)
+        return hit
 
     def resource_attributes(self) -> list[tuple[str, str]]:
         attrs = [("service.name", self.service)]
@@ -56,13 +70,13 @@ def identity_from_proxy(proxy: str) -> Identity | None:
         pod, _, ns = pod_ns.rpartition(".")
         if not pod:
             pod, ns = pod_ns, ""
-        return Identity(f"{workload_from_pod(pod)}.{ns}" if ns else workload_from_pod(pod), ns, pod)
+        return Identity.of(f"{workload_from_pod(pod)}.{ns}" if ns else workload_from_pod(pod), ns, pod)
     if "/" in proxy:
         return identity_from_path(proxy)
     name, _, ns = proxy.partition(".")
     if ns and "." not in ns:
-        return Identity(proxy, ns)
-    return Identity(proxy)
+        return Identity.of(proxy, ns)
+    return Identity.of(proxy)
 
 
 def identity_from_path(path: str) -> Identity | None:
@@ -73,12 +87,12 @@ def identity_from_path(path: str) -> Identity | None:
         bits = part.split("_")
         if len(bits) == 3 and len(bits[2]) >= 32 and "pods" in p.parts:
             ns, pod = bits[0], bits[1]
-            return Identity(f"{workload_from_pod(pod)}.{ns}", ns, pod)
+            return Identity.of(f"{workload_from_pod(pod)}.{ns}", ns, pod)
     if "containers" in p.parts:
         bits = p.name.split("_")
         if len(bits) == 3:
             pod, ns = bits[0], bits[1]
-            return Identity(f"{workload_from_pod(pod)}.{ns}", ns, pod)
+            return Identity.of(f"{workload_from_pod(pod)}.{ns}", ns, pod)
     return None
 
 
@@ -90,14 +104,13 @@ class Source:
     proxy: str = ""
     identity: Identity | None = field(default=None)
 
+    pod_key: str = field(default="", init=False)
+
     def __post_init__(self) -> None:
         if self.identity is None and self.proxy:
             self.identity = identity_from_proxy(self.proxy)
-
-    @property
-    def pod_key(self) -> str:
-        """Names the sidecar when the input knows which one wrote the lines (else "", and IPs decide)."""
-        return self.proxy if self.identity is not None else ""
+        # Names the sidecar when the input knows which one wrote the lines (else "", and IPs decide).
+        self.pod_key = self.proxy if self.identity is not None else ""
 
 
 # Addresses that are the same on every pod and so say nothing about which pod wrote a line.
@@ -117,7 +130,7 @@ class PeerMap:
         if not ip or ip in _SHARED_IPS:
             return
         old = self._m.get(ip)
-        if old is not None and (old[0] == ident or (old[1] and not strong)):
+        if old is not None and (old[0] is ident or (old[1] and not strong)):
             return
         if len(self._m) >= self.capacity:
             self._m.clear()
@@ -135,4 +148,4 @@ class PeerMap:
 
 def unknown(ip: str | None) -> Identity:
     """The OpenTelemetry fallback name, made distinct per pod so unknown callers stay apart in Jaeger."""
-    return Identity(f"unknown_service:{ip}" if ip else "unknown_service")
+    return Identity.of(f"unknown_service:{ip}" if ip else "unknown_service")

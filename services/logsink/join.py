@@ -142,8 +142,8 @@ class Joiner:
                 elif strict:
                     continue
                 else:
-                    src_ip = address_ip(dr)
-                    if src_ip and src_ip not in _SHARED_IPS and address_ip(c.ul) == src_ip:
+                    src_ip = rec.dr_ip
+                    if src_ip and src_ip not in _SHARED_IPS and c.ul_ip == src_ip:
                         level = 1
                     elif c.uh is not None and c.uh == rec.dl:
                         level = 2
@@ -239,15 +239,15 @@ class Joiner:
         peers = self.peers
         if rec.kind == KIND_SERVER:
             if ident is not None:
-                peers.learn(address_ip(rec.dl), ident, True)
+                peers.learn(rec.dl_ip, ident, True)
             elif rec.sni_ident is not None:
-                peers.learn(address_ip(rec.dl), rec.sni_ident, False)
+                peers.learn(rec.dl_ip, rec.sni_ident, False)
         else:
             if ident is not None:
-                peers.learn(address_ip(rec.ul), ident, True)
+                peers.learn(rec.ul_ip, ident, True)
             cl = rec.cluster
             if cl is not None and cl.namespace and rec.uh is not None and cl.direction == "outbound":
-                peers.learn(address_ip(rec.uh), Identity(cl.service_id, cl.namespace), False)
+                peers.learn(rec.uh_ip, _cluster_identity(cl), False)
 
     def identity(self, rec: Record) -> Identity:
         """The workload that wrote the line (see identity.py for the order of sources)."""
@@ -256,13 +256,27 @@ class Joiner:
         if rec.kind == KIND_SERVER:
             if rec.sni_ident is not None:
                 return rec.sni_ident
-            ip = address_ip(rec.dl)
+            ip = rec.dl_ip
             return self.peers.get(ip) or unknown(ip)
         p = rec.parent
         if p is not None and p.kind == KIND_SERVER:
             return self.identity(p)
-        ip = address_ip(rec.ul) or address_ip(rec.dr)
-        return self.peers.get(ip) or self.peers.get(address_ip(rec.dr)) or unknown(ip)
+        ip = rec.ul_ip or rec.dr_ip
+        return self.peers.get(ip) or self.peers.get(rec.dr_ip) or unknown(ip)
+
+
+_cluster_idents: dict[str, Identity] = {}
+_sni_cache: dict[str, tuple[Identity | None, str | None]] = {}
+
+
+def _cluster_identity(cl) -> Identity:
+    """The service a cluster name points at, as an identity (cached: one object per cluster)."""
+    ident = _cluster_idents.get(cl.raw)
+    if ident is None:
+        if len(_cluster_idents) > 10000:
+            _cluster_idents.clear()
+        ident = _cluster_idents[cl.raw] = Identity.of(cl.service_id, cl.namespace)
+    return ident
 
 
 def _same_pod(c: Record, s: Record) -> bool:
@@ -271,10 +285,10 @@ def _same_pod(c: Record, s: Record) -> bool:
         ck, sk = cs.pod_key, ss.pod_key
         if ck and sk:
             return ck == sk
-    sip = address_ip(s.dl)
+    sip = s.dl_ip
     if not sip or sip in _SHARED_IPS:
         return False
-    return sip == address_ip(c.ul) or sip == address_ip(c.dr)
+    return sip == c.ul_ip or sip == c.dr_ip
 
 
 def prepare(rec: Record, raw_for_id: bytes) -> None:
@@ -285,15 +299,23 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
     rec.uh = f.get("upstream_host")
     rec.dr = f.get("downstream_remote_address")
     rec.dl = f.get("downstream_local_address")
+    rec.ul_ip = address_ip(rec.ul)
+    rec.uh_ip = address_ip(rec.uh)
+    rec.dr_ip = address_ip(rec.dr)
+    rec.dl_ip = address_ip(rec.dl)
     rec.tstate = f.get("tracestate") if rec.tp is not None else None
     sni = f.get("requested_server_name")
     rec.sni_ident = None
     rec.sni_host = None
     if sni and rec.kind == KIND_SERVER:
-        c = parse_sni(sni)
-        if c is not None and c.host:
-            rec.sni_ident = Identity(c.service_id, c.namespace)
-            rec.sni_host = c.host
+        hit = _sni_cache.get(sni)
+        if hit is None:
+            c = parse_sni(sni)
+            hit = (Identity.of(c.service_id, c.namespace), c.host) if c is not None and c.host else (None, None)
+            if len(_sni_cache) > 10000:
+                _sni_cache.clear()
+            _sni_cache[sni] = hit
+        rec.sni_ident, rec.sni_host = hit
     tp = rec.tp
     if rec.http:
         rid = rec.rid

@@ -98,13 +98,19 @@ _REQ_LABELS = (
 _TCP_LABELS = _REQ_LABELS[:8] + ("response_flags",)
 
 
-class _Hist:
-    __slots__ = ("counts", "total", "n")
+class _HttpAgg:
+    """Everything the HTTP metrics need for one label set."""
 
-    def __init__(self, nb: int):
-        self.counts = [0] * (nb + 1)
-        self.total = 0.0
+    __slots__ = ("n", "dur", "dur_sum", "req", "req_sum", "resp", "resp_sum")
+
+    def __init__(self) -> None:
         self.n = 0
+        self.dur = [0] * (len(DURATION_BUCKETS_MS) + 1)
+        self.dur_sum = 0
+        self.req = [0] * (len(BYTES_BUCKETS) + 1)
+        self.req_sum = 0
+        self.resp = [0] * (len(BYTES_BUCKETS) + 1)
+        self.resp_sum = 0
 
 
 def _workload(ident: Identity | None) -> tuple[str, str]:
@@ -115,6 +121,20 @@ def _workload(ident: Identity | None) -> tuple[str, str]:
     return name, ns or "unknown"
 
 
+def _base_labels(kind: int, own: Identity, peer: Identity | None, dest_service: str) -> tuple[str, ...]:
+    if kind == KIND_SERVER:
+        reporter, src, dst = "destination", peer, own
+    else:
+        reporter, src, dst = "source", own, peer
+    sw, sns = _workload(src)
+    dw, dns = _workload(dst)
+    svc = dest_service or "unknown"
+    parts = svc.split(".")
+    svc_name = parts[0] if dest_service else "unknown"
+    svc_ns = parts[1] if dest_service and len(parts) > 2 and parts[2] == "svc" else "unknown"
+    return (reporter, sw, sns, dw, dns, svc, svc_name, svc_ns)
+
+
 class IstioMetrics(Collector):
     """istio_requests_total, istio_request_duration_milliseconds, istio_request_bytes, istio_response_bytes
     (HTTP) and istio_tcp_{sent,received}_bytes_total, istio_tcp_connections_{opened,closed}_total (TCP), with
@@ -122,42 +142,33 @@ class IstioMetrics(Collector):
     Byte histograms count body bytes only (the log has no header sizes)."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple, int] = defaultdict(int)
-        self.duration: dict[tuple, _Hist] = {}
-        self.req_bytes: dict[tuple, _Hist] = {}
-        self.resp_bytes: dict[tuple, _Hist] = {}
+        self._bases: dict[tuple, tuple[str, ...]] = {}
+        self.http: dict[tuple, _HttpAgg] = {}
         self.tcp: dict[tuple, list[int]] = {}  # labels → [sent, received, connections]
 
     def observe(self, kind: int, http: bool, own: Identity, peer: Identity | None, dest_service: str,
                 mvals: tuple) -> None:
+        bkey = (kind, own, peer, dest_service)
+        base = self._bases.get(bkey)
+        if base is None:
+            if len(self._bases) > 100_000:
+                self._bases.clear()
+            base = self._bases[bkey] = _base_labels(kind, own, peer, dest_service)
         code, flags, duration_ms, bytes_in, bytes_out, proto, _authority = mvals
-        if kind == KIND_SERVER:
-            reporter, src, dst = "destination", peer, own
-        else:
-            reporter, src, dst = "source", own, peer
-        sw, sns = _workload(src)
-        dw, dns = _workload(dst)
-        svc = dest_service or "unknown"
-        parts = svc.split(".")
-        svc_name = parts[0] if dest_service else "unknown"
-        svc_ns = parts[1] if dest_service and len(parts) > 2 and parts[2] == "svc" else "unknown"
-        base = (reporter, sw, sns, dw, dns, svc, svc_name, svc_ns)
         if http:
-            key = base + (_protocol(proto), str(code), flags or "-")
-            self.requests[key] += 1
-            for store, value, buckets in (
-                (self.duration, duration_ms, DURATION_BUCKETS_MS),
-                (self.req_bytes, bytes_in, BYTES_BUCKETS),
-                (self.resp_bytes, bytes_out, BYTES_BUCKETS),
-            ):
-                h = store.get(key)
-                if h is None:
-                    h = store[key] = _Hist(len(buckets))
-                h.counts[bisect.bisect_left(buckets, value)] += 1
-                h.total += value
-                h.n += 1
+            key = (base, proto, code, flags)
+            agg = self.http.get(key)
+            if agg is None:
+                agg = self.http[key] = _HttpAgg()
+            agg.n += 1
+            agg.dur[bisect.bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
+            agg.dur_sum += duration_ms
+            agg.req[bisect.bisect_left(BYTES_BUCKETS, bytes_in)] += 1
+            agg.req_sum += bytes_in
+            agg.resp[bisect.bisect_left(BYTES_BUCKETS, bytes_out)] += 1
+            agg.resp_sum += bytes_out
         else:
-            key = base + (flags or "-",)
+            key = (base, flags)
             t = self.tcp.get(key)
             if t is None:
                 t = self.tcp[key] = [0, 0, 0]
@@ -166,24 +177,27 @@ class IstioMetrics(Collector):
             t[2] += 1
 
     def collect(self) -> Iterator:
+        http = [(list(base) + [_protocol(proto), str(code), flags or "-"], agg)
+                for (base, proto, code, flags), agg in list(self.http.items())]
         c = CounterMetricFamily("istio_requests", "Requests, from the access logs", labels=_REQ_LABELS)
-        for k, v in self.requests.items():
-            c.add_metric(list(k), v)
+        for labels, agg in http:
+            c.add_metric(labels, agg.n)
         yield c
-        for name, store, buckets, text in (
-            ("istio_request_duration_milliseconds", self.duration, DURATION_BUCKETS_MS, "Request duration"),
-            ("istio_request_bytes", self.req_bytes, BYTES_BUCKETS, "Request body size"),
-            ("istio_response_bytes", self.resp_bytes, BYTES_BUCKETS, "Response body size"),
+        for name, text, buckets, counts, total in (
+            ("istio_request_duration_milliseconds", "Request duration", DURATION_BUCKETS_MS, "dur", "dur_sum"),
+            ("istio_request_bytes", "Request body size", BYTES_BUCKETS, "req", "req_sum"),
+            ("istio_response_bytes", "Response body size", BYTES_BUCKETS, "resp", "resp_sum"),
         ):
             h = HistogramMetricFamily(name, text, labels=_REQ_LABELS)
-            for k, hist in store.items():
+            for labels, agg in http:
                 cum, out = 0, []
-                for b, n in zip(buckets, hist.counts, strict=False):
+                for b, n in zip(buckets, getattr(agg, counts), strict=False):
                     cum += n
                     out.append((_fmt(b), cum))
-                out.append(("+Inf", hist.n))
-                h.add_metric(list(k), out, hist.total)
+                out.append(("+Inf", agg.n))
+                h.add_metric(labels, out, getattr(agg, total))
             yield h
+        tcp = [(list(base) + [flags or "-"], v) for (base, flags), v in list(self.tcp.items())]
         for name, idx, text in (
             ("istio_tcp_sent_bytes", 0, "Bytes sent to the downstream on TCP connections"),
             ("istio_tcp_received_bytes", 1, "Bytes received from the downstream on TCP connections"),
@@ -191,8 +205,8 @@ class IstioMetrics(Collector):
             ("istio_tcp_connections_closed", 2, "TCP connections closed"),
         ):
             c = CounterMetricFamily(name, text, labels=_TCP_LABELS)
-            for k, v in self.tcp.items():
-                c.add_metric(list(k), v[idx])
+            for labels, v in tcp:
+                c.add_metric(labels, v[idx])
             yield c
 
 

@@ -166,6 +166,10 @@ class Record:
         "uh",
         "dr",
         "dl",
+        "ul_ip",
+        "uh_ip",
+        "dr_ip",
+        "dl_ip",
         "sni_ident",
         "sni_host",
         "tstate",
@@ -229,13 +233,14 @@ def normalize_request_id(rid: str) -> bytes:
     (`4` default, `9`/`a`/`b` sampled/forced) and Envoy may rewrite it between hops, so it is reset to `4`
     before use. Other ids hash to 16 bytes."""
     if len(rid) == 36 and rid[8] == "-" and rid[13] == "-" and rid[18] == "-" and rid[23] == "-":
-        h = rid[:8] + rid[9:13] + "4" + rid[15:18] + rid[19:23] + rid[24:]
         try:
-            b = bytes.fromhex(h)
+            b = bytearray.fromhex(rid.replace("-", ""))
         except ValueError:
             b = b""
-        if len(b) == 16 and b != bytes(16):
-            return b
+        if len(b) == 16:
+            b[6] = (b[6] & 0x0F) | 0x40
+            if any(b):
+                return bytes(b)
     import hashlib
 
     return hashlib.blake2b(rid.encode(), digest_size=16).digest()
@@ -278,9 +283,10 @@ def address_ip(addr: str | None) -> str | None:
     """The host part of an address (fast path for `ip:port`)."""
     if not addr:
         return None
-    if addr[0] == "[" or addr.count(":") != 1:
+    host, sep, _port = addr.rpartition(":")
+    if not sep or ":" in host or host[:1] == "[":
         return split_address(addr)[0]
-    return addr[: addr.index(":")]
+    return host
 
 
 def parse_line(raw: bytes, src: Any = None) -> Record:
@@ -361,7 +367,7 @@ def record_from_dict(
                     continue
                 v = _int_value(k, v)
                 d[k] = v
-            elif v < 0 or v > _INT_LIMIT.get(k, _MAX_INT):
+            elif v < 0 or (k == "response_code" and v > 999):
                 _int_value(k, v)
         else:
             continue  # start_time, response_flags, grpc_status: handled below

@@ -17,7 +17,7 @@ from .deadletter import DeadLetters
 from .identity import Identity, Source
 from .join import Joiner, prepare
 from .metrics import IstioMetrics, Stats
-from .parse import KIND_CLIENT, KIND_SERVER, BadLine, Record, address_ip, parse_line
+from .parse import KIND_CLIENT, KIND_SERVER, BadLine, Record, parse_line
 from .spans import K, encode_body
 
 log = logging.getLogger("mizzen.logsink")
@@ -115,6 +115,7 @@ class Pipeline:
         rec.f = None
         rec.extra = None
         rec.raw = None
+        rec.env = None
         self.joiner.add(rec, now)
 
     # ---- output -------------------------------------------------------------------------------------------
@@ -155,11 +156,11 @@ class Pipeline:
         peers = self.joiner.peers
         cl = rec.cluster
         if rec.kind == KIND_SERVER:
-            peer = self.joiner.identity(rec.parent) if rec.parent is not None else peers.get(address_ip(rec.dr))
+            peer = self.joiner.identity(rec.parent) if rec.parent is not None else peers.get(rec.dr_ip)
             # the service the caller addressed: the mTLS SNI names it; else the request's authority
             dest = rec.sni_host or rec.mvals[6]
         else:
-            peer = peers.get(address_ip(rec.uh))
+            peer = peers.get(rec.uh_ip)
             dest = cl.host if cl is not None and cl.host else ""
         self.istio.observe(rec.kind, rec.http, own, peer, dest, rec.mvals)
 

@@ -28,7 +28,7 @@ from .otlp_wire import (
     span_times,
     status,
 )
-from .parse import KIND_CLIENT, KIND_SERVER, Record, address_ip, split_address
+from .parse import KIND_CLIENT, KIND_SERVER, Record, split_address
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
@@ -256,7 +256,7 @@ def encode_body(rec: Record) -> bytes:
             if xff:
                 client = xff.split(",", 1)[0].strip()
             else:
-                client = address_ip(dra)
+                client = rec.dr_ip
             if client:
                 add(_CLIENT_ADDR.get(client) or _fill(_CLIENT_ADDR, client, K["client.address"].s(client)))
             if dra:

@@ -14,6 +14,8 @@ _EPOCH = re.compile(r"(\d{1,12})(?:\.(\d{1,9}))?")
 
 # "YYYY-MM-DDTHH:MM" → Unix seconds at that minute (UTC); the fast path for Envoy's default format.
 _minute_cache: dict[str, int] = {}
+# "YYYY-MM-DDTHH:MM:SS" → Unix ns at that second: lines come in bursts within one second.
+_second_cache: dict[str, int] = {}
 
 
 class TimeError(ValueError):
@@ -47,12 +49,21 @@ def _calendar(m: re.Match) -> int:
 def parse_time_ns(value: str) -> int:
     """RFC 3339 (`Z` or an offset; missing zone = UTC; up to 9 fraction digits) or epoch seconds."""
     # Fast path: exactly Envoy's default `2021-02-18T07:08:50.031Z`.
+    if len(value) == 24 and value[23] == "Z" and value[19] == ".":
+        ms = value[20:23]
+        base = _second_cache.get(value[:19])
+        if base is not None and ms.isdigit() and ms.isascii():
+            return base + int(ms) * 1_000_000
     if len(value) == 24 and value[23] == "Z" and value[19] == "." and value[16] == ":":
         sec, ms = value[17:19], value[20:23]
         if sec.isdigit() and ms.isdigit() and sec.isascii() and ms.isascii():
             s = int(sec)
             if s <= 60:
-                return (_minute_base(value[:16]) + s) * 1_000_000_000 + int(ms) * 1_000_000
+                base = (_minute_base(value[:16]) + s) * 1_000_000_000
+                if len(_second_cache) > 100_000:
+                    _second_cache.clear()
+                _second_cache[value[:19]] = base
+                return base + int(ms) * 1_000_000
     m = _RFC3339.fullmatch(value)
     if m:
         secs = _calendar(m)

@@ -78,24 +78,17 @@ class CriJoiner:
 
 
 class _Entry:
-    __slots__ = ("start", "done")
+    """One line in flight, and its ack token: calling it marks the line done and moves the committed offset."""
 
-    def __init__(self, start: int):
+    __slots__ = ("start", "done", "tail")
+
+    def __init__(self, start: int, tail: FileTail):
         self.start = start
         self.done = False
-
-
-class _Ack:
-    """The token for one line: marks it done and moves the tail's committed offset."""
-
-    __slots__ = ("tail", "entry")
-
-    def __init__(self, tail: FileTail, entry: _Entry):
         self.tail = tail
-        self.entry = entry
 
     def __call__(self) -> None:
-        self.entry.done = True
+        self.done = True
         self.tail.advance()
 
 
@@ -369,23 +362,26 @@ class FileInput:
             t.buf = rest
 
     def _line(self, t: FileTail, raw: bytes, start: int, end: int) -> None:
-        if raw[-1:] == b"\r":
-            raw = raw[:-1]
-        if not raw.strip():
-            return
-        line, first = t.cri.feed(raw, start)
-        if line is None:
-            return
-        entry = _Entry(first)
+        if raw[:1] == b"{" and raw[-1:] == b"}":
+            line, first = raw, start  # the usual case: a plain JSON line
+        else:
+            if raw[-1:] == b"\r":
+                raw = raw[:-1]
+            if not raw.strip():
+                return
+            line, first = t.cri.feed(raw, start)
+            if line is None:
+                return
+        entry = _Entry(first, t)
         t.entries.append(entry)
-        self.pipeline.feed_line(line, t.src, _Ack(t, entry))
+        self.pipeline.feed_line(line, t.src, entry)
 
     def _too_long(self, t: FileTail, total: int, head: bytes) -> None:
-        entry = _Entry(t.line_start)
+        entry = _Entry(t.line_start, t)
         t.entries.append(entry)
         err = BadLine(f"line too long: {total} bytes (limit {self.max_line_bytes})", "too_long", size=total)
         self.pipeline.stats.lines[t.src.input] += 1
-        self.pipeline.bad_line(head, err, t.src, _Ack(t, entry))
+        self.pipeline.bad_line(head, err, t.src, entry)
 
     def close(self) -> None:
         for w in self.watches:
