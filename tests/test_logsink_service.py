@@ -43,7 +43,7 @@ async def test_http_input_and_otlp_http_export(tmp_path):
         await sink.start()
         url = f"http://127.0.0.1:{http_port}/v1/accesslog"
         lines = [pair(i)[0] for i in range(30)]
-        body = gzip.compress(b"\n".join(lines[:20]) + b"\nnot json\n")
+        body = gzip.compress(b"not json\n" + b"\n".join(lines[:20]) + b"\n")  # a bad line first: done at once
         # wait=true: the answer comes once the spans were exported
         status, resp = await post(url + "?wait=true", body, headers={
             "Content-Encoding": "gzip", "X-Mizzen-Proxy": "front.shop"})

@@ -63,19 +63,16 @@ class HttpInput:
                                          headers={"Retry-After": "1"})
         src = self._source(req.query.get("proxy") or req.headers.get("X-Mizzen-Proxy", ""))
         wait = req.query.get("wait", "").lower() in ("1", "true", "yes")
-        countdown = _Countdown() if wait else None
-        lines = bad = 0
+        lines = [raw.rstrip(b"\r") for raw in body.split(b"\n") if raw.strip()]
+        countdown = None
+        if wait:
+            countdown = _Countdown()
+            countdown.left = len(lines)  # all of them before feeding: bad lines finish at once
+        bad = 0
         feed = self.pipeline.feed_line
-        for raw in body.split(b"\n"):
-            if raw[-1:] == b"\r":
-                raw = raw[:-1]
-            if not raw.strip():
-                continue
-            lines += 1
-            if countdown is not None:
-                countdown.left += 1
+        for raw in lines:
             if not feed(raw, src, countdown):
                 bad += 1
         if countdown is not None and countdown.left > 0:
             await countdown.event.wait()
-        return web.json_response({"lines": lines, "bad": bad})
+        return web.json_response({"lines": len(lines), "bad": bad})
