@@ -12,8 +12,6 @@ with `mizzen apply` after each restart must reach both running Envoys (traffic t
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from services.sidecar.netns import unavailable_reason
@@ -41,7 +39,9 @@ AFTER_IPS = {"xds-gateway": "10.96.11.1", "translator": "10.96.11.2", "registry"
              "nats": "10.96.11.4", "redis": "10.96.11.5"}
 CLIENTS = ("client-sotw", "client-delta")
 SYNCED = ["SYNCED"] * 4
-MIN_REQUESTS = 50  # per loop: enough to span the outage and the resync
+# Requests each loop sends before the kill, and after the replacement is up (and, for the gateway, every
+# sidecar resynced): the loops run at their own pace, the test waits for counts, never for time.
+BEFORE, AFTER = 40, 60
 
 
 def outbound(name: str) -> str:
@@ -67,12 +67,21 @@ class Mesh:
         self.envoy_pids = {name: car.proc.pid for name, car in self.cars.items()}
 
     def loops(self) -> list[RequestLoop]:
-        return [RequestLoop(self.pods[c], f"http://{STEADY_IP}/", {"b1", "b2"}, gap=0.02).start() for c in CLIENTS]
+        return [RequestLoop(self.pods[c], f"http://{STEADY_IP}/", {"b1", "b2"}, gap=0.01).start() for c in CLIENTS]
 
-    def check_loops(self, loops: list[RequestLoop]) -> None:
-        for c, loop in zip(CLIENTS, loops, strict=True):
+    @staticmethod
+    def wait_loops(loops: list[RequestLoop], more: int) -> list[int]:
+        """Let every loop send `more` requests from now on; returns where each loop was when asked."""
+        at = [loop.sent for loop in loops]
+        for start, loop in zip(at, loops, strict=True):
+            loop.wait_sent(start + more)
+        return at
+
+    def check_loops(self, loops: list[RequestLoop], at_kill: list[int], at_up: list[int]) -> None:
+        for c, loop, killed, up in zip(CLIENTS, loops, at_kill, at_up, strict=True):
             assert loop.failures == [], f"{c}: {len(loop.failures)} of {loop.sent} requests failed: {loop.failures[:5]}"
-            assert loop.ok == loop.sent >= MIN_REQUESTS, (c, loop.ok, loop.sent)
+            assert loop.ok == loop.sent, (c, loop.ok, loop.sent)
+            assert killed >= BEFORE and loop.sent - up >= AFTER, (c, killed, up, loop.sent)
             assert set(loop.by_upstream) == {"b1", "b2"}, loop.by_upstream
 
     def check_change_reaches_envoys(self, name: str) -> None:
@@ -110,7 +119,8 @@ def test_service_killed_and_replaced_no_request_fails(mesh, name):
     old = env.stack.procs[name]
     loops = mesh.loops()
     try:
-        time.sleep(1.0)  # traffic flows before the kill …
+        mesh.wait_loops(loops, BEFORE)  # traffic flows before the kill …
+        at_kill = [loop.sent for loop in loops]
         env.stack.restart_service(name)  # SIGKILL; a new process on the same port, waited for until ready
         assert not old.alive() and env.stack.procs[name].pid != old.pid
         if name == "xds-gateway":
@@ -121,11 +131,11 @@ def test_service_killed_and_replaced_no_request_fails(mesh, name):
 
             after = eventually(moved, timeout=45, what="every proxy SYNCED with the new gateway replica")
             assert len({r[4] for r in after.values()}) == 1
-        time.sleep(1.0)  # … and after it
+        at_up = mesh.wait_loops(loops, AFTER)  # … and after it
     finally:
         for loop in loops:
             loop.stop()
-    mesh.check_loops(loops)
+    mesh.check_loops(loops, at_kill, at_up)
     mesh.check_change_reaches_envoys(name)
 
 
@@ -135,15 +145,16 @@ def test_infra_killed_and_restarted_then_apply_reaches_envoy(mesh, name):
     old = env.stack.procs[name]
     loops = mesh.loops()
     try:
-        time.sleep(1.0)
+        mesh.wait_loops(loops, BEFORE)
+        at_kill = [loop.sent for loop in loops]
         env.stack.restart_infra(name)  # SIGKILL; the same port (Redis keeps its AOF data)
         assert not old.alive() and env.stack.procs[name].alive()
         for service_name in ("registry", "translator", "xds-gateway"):
             env.stack.wait_ready(service_name, timeout=30)
-        time.sleep(1.0)
+        at_up = mesh.wait_loops(loops, AFTER)
     finally:
         for loop in loops:
             loop.stop()
-    mesh.check_loops(loops)
+    mesh.check_loops(loops, at_kill, at_up)
     mesh.check_change_reaches_envoys(name)
     eventually(mesh.synced_rows, timeout=30, what=f"every proxy SYNCED after the {name} restart")

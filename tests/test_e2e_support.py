@@ -370,3 +370,10 @@ class RequestLoop:
     @property
     def ok(self) -> int:
         return sum(self.by_upstream.values())
+
+    def wait_sent(self, count: int, timeout: float = 30.0) -> int:
+        """Block until the loop has sent `count` requests (it runs at its own pace); returns the count sent."""
+        eventually(lambda: self.sent >= count or not self._thread.is_alive(), timeout, 0.02,
+                   what=f"{count} requests from {self.pod.name}")
+        assert self.sent >= count, f"loop ended after {self.sent} requests: {self.failures[:3]}"
+        return self.sent

@@ -184,7 +184,8 @@ def test_rejected_config_is_nacked_and_traffic_keeps_flowing(mesh):
             detail = {s["name"]: s for s in json.loads(
                 mizzen("proxy-status", car.proxy_name, "-o", "json", "--server", env.server).stdout)}
             assert "program size" in detail[car.proxy_name]["errors"]["RDS"], detail
-            # the last good config keeps serving
+            # the last good config keeps serving: Envoy's routes are the ones from before the VirtualService
+            assert regex not in json.dumps(car.section("RoutesConfigDump"))
             for _ in range(10):
                 assert served_by(get(mesh, car.pod_name, NACK_IP)[1]) == "b1"
             assert car.alive()
