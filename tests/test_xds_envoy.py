@@ -147,3 +147,49 @@ async def _synced(redis, proxy: str) -> dict | None:
 async def _state(redis, proxy: str, short: str, want: str) -> dict | None:
     st = (await _statuses(redis)).get(proxy)
     return st if st and st["status"][short] == want else None
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+async def test_repointing_routes_to_new_clusters_drops_no_request(api, tmp_path, nats_server, redis_server,
+                                                                   upstreams):
+    """Make before break with live traffic: each snapshot moves the route to a brand-new cluster and deletes
+    the old one at the same time. Envoy must get the new cluster before the route and lose the old one only
+    after the route stopped using it, so a request loop running through ten such swaps never fails."""
+    from .test_xds_restart import RequestLoop
+
+    nats_url, redis_url = nats_server.meta["url"], redis_server.meta["url"]
+    redis = aioredis.from_url(redis_url)
+    store = SnapshotStore(redis)
+    proxy = node_id("swap-1")
+    listen = procs.free_port()
+    alpha = upstreams["alpha"]
+    mesh = Mesh()
+    mesh.clusters = {"gen-0": [alpha.port]}
+    mesh.listeners["http"] = (listen, "web")
+    mesh.routes["web"] = [("/", "gen-0")]
+    await write_snapshot(store, proxy, 1, mesh)
+    gw = start_gateway(tmp_path, nats_url, redis_url, replica="gw-swap")
+    envoy = None
+    try:
+        envoy = start_envoy(tmp_path, proxy, gw.meta["port"], delta=(api == "delta"))
+        admin = envoy.meta["admin"]
+        await eventually(lambda: _body_is(listen, "/", "alpha"), what="traffic")
+        loop = RequestLoop(listen, count=400, gap=0.005)
+        loop.start()
+        for gen in range(1, 11):
+            mesh.clusters = {f"gen-{gen}": [alpha.port]}
+            mesh.routes["web"] = [("/", f"gen-{gen}")]
+            await write_snapshot(store, proxy, gen + 1, mesh, nats_url)
+            await eventually(lambda g=gen: set(dynamic_clusters(admin)) == {f"gen-{g}"},
+                             what=f"generation {gen} alone in CDS")
+        await asyncio.to_thread(loop.join, 30)
+        assert not loop.is_alive()
+        assert loop.failures == [], f"{len(loop.failures)} failed: {loop.failures[:5]}"
+        assert dynamic_routes(admin)["web"]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster"] \
+            == "gen-10"
+        await eventually(lambda: _synced(redis, proxy), what="SYNCED")
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        gw.stop()
+        await redis.aclose()

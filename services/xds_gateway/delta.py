@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3 import discovery_pb2
 
 from services.mesh.snapstore import digest
-from services.mesh.xds_types import CLUSTER, ENDPOINT, WILDCARD
+from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD
 
 from . import wire
 from .cache import ResourceSet, empty_load_assignment
@@ -142,11 +142,23 @@ class DeltaStream(Stream):
         removed = [n for n in has if n not in new]
         return to_send, removed, None
 
+    def endpoints_acked(self) -> set[str] | frozenset[str]:
+        sub = self.subs.get(ENDPOINT)
+        if sub is None or sub.outstanding:
+            return frozenset()
+        return sub.has_set.names if sub.has_set is not None else set(sub.has or ())
+
+    def cds_outstanding(self) -> bool:
+        sub = self.subs.get(CLUSTER)
+        return sub is not None and bool(sub.outstanding)
+
     async def push(self, since: float) -> None:
         if self.view is None:
             return
         cache = self.gw.cache
         for t in order_types(self.subs):
+            if t in (LISTENER, ROUTE) and self.clusters_warming():
+                continue  # pushed by the wake that follows the endpoints' ACK (or the warm-up deadline)
             sub = self.subs[t]
             desired = self.desired(t, sub.wildcard, sub.names)
             to_send, removed, entries = await self._diff(sub, desired)
@@ -173,6 +185,9 @@ class DeltaStream(Stream):
             nonce = self.next_nonce()
             msg = wire.delta_response(desired.version, t, nonce, entries, removed, self.gw.replica)
             await self.send(msg)
+            if t == CLUSTER:
+                before = sub.holdings()
+                self.clusters_added([n for n, _h in to_send if n not in before])
             if held:
                 has = sub.own_has()
                 has.update(to_send)

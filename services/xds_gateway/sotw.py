@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from services.mesh.xds_types import CLUSTER, ENDPOINT, WILDCARD
+from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD
 
 from . import wire
 from .cache import ResourceSet
@@ -114,10 +114,20 @@ class SotwStream(Stream):
                     held = True
         return desired, held
 
+    def endpoints_acked(self) -> frozenset[str]:
+        sub = self.subs.get(ENDPOINT)
+        return sub.acked.names if sub is not None and sub.acked is not None else frozenset()
+
+    def cds_outstanding(self) -> bool:
+        sub = self.subs.get(CLUSTER)
+        return sub is not None and sub.sent is not None and sub.acked_nonce != sub.nonce
+
     async def push(self, since: float) -> None:
         if self.view is None:
             return
         for t in order_types(self.subs):
+            if t in (LISTENER, ROUTE) and self.clusters_warming():
+                continue  # pushed by the wake that follows the endpoints' ACK (or the warm-up deadline)
             sub = self.subs[t]
             desired, held = self._plan(t, sub)
             if not sub.force and sub.sent is not None and desired.version == sub.sent.version:
@@ -131,5 +141,8 @@ class SotwStream(Stream):
             nonce = self.next_nonce()
             msg = wire.sotw_response(desired.version, t, nonce, body, self.gw.replica)
             await self.send(msg)
+            if t == CLUSTER:
+                self.clusters_added(self.gw.cache.removed(desired, sub.sent) if sub.sent is not None
+                                    else list(desired.entries))
             sub.sent, sub.nonce, sub.force, sub.held = desired, nonce, False, held
             self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(desired))

@@ -40,6 +40,7 @@ class Gateway:
     bus: Bus | None = None
     streams: set = field(default_factory=set)
     pending_wakes: int = 0
+    warm_timeout: float = 3.0  # longest LDS/RDS wait for new clusters' endpoints
 
     def update_queue_gauge(self) -> None:
         self.metrics.queue_depth.set(self.cache.queue_depth + self.pending_wakes)
@@ -88,6 +89,9 @@ class Stream:
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._wake_pending = False
         self._next_view: ProxyView | None = None
+        self._closed = False
+        self.warming: set[str] = set()  # clusters just sent whose endpoints Envoy has not ACKed yet
+        self.warming_deadline = 0.0
         self._watch: int | None = None
         self._nonce = itertools.count(1)
 
@@ -160,6 +164,37 @@ class Stream:
     def type_settled(self, t: str) -> bool:
         raise NotImplementedError
 
+    # ---- new clusters warm before listeners and routes use them ----
+    def clusters_added(self, names: list[str]) -> None:
+        """CDS just carried these new clusters: hold LDS/RDS until Envoy has ACKed their endpoints (a route to a
+        cluster that is still warming answers 503), or until the warm-up deadline passes."""
+        eds = self.view.resources(ENDPOINT) if self.view is not None else None
+        waiting = [n for n in names if eds is not None and n in eds.entries]  # EDS clusters (Istio names)
+        if waiting:
+            self.warming.update(waiting)
+            self.warming_deadline = time.monotonic() + self.gw.warm_timeout
+            asyncio.get_running_loop().call_later(self.gw.warm_timeout + 0.01, self.wake)
+
+    def endpoints_acked(self) -> set[str] | frozenset[str]:
+        """Names of the endpoint assignments Envoy has ACKed (and nothing newer is outstanding)."""
+        raise NotImplementedError
+
+    def cds_outstanding(self) -> bool:
+        raise NotImplementedError
+
+    def clusters_warming(self) -> bool:
+        if not self.warming:
+            return False
+        if time.monotonic() >= self.warming_deadline:
+            log.info("clusters still warming at deadline; pushing listeners and routes anyway",
+                     extra={"proxy": self.proxy, "warming": sorted(self.warming)[:10]})
+            self.warming.clear()
+            return False
+        if self.cds_outstanding():
+            return True
+        self.warming -= self.endpoints_acked()
+        return bool(self.warming)
+
     # ---- identification ----
     async def identify(self, node: Any) -> None:
         self.proxy = node.id
@@ -185,7 +220,10 @@ class Stream:
             return  # a deleted snapshot keeps the proxy's last config; nothing to push
         # applied by the stream's own loop, between pushes: one push never mixes two snapshots
         self._next_view = view
-        if not self._wake_pending:
+        self.wake()
+
+    def wake(self) -> None:
+        if not self._wake_pending and not self._closed:
             self._wake_pending = True
             self.gw.pending_wakes += 1
             self._inbox.put_nowait(_WAKE)
@@ -218,6 +256,7 @@ class Stream:
             log.exception("stream failed", extra={"proxy": self.proxy, "conn": self.conn_id})
             raise
         finally:
+            self._closed = True
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
