@@ -42,6 +42,7 @@ pytestmark = [
 # per API: (the service that gets a second endpoint and loses the first, the service added then deleted)
 CLUSTER_IPS = {"sotw": ("10.96.1.1", "10.96.2.1"), "delta": ("10.96.1.2", "10.96.2.2")}
 NACK_IP = "10.96.3.1"
+RDS = 3  # column of a proxy-status row after NAME: CDS LDS EDS RDS ISTIOD VERSION
 
 
 class Mesh:
@@ -55,9 +56,6 @@ class Mesh:
                      for name, pod in self.pods.items()}
         for car in self.cars.values():
             env.wait_ready(car)
-
-    def ip(self, pod: str) -> str:
-        return self.pods[pod].ip
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +176,9 @@ def test_rejected_config_is_nacked_and_traffic_keeps_flowing(mesh):
     try:
         assert "virtualservice.networking.istio.io/nack-web created" in env.apply(vs)
         for car in clients:
-            row = eventually(lambda car=car: (r := env.proxy_status()[car.proxy_name])[2 + 1] == "NACKed" and r,
+            row = eventually(lambda car=car: (r := env.proxy_status()[car.proxy_name])[RDS] == "NACKed" and r,
                              what=f"{car.proxy_name} RDS NACKed")
-            assert row[:3] == ["SYNCED", "SYNCED", "SYNCED"], row  # CDS LDS EDS
+            assert row[:4] == ["SYNCED", "SYNCED", "SYNCED", "NACKed"], row  # CDS LDS EDS RDS
             detail = {s["name"]: s for s in json.loads(
                 mizzen("proxy-status", car.proxy_name, "-o", "json", "--server", env.server).stdout)}
             assert "program size" in detail[car.proxy_name]["errors"]["RDS"], detail
