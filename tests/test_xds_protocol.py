@@ -351,18 +351,19 @@ async def test_unknown_proxy_announced_then_served_even_without_event(tmp_path, 
 
     nats_url, redis_url = nats_server.meta["url"], redis_server.meta["url"]
     redis = aioredis.from_url(redis_url)
-    gw = start_gateway(tmp_path, nats_url, redis_url, replica="gw-resync", extra=["--resync-interval", "1"])
-    nc = await nats_client.connect(nats_url)
     announced: asyncio.Queue = asyncio.Queue()
 
     async def on_connected(msg) -> None:
         announced.put_nowait(orjson.loads(msg.data))
 
-    await nc.subscribe(PROXY_CONNECTED, cb=on_connected)
-    await nc.flush()
     proxy = node_id("late-1", "shop")
-    c = AdsClient(gw.meta["port"])
+    gw = start_gateway(tmp_path, nats_url, redis_url, replica="gw-resync", extra=["--resync-interval", "1"])
+    nc = c = None
     try:
+        nc = await nats_client.connect(nats_url)
+        await nc.subscribe(PROXY_CONNECTED, cb=on_connected)
+        await nc.flush()
+        c = AdsClient(gw.meta["port"])
         md = struct_pb2.Struct()
         md.update({"NAMESPACE": "shop", "LABELS": {"app": "late"}})
         await c.send(discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=proxy, metadata=md), type_url=CLUSTER))
@@ -381,9 +382,11 @@ async def test_unknown_proxy_announced_then_served_even_without_event(tmp_path, 
         resp = await c.recv(timeout=10)
         assert names(resp) == {"late"}
     finally:
-        await c.close()
-        await nc.close()
         gw.stop()
+        if c is not None:
+            await c.close()
+        if nc is not None:
+            await nc.close()
         await redis.aclose()
 
 
