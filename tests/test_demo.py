@@ -284,7 +284,9 @@ def loopback_run(tmp_path_factory):
     ran, and what it left behind."""
     data_dir = tmp_path_factory.mktemp("demo-data")
     gateway_port = procs.free_port()
-    run = UpRun(data_dir, "--demo", "--for", "20", "--gateway-port", str(gateway_port), mark=uuid.uuid4().hex)
+    otlp = SyncOTLPReceiver()
+    run = UpRun(data_dir, "--demo", "--for", "20", "--gateway-port", str(gateway_port),
+                "--otlp-endpoint", otlp.endpoint, mark=uuid.uuid4().hex)
     try:
         run.wait_for(READY, 90)
         seen = {
@@ -298,9 +300,54 @@ def loopback_run(tmp_path_factory):
         m = re.search(r"^demo: service hello\.demo: hello-v1 (\S+), hello-v2 (\S+);", seen["output"], re.M)
         assert m, seen["output"]
         seen["pod_addresses"] = {"v1": m.group(1), "v2": m.group(2)}
+        seen["spans"] = otlp.spans()
         yield data_dir, gateway_port, seen
     finally:
         run.kill_everything()
+        otlp.stop()
+
+
+class SyncOTLPReceiver:
+    """A real OTLP/gRPC TraceService on a free loopback port, collecting (service.name, span) pairs."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
+
+        self._got: list[tuple[str, object]] = []
+        outer = self
+
+        class Service(ts_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - gRPC method name
+                for rs in request.resource_spans:
+                    name = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                    outer._got.extend((name, s) for ss in rs.scope_spans for s in ss.spans)
+                return ts_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        ts_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def spans(self) -> list[tuple[str, object]]:
+        return list(self._got)
+
+    def stop(self) -> None:
+        self.server.stop(None).wait(5)
+
+
+def test_demo_gateway_access_logs_become_traces(loopback_run):
+    """`mizzen up` runs the logsink on the demo sidecars' JSON access logs; traces reach the OTLP endpoint."""
+    _, _, seen = loopback_run
+    names = {name for name, _span in seen["spans"]}
+    assert any(n.startswith("hello-gateway") or "gateway" in n for n in names), names
+    methods = {a.value.string_value for _n, s in seen["spans"] for a in s.attributes if a.key == "http.request.method"}
+    codes = {a.value.int_value for _n, s in seen["spans"] for a in s.attributes
+             if a.key == "http.response.status_code"}
+    assert methods == {"GET"} and 200 in codes, (methods, codes)
 
 
 def test_demo_traffic_reaches_both_versions_through_the_gateway(loopback_run):

@@ -30,7 +30,7 @@ from typing import TextIO
 from ..demo import echo, mesh
 from ..mesh import procs
 from ..mesh.stack import Stack
-from ..sidecar.bootstrap import build_bootstrap, envoy_command
+from ..sidecar.bootstrap import build_bootstrap, envoy_command, node_id
 from .http import apply_objects, delete_keys
 
 ECHO = str(Path(echo.__file__).resolve())  # run by path: works wherever the package is installed
@@ -100,6 +100,7 @@ class Demo:
         self._stopped = False
         self._loop_proc: procs.Proc | None = None  # the sleep pod's traffic loop (--netns)
         self._relayed = 0  # bytes of its output printed so far
+        self.access_logs: dict[str, str] = {}  # node id → the sidecar's JSON access-log file (for the logsink)
 
     @property
     def gateway_url(self) -> str:
@@ -193,11 +194,12 @@ class Demo:
                 procs.wait_port(pod.ip, mesh.APP_PORT, proc=self.procs[pod.role].popen)
         gw = next(p for p in self.pods if p.role == "gateway")
         admin, agent, health, prom = (procs.free_port() for _ in range(4))
-        # The JSON access log goes to Envoy's stdout, i.e. its log file (the translator attaches it).
+        access_log = self.work_dir / "gateway-access.log"
         config = build_bootstrap(gw.name, mesh.NAMESPACE, gw.ip, xds=self.stack.xds_address, router=True,
-                                 labels=gw.labels,
+                                 labels=gw.labels, access_log=str(access_log),
                                  admin_port=admin, agent_port=agent, health_port=health, prometheus_port=prom,
                                  listen_address="127.0.0.1", zipkin=None)
+        self.access_logs[node_id(gw.name, mesh.NAMESPACE, gw.ip, router=True)] = str(access_log)
         path = self.work_dir / "gateway-envoy.json"
         path.write_text(json.dumps(config, indent=1))
         envoy = self._spawn("gateway-envoy", envoy_command(str(path)), cwd=self.work_dir)
@@ -207,7 +209,7 @@ class Demo:
                  + f"; VirtualService {mesh.SERVICE}-ingress splits v1/v2 "
                  + "/".join(str(w) for w in mesh.SPLIT.values()) + " with retries")
         self.say(f"ingress gateway: Envoy (router mode) on {self.gateway_url}, admin http://127.0.0.1:{admin}/, "
-                 f"log and JSON access log {envoy.log_path}")
+                 f"log {envoy.log_path}, JSON access log {access_log}")
         self._say_pids()
         self._say_try()
 
@@ -275,6 +277,7 @@ class Demo:
             config = build_bootstrap(spec.name, mesh.NAMESPACE, pod.ip, xds=f"127.0.0.1:{XDS_IN_POD}",
                                      router=spec.role == "gateway", access_log=str(pod.work_dir / "access.log"),
                                      labels=spec.labels, zipkin=None)
+            self.access_logs[config["node"]["id"]] = str(pod.work_dir / "access.log")
             path = pod.work_dir / "envoy.json"
             path.write_text(json.dumps(config, indent=1))
             path.chmod(0o644)

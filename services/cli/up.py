@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--netns", action="store_true", help="with --demo: run the demo pods in network namespaces (root)")
     p.add_argument("--gateway-port", type=int, default=None,
                    help="with --demo: the ingress gateway's port on 127.0.0.1 (default 18080, or a free one if taken)")
+    p.add_argument("--otlp-endpoint", default=settings.env("MIZZEN_OTLP_ENDPOINT", "localhost:4317"),
+                   help="where the logsink sends traces (OTLP gRPC, e.g. Jaeger's 4317)")
+    p.add_argument("--no-logsink", action="store_true", help="do not run the logsink")
     p.add_argument("--log-level", default="info")
     p.add_argument("--for", dest="duration", type=float, default=None,
                    help="stop by itself after this many seconds (for scripts and smoke tests)")
@@ -41,7 +44,8 @@ def main(argv: list[str], command: str = "up") -> int:
     data_dir = settings.data_dir(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(Path(data_dir) / "stack", nats_url=args.nats_url, redis_url=args.redis_url,
-                  registry_port=args.registry_port, xds_port=args.xds_port, log_level=args.log_level)
+                  registry_port=args.registry_port, xds_port=args.xds_port, log_level=args.log_level,
+                  otlp_endpoint=args.otlp_endpoint)
     stop = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stop.set())
@@ -67,6 +71,12 @@ def main(argv: list[str], command: str = "up") -> int:
             except DemoError as e:  # a clear message, no traceback; `finally` still stops everything
                 print(f"mizzen: the demo did not start: {e}", file=sys.stderr, flush=True)
                 return 1
+        if not args.no_logsink:
+            # after the demo: it tails the demo sidecars' JSON access logs (and NATS mizzen.accesslog.<proxy>)
+            files = [f"{node}={path}" for node, path in (demo.access_logs.items() if demo else [])]
+            stack.start_service("logsink", extra=[a for f in files for a in ("--file", f)])
+            print(f"  logsink      http://127.0.0.1:{stack.http_ports['logsink']}/metrics   traces → OTLP "
+                  f"{args.otlp_endpoint} (e.g. Jaeger all-in-one)", flush=True)
         print("mizzen: ready (Ctrl-C to stop)", flush=True)
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set():

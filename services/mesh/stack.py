@@ -19,6 +19,7 @@ class ServiceSpec:
     module: str
     http_port_flag: str  # flag that sets the /healthz/ready port
     extra: list[str] = field(default_factory=list)
+    http_value: str = "{port}"  # how that flag spells the port
 
 
 @dataclass
@@ -30,8 +31,10 @@ class Stack:
     registry_port: int = 0
     xds_port: int = 0
     log_level: str = "info"
+    otlp_endpoint: str = "localhost:4317"
     procs: dict[str, procs.Proc] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
+    extras: dict[str, list[str]] = field(default_factory=dict)  # per-service extra flags, kept for restarts
     _infra: list[procs.Proc] = field(default_factory=list)
 
     @property
@@ -83,16 +86,26 @@ class Stack:
             return ServiceSpec("services.translator", "--http-port", common)
         if name == "xds-gateway":
             return ServiceSpec("services.xds_gateway", "--http-port", common + ["--port", str(self.xds_port)])
+        if name == "logsink":
+            # access logs arrive over NATS (mizzen.accesslog.<proxy>, JetStream) and from files the caller names
+            return ServiceSpec("services.logsink", "--admin",
+                               ["--nats", str(self.nats_url), "--data-dir", str(self.work_dir),
+                                "--otlp-endpoint", self.otlp_endpoint, "--log-level", self.log_level],
+                               http_value="127.0.0.1:{port}")
         raise KeyError(name)
 
     def start_service(self, name: str, wait: bool = True, extra: list[str] | None = None) -> procs.Proc:
+        """Start one service; a restart without `extra` reuses the flags it was last started with."""
         spec = self._spec(name)
+        extra = self.extras.get(name, []) if extra is None else extra
+        self.extras[name] = extra
         if name == "registry":
             port = self.registry_port
         else:
             port = self.http_ports.get(name) or procs.free_port()
         self.http_ports[name] = port
-        argv = [sys.executable, "-m", spec.module, *spec.extra, spec.http_port_flag, str(port), *(extra or [])]
+        argv = [sys.executable, "-m", spec.module, *spec.extra, spec.http_port_flag,
+                spec.http_value.format(port=port), *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         p = procs.spawn(name, argv, self.log_dir, env=env)
         self.procs[name] = p
