@@ -76,31 +76,45 @@ def by_name(messages: list, key: str = "name") -> dict[str, dict]:
     return {getattr(m, key): MessageToDict(m, preserving_proto_field_name=True) for m in messages}
 
 
+def sync_record(env: E2E) -> dict | None:
+    """The pod's `mizzen proxy-status -o json` entry when every type is SYNCED (else None)."""
+    entries = json.loads(mizzen("proxy-status", POD, "-o", "json", "--server", env.server).stdout)
+    entry = next((e for e in entries if e["proxy"] == NODE_ID), None)
+    return entry if entry and set(entry["status"].values()) == {"SYNCED"} else None
+
+
 @pytest.fixture(scope="module")
 def live(seed):
-    """Envoy's /config_dump once every cluster and listener the translator built is active (none warming)."""
+    """Envoy's /config_dump once it has ACKed the current snapshot (SYNCED before and after the dump, on the
+    same snapshot version) and holds nothing in transition: no warming cluster, no warming or draining
+    listener (a listener replaced by an update drains for a while and its inline routes still show)."""
     env, car = seed
-    want = parse_config_dump(translated(env))
 
     def settled():
+        before = sync_record(env)
+        if before is None:
+            return None
         dump = car.config_dump()
         clusters = car.section("ClustersConfigDump", dump)
-        listeners = car.section("ListenersConfigDump", dump)
-        warming = clusters.get("dynamic_warming_clusters") or [
-            x for x in listeners.get("dynamic_listeners", []) if "warming_state" in x]
-        got = parse_config_dump(dump)
-        if warming or len(got.dynamic_clusters) != len(want.dynamic_clusters) \
-                or len(got.dynamic_listeners) != len(want.dynamic_listeners):
+        listeners = car.section("ListenersConfigDump", dump).get("dynamic_listeners", [])
+        if clusters.get("dynamic_warming_clusters") or any(
+                "warming_state" in x or "draining_state" in x for x in listeners):
             return None
-        return dump
+        after = sync_record(env)
+        if after is None or after["manifest_version"] != before["manifest_version"]:
+            return None
+        return dump, before["manifest_version"]
 
-    return eventually(settled, 30, 0.2, what="Envoy holding every translated cluster and listener, none warming")
+    return eventually(settled, 30, 0.2, what="Envoy SYNCED on the current snapshot with nothing warming or draining")
 
 
 def test_envoy_holds_what_the_translator_built(seed, live):
     env, car = seed
-    want = parse_config_dump(translated(env))
-    got = parse_config_dump(live)
+    dump, version = live
+    snapshot = translated(env)
+    assert car.section("ClustersConfigDump", snapshot)["version_info"] == version  # the snapshot Envoy ACKed
+    want = parse_config_dump(snapshot)
+    got = parse_config_dump(dump)
     # one dynamic cluster per row of the seed's table that is not a bootstrap cluster
     assert len(want.dynamic_clusters) == len(seed_table("clusters").splitlines()) - 1 - len(STATIC_CLUSTERS)
     assert want.dynamic_listeners and want.dynamic_routes

@@ -272,7 +272,7 @@ class E2E:
         mizzen("bootstrap", "--pod", pod_name, "-n", pod.namespace, "--ip", pod.ip, "--xds", xds, *labels,
                "--access-log", str(access_log), *(["--delta"] if delta else []), *extra_bootstrap, "-o", str(boot))
         boot.chmod(0o644)
-        argv = envoy_command(str(boot), concurrency=1, log_level="info", flush_interval_ms=100, drain_seconds=5)
+        argv = envoy_command(str(boot), concurrency=1, log_level="info", flush_interval_ms=100, drain_seconds=2)
         setpriv = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "--"]
         if hosts is None:
             proc = pod.spawn("envoy", argv, uid=1337, cwd=pod.work_dir)
