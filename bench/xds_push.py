@@ -106,31 +106,7 @@ def build_layers(services: int, proxies: int, generation: int):
     return shared, own, sorted(clas), ["80"]
 
 
-MEMO_LAYERS = True
-
-
-def _memoize_layer_index() -> None:
-    """Stand in for a translator that does not re-hash a mesh-wide layer it already stored: SnapshotStore.put
-    hashes every resource of every layer on every call (about 4 ms per proxy for a 1,000-service layer). The
-    bench's layers never change after they are built, so memoizing by object identity is safe here."""
-    from services.mesh import snapstore
-
-    if getattr(snapstore.layer_index, "_bench_memo", False):
-        return
-    original = snapstore.layer_index
-    memo: dict[int, tuple[object, dict]] = {}
-
-    def layer_index(layer):
-        hit = memo.get(id(layer))
-        if hit is not None and hit[0] is layer:
-            return hit[1]
-        idx = original(layer)
-        if len(layer.get(next(iter(layer), ""), {})) > 10:  # only the big shared layers
-            memo[id(layer)] = (layer, idx)
-        return idx
-
-    layer_index._bench_memo = True
-    snapstore.layer_index = layer_index
+MEMO_LAYERS = True  # prepare the shared layer once, as the translator does (False: re-hash it per proxy)
 
 
 def proxy_id(i: int) -> str:
@@ -143,12 +119,12 @@ async def write_snapshots(redis_url: str, nats_url: str | None, layers, n: int, 
     import redis.asyncio as aioredis
 
     from services.mesh.bus import snapshot_subject
-    from services.mesh.snapstore import SnapshotStore
+    from services.mesh.snapstore import SnapshotStore, prepare_layer
     from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
     shared, own, _, _ = layers
     if MEMO_LAYERS:
-        _memoize_layer_index()
+        shared = prepare_layer(shared)
     r = aioredis.from_url(redis_url)
     nc = await nats.connect(nats_url) if nats_url else None
     store = SnapshotStore(r)
@@ -398,7 +374,7 @@ def main() -> int:
                     "DeltaAggregatedResources")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--no-memo-layers", action="store_true",
-                    help="let SnapshotStore.put re-hash the shared layer for every proxy (as it does today)")
+                    help="hand SnapshotStore.put the raw shared layer, so it re-hashes it for every proxy")
     ap.add_argument("--nats-url")
     ap.add_argument("--redis-url")
     ap.add_argument("--xds", help="HOST:PORT of a running gateway (with --gateway-http and --gateway-pid)")

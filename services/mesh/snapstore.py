@@ -43,6 +43,23 @@ def layer_index(layer: Layer) -> dict[str, dict[str, str]]:
     return {t: {n: digest(b) for n, b in sorted(res.items())} for t, res in layer.items()}
 
 
+@dataclass(frozen=True)
+class PreparedLayer:
+    """A layer hashed once: proxies that share a layer object share this too, so storing the snapshots of
+    2,000 proxies hashes the mesh-wide layer once, not 2,000 times."""
+
+    hash: str
+    index: dict[str, dict[str, str]]  # type → name → resource hash
+    body: bytes  # the stored JSON of `index`
+    resources: Layer
+
+
+def prepare_layer(layer: Layer) -> PreparedLayer:
+    idx = layer_index(layer)
+    body = orjson.dumps(idx, option=orjson.OPT_SORT_KEYS)
+    return PreparedLayer(digest(body), idx, body, layer)
+
+
 def type_version(entries: dict[str, str]) -> str:
     """A type's version is a hash of its (name, resource hash) pairs: equal content, equal version."""
     h = hashlib.blake2b(digest_size=8)
@@ -101,31 +118,27 @@ class SnapshotStore:
         self._res_cache: _LRU = _LRU(cache_limit)  # hash → bytes (immutable, so safe to cache)
         self._layer_cache: _LRU = _LRU(10_000)  # hash → index
         self._written: _LRU = _LRU(cache_limit)  # hashes this process already stored
+        self._versions_cache: _LRU = _LRU(10_000)  # layer-hash tuple → type versions
 
     # ---- writer side (translator) ----
-    async def put(self, proxy: str, revision: int, layers: list[Layer]) -> tuple[Manifest, bool]:
-        """Store a proxy's snapshot; returns (manifest, changed). Unchanged content keeps the old manifest."""
+    async def put(self, proxy: str, revision: int, layers: list[Layer | PreparedLayer]) -> tuple[Manifest, bool]:
+        """Store a proxy's snapshot; returns (manifest, changed). Unchanged content keeps the old manifest.
+        Pass PreparedLayers for layers shared between proxies (raw layers are prepared here, every call)."""
+        prepared = [lay if isinstance(lay, PreparedLayer) else prepare_layer(lay) for lay in layers]
         pipe = self.r.pipeline(transaction=False)
-        layer_hashes: list[str] = []
-        merged: dict[str, dict[str, str]] = {}
-        for layer in layers:
-            idx = layer_index(layer)
-            lbytes = orjson.dumps(idx, option=orjson.OPT_SORT_KEYS)
-            lh = digest(lbytes)
-            layer_hashes.append(lh)
-            for t, entries in idx.items():
-                merged.setdefault(t, {}).update(entries)
-            if lh in self._written:
+        for lay in prepared:
+            if lay.hash in self._written:
                 continue
-            for t, res in layer.items():
+            for t, res in lay.resources.items():
                 for name, data in res.items():
-                    h = idx[t][name]
+                    h = lay.index[t][name]
                     if h not in self._written:
                         pipe.set(RES + h, data, nx=True)
                         self._written.put(h, True)
-            pipe.set(LAYER + lh, lbytes, nx=True)
-            self._written.put(lh, True)
-        versions = {t: type_version(merged.get(t, {})) for t in PUSH_ORDER}
+            pipe.set(LAYER + lay.hash, lay.body, nx=True)
+            self._written.put(lay.hash, True)
+        layer_hashes = [lay.hash for lay in prepared]
+        versions = self._versions(prepared)
         if len(pipe):
             await pipe.execute()
         old = await self.manifest(proxy)
@@ -140,6 +153,19 @@ class SnapshotStore:
             p.sadd(PROXIES, proxy)
             await p.execute()
         return m, True
+
+    def _versions(self, prepared: list[PreparedLayer]) -> dict[str, str]:
+        """Per-type versions of the merged layers (later layers override earlier ones), memoised per layer set."""
+        key = tuple(lay.hash for lay in prepared)
+        hit = self._versions_cache.get(key)
+        if hit is None:
+            merged: dict[str, dict[str, str]] = {}
+            for lay in prepared:
+                for t, entries in lay.index.items():
+                    merged.setdefault(t, {}).update(entries)
+            hit = {t: type_version(merged.get(t, {})) for t in PUSH_ORDER}
+            self._versions_cache.put(key, hit)
+        return dict(hit)
 
     async def remove(self, proxy: str) -> None:
         async with self.r.pipeline(transaction=True) as p:

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..mesh import settings
 from ..mesh.bus import CONFIG_CHANGED, PROXY_CONNECTED, Bus, snapshot_subject
 from ..mesh.service import health_routes, serve_http
-from ..mesh.snapstore import CONNECTED, PROXY_NODE, SnapshotStore
+from ..mesh.snapstore import CONNECTED, PROXY_NODE, PreparedLayer, SnapshotStore, prepare_layer
 from ..mesh.store import ConfigStore, connect
 from .proxies import pod_node_ids
 from .proxy import Proxy
@@ -41,16 +41,18 @@ class Metrics:
         self.errors = Counter("mizzen_translator_build_errors", "Rebuilds that failed", registry=self.registry)
 
 
-def serialize_layers(layers: list[dict], cache: dict[int, dict]) -> list[dict[str, dict[str, bytes]]]:
-    """Serialize each layer once per object: layers shared between proxies are the same Python object."""
+def serialize_layers(layers: list[dict], cache: dict[int, PreparedLayer]) -> list[PreparedLayer]:
+    """Serialize and hash each layer once per object: layers shared between proxies are the same Python object
+    (the cache lives for one build, while those objects do, so ids are not reused)."""
     out = []
     for layer in layers:
         key = id(layer)
-        ser = cache.get(key)
-        if ser is None:
-            ser = {t: {n: m.SerializeToString(deterministic=True) for n, m in res.items()} for t, res in layer.items()}
-            cache[key] = ser
-        out.append(ser)
+        prepared = cache.get(key)
+        if prepared is None:
+            prepared = prepare_layer({t: {n: m.SerializeToString(deterministic=True) for n, m in res.items()}
+                                      for t, res in layer.items()})
+            cache[key] = prepared
+        out.append(prepared)
     return out
 
 
@@ -96,7 +98,7 @@ class Translator:
         push = PushContext.from_resources(objects, revision=revision)
         node_ids = sorted(set(pod_node_ids(objects)) | set(connected))
         metadata = await self.node_metadata(node_ids)
-        cache: dict[int, dict] = {}
+        cache: dict[int, PreparedLayer] = {}
         changed = []
         for node_id in node_ids:
             proxy = Proxy.from_node_id(node_id, push, metadata=metadata.get(node_id))
