@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.core.v3 import address_pb2, protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 from google.protobuf import struct_pb2
 
 from . import pb, protocol, tls
+from .assignment import build_assignment
 from .model import ALIAS, DNS_LB, DNS_ROUND_ROBIN_LB, PASSTHROUGH, Config, Port, Service
 from .push_context import MALFORMED, PushContext, SidecarScope, duration
 
@@ -323,38 +323,8 @@ def _new_cluster(push: PushContext, name: str, ctype: int) -> Cluster:
 
 def dns_load_assignment(name: str, service: Service, port: int, labels: dict | None):
     """Inline endpoints of a DNS cluster (hostname endpoints Envoy resolves); None when there are none."""
-    eps = [e for e in service.endpoints.get(port, ()) if not labels or all(e.labels.get(k) == v
-                                                                           for k, v in labels.items())]
-    if not eps:
-        return None
-    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    by_locality: dict[str, list] = {}
-    for e in eps:
-        by_locality.setdefault(e.locality, []).append(e)
-    for locality, group in by_locality.items():
-        lle = cla.endpoints.add()
-        if locality:
-            _set_locality(lle.locality, locality)
-        total = 0
-        for e in group:
-            lb = lle.lb_endpoints.add()
-            sa = lb.endpoint.address.socket_address
-            sa.address = e.address
-            sa.port_value = e.port
-            w = e.weight or 1
-            lb.load_balancing_weight.value = w
-            total += w
-        lle.load_balancing_weight.value = total
-    return cla
-
-
-def _set_locality(loc: base_pb2.Locality, label: str) -> None:
-    parts = label.split("/")
-    loc.region = parts[0]
-    if len(parts) > 1:
-        loc.zone = parts[1]
-    if len(parts) > 2:
-        loc.sub_zone = parts[2]
+    cla = build_assignment(name, service.endpoints.get(port, ()), labels, tls_metadata=False)
+    return cla if cla.endpoints else None
 
 
 def _set_upstream_protocol(http: _Http, port: Port, is_sidecar: bool) -> None:

@@ -1,0 +1,61 @@
+"""One ClusterLoadAssignment builder for both places endpoints appear: EDS responses (endpoints.py) and the
+inline `load_assignment` of DNS clusters (clusters.py). Endpoints are grouped by locality, each weighted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+
+TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
+
+_TLS_MODE_MD: dict[str, base_pb2.Metadata] = {}
+
+
+def tls_mode_metadata(mode: str) -> base_pb2.Metadata:
+    md = _TLS_MODE_MD.get(mode)
+    if md is None:
+        md = base_pb2.Metadata()
+        md.filter_metadata[TRANSPORT_SOCKET_MATCH].update({"tlsMode": mode})
+        _TLS_MODE_MD[mode] = md
+    return md
+
+
+def set_locality(loc: base_pb2.Locality, label: str) -> None:
+    """`region/zone/subzone` → Locality."""
+    parts = label.split("/")
+    loc.region = parts[0]
+    if len(parts) > 1:
+        loc.zone = parts[1]
+    if len(parts) > 2:
+        loc.sub_zone = parts[2]
+
+
+def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
+                     tls_metadata: bool) -> endpoint_pb2.ClusterLoadAssignment:
+    """The endpoints whose labels ⊇ `labels`, grouped by locality. With `tls_metadata`, each endpoint says
+    whether its workload runs a sidecar (auto mTLS picks the TLS transport socket by it)."""
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    groups: dict[str, list] = {}
+    for e in endpoints:
+        if labels and any(e.labels.get(k) != v for k, v in labels.items()):
+            continue
+        groups.setdefault(e.locality, []).append(e)
+    for locality, eps in groups.items():
+        lle = cla.endpoints.add()
+        if locality:
+            set_locality(lle.locality, locality)
+        total = 0
+        for e in eps:
+            lb = lle.lb_endpoints.add()
+            sa = lb.endpoint.address.socket_address
+            sa.address = e.address
+            sa.port_value = e.port
+            w = e.weight or 1
+            lb.load_balancing_weight.value = w
+            total += w
+            if tls_metadata:
+                lb.metadata.CopyFrom(tls_mode_metadata(e.tls_mode or "disabled"))
+        lle.load_balancing_weight.value = total
+    return cla
