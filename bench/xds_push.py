@@ -130,18 +130,19 @@ async def write_snapshots(redis_url: str, nats_url: str | None, layers, n: int, 
     store = SnapshotStore(r)
     expect, written = {}, {}
     short = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
-    sem = asyncio.Semaphore(64)
+    batch = 250  # as the translator stores a build: a few round trips per batch of proxies
 
-    async def one(i: int):
-        async with sem:
-            p = proxy_id(i)
-            m, _ = await store.put(p, revision, [shared, own(i)])
+    for start in range(0, n, batch):
+        idx = range(start, min(n, start + batch))
+        ids = [proxy_id(i) for i in idx]
+        stored = await store.put_many(revision, [(p, [shared, own(i)]) for i, p in zip(idx, ids, strict=True)])
+        now = time.time()
+        for p, (m, _changed) in zip(ids, stored, strict=True):
             if nc:
                 await nc.publish(snapshot_subject(p), m.to_json())
             expect[p] = {short[t]: v for t, v in m.versions.items()}
-            written[p] = time.time()
+            written[p] = now
 
-    await asyncio.gather(*(one(i) for i in range(n)))
     if nc:
         await nc.flush()
         await nc.close()

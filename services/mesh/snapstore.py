@@ -122,37 +122,51 @@ class SnapshotStore:
 
     # ---- writer side (translator) ----
     async def put(self, proxy: str, revision: int, layers: list[Layer | PreparedLayer]) -> tuple[Manifest, bool]:
-        """Store a proxy's snapshot; returns (manifest, changed). Unchanged content keeps the old manifest.
-        Pass PreparedLayers for layers shared between proxies (raw layers are prepared here, every call)."""
-        prepared = [lay if isinstance(lay, PreparedLayer) else prepare_layer(lay) for lay in layers]
+        """Store a proxy's snapshot; returns (manifest, changed). Unchanged content keeps the old manifest."""
+        return (await self.put_many(revision, [(proxy, layers)]))[0]
+
+    async def put_many(self, revision: int,
+                       items: list[tuple[str, list[Layer | PreparedLayer]]]) -> list[tuple[Manifest, bool]]:
+        """Store many proxies' snapshots in a few round trips: new resources and layers, then every manifest
+        read at once, then the changed manifests in one transaction. Pass PreparedLayers for layers shared
+        between proxies (a raw layer is prepared here, on every call)."""
+        prepared_items = [(proxy, [lay if isinstance(lay, PreparedLayer) else prepare_layer(lay) for lay in layers])
+                          for proxy, layers in items]
         pipe = self.r.pipeline(transaction=False)
-        for lay in prepared:
-            if lay.hash in self._written:
-                continue
-            for t, res in lay.resources.items():
-                for name, data in res.items():
-                    h = lay.index[t][name]
-                    if h not in self._written:
-                        pipe.set(RES + h, data, nx=True)
-                        self._written.put(h, True)
-            pipe.set(LAYER + lay.hash, lay.body, nx=True)
-            self._written.put(lay.hash, True)
-        layer_hashes = [lay.hash for lay in prepared]
-        versions = self._versions(prepared)
+        for _proxy, prepared in prepared_items:
+            for lay in prepared:
+                if lay.hash in self._written:
+                    continue
+                for t, res in lay.resources.items():
+                    for name, data in res.items():
+                        h = lay.index[t][name]
+                        if h not in self._written:
+                            pipe.set(RES + h, data, nx=True)
+                            self._written.put(h, True)
+                pipe.set(LAYER + lay.hash, lay.body, nx=True)
+                self._written.put(lay.hash, True)
         if len(pipe):
-            await pipe.execute()
-        old = await self.manifest(proxy)
-        if old is not None and old.versions == versions and old.layers == layer_hashes:
-            if old.revision < revision:
-                old.revision = revision
-                await self.r.set(MANIFEST + proxy, old.to_json())
-            return old, False
-        m = Manifest(proxy, revision, layer_hashes, versions)
-        async with self.r.pipeline(transaction=True) as p:
-            p.set(MANIFEST + proxy, m.to_json())
-            p.sadd(PROXIES, proxy)
-            await p.execute()
-        return m, True
+            await pipe.execute()  # resources before the manifests that name them
+        olds = await self.r.mget([MANIFEST + proxy for proxy, _ in prepared_items]) if prepared_items else []
+        out: list[tuple[Manifest, bool]] = []
+        async with self.r.pipeline(transaction=True) as tx:
+            for (proxy, prepared), old_json in zip(prepared_items, olds, strict=True):
+                layer_hashes = [lay.hash for lay in prepared]
+                versions = self._versions(prepared)
+                old = Manifest.from_json(old_json) if old_json else None
+                if old is not None and old.versions == versions and old.layers == layer_hashes:
+                    if old.revision < revision:
+                        old.revision = revision
+                        tx.set(MANIFEST + proxy, old.to_json())
+                    out.append((old, False))
+                    continue
+                m = Manifest(proxy, revision, layer_hashes, versions)
+                tx.set(MANIFEST + proxy, m.to_json())
+                tx.sadd(PROXIES, proxy)
+                out.append((m, True))
+            if len(tx):
+                await tx.execute()
+        return out
 
     def _versions(self, prepared: list[PreparedLayer]) -> dict[str, str]:
         """Per-type versions of the merged layers (later layers override earlier ones), memoised per layer set."""

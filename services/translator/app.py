@@ -99,13 +99,12 @@ class Translator:
         node_ids = sorted(set(pod_node_ids(objects)) | set(connected))
         metadata = await self.node_metadata(node_ids)
         cache: dict[int, PreparedLayer] = {}
-        changed = []
+        items = []
         for node_id in node_ids:
             proxy = Proxy.from_node_id(node_id, push, metadata=metadata.get(node_id))
-            snap = build_snapshot(push, proxy)
-            manifest, did_change = await self.snapshots.put(node_id, revision, serialize_layers(snap.layers, cache))
-            if did_change:
-                changed.append((node_id, manifest))
+            items.append((node_id, serialize_layers(build_snapshot(push, proxy).layers, cache)))
+        stored = await self.snapshots.put_many(revision, items)
+        changed = [(node_id, m) for (node_id, _), (m, did_change) in zip(items, stored, strict=True) if did_change]
         known = set(await self.snapshots.proxies())
         for gone in known - set(node_ids):
             await self.snapshots.remove(gone)
