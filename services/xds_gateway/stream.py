@@ -41,6 +41,9 @@ class Gateway:
     streams: set = field(default_factory=set)
     pending_wakes: int = 0
     warm_timeout: float = 3.0  # longest LDS/RDS wait for new clusters' endpoints
+    # Config-change pushes building and sending at once. A change reaching 2,000 proxies together would
+    # otherwise hold 2,000 responses in memory while slow clients drain them.
+    push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
 
     def update_queue_gauge(self) -> None:
         self.metrics.queue_depth.set(self.cache.queue_depth + self.pending_wakes)
@@ -247,7 +250,8 @@ class Stream:
                     if self._next_view is not None:
                         self.view, self._next_view = self._next_view, None
                         self.view_seen_at = self.view.seen_at
-                    await self.push(self.view_seen_at)
+                    async with self.gw.push_slots:
+                        await self.push(self.view_seen_at)
                 else:
                     await self.handle(item)
         except asyncio.CancelledError:
