@@ -85,14 +85,20 @@ def sync_record(env: E2E) -> dict | None:
 
 @pytest.fixture(scope="module")
 def live(seed):
-    """Envoy's /config_dump once it has ACKed the current snapshot (SYNCED before and after the dump, on the
-    same snapshot version) and holds nothing in transition: no warming cluster, no warming or draining
+    """Envoy's /config_dump once it has ACKed the snapshot built with its node metadata (SYNCED before and
+    after the dump, on that snapshot's version) and holds nothing in transition: no warming cluster, no warming or draining
     listener (a listener replaced by an update drains for a while and its inline routes still show)."""
     env, car = seed
 
     def settled():
+        # The translator first builds the pod's snapshot from the Pod object, and rebuilds it once the proxy
+        # connected with its node metadata (the bootstrap's access-log path): wait for that build.
+        snapshot = translated(env)
+        if str(car.access_log) not in json.dumps(snapshot):
+            return None
+        version = car.section("ClustersConfigDump", snapshot)["version_info"]
         before = sync_record(env)
-        if before is None:
+        if before is None or before["manifest_version"] != version:
             return None
         dump = car.config_dump()
         clusters = car.section("ClustersConfigDump", dump)
@@ -113,6 +119,7 @@ def test_envoy_holds_what_the_translator_built(seed, live):
     dump, version = live
     snapshot = translated(env)
     assert car.section("ClustersConfigDump", snapshot)["version_info"] == version  # the snapshot Envoy ACKed
+    assert str(car.access_log) in json.dumps(dump)  # built with the metadata Envoy connected with
     want = parse_config_dump(snapshot)
     got = parse_config_dump(dump)
     # one dynamic cluster per row of the seed's table that is not a bootstrap cluster
