@@ -148,6 +148,26 @@ class Sidecar:
     def server_info(self) -> dict:
         return json.loads(self.get("/server_info"))
 
+    def stats(self, prefix: str) -> dict[str, int]:
+        """Envoy's counters and gauges under a prefix (`listener_manager.` …; the bootstrap's stats matcher
+        keeps only some prefixes)."""
+        out = {}
+        for line in self.get(f"/stats?filter=^{prefix}").decode().splitlines():
+            key, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[key] = int(value)
+        return out
+
+    def settled(self) -> bool:
+        """Nothing in transition: no cluster or listener warming, no listener or filter chain draining (an
+        updated listener's old filter chains drain for --drain-time-s and still show in the config dump)."""
+        lm = self.stats("listener_manager.")
+        cm = self.stats("cluster_manager.")
+        return (lm["listener_manager.total_listeners_warming"] == 0
+                and lm["listener_manager.total_listeners_draining"] == 0
+                and lm["listener_manager.total_filter_chains_draining"] == 0
+                and cm["cluster_manager.warming_clusters"] == 0)
+
     def pc(self, *args: str) -> str:
         """`mizzen proxy-config <args> --admin <this Envoy>`."""
         return mizzen("proxy-config", *args, "--admin", self.admin).stdout
