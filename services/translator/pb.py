@@ -14,6 +14,8 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
+from ..mesh.accesslog import ACCESS_LOG_FIELDS
+
 # Filter names istioctl 1.7 recognises (go-control-plane's wellknown names of that release).
 HTTP_CONNECTION_MANAGER = "envoy.http_connection_manager"
 TCP_PROXY = "envoy.tcp_proxy"
@@ -114,31 +116,7 @@ def raw_buffer_socket() -> base_pb2.TransportSocket:
 
 
 # The JSON access-log fields of the seed (Istio 1.7's EnvoyJSONLogFormat).
-JSON_LOG_FORMAT = {
-    "start_time": "%START_TIME%",
-    "route_name": "%ROUTE_NAME%",
-    "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-    "protocol": "%PROTOCOL%",
-    "response_code": "%RESPONSE_CODE%",
-    "response_flags": "%RESPONSE_FLAGS%",
-    "bytes_received": "%BYTES_RECEIVED%",
-    "bytes_sent": "%BYTES_SENT%",
-    "duration": "%DURATION%",
-    "upstream_service_time": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
-    "x_forwarded_for": "%REQ(X-FORWARDED-FOR)%",
-    "user_agent": "%REQ(USER-AGENT)%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "authority": "%REQ(:AUTHORITY)%",
-    "upstream_host": "%UPSTREAM_HOST%",
-    "upstream_cluster": "%UPSTREAM_CLUSTER%",
-    "upstream_local_address": "%UPSTREAM_LOCAL_ADDRESS%",
-    "downstream_local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
-    "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
-    "requested_server_name": "%REQUESTED_SERVER_NAME%",
-    "istio_policy_status": "%DYNAMIC_METADATA(istio.mixer:status)%",
-    "upstream_transport_failure_reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
-}
+JSON_LOG_FORMAT = ACCESS_LOG_FIELDS  # the seed's fields first, then Istio's and Mizzen's additions
 
 TEXT_LOG_FORMAT = (
     '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% '

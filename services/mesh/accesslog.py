@@ -1,0 +1,49 @@
+"""The sidecars' JSON access-log format: one definition for the bootstrap, the translator (which attaches it
+to the listeners it builds) and, by field name, the logsink that parses the lines."""
+
+from __future__ import annotations
+
+# The access-log fields, in the seed's order, then those Istio 1.9 added, then Mizzen's extras.
+# `istio_policy_status` is the Mixer-era field the seed shows; stock Envoy renders it as null.
+SEED_ACCESS_LOG_FIELDS: dict[str, str] = {
+    "upstream_local_address": "%UPSTREAM_LOCAL_ADDRESS%",
+    "duration": "%DURATION%",
+    "upstream_transport_failure_reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    "route_name": "%ROUTE_NAME%",
+    "downstream_local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "user_agent": "%REQ(USER-AGENT)%",
+    "response_code": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "x_forwarded_for": "%REQ(X-FORWARDED-FOR)%",
+    "requested_server_name": "%REQUESTED_SERVER_NAME%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "istio_policy_status": "%DYNAMIC_METADATA(istio.mixer:status)%",
+    "bytes_sent": "%BYTES_SENT%",
+    # The raw cluster name, never an alt_stat_name (Istio's JSON default since 1.25).
+    "upstream_cluster": "%UPSTREAM_CLUSTER_RAW%",
+    "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "upstream_service_time": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+}
+ISTIO_ACCESS_LOG_FIELDS: dict[str, str] = {
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
+    "connection_termination_details": "%CONNECTION_TERMINATION_DETAILS%",
+}
+# Not in Istio's default: the timings and peer identities the logsink turns into span data.
+MIZZEN_ACCESS_LOG_FIELDS: dict[str, str] = {
+    "request_duration": "%REQUEST_DURATION%",
+    "response_duration": "%RESPONSE_DURATION%",
+    "downstream_peer_uri_san": "%DOWNSTREAM_PEER_URI_SAN%",
+    "upstream_peer_uri_san": "%UPSTREAM_PEER_URI_SAN%",
+}
+ACCESS_LOG_FIELDS: dict[str, str] = {
+    **SEED_ACCESS_LOG_FIELDS,
+    **ISTIO_ACCESS_LOG_FIELDS,
+    **MIZZEN_ACCESS_LOG_FIELDS,
+}
