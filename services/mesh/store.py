@@ -37,20 +37,26 @@ def key_of(obj: dict) -> str:
     return object_key(obj["kind"], meta.get("namespace"), meta["name"])
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A client that retries through Redis restarts instead of failing the caller at once."""
+def connect(url: str, max_connections: int | None = None) -> aioredis.Redis:
+    """A client that retries through Redis restarts instead of failing the caller at once. With
+    `max_connections`, callers beyond the limit wait for a free connection instead of failing (a gateway
+    with 2,000 streams connecting at once)."""
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RConnErr
     from redis.exceptions import TimeoutError as RTimeout
 
-    return aioredis.from_url(
-        url,
+    options = dict(
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 20),
         retry_on_error=[RConnErr, RTimeout, ConnectionRefusedError, OSError],
         health_check_interval=5,
         socket_connect_timeout=2,
     )
+    if max_connections is None:
+        return aioredis.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30,
+                                                    socket_timeout=10, **options)
+    return aioredis.Redis(connection_pool=pool)
 
 
 class ConfigStore:

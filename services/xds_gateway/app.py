@@ -13,6 +13,7 @@ from aiohttp import web
 
 from services.mesh.bus import Bus
 from services.mesh.service import health_routes, serve_http
+from services.mesh.store import connect as connect_redis
 
 from .cache import SnapshotCache
 from .metrics import Metrics
@@ -53,10 +54,9 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
     metrics = Metrics()
     redis_ok = False
     state = {"serving": False}
-    # a bounded pool that waits for a free connection: 2,000 streams connecting at once must queue, not fail
-    pool = aioredis.BlockingConnectionPool.from_url(opts.redis_url, max_connections=64, timeout=30,
-                                                    socket_connect_timeout=2, socket_timeout=10)
-    redis = aioredis.Redis(connection_pool=pool)
+    # a bounded pool that waits for a free connection (2,000 streams connecting at once must queue, not
+    # fail) and retries through a Redis restart instead of failing a push
+    redis = connect_redis(opts.redis_url, max_connections=64)
     bus = Bus(opts.nats_url, f"xds-gateway-{opts.replica}")
 
     def ready() -> bool:
