@@ -58,7 +58,7 @@ log = logging.getLogger("tests.sds_fixture")
 
 
 @dataclass(frozen=True)
-class TestCA:
+class FixtureCA:
     """A self-signed root and one workload certificate it signed, all PEM."""
 
     root_pem: bytes
@@ -67,7 +67,7 @@ class TestCA:
     spiffe_id: str
 
 
-def make_ca(spiffe_id: str = DEFAULT_SPIFFE_ID, trust_domain: str = "cluster.local") -> TestCA:
+def make_ca(spiffe_id: str = DEFAULT_SPIFFE_ID, trust_domain: str = "cluster.local") -> FixtureCA:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
@@ -107,7 +107,7 @@ def make_ca(spiffe_id: str = DEFAULT_SPIFFE_ID, trust_domain: str = "cluster.loc
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    return TestCA(
+    return FixtureCA(
         root_pem=ca_cert.public_bytes(pem),
         cert_pem=cert.public_bytes(pem),
         key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
@@ -115,7 +115,7 @@ def make_ca(spiffe_id: str = DEFAULT_SPIFFE_ID, trust_domain: str = "cluster.loc
     )
 
 
-def secrets_for(ca: TestCA) -> dict[str, secret_pb2.Secret]:
+def secrets_for(ca: FixtureCA) -> dict[str, secret_pb2.Secret]:
     """Istio's SDS resources: `default` (chain + key) and `ROOTCA` (trusted CA)."""
     return {
         WORKLOAD_SECRET: secret_pb2.Secret(name=WORKLOAD_SECRET, tls_certificate=common_pb2.TlsCertificate(
@@ -188,7 +188,7 @@ class _Servicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
 class SdsServer:
     """StreamSecrets/FetchSecrets on unix sockets (created mode 0666: Envoy runs as another uid)."""
 
-    def __init__(self, sockets: Iterable[Path] = (), ca: TestCA | None = None):
+    def __init__(self, sockets: Iterable[Path] = (), ca: FixtureCA | None = None):
         self.ca = ca or make_ca()
         self.secrets = secrets_for(self.ca)
         self.version = hashlib.sha256(b"".join(s.SerializeToString(deterministic=True)

@@ -33,7 +33,7 @@ from services.demo.echo import http_call
 from services.mesh import procs
 from services.sidecar.bootstrap import envoy_command
 from services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, Pod, PodNetwork, endpoints_object
-from tests.sds_fixture import SdsServer, TestCA, make_ca
+from tests.sds_fixture import FixtureCA, SdsServer, make_ca
 from tests.stack import Stack
 
 ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
@@ -206,7 +206,7 @@ class E2E:
     service_cidr: str = "10.96.0.0/16"
     stack: Stack = field(init=False)
     net: PodNetwork = field(init=False)
-    ca: TestCA = field(init=False)
+    ca: FixtureCA = field(init=False)
     sidecars: dict[str, Sidecar] = field(default_factory=dict)
     _sds: list[SdsServer] = field(default_factory=list)
     _files: int = 0
