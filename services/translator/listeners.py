@@ -413,17 +413,27 @@ class _OutboundBuilder:
         if service is not None:
             cur.services.append(service)
 
-    def _add_tcp(self, service, sport, listen_port, bind, virtual_services) -> None:
+    def _tcp_slot(self, service, listen_port, bind, virtual_services):
+        """Where a TCP or sniffed port lands: (key, current entry, bind, its TCP chains); None when the port
+        is reserved on the wildcard or the listener there is locked by a Sidecar egress port."""
         port = listen_port.port
         bind, cidr = self._tcp_bind(service, bind)
         if bind == WILDCARD and port in RESERVED_PORTS:
-            return
+            return None
         key = f"{bind}:{port}"
         cur = self.entries.get(key)
         if cur is not None and cur.locked:
-            return
+            return None
         chains = tcp_tls_chains(self.view, service, listen_port, cidr, virtual_services, {MESH_GATEWAY},
                                 on_wildcard=bind == WILDCARD)
+        return key, cur, bind, chains
+
+    def _add_tcp(self, service, sport, listen_port, bind, virtual_services) -> None:
+        slot = self._tcp_slot(service, listen_port, bind, virtual_services)
+        if slot is None:
+            return
+        key, cur, bind, chains = slot
+        port = listen_port.port
         if not chains:
             return
         if cur is None:
@@ -441,16 +451,11 @@ class _OutboundBuilder:
             _merge_tcp(cur, chains, service)
 
     def _add_auto(self, service, sport, listen_port, bind, virtual_services) -> None:
+        slot = self._tcp_slot(service, listen_port, bind, virtual_services)
+        if slot is None:
+            return
+        key, cur, bind, chains = slot
         port = listen_port.port
-        bind, cidr = self._tcp_bind(service, bind)
-        if bind == WILDCARD and port in RESERVED_PORTS:
-            return
-        key = f"{bind}:{port}"
-        cur = self.entries.get(key)
-        if cur is not None and cur.locked:
-            return
-        chains = tcp_tls_chains(self.view, service, listen_port, cidr, virtual_services, {MESH_GATEWAY},
-                                on_wildcard=bind == WILDCARD)
         if bind != WILDCARD and service is not None:
             rds = f"{service.hostname}:{port}"
         else:
