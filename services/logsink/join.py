@@ -35,9 +35,12 @@ _SHARED_IPS = frozenset({"127.0.0.1", "127.0.0.6", "::1", "0.0.0.0", "::"})
 _blake = hashlib.blake2b
 
 
+_ZERO_ID = bytes(8)
+
+
 def span_id_of(raw: bytes) -> bytes:
     sid = _blake(raw, digest_size=8).digest()
-    return sid if sid != bytes(8) else b"\x00" * 7 + b"\x01"
+    return sid if sid != _ZERO_ID else b"\x00" * 7 + b"\x01"
 
 
 class Joiner:
@@ -291,6 +294,18 @@ def _same_pod(c: Record, s: Record) -> bool:
     return sip == c.ul_ip or sip == c.dr_ip
 
 
+_ip_cache: dict[str, str] = {}
+
+
+def _ip_of(addr: str) -> str | None:
+    ip = address_ip(addr)
+    if ip is not None:
+        if len(_ip_cache) > 10000:
+            _ip_cache.clear()
+        _ip_cache[addr] = ip
+    return ip
+
+
 def prepare(rec: Record, raw_for_id: bytes) -> None:
     """Set the join fields of a freshly parsed record: span id, own trace id, group key, 4-tuple."""
     f = rec.f
@@ -300,9 +315,20 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
     rec.dr = f.get("downstream_remote_address")
     rec.dl = f.get("downstream_local_address")
     rec.ul_ip = address_ip(rec.ul)
-    rec.uh_ip = address_ip(rec.uh)
     rec.dr_ip = address_ip(rec.dr)
-    rec.dl_ip = address_ip(rec.dl)
+    # upstream_host and downstream_local_address repeat (pods and their ports): their ips are cached.
+    uh = rec.uh
+    if uh is None:
+        rec.uh_ip = None
+    else:
+        ip = _ip_cache.get(uh)
+        rec.uh_ip = ip if ip is not None else _ip_of(uh)
+    dl = rec.dl
+    if dl is None:
+        rec.dl_ip = None
+    else:
+        ip = _ip_cache.get(dl)
+        rec.dl_ip = ip if ip is not None else _ip_of(dl)
     rec.tstate = f.get("tracestate") if rec.tp is not None else None
     sni = f.get("requested_server_name")
     rec.sni_ident = None

@@ -23,6 +23,8 @@ _V: list[bytes] = [bytes((i,)) for i in range(128)] + [bytes(((i & 0x7F) | 0x80,
 def varint(n: int) -> bytes:
     if 0 <= n < 16384:
         return _V[n]
+    if 0 < n < 2097152:  # three bytes: ports, body sizes
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     if n < 0:
         n &= (1 << 64) - 1  # int64 two's complement, 10 bytes
     out = bytearray()
@@ -108,26 +110,39 @@ def keyvalue_body(key: str, v: Any) -> bytes:
 class Key:
     """An attribute key with its encoded prefix, so each attribute costs one concatenation."""
 
-    __slots__ = ("name", "prefix", "plen")
+    __slots__ = ("name", "prefix", "plen", "heads", "ints")
 
     def __init__(self, name: str):
         self.name = name
         self.prefix = ld(KV_KEY, name.encode()) + KV_VALUE
         self.plen = len(self.prefix)
+        # Everything before a short string value depends only on its length: encoded once per length.
+        self.heads: dict[int, bytes] = {}
+        self.ints: dict[int, bytes] = {}  # whole attributes for the int values seen (bounded)
 
     def s(self, value: str) -> bytes:
         b = value.encode()
         n = len(b)
+        head = self.heads.get(n)
+        if head is not None:
+            return head + b
         if n < 120 and self.plen + n < 124:
             # KeyValue{key, value: AnyValue{string_value}}: every length fits one varint byte.
-            return b"".join((T_KV, _V[self.plen + n + 3], self.prefix, _V[n + 2], AV_STRING, _V[n], b))
+            head = self.heads[n] = b"".join((T_KV, _V[self.plen + n + 3], self.prefix, _V[n + 2], AV_STRING, _V[n]))
+            return head + b
         av = ld(AV_STRING, b)
         return ld(T_KV, self.prefix + varint(len(av)) + av)
 
     def i(self, value: int) -> bytes:
+        blob = self.ints.get(value)
+        if blob is not None and value.__class__ is int:
+            return blob
         av = AV_INT + (_V[value] if 0 <= value < 16384 else varint(value))
         inner = self.prefix + _V[len(av)] + av
-        return T_KV + _V[len(inner)] + inner
+        blob = T_KV + _V[len(inner)] + inner
+        if value.__class__ is int and len(self.ints) < 4096:
+            self.ints[value] = blob
+        return blob
 
     def b(self, value: bool) -> bytes:
         inner = self.prefix + b"\x02" + AV_BOOL + (b"\x01" if value else b"\x00")
@@ -146,8 +161,11 @@ def status(code: int, message: str = "") -> bytes:
     return ld(SPAN_STATUS, body) if body else b""
 
 
+_pack_times = struct.Struct("<BQBQ").pack
+
+
 def span_times(start_ns: int, end_ns: int) -> bytes:
-    return SPAN_START + _pack_q(start_ns) + SPAN_END + _pack_q(end_ns)
+    return _pack_times(0x39, start_ns, 0x41, end_ns)  # SPAN_START, SPAN_END: fixed64 each
 
 
 def span_header(trace_id: bytes, span_id: bytes, parent_id: bytes | None, flags: int, trace_state: str = "") -> bytes:
@@ -159,9 +177,37 @@ def span_header(trace_id: bytes, span_id: bytes, parent_id: bytes | None, flags:
     return head + SPAN_FLAGS + _pack_i(flags)
 
 
+_FLAGS_FIELD: dict[int, bytes] = {}
+
+
+def span_message(trace_id: bytes, span_id: bytes, parent_id: bytes | None, flags: int, trace_state: str,
+                 body: bytes, tail: bytes) -> bytes:
+    """`wrap_span(span_header(…) + body + tail)` in one join: the body is copied once."""
+    if trace_state:
+        return wrap_span_parts(span_header(trace_id, span_id, parent_id, flags, trace_state), body, tail)
+    fl = _FLAGS_FIELD.get(flags)
+    if fl is None:
+        fl = SPAN_FLAGS + _pack_i(flags)
+        if len(_FLAGS_FIELD) < 64:
+            _FLAGS_FIELD[flags] = fl
+    if parent_id:
+        n = 12 + len(trace_id) + len(span_id) + len(parent_id) + len(body) + len(tail)
+        return b"".join((b"\x12", _V[n] if n < 16384 else varint(n), SPAN_TRACE_ID, trace_id, SPAN_SPAN_ID, span_id,
+                         SPAN_PARENT_ID, parent_id, fl, body, tail))
+    n = 10 + len(trace_id) + len(span_id) + len(body) + len(tail)
+    return b"".join((b"\x12", _V[n] if n < 16384 else varint(n), SPAN_TRACE_ID, trace_id, SPAN_SPAN_ID, span_id,
+                     fl, body, tail))
+
+
 def wrap_span(payload: bytes) -> bytes:
     """A Span as the `spans` (2) field of ScopeSpans."""
     return ld(b"\x12", payload)
+
+
+def wrap_span_parts(head: bytes, body: bytes, tail: bytes) -> bytes:
+    """`wrap_span(head + body + tail)` with one copy of the (large) body instead of two."""
+    n = len(head) + len(body) + len(tail)
+    return b"".join((b"\x12", _V[n] if n < 16384 else varint(n), head, body, tail))
 
 
 def resource(attrs: Iterable[tuple[str, Any]]) -> bytes:

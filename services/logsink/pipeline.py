@@ -129,9 +129,8 @@ class Pipeline:
             pid = rec.ext_parent
             remote = pid is not None
         flags = w.FLAG_SAMPLED | w.FLAG_HAS_IS_REMOTE | (w.FLAG_IS_REMOTE if remote else 0)
-        head = w.span_header(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "")
         link = self._link_attr.get(rec.joined_by, b"") if pid is not None else b""
-        span = w.wrap_span(head + rec.body + link)
+        span = w.span_message(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "", rec.body, link)
         if self.istio is not None:
             self._observe(rec, ident)
         if self.traces is not None:

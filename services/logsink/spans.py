@@ -99,6 +99,11 @@ _CLUSTER: dict = _cache()
 _FLAGS: dict = _cache()
 _ETYPE: dict = _cache()
 _CLIENT_ADDR: dict = _cache()
+_K_URL_FULL = K["url.full"]
+_K_URL_PATH = K["url.path"]
+_K_URL_QUERY = K["url.query"]
+_K_REQ_SIZE = K["http.request.body.size"]
+_K_RESP_SIZE = K["http.response.body.size"]
 _SCHEME_HTTP = Key("url.scheme").s("http")
 _TRANSPORT_TCP = Key("network.transport").s("tcp")
 _KIND = {KIND_SERVER: SPAN_KIND + b"\x02", KIND_CLIENT: SPAN_KIND + b"\x03"}
@@ -160,6 +165,23 @@ def _peer_blob(addr: str) -> bytes:
     return out
 
 
+_PEER_IP: dict = _cache()
+_PEER_PORT = K["network.peer.port"]
+
+
+def _peer_blob_fast(addr: str) -> bytes:
+    """`_peer_blob` for `ip:port` addresses whose port changes on every connection: the address part is cached
+    per ip, the port part per port."""
+    if addr[:1] != "[":
+        host, sep, port = addr.rpartition(":")
+        if sep and len(port) <= 5 and port.isdigit() and port.isascii() and ":" not in host:
+            a = _PEER_IP.get(host)
+            if a is None:
+                a = _fill(_PEER_IP, host, K["network.peer.address"].s(host) if host else b"")
+            return a + _PEER_PORT.i(int(port))
+    return _peer_blob(addr)
+
+
 def span_name(rec: Record) -> str:
     f = rec.f
     if rec.http:
@@ -203,7 +225,12 @@ def encode_body(rec: Record) -> bytes:
     kind = rec.kind
     cl = rec.cluster
 
-    name = span_name(rec)
+    if rec.http:
+        name = get("method")
+        if name not in KNOWN_METHODS:
+            name = "HTTP"
+    else:
+        name = span_name(rec)
     add(_NAME.get(name) or _fill(_NAME, name, ld(SPAN_NAME, name.encode())))
     add(_KIND[kind])
     add(span_times(rec.start_ns, rec.end_ns))
@@ -232,7 +259,7 @@ def encode_body(rec: Record) -> bytes:
             if path:
                 host = authority or (cl.host if cl is not None else "")
                 if host:
-                    add(K["url.full"].s(f"http://{host}{path}"))
+                    add(_K_URL_FULL.s(f"http://{host}{path}"))
             uh = get("upstream_host")
             if uh:
                 add(_PEER.get(uh) or _fill(_PEER, uh, _peer_blob(uh)))
@@ -246,10 +273,10 @@ def encode_body(rec: Record) -> bytes:
             if path:
                 q = path.find("?")
                 if q >= 0:
-                    add(K["url.path"].s(path[:q]))
-                    add(K["url.query"].s(path[q + 1 :]))
+                    add(_K_URL_PATH.s(path[:q]))
+                    add(_K_URL_QUERY.s(path[q + 1 :]))
                 else:
-                    add(K["url.path"].s(path))
+                    add(_K_URL_PATH.s(path))
             add(_SCHEME_HTTP)
             xff = get("x_forwarded_for")
             dra = get("downstream_remote_address")
@@ -260,13 +287,13 @@ def encode_body(rec: Record) -> bytes:
             if client:
                 add(_CLIENT_ADDR.get(client) or _fill(_CLIENT_ADDR, client, K["client.address"].s(client)))
             if dra:
-                add(_peer_blob(dra))
+                add(_peer_blob_fast(dra))
         br = get("bytes_received")
         if br is not None:
-            add(K["http.request.body.size"].i(br))
+            add(_K_REQ_SIZE.i(br))
         bs = get("bytes_sent")
         if bs is not None:
-            add(K["http.response.body.size"].i(bs))
+            add(_K_RESP_SIZE.i(bs))
     else:
         add(_TRANSPORT_TCP)
         if kind == KIND_CLIENT:
@@ -310,6 +337,9 @@ def encode_body(rec: Record) -> bytes:
                     _extra_keys[k] = key
             add(key.any(v))
 
+    rc = get("response_code")
+    if rec.http and rc.__class__ is int and 0 < rc < 500 and (rc < 400 or kind == KIND_SERVER):
+        return b"".join(parts)  # the common case: no error status (see _status)
     code, etype, msg = _status(rec)
     if code:
         add(_ETYPE.get(etype) or _fill(_ETYPE, etype, K["error.type"].s(etype)))
