@@ -114,14 +114,6 @@ _SPEC: dict[str, tuple[int, Key | None, dict | None]] = {
     **{k: (_X, None, None) for k in OTHER_KNOWN},
 }
 
-# Known field → {logged value → (normalized value, encoded attribute or None)}: the fields' values repeat from
-# line to line, so a line usually validates, normalizes and encodes each of them with one dict lookup. Only str
-# and int values are cached (a bool or float would hash equal to an int), and not the per-request fields.
-_NOT_VALUE_CACHED = _UNCACHED | {"path"}
-_VALUES: dict[str, dict] = {k: {} for k in STRING_FIELDS + INT_FIELDS if k not in _NOT_VALUE_CACHED}
-_VALUES_MAX = 4096
-_SAME = object()  # the logged value is already the normalized one
-
 _INT_LIMIT = {"response_code": 999}
 _MAX_INT = (1 << 63) - 1
 
@@ -349,48 +341,29 @@ def record_from_dict(
     The same single pass over the fields encodes the ones that become `envoy.<field>` attributes unchanged
     (`Record.env`), since that pass is the logsink's hottest loop."""
     env: list[bytes] = []
-    add = env.append
     extra = None
     spec_of = _SPEC.get
-    values_of = _VALUES.get
     for k, v in d.items():
-        if v is None:
-            continue  # null: absent for a known field, and an unknown one carries nothing either
-        vc = values_of(k)
-        if vc is not None:
-            # Only str values are cached: an int key would also match a bool or a float (True == 1 == 1.0).
-            try:
-                hit = vc.get(v)
-            except TypeError:  # unhashable (a list or an object): the slow path reports it
-                hit = None
-            if hit is not None:
-                if hit[0] is not _SAME:
-                    d[k] = hit[0]
-                if hit[1] is not None:
-                    add(hit[1])
-                continue
         spec = spec_of(k)
         if spec is None:
-            if extra is None:
-                extra = {}
-            extra[k] = v  # unknown: kept as logged (even "-": nothing says it means absent there)
+            if v is not None:
+                if extra is None:
+                    extra = {}
+                extra[k] = v  # unknown: kept as logged (even "-": nothing says it means absent there)
+            continue
+        if v is None:
             continue
         t, key, cache = spec
-        logged = v
         if t == _S:
             if v.__class__ is not str:
                 raise BadLine(f"{k}: expected a string, got {_show(v)}", "wrong_type", k)
             if v == "-" or v == "":
                 d[k] = None
-                if vc is not None:
-                    _remember(vc, logged, None, None)
                 continue
         elif t == _I:
             if v.__class__ is not int:
                 if v.__class__ is str and (v == "-" or v == ""):
                     d[k] = None
-                    if vc is not None:
-                        _remember(vc, logged, None, None)
                     continue
                 v = _int_value(k, v)
                 d[k] = v
@@ -398,10 +371,9 @@ def record_from_dict(
                 _int_value(k, v)
         else:
             continue  # start_time, response_flags, grpc_status: handled below
-        blob = None
         if key is not None:
             if cache is None:
-                blob = key.s(v)
+                env.append(key.s(v))
             else:
                 blob = cache.get(v)
                 if blob is None:
@@ -409,9 +381,7 @@ def record_from_dict(
                     if len(cache) >= _CACHE_MAX:
                         cache.clear()
                     cache[v] = blob
-            add(blob)
-        if vc is not None and logged.__class__ is str:
-            _remember(vc, logged, _SAME if v is logged else v, blob)
+                env.append(blob)
 
     rec = Record()
     rec.raw = raw
@@ -473,12 +443,6 @@ def record_from_dict(
     tp = d.get("traceparent")
     rec.tp = parse_traceparent(tp) if tp else None
     return rec
-
-
-def _remember(vc: dict, logged: str, value: object, blob: bytes | None) -> None:
-    if len(vc) >= _VALUES_MAX:
-        vc.clear()
-    vc[logged] = (value, blob)
 
 
 def _kind(cl: ClusterName | None, d: dict) -> int:
