@@ -146,6 +146,14 @@ class PeerMap:
         return len(self._m)
 
 
+_unknowns: dict[str | None, Identity] = {}
+
+
 def unknown(ip: str | None) -> Identity:
     """The OpenTelemetry fallback name, made distinct per pod so unknown callers stay apart in Jaeger."""
-    return Identity.of(f"unknown_service:{ip}" if ip else "unknown_service")
+    hit = _unknowns.get(ip)
+    if hit is None:
+        if len(_unknowns) > 10000:
+            _unknowns.clear()
+        hit = _unknowns[ip] = Identity.of(f"unknown_service:{ip}" if ip else "unknown_service")
+    return hit

@@ -118,6 +118,7 @@ _INT_LIMIT = {"response_code": 999}
 _MAX_INT = (1 << 63) - 1
 
 _ABSENT = frozenset({"-", ""})
+_ZERO_UUID = bytes(16)
 
 
 class BadLine(ValueError):
@@ -239,7 +240,7 @@ def normalize_request_id(rid: str) -> bytes:
             b = b""
         if len(b) == 16:
             b[6] = (b[6] & 0x0F) | 0x40
-            if any(b):
+            if b != _ZERO_UUID:
                 return bytes(b)
     import hashlib
 
@@ -344,14 +345,13 @@ def record_from_dict(
     extra = None
     spec_of = _SPEC.get
     for k, v in d.items():
+        if v is None:
+            continue  # null: absent for a known field, and an unknown one carries nothing either
         spec = spec_of(k)
         if spec is None:
-            if v is not None:
-                if extra is None:
-                    extra = {}
-                extra[k] = v  # unknown: kept as logged (even "-": nothing says it means absent there)
-            continue
-        if v is None:
+            if extra is None:
+                extra = {}
+            extra[k] = v  # unknown: kept as logged (even "-": nothing says it means absent there)
             continue
         t, key, cache = spec
         if t == _S:

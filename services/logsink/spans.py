@@ -298,16 +298,24 @@ def encode_body(rec: Record) -> bytes:
         add(_TRANSPORT_TCP)
         if kind == KIND_CLIENT:
             if cl is not None and cl.host:
-                add(_server_blob(cl.host, cl.port))
+                skey = ("tcp>", cl.raw)
+                blob = _SERVER.get(skey)
+                if blob is None:
+                    blob = _fill(_SERVER, skey, _server_blob(cl.host, cl.port))
+                add(blob)
             peer = get("upstream_host")
         else:
             dla = get("downstream_local_address")
             if dla:
-                h, p = split_address(dla)
-                add(_server_blob(h, p))
+                skey = ("tcp<", dla)
+                blob = _SERVER.get(skey)
+                if blob is None:
+                    h, p = split_address(dla)
+                    blob = _fill(_SERVER, skey, _server_blob(h, p))
+                add(blob)
             peer = get("downstream_remote_address")
         if peer:
-            add(_peer_blob(peer))
+            add(_peer_blob_fast(peer))
         br = get("bytes_received")
         if br is not None:
             add(K["envoy.bytes_received"].i(br))
@@ -337,9 +345,14 @@ def encode_body(rec: Record) -> bytes:
                     _extra_keys[k] = key
             add(key.any(v))
 
-    rc = get("response_code")
-    if rec.http and rc.__class__ is int and 0 < rc < 500 and (rc < 400 or kind == KIND_SERVER):
-        return b"".join(parts)  # the common case: no error status (see _status)
+    # The common cases need no status (see _status): an HTTP answer below 400 (500 on the server side), a TCP
+    # connection without failure flags or TLS failure.
+    if rec.http:
+        rc = get("response_code")
+        if rc.__class__ is int and 0 < rc < 500 and (rc < 400 or kind == KIND_SERVER):
+            return b"".join(parts)
+    elif not rec.flags and not get("upstream_transport_failure_reason"):
+        return b"".join(parts)
     code, etype, msg = _status(rec)
     if code:
         add(_ETYPE.get(etype) or _fill(_ETYPE, etype, K["error.type"].s(etype)))
