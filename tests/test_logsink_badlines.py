@@ -117,3 +117,34 @@ async def test_service_file_input_bad_lines(tmp_path):
     finally:
         await sink.stop()
         await recv.stop()
+
+
+# Envoy's all-strings format writes "-" for numbers it has no value for (no response, no body), and logs may
+# carry connection_id as a number; both once crashed the pipeline instead of becoming spans.
+ABSENT_NUMBERS = orjson.dumps({
+    "start_time": "2021-02-18T07:08:50.031Z", "method": "GET", "path": "/", "protocol": "HTTP/1.1",
+    "response_code": "-", "response_flags": "UF", "bytes_received": "-", "bytes_sent": "-", "duration": "-",
+    "upstream_cluster": "outbound|80||webserverv1.default.svc.cluster.local",
+    "downstream_remote_address": "10.200.0.131:44728", "downstream_local_address": "10.200.1.246:80",
+    "request_id": "967f8e1a-dbc0-4cce-ad53-ce6a27d5e54c", "authority": "webserverv1"})
+CONNECTION_ID = orjson.dumps({
+    "start_time": "2021-02-18T07:08:50.031Z", "method": "GET", "path": "/", "protocol": "HTTP/1.1",
+    "response_code": 200, "duration": 1, "connection_id": 7,
+    "upstream_cluster": "outbound|80||webserverv1.default.svc.cluster.local",
+    "downstream_remote_address": "10.200.0.131:44729", "downstream_local_address": "10.200.1.246:80",
+    "request_id": "967f8e1a-dbc0-4cce-ad53-ce6a27d5e54d", "authority": "webserverv1"})
+
+
+def test_absent_numbers_and_connection_id_become_spans_with_istio_metrics_on(tmp_path):
+    from services.logsink.metrics import IstioMetrics
+
+    out = Collected()
+    p = Pipeline(out, dead=DeadLetters(tmp_path / "dead.jsonl"), window=0.01, istio=IstioMetrics())
+    assert p.feed_line(ABSENT_NUMBERS, Source("x"), now=0.0)
+    assert p.feed_line(CONNECTION_ID, Source("x"), now=0.0)
+    p.flush()
+    assert p.stats.bad_total == 0
+    spans = {s.attributes["envoy.request_id"]: s for s in out.spans()}
+    failed = spans["967f8e1a-dbc0-4cce-ad53-ce6a27d5e54c"]
+    assert "http.response.status_code" not in failed.attributes and failed.status_code == 2  # UF: an error
+    assert spans["967f8e1a-dbc0-4cce-ad53-ce6a27d5e54d"].attributes["envoy.connection_id"] == 7

@@ -373,7 +373,7 @@ def record_from_dict(
             continue  # start_time, response_flags, grpc_status: handled below
         if key is not None:
             if cache is None:
-                env.append(key.s(v))
+                env.append(key.s(v) if t == _S else key.i(v))
             else:
                 blob = cache.get(v)
                 if blob is None:

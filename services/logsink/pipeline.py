@@ -103,11 +103,12 @@ class Pipeline:
         f = rec.f
         if self.istio is not None:
             rec.mvals = (
-                f.get("response_code", 0),
+                # absent values ("-") are stored as None, so `or` supplies the default
+                f.get("response_code") or 0,
                 ",".join(rec.flags),
-                f.get("duration", (rec.end_ns - rec.start_ns) // 1_000_000),
-                f.get("bytes_received", 0),
-                f.get("bytes_sent", 0),
+                f.get("duration") if f.get("duration") is not None else (rec.end_ns - rec.start_ns) // 1_000_000,
+                f.get("bytes_received") or 0,
+                f.get("bytes_sent") or 0,
                 "grpc" if "grpc_status" in f else "http",
                 (f.get("authority") or "").rsplit(":", 1)[0],
             )

@@ -196,7 +196,7 @@ def span_name(rec: Record) -> str:
 def _status(rec: Record) -> tuple[int, str, str]:
     """(status code, error.type, status message) per the HTTP semconv rules; TCP errors come from flags."""
     f = rec.f
-    code = f.get("response_code", 0)
+    code = f.get("response_code") or 0  # "-" (no response) is stored as None
     flags = rec.flags
     if rec.http:
         if code >= 500 or (code >= 400 and rec.kind == KIND_CLIENT):
