@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,6 +30,36 @@ def redis_server(tmp_path):
         yield p
     finally:
         p.stop()
+
+
+@pytest.fixture
+def control_plane(tmp_path):
+    """Real registry and translator processes over private NATS and Redis (services/mesh/stack.py)."""
+    from services.mesh.stack import Stack
+
+    s = Stack(tmp_path)
+    try:
+        s.start(services=("registry", "translator"))
+        yield s
+    finally:
+        s.stop()
+
+
+@contextlib.contextmanager
+def grpc_server(add_servicer, servicer):
+    """A real gRPC server for `servicer` on a free loopback port; yields (port, servicer)."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    add_servicer(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port, servicer
+    finally:
+        server.stop(grace=0)
 
 
 def is_root() -> bool:

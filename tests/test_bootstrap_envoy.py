@@ -14,16 +14,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from services.cli.main import main as mizzen
 from services.mesh import procs, xds_types
 from services.sidecar import bootstrap as bs
+from tests.conftest import grpc_server
 from tests.test_bootstrap_unit import SEED_LOG_LINE, SEED_STATIC_CLUSTERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,17 +59,8 @@ class RecordingADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 )
 
 
-@contextlib.contextmanager
 def ads_server():
-    servicer = RecordingADS()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield port, servicer
-    finally:
-        server.stop(grace=0)
+    return grpc_server(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server, RecordingADS())
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

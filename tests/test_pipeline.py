@@ -22,13 +22,8 @@ WEBSERVERV1 = "sidecar~10.200.0.135~webserverv1-84596579c6-xxvhd.default~default
 
 
 @pytest.fixture
-def stack(tmp_path):
-    s = Stack(tmp_path)
-    try:
-        s.start(services=("registry", "translator"))
-        yield s
-    finally:
-        s.stop()
+def stack(control_plane):
+    return control_plane
 
 
 def apply(stack: Stack, path) -> subprocess.CompletedProcess:

@@ -10,16 +10,15 @@ import json
 import time
 import urllib.request
 import uuid
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from services.cli import proxy_config, tables
 from services.mesh import procs, xds_types
 from services.mesh.configdump import config_dump_for_snapshot, parse_config_dump
 from services.sidecar.bootstrap import build_bootstrap
+from tests.conftest import grpc_server
 from tests.test_proxy_config_support import POD, istio17_resources, parse_resources
 
 
@@ -49,17 +48,8 @@ class SnapshotADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             yield resp
 
 
-@contextlib.contextmanager
 def ads_server(resources: dict):
-    servicer = SnapshotADS(resources)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield port, servicer
-    finally:
-        server.stop(grace=0)
+    return grpc_server(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server, SnapshotADS(resources))
 
 
 @contextlib.contextmanager

@@ -14,18 +14,12 @@ import pytest
 
 from services.cli import proxy_config
 from services.cli import resources as resources_cli
-from services.mesh.stack import Stack
 from tests.test_proxy_config_support import POD, SEED_MESH
 
 
 @pytest.fixture
-def stack(tmp_path):
-    s = Stack(tmp_path)
-    try:
-        s.start(services=("registry", "translator"))
-        yield s
-    finally:
-        s.stop()
+def stack(control_plane):
+    return control_plane
 
 
 def pc(capsys, *argv: str) -> str:
