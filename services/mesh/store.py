@@ -3,7 +3,7 @@
 Layout:
   config:objects   hash  `Kind/ns/name` → JSON object (metadata.resourceVersion = revision of its last write)
   config:rev       int   one monotonic revision, bumped once per committed write, in the same transaction
-  config:log       stream of {rev, keys} so a late reader can tell what changed
+  config:log       stream of {rev, keys}: the change history (bounded), for tools and watchers
 """
 
 from __future__ import annotations
@@ -117,6 +117,13 @@ class ConfigStore:
         v = await self.r.hget(OBJECTS, key)
         return orjson.loads(v) if v else None
 
+    async def get_many(self, keys: list[str]) -> dict[str, dict]:
+        """The stored objects among `keys`, in one round trip."""
+        if not keys:
+            return {}
+        vals = await self.r.hmget(OBJECTS, keys)
+        return {k: orjson.loads(v) for k, v in zip(keys, vals, strict=True) if v is not None}
+
     async def existing(self, keys: list[str]) -> list[str]:
         if not keys:
             return []
@@ -141,13 +148,3 @@ class ConfigStore:
         ]
         out.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return rev, out
-
-    async def changes_since(self, revision: int, block_ms: int = 0) -> list[Change]:
-        """Log entries with a revision above `revision` (the log is bounded; callers re-list if it was trimmed)."""
-        entries = await self.r.xrange(LOG, "-", "+") if not block_ms else []
-        out = []
-        for _id, fields in entries:
-            rev = int(fields[b"rev"])
-            if rev > revision:
-                out.append(Change(rev, orjson.loads(fields[b"keys"])))
-        return out

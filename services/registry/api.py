@@ -84,11 +84,7 @@ class RegistryAPI:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
         keys = [key_of(o) for o in objects]
-        current = {}
-        for k in keys:
-            old = await self.store.get(k)
-            if old is not None:
-                current[k] = old
+        current = await self.store.get_many(keys)
         results, changed = [], []
         for k, obj in zip(keys, objects, strict=True):
             old = current.get(k)
