@@ -174,7 +174,7 @@ class Sidecar:
 
     def log_entries(self) -> list[dict]:
         """The JSON access-log lines: from the bootstrap's --access-log file, or from Envoy's own output when the
-        snapshot's loggers write to /dev/stdout (the translator does not read the path from node metadata)."""
+        snapshot's loggers still write to /dev/stdout (built before the proxy connected with its metadata)."""
         lines: list[str] = []
         for path in (self.access_log, self.proc.log_path):
             if path is not None and path.exists():
@@ -319,6 +319,12 @@ class E2E:
         car.sds.wait_acked("default", "ROOTCA", timeout=timeout)
         eventually(lambda: {"virtualOutbound", "virtualInbound"} <= car.listeners(), timeout,
                    what=f"{car.pod_name}: virtualOutbound and virtualInbound listening")
+        # The translator rebuilds a proxy once it connects (its node metadata names its access-log file), which
+        # updates every listener once; wait for that update to land and the old filter chains to drain, so
+        # traffic and access-log lookups never race it.
+        path = str(car.access_log)
+        eventually(lambda: path in json.dumps(car.section("ListenersConfigDump")) and car.settled(), timeout,
+                   what=f"{car.pod_name}: listeners logging to {path}, nothing draining")
 
 
 # --- traffic ----------------------------------------------------------------------------------------------
