@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -343,27 +344,36 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
 def start_stack(tmp: Path) -> tuple[dict, list]:
     from services.mesh import procs
 
-    nats = procs.start_nats(tmp / "logs", jetstream=False)
-    redis = procs.start_redis(tmp / "logs")
-    port, http_port = procs.free_port(), procs.free_port()
-    gw = procs.spawn("xds-gateway", [sys.executable, "-m", "services.xds_gateway", "--port", str(port),
-                                     "--http-port", str(http_port), "--nats-url", nats.meta["url"],
-                                     "--redis-url", redis.meta["url"], "--replica-id", "bench",
-                                     "--resync-interval", "600", "--log-level", "warning"],
-                     tmp / "logs", env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        raise RuntimeError("gateway not ready: " + gw.log_text()[-2000:])
+    started: list = []
+    try:
+        nats = procs.start_nats(tmp / "logs", jetstream=False)
+        started.append(nats)
+        redis = procs.start_redis(tmp / "logs")
+        started.append(redis)
+        port, http_port = procs.free_port(), procs.free_port()
+        gw = procs.spawn("xds-gateway", [sys.executable, "-m", "services.xds_gateway", "--port", str(port),
+                                         "--http-port", str(http_port), "--nats-url", nats.meta["url"],
+                                         "--redis-url", redis.meta["url"], "--replica-id", "bench",
+                                         "--resync-interval", "600", "--log-level", "warning"],
+                         tmp / "logs", env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        started.insert(0, gw)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("gateway not ready: " + gw.log_text()[-2000:])
+    except BaseException:
+        for p in started:  # nothing this bench started outlives a failed start
+            p.stop()
+        raise
     stack = {"nats": nats.meta["url"], "redis": redis.meta["url"], "port": port,
              "http": f"127.0.0.1:{http_port}", "pid": gw.pid}
-    return stack, [gw, redis, nats]
+    return stack, started
 
 
 def main() -> int:
@@ -382,6 +392,8 @@ def main() -> int:
     ap.add_argument("--gateway-http")
     ap.add_argument("--gateway-pid", type=int)
     args = ap.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds through the `finally` below, which stops what the bench started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     global MEMO_LAYERS
     MEMO_LAYERS = not args.no_memo_layers
     owned: list = []
