@@ -208,3 +208,54 @@ def test_connected_proxy_metadata_shapes_its_snapshot(stack, tmp_path):
     before, after = asyncio.run(run())
     assert before == {"/dev/stdout"}
     assert after == {log_path}
+
+
+def test_translator_sweeps_snapshot_data_no_proxy_uses(tmp_path):
+    """Layers and resources of replaced snapshots are deleted after two sweeps; live snapshots stay whole."""
+    s = Stack(tmp_path)
+    try:
+        s.start_infra()
+        s.start_service("registry")
+        s.start_service("translator", extra=["--gc-interval", "0.5"])
+        assert apply(s, SEED_MESH).returncode == 0
+        wait_translated(s, request("GET", s.registry_url + "/version")["revision"])
+        first = asyncio.run(snapshot_digest(s.redis_url))[WEBSERVERV1]
+        extra = tmp_path / "dr.yaml"
+        extra.write_text("""apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: proxy, namespace: default}
+spec:
+  host: proxy
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}}}
+""")
+        assert apply(s, extra).returncode == 0
+        wait_translated(s, request("GET", s.registry_url + "/version")["revision"])
+        old_cluster = first["index"][CLUSTER]["outbound|80||proxy.default.svc.cluster.local"]
+
+        async def swept() -> bool:
+            r = aioredis.from_url(s.redis_url)
+            deadline = time.monotonic() + 20
+            try:
+                while time.monotonic() < deadline:
+                    if not await r.exists("snapres:" + old_cluster):
+                        return True
+                    await asyncio.sleep(0.2)
+                return False
+            finally:
+                await r.aclose()
+
+        assert asyncio.run(swept()), "the replaced cluster's bytes were never collected"
+
+        async def load_all() -> int:
+            r = aioredis.from_url(s.redis_url)
+            store = SnapshotStore(r)
+            n = 0
+            for p in await store.proxies():
+                msgs = await store.load_messages(p)  # raises if anything it names was collected
+                n += sum(len(v) for v in msgs.values())
+            await r.aclose()
+            return n
+
+        assert asyncio.run(load_all()) > 0
+    finally:
+        s.stop()

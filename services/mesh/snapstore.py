@@ -117,7 +117,6 @@ class SnapshotStore:
         self.r = redis
         self._res_cache: _LRU = _LRU(cache_limit)  # hash → bytes (immutable, so safe to cache)
         self._layer_cache: _LRU = _LRU(10_000)  # hash → index
-        self._written: _LRU = _LRU(cache_limit)  # hashes this process already stored
         self._versions_cache: _LRU = _LRU(10_000)  # layer-hash tuple → type versions
 
     # ---- writer side (translator) ----
@@ -132,21 +131,26 @@ class SnapshotStore:
         between proxies (a raw layer is prepared here, on every call)."""
         prepared_items = [(proxy, [lay if isinstance(lay, PreparedLayer) else prepare_layer(lay) for lay in layers])
                           for proxy, layers in items]
-        pipe = self.r.pipeline(transaction=False)
-        for _proxy, prepared in prepared_items:
-            for lay in prepared:
-                if lay.hash in self._written:
-                    continue
+        # Write each distinct layer that Redis lacks: its resources first, then the layer, so a stored layer
+        # always has its resources (garbage collection deletes unreferenced layers with their resources).
+        distinct = {lay.hash: lay for _proxy, prepared in prepared_items for lay in prepared}
+        hashes = list(distinct)
+        probe = self.r.pipeline(transaction=False)
+        for h in hashes:
+            probe.exists(LAYER + h)
+        present = await probe.execute() if hashes else []
+        missing = [distinct[h] for h, n in zip(hashes, present, strict=True) if not n]
+        if missing:
+            pipe = self.r.pipeline(transaction=False)
+            for lay in missing:
                 for t, res in lay.resources.items():
                     for name, data in res.items():
-                        h = lay.index[t][name]
-                        if h not in self._written:
-                            pipe.set(RES + h, data, nx=True)
-                            self._written.put(h, True)
+                        pipe.set(RES + lay.index[t][name], data, nx=True)
+            await pipe.execute()
+            pipe = self.r.pipeline(transaction=False)
+            for lay in missing:
                 pipe.set(LAYER + lay.hash, lay.body, nx=True)
-                self._written.put(lay.hash, True)
-        if len(pipe):
-            await pipe.execute()  # resources before the manifests that name them
+            await pipe.execute()
         olds = await self.r.mget([MANIFEST + proxy for proxy, _ in prepared_items]) if prepared_items else []
         out: list[tuple[Manifest, bool]] = []
         async with self.r.pipeline(transaction=True) as tx:
@@ -180,6 +184,42 @@ class SnapshotStore:
             hit = {t: type_version(merged.get(t, {})) for t in PUSH_ORDER}
             self._versions_cache.put(key, hit)
         return dict(hit)
+
+    async def collect_garbage(self, candidates: set[str]) -> tuple[int, set[str]]:
+        """Delete layers and resources no manifest references. Two-phase, so a reader that has just loaded a
+        manifest can still fetch what it names: keys found unreferenced become candidates, and only keys that
+        were candidates last time too (and still are unreferenced) are deleted. Returns (deleted, candidates)
+        for the next call; call it no more often than a reader needs to finish a push (tens of seconds)."""
+        live_layers: set[str] = set()
+        for proxy in await self.proxies():
+            m = await self.manifest(proxy)
+            if m is not None:
+                live_layers.update(m.layers)
+        live_res: set[str] = set()
+        for lh in live_layers:
+            try:
+                idx = await self.layer(lh)
+            except KeyError:
+                continue
+            for entries in idx.values():
+                live_res.update(entries.values())
+        unreferenced: set[str] = set()
+        async for key in self.r.scan_iter(match=LAYER + "*", count=1000):
+            k = key.decode()
+            if k[len(LAYER):] not in live_layers:
+                unreferenced.add(k)
+        async for key in self.r.scan_iter(match=RES + "*", count=1000):
+            k = key.decode()
+            if k[len(RES):] not in live_res:
+                unreferenced.add(k)
+        doomed = sorted(unreferenced & candidates)
+        for i in range(0, len(doomed), 1000):
+            await self.r.delete(*doomed[i:i + 1000])
+        for k in doomed:
+            h = k.split(":", 1)[1]
+            self._layer_cache.pop(h, None)
+            self._res_cache.pop(h, None)
+        return len(doomed), unreferenced - set(doomed)
 
     async def remove(self, proxy: str) -> None:
         async with self.r.pipeline(transaction=True) as p:

@@ -39,6 +39,8 @@ class Metrics:
         self.revision = Gauge("mizzen_translator_revision", "Config revision of the last build", registry=self.registry)
         self.queue_depth = Gauge("mizzen_translator_pending_events", "Config events not yet built", registry=self.registry)
         self.errors = Counter("mizzen_translator_build_errors", "Rebuilds that failed", registry=self.registry)
+        self.gc_deleted = Counter("mizzen_translator_snapshot_gc_deleted", "Unreferenced snapshot layers and "
+                                  "resources deleted", registry=self.registry)
 
 
 def serialize_layers(layers: list[dict], cache: dict[int, PreparedLayer]) -> list[PreparedLayer]:
@@ -67,6 +69,7 @@ class Translator:
         self.built_revision = -1
         self.ready = False
         self.pending = 0
+        self.gc_candidates: set[str] = set()
 
     def poke(self) -> None:
         self.pending += 1
@@ -155,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debounce", type=float, default=float(settings.env("MIZZEN_TRANSLATOR_DEBOUNCE", "0.05")))
     p.add_argument("--resync-interval", type=float, default=float(settings.env("MIZZEN_TRANSLATOR_RESYNC", "30")),
                    help="seconds between revision checks, a safety net for lost events")
+    p.add_argument("--gc-interval", type=float, default=float(settings.env("MIZZEN_SNAPSHOT_GC_INTERVAL", "60")),
+                   help="seconds between sweeps of snapshot layers/resources no proxy references (0: never)")
     p.add_argument("--log-level", default=settings.env("MIZZEN_LOG_LEVEL", "info"))
     return p
 
@@ -185,11 +190,22 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             except Exception:  # noqa: BLE001 - Redis away; the next tick retries
                 pass
 
+    async def garbage_collector() -> None:
+        while args.gc_interval > 0 and not stop.is_set():
+            await asyncio.sleep(args.gc_interval)
+            try:
+                deleted, tr.gc_candidates = await tr.snapshots.collect_garbage(tr.gc_candidates)
+                metrics.gc_deleted.inc(deleted)
+            except Exception as e:  # noqa: BLE001 - Redis away; the next sweep retries
+                log.warning("snapshot garbage collection failed: %s", e)
+
     net = asyncio.create_task(safety_net())
+    gc = asyncio.create_task(garbage_collector())
     try:
         await tr.run(stop)
     finally:
         net.cancel()
+        gc.cancel()
         await runner.cleanup()
         await bus.close()
         await redis.aclose()
