@@ -189,7 +189,9 @@ class SnapshotStore:
         """Delete layers and resources no manifest references. Two-phase, so a reader that has just loaded a
         manifest can still fetch what it names: keys found unreferenced become candidates, and only keys that
         were candidates last time too (and still are unreferenced) are deleted. Returns (deleted, candidates)
-        for the next call; call it no more often than a reader needs to finish a push (tens of seconds)."""
+        for the next call; call it no more often than a reader needs to finish a push (tens of seconds).
+        Known gap: a writer that re-references a long-unreferenced layer between this sweep's mark and its
+        delete (milliseconds) loses it; a Lua delete-if-still-unreferenced would close that."""
         live_layers: set[str] = set()
         for proxy in await self.proxies():
             m = await self.manifest(proxy)
