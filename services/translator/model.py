@@ -6,9 +6,8 @@ Plain data classes with no Envoy types; `push_context.py` fills them from stored
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from ipaddress import ip_address
 
+from ..mesh.addresses import is_ip
 from . import protocol
 
 # Service resolution, as Istio's model.Resolution.
@@ -23,15 +22,6 @@ EXTERNAL = "External"
 
 UNSPECIFIED_IP = "0.0.0.0"
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
-
-
-@lru_cache(maxsize=65536)
-def is_ip(text: str) -> bool:
-    try:
-        ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def is_wildcard(host: str) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import re2
 
+from ..addresses import is_ip
 from ..errors import FieldError
 from .schema import index
 
@@ -348,14 +349,6 @@ def check_workload_selector(labels: dict, path: str, errs: Errs) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # IP addresses
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def ip_error(addr: str) -> str | None:
