@@ -83,6 +83,10 @@ class RegistryAPI:
         if errors:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
+        return await self.apply_valid(objects)
+
+    async def apply_valid(self, objects: list[dict]) -> dict:
+        """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce."""
         keys = [key_of(o) for o in objects]
         current = await self.store.get_many(keys)
         results, changed = [], []

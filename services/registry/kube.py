@@ -137,4 +137,4 @@ class KubeSource:
                 log.warning("skipping invalid object from kubernetes: %s", e)
             valid.extend(ok)
         if valid:
-            await self.registry.apply_documents([Document(SOURCE, i, o) for i, o in enumerate(valid)])
+            await self.registry.apply_valid(valid)
