@@ -33,9 +33,9 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.logsink.app import LogSink, Settings  # noqa: E402
-from services.logsink.identity import Source  # noqa: E402
-from services.logsink.pipeline import Pipeline  # noqa: E402
+from mizzen.services.logsink.app import LogSink, Settings  # noqa: E402
+from mizzen.services.logsink.identity import Source  # noqa: E402
+from mizzen.services.logsink.pipeline import Pipeline  # noqa: E402
 
 RECEIVER = textwrap.dedent(
     """

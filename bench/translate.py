@@ -27,9 +27,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from services.translator.proxy import Proxy  # noqa: E402
-from services.translator.push_context import PushContext  # noqa: E402
-from services.translator.snapshot import build_snapshot  # noqa: E402
+from mizzen.services.translator.proxy import Proxy  # noqa: E402
+from mizzen.services.translator.push_context import PushContext  # noqa: E402
+from mizzen.services.translator.snapshot import build_snapshot  # noqa: E402
 
 NAMESPACES = ("bench-a", "bench-b", "bench-c")
 

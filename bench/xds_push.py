@@ -46,7 +46,7 @@ def build_layers(services: int, proxies: int, generation: int):
     from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
     from google.protobuf import any_pb2, duration_pb2
 
-    from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+    from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
     ads = config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
                                          resource_api_version=config_source_pb2.V3)
@@ -119,9 +119,9 @@ async def write_snapshots(redis_url: str, nats_url: str | None, layers, n: int, 
     import nats
     import redis.asyncio as aioredis
 
-    from services.mesh.bus import snapshot_subject
-    from services.mesh.snapstore import SnapshotStore, prepare_layer
-    from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+    from mizzen.services.mesh.bus import snapshot_subject
+    from mizzen.services.mesh.snapstore import SnapshotStore, prepare_layer
+    from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
     shared, own, _, _ = layers
     if MEMO_LAYERS:
@@ -162,7 +162,7 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api) -> None:
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-    from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+    from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
     short = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
     names = {CLUSTER: [], LISTENER: [], ENDPOINT: eds_names, ROUTE: rds_names}
@@ -342,7 +342,7 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
 
 
 def start_stack(tmp: Path) -> tuple[dict, list]:
-    from services.mesh import procs
+    from mizzen.services.mesh import procs
 
     started: list = []
     try:
@@ -351,7 +351,7 @@ def start_stack(tmp: Path) -> tuple[dict, list]:
         redis = procs.start_redis(tmp / "logs")
         started.append(redis)
         port, http_port = procs.free_port(), procs.free_port()
-        gw = procs.spawn("xds-gateway", [sys.executable, "-m", "services.xds_gateway", "--port", str(port),
+        gw = procs.spawn("xds-gateway", [sys.executable, "-m", "mizzen.services.xds_gateway", "--port", str(port),
                                          "--http-port", str(http_port), "--nats-url", nats.meta["url"],
                                          "--redis-url", redis.meta["url"], "--replica-id", "bench",
                                          "--resync-interval", "600", "--log-level", "warning"],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.mesh import procs
+from mizzen.services.mesh import procs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED_MESH = FIXTURES / "seed-mesh"
@@ -35,7 +35,7 @@ def redis_server(tmp_path):
 @pytest.fixture
 def control_plane(tmp_path):
     """Real registry and translator processes over private NATS and Redis (services/mesh/stack.py)."""
-    from services.mesh.stack import Stack
+    from mizzen.services.mesh.stack import Stack
 
     s = Stack(tmp_path)
     try:

@@ -9,7 +9,7 @@ import copy
 import orjson
 from aiohttp import web
 
-from services.mesh.kinds import BY_PLURAL
+from mizzen.services.mesh.kinds import BY_PLURAL
 
 
 class FakeKubeAPI:

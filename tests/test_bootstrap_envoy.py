@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from services.cli.main import main as mizzen
-from services.mesh import procs, xds_types
-from services.sidecar import bootstrap as bs
+from mizzen.services.cli.main import main as mizzen
+from mizzen.services.mesh import procs, xds_types
+from mizzen.services.sidecar import bootstrap as bs
 from tests.conftest import grpc_server
 from tests.test_bootstrap_unit import SEED_LOG_LINE, SEED_STATIC_CLUSTERS
 
@@ -483,7 +483,7 @@ def test_cli_exec_becomes_envoy(tmp_path):
     out = tmp_path / "etc" / "istio" / "proxy" / "envoy-rev0.json"
     with ads_server() as (xds_port, ads):
         argv = [
-            sys.executable, "-m", "services.cli.main", "bootstrap",
+            sys.executable, "-m", "mizzen.services.cli.main", "bootstrap",
             "--pod", POD, "--namespace", "default", "--ip", "10.200.0.135",
             "--xds", f"127.0.0.1:{xds_port}", "--zipkin", f"127.0.0.1:{procs.free_port()}",
             "--listen-address", "127.0.0.1", "--access-log", str(tmp_path / "access.log"),

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from services.cli import bootstrap as cli
-from services.cli.main import main as mizzen
-from services.sidecar import bootstrap as bs
+from mizzen.services.cli import bootstrap as cli
+from mizzen.services.cli.main import main as mizzen
+from mizzen.services.sidecar import bootstrap as bs
 
 # The seed's example outbound access-log line (its keys are acceptance data; the values are a sample).
 SEED_LOG_LINE = {

@@ -21,15 +21,15 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from services.cli import bootstrap as bootstrap_cli
-from services.cli.main import COMMANDS
-from services.mesh import procs, settings, yamlio
-from services.mesh.validation import check_documents
+from mizzen.services.cli import bootstrap as bootstrap_cli
+from mizzen.services.cli.main import COMMANDS
+from mizzen.services.mesh import procs, settings, yamlio
+from mizzen.services.mesh.validation import check_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yaml"
-DEMO_APP_ARGV = ["python", "-m", "services.demo.echo"]  # the package's demo app, installed in the image
+DEMO_APP_ARGV = ["python", "-m", "mizzen.services.demo.echo"]  # the package's demo app, installed in the image
 DEMO_MESH = COMPOSE_DIR / "demo" / "mesh.yaml"
 
 # Variables read by programs other than Mizzen's services (Python itself).
@@ -246,7 +246,7 @@ def test_commands_are_real_mizzen_subcommands_or_the_demo_app():
 def test_command_flags_are_accepted(service):
     cmd = mizzen_commands()[service]
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", cmd[1], "--help"],
+        [sys.executable, "-m", "mizzen.services.cli.main", cmd[1], "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -276,7 +276,7 @@ def test_iptables_init_commands_run_in_dry_run():
         if cmd[:2] != ["mizzen", "iptables"]:
             continue
         result = subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "iptables", "--dry-run", *cmd[2:]],
+            [sys.executable, "-m", "mizzen.services.cli.main", "iptables", "--dry-run", *cmd[2:]],
             capture_output=True,
             text=True,
             timeout=60,
@@ -461,7 +461,7 @@ def demo_app(tmp_path: Path, *args: str):
     port = procs.free_port()
     proc = procs.spawn(
         f"demo-{port}",
-        [sys.executable, "-m", "services.demo.echo", "serve", "--bind", "127.0.0.1", "--http", str(port), *args],
+        [sys.executable, "-m", "mizzen.services.demo.echo", "serve", "--bind", "127.0.0.1", "--http", str(port), *args],
         tmp_path / "logs",
     )
     try:

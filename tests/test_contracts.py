@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import json_format
 
-from services.mesh.stack import Stack
+from mizzen.services.mesh.stack import Stack
 from tests.conftest import SEED_MESH
 
 ROOT = Path(__file__).resolve().parent.parent

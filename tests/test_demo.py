@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from services.demo import echo, mesh
-from services.mesh import procs
-from services.mesh.validation import check_documents
-from services.mesh.yamlio import Document
+from mizzen.services.demo import echo, mesh
+from mizzen.services.mesh import procs
+from mizzen.services.mesh.validation import check_documents
+from mizzen.services.mesh.yamlio import Document
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "MIZZEN_TEST_DEMO_MARK"  # read by no service: only inherited, to find the run's processes
@@ -212,7 +212,7 @@ def test_echo_app_by_path_reports_version_and_pod_and_loop_tallies_them(tmp_path
         assert r["status"] == 200
         assert (r["body"]["next"]["body"]["name"], r["body"]["next"]["body"]["path"]) == ("other", "/b")
         assert r["body"]["next"]["body"]["request_id"] == "rid-1"
-        res = subprocess.run([sys.executable, "-m", "services.demo.echo", "loop", f"http://127.0.0.1:{a_port}/",
+        res = subprocess.run([sys.executable, "-m", "mizzen.services.demo.echo", "loop", f"http://127.0.0.1:{a_port}/",
                               "--header", f"x-echo-next: http://127.0.0.1:{b_port}/", "--count", "5", "--every", "0",
                               "--summary", "60", "--label", "hello"],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -226,8 +226,8 @@ def test_echo_app_by_path_reports_version_and_pod_and_loop_tallies_them(tmp_path
 def test_demo_refuses_a_gateway_port_in_use(tmp_path):
     import socket
 
-    from services.cli.demo import Demo, DemoError
-    from services.mesh.stack import Stack
+    from mizzen.services.cli.demo import Demo, DemoError
+    from mizzen.services.mesh.stack import Stack
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,10 +245,10 @@ def test_demo_refuses_a_gateway_port_in_use(tmp_path):
 def test_gateway_server_bind_gets_its_own_listener_on_that_address():
     from google.protobuf import json_format
 
-    from services.mesh.xds_types import LISTENER, ROUTE
-    from services.translator.proxy import Proxy
-    from services.translator.push_context import PushContext
-    from services.translator.snapshot import build_snapshot
+    from mizzen.services.mesh.xds_types import LISTENER, ROUTE
+    from mizzen.services.translator.proxy import Proxy
+    from mizzen.services.translator.push_context import PushContext
+    from mizzen.services.translator.snapshot import build_snapshot
 
     pods = [mesh.DemoPod("hello-v1", "10.1.0.1"), mesh.DemoPod("hello-v2", "10.1.0.2"),
             mesh.DemoPod("gateway", "10.1.0.10")]
@@ -435,7 +435,7 @@ def netns_names() -> list[str]:
 @pytest.mark.root
 @pytest.mark.slow
 def test_netns_demo_sleep_calls_hello_through_sidecars(tmp_path):
-    from services.sidecar.netns import unavailable_reason
+    from mizzen.services.sidecar.netns import unavailable_reason
 
     reason = unavailable_reason()
     if reason:

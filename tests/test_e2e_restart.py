@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.sidecar.netns import unavailable_reason
+from mizzen.services.sidecar.netns import unavailable_reason
 from tests.conftest import is_root
 from tests.test_e2e_support import (
     E2E,

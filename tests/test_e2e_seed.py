@@ -26,8 +26,8 @@ from collections import Counter
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from services.mesh.configdump import parse_config_dump
-from services.sidecar.netns import unavailable_reason
+from mizzen.services.mesh.configdump import parse_config_dump
+from mizzen.services.sidecar.netns import unavailable_reason
 from tests.conftest import SEED_MESH, is_root
 from tests.test_e2e_support import E2E, eventually, mizzen
 from tests.test_proxy_config_support import POD, STATIC_CLUSTERS, cells, seed_table

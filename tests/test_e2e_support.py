@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from services.cli.http import apply_objects
-from services.demo.echo import http_call
-from services.mesh import procs
-from services.sidecar.bootstrap import envoy_command
-from services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, Pod, PodNetwork, endpoints_object
+from mizzen.services.cli.http import apply_objects
+from mizzen.services.demo.echo import http_call
+from mizzen.services.mesh import procs
+from mizzen.services.sidecar.bootstrap import envoy_command
+from mizzen.services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, Pod, PodNetwork, endpoints_object
 from tests.sds_fixture import FixtureCA, SdsServer, make_ca
 from tests.stack import Stack
 

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from services.sidecar.netns import unavailable_reason
+from mizzen.services.sidecar.netns import unavailable_reason
 from tests.conftest import is_root
 from tests.test_e2e_support import (
     E2E,

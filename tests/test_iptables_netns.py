@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from services.sidecar import iptables as ipt
-from services.sidecar.netns import REPO_ROOT, PodNetwork, unavailable_reason
+from mizzen.services.sidecar import iptables as ipt
+from mizzen.services.sidecar.netns import REPO_ROOT, PodNetwork, unavailable_reason
 from tests.conftest import is_root
 from tests.test_iptables_rules import CASES, SEED_ARGV, SEED_LISTING, SEED_SAVE
 
@@ -33,7 +33,7 @@ def pod(tmp_path):
 def mizzen_iptables(pod, argv: list[str], env: dict[str, str] | None = None) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ISTIO_ENV}
     clean.update(env or {}, PYTHONPATH=str(REPO_ROOT))
-    res = pod.run([sys.executable, "-m", "services.cli.main", "iptables", *argv], env=clean, check=False)
+    res = pod.run([sys.executable, "-m", "mizzen.services.cli.main", "iptables", *argv], env=clean, check=False)
     assert res.returncode == 0, res.stderr
     return res.stdout
 

@@ -14,8 +14,8 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-from services.cli import iptables as cli
-from services.sidecar import iptables as ipt
+from mizzen.services.cli import iptables as cli
+from mizzen.services.sidecar import iptables as ipt
 
 # The seed's command (istio-notes.md, "sidecar 对流量的劫持"), as argv.
 SEED_ARGV = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",

@@ -12,9 +12,9 @@ from collections import Counter
 import orjson
 import pytest
 
-from services.logsink.deadletter import DeadLetters
-from services.logsink.identity import Source
-from services.logsink.pipeline import Pipeline
+from mizzen.services.logsink.deadletter import DeadLetters
+from mizzen.services.logsink.identity import Source
+from mizzen.services.logsink.pipeline import Pipeline
 from tests.logsink_data.bad_lines import BAD_LINES, MAX_LINE, interleaved
 from tests.logsink_data.helpers import Collected
 from tests.logsink_data.receiver import Receiver
@@ -71,7 +71,7 @@ def test_convert_dead_letters(tmp_path):
     src.write_bytes(b"\n".join(lines) + b"\n")
     dl = tmp_path / "dead.jsonl"
     out = tmp_path / "traces.json"
-    r = subprocess.run([sys.executable, "-m", "services.logsink", "convert", str(src), "-o", str(out),
+    r = subprocess.run([sys.executable, "-m", "mizzen.services.logsink", "convert", str(src), "-o", str(out),
                         "--dead-letter", str(dl), "--max-line-bytes", str(MAX_LINE)],
                        cwd=REPO, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
@@ -136,7 +136,7 @@ CONNECTION_ID = orjson.dumps({
 
 
 def test_absent_numbers_and_connection_id_become_spans_with_istio_metrics_on(tmp_path):
-    from services.logsink.metrics import IstioMetrics
+    from mizzen.services.logsink.metrics import IstioMetrics
 
     out = Collected()
     p = Pipeline(out, dead=DeadLetters(tmp_path / "dead.jsonl"), window=0.01, istio=IstioMetrics())

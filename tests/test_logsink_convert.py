@@ -10,7 +10,7 @@ import orjson
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
 
-from services.logsink.convert import convert
+from mizzen.services.logsink.convert import convert
 from tests.logsink_data.helpers import CHAIN, SEED_SAMPLE
 from tests.logsink_data.meshrig import PODS, node_id
 from tests.logsink_data.receiver import flatten

@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from services.mesh import procs
+from mizzen.services.mesh import procs
 from tests.logsink_data.meshrig import PODS, MeshRig, node_id
 from tests.logsink_data.receiver import Receiver
 from tests.logsink_data.service import LogsinkProc

@@ -9,8 +9,8 @@ import random
 
 import orjson
 
-from services.logsink.identity import Source
-from services.logsink.pipeline import Pipeline
+from mizzen.services.logsink.identity import Source
+from mizzen.services.logsink.pipeline import Pipeline
 from tests.logsink_data.helpers import Collected, by_end_time, chain_lines, chain_sources, ns, run_lines
 
 CLIENT, SERVER = 3, 2

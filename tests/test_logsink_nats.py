@@ -11,7 +11,7 @@ import nats
 import orjson
 import pytest
 
-from services.mesh.bus import ACCESSLOG_PREFIX
+from mizzen.services.mesh.bus import ACCESSLOG_PREFIX
 from tests.logsink_data.receiver import Receiver
 from tests.logsink_data.service import LogsinkProc
 from tests.test_logsink_file import A_PROXY, B_PROXY, pair, settle

@@ -7,10 +7,17 @@ import orjson
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from services.logsink.cluster_name import parse_cluster, parse_sni, split_host
-from services.logsink.flags import ALS_FIELDS, LONG_NAMES, FlagError, is_failure, long_name, parse_flags
-from services.logsink.identity import Source, identity_from_proxy, workload_from_pod
-from services.logsink.parse import (
+from mizzen.services.logsink.cluster_name import parse_cluster, parse_sni, split_host
+from mizzen.services.logsink.flags import (
+    ALS_FIELDS,
+    LONG_NAMES,
+    FlagError,
+    is_failure,
+    long_name,
+    parse_flags,
+)
+from mizzen.services.logsink.identity import Source, identity_from_proxy, workload_from_pod
+from mizzen.services.logsink.parse import (
     KIND_CLIENT,
     KIND_SERVER,
     BadLine,
@@ -19,7 +26,7 @@ from services.logsink.parse import (
     parse_traceparent,
     split_address,
 )
-from services.logsink.timefmt import TimeError, parse_time_ns
+from mizzen.services.logsink.timefmt import TimeError, parse_time_ns
 from tests.logsink_data.helpers import CHAIN, SEED_SAMPLE, ns
 
 # ---- response flags ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import ClientSession
 
-from services.mesh import procs
+from mizzen.services.mesh import procs
 from tests.logsink_data.helpers import CHAIN, SEED_SAMPLE
 from tests.logsink_data.meshrig import PODS, node_id
 from tests.logsink_data.receiver import Receiver
@@ -183,7 +183,7 @@ async def test_istio_metrics_from_the_logs(tmp_path):
 
 def test_mizzen_dispatcher_runs_convert(tmp_path):
     out = tmp_path / "t.json"
-    r = subprocess.run([sys.executable, "-m", "services.cli.main", "logsink", "convert",
+    r = subprocess.run([sys.executable, "-m", "mizzen.services.cli.main", "logsink", "convert",
                         str(CHAIN / "a.jsonl"), str(CHAIN / "b.jsonl"), str(CHAIN / "c.jsonl"), "-o", str(out)],
                        cwd=REPO, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
@@ -194,6 +194,6 @@ def test_mizzen_dispatcher_runs_convert(tmp_path):
 
 
 def test_service_needs_an_input():
-    r = subprocess.run([sys.executable, "-m", "services.logsink", "--admin", "off"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "mizzen.services.logsink", "--admin", "off"], cwd=REPO,
                        capture_output=True, timeout=60)
     assert r.returncode == 2 and b"no input" in r.stderr

@@ -9,7 +9,7 @@ import hashlib
 import orjson
 import pytest
 
-from services.logsink.identity import Source
+from mizzen.services.logsink.identity import Source
 from tests.logsink_data.helpers import SEED_SAMPLE, ns, run_lines
 
 CLIENT, SERVER = 3, 2

@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, PodNetwork, unavailable_reason
+from mizzen.services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, PodNetwork, unavailable_reason
 from tests.conftest import is_root
 
 pytestmark = [
@@ -31,11 +31,11 @@ pytestmark = [
     pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
 ]
 
-for _module in ("services.sidecar.bootstrap", "services.translator.snapshot", "services.xds_gateway.server",
-                "services.registry.app", "services.mesh.stack"):
+for _module in ("mizzen.services.sidecar.bootstrap", "mizzen.services.translator.snapshot", "mizzen.services.xds_gateway.server",
+                "mizzen.services.registry.app", "mizzen.services.mesh.stack"):
     pytest.importorskip(_module, reason=f"the e2e test needs {_module}")
 
-from services.cli.http import apply_objects  # noqa: E402
+from mizzen.services.cli.http import apply_objects  # noqa: E402
 from tests.stack import Stack  # noqa: E402
 
 ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
@@ -99,7 +99,7 @@ class SeedMesh:
             boot = pod.work_dir / "envoy.json"
             labels = [arg for k, v in pod.labels.items() for arg in ("-l", f"{k}={v}")]
             res = subprocess.run(
-                [sys.executable, "-m", "services.cli.main", "bootstrap", "--pod", pod.name, "-n", "default",
+                [sys.executable, "-m", "mizzen.services.cli.main", "bootstrap", "--pod", pod.name, "-n", "default",
                  "--ip", pod.ip, "--xds", f"127.0.0.1:{XDS_IN_POD}", *labels, "--zipkin", "",
                  "--access-log", str(pod.work_dir / "access.log"), "-o", str(boot)],
                 capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.mesh import procs
-from services.sidecar.netns import REPO_ROOT, PodNetwork, unavailable_reason
+from mizzen.services.mesh import procs
+from mizzen.services.sidecar.netns import REPO_ROOT, PodNetwork, unavailable_reason
 from tests.conftest import is_root
 
 pytestmark = [

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, PodNetwork, unavailable_reason
+from mizzen.services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, PodNetwork, unavailable_reason
 from tests.conftest import is_root
 
 pytestmark = [

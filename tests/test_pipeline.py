@@ -12,10 +12,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from services.cli.http import request
-from services.mesh.snapstore import SnapshotStore
-from services.mesh.stack import Stack
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mizzen.services.cli.http import request
+from mizzen.services.mesh.snapstore import SnapshotStore
+from mizzen.services.mesh.stack import Stack
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.conftest import SEED_MESH
 
 WEBSERVERV1 = "sidecar~10.200.0.135~webserverv1-84596579c6-xxvhd.default~default.svc.cluster.local"

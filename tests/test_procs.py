@@ -6,8 +6,8 @@ from pathlib import Path
 
 import redis
 
-from services.mesh import procs
-from services.mesh.store import ConfigStore
+from mizzen.services.mesh import procs
+from mizzen.services.mesh.store import ConfigStore
 
 
 def test_bundled_valkey_server_works_as_the_redis_store(tmp_path):
@@ -35,7 +35,7 @@ def test_bundled_valkey_server_works_as_the_redis_store(tmp_path):
 
 
 def procs_redis(url: str):
-    from services.mesh.store import connect
+    from mizzen.services.mesh.store import connect
 
     return connect(url)
 

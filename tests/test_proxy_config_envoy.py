@@ -14,10 +14,10 @@ from pathlib import Path
 
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from services.cli import proxy_config, tables
-from services.mesh import procs, xds_types
-from services.mesh.configdump import config_dump_for_snapshot, parse_config_dump
-from services.sidecar.bootstrap import build_bootstrap
+from mizzen.services.cli import proxy_config, tables
+from mizzen.services.mesh import procs, xds_types
+from mizzen.services.mesh.configdump import config_dump_for_snapshot, parse_config_dump
+from mizzen.services.sidecar.bootstrap import build_bootstrap
 from tests.conftest import grpc_server
 from tests.test_proxy_config_support import POD, istio17_resources, parse_resources
 

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from google.protobuf import json_format
 
-from services.cli import proxy_config, tables
-from services.mesh.configdump import (
+from mizzen.services.cli import proxy_config, tables
+from mizzen.services.mesh.configdump import (
     ConfigDumpError,
     config_dump_for_snapshot,
     load_config_dump_file,

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from services.cli import proxy_config
-from services.cli import resources as resources_cli
+from mizzen.services.cli import proxy_config
+from mizzen.services.cli import resources as resources_cli
 from tests.test_proxy_config_support import POD, SEED_MESH
 
 

@@ -17,8 +17,8 @@ from collections import Counter
 
 import pytest
 
-from services.cli import proxy_config, tables
-from services.mesh.configdump import config_dump_for_snapshot, dump_from_snapshot, parse_config_dump
+from mizzen.services.cli import proxy_config, tables
+from mizzen.services.mesh.configdump import config_dump_for_snapshot, dump_from_snapshot, parse_config_dump
 from tests.test_proxy_config_support import (
     POD,
     SEED_DNS,
@@ -133,7 +133,7 @@ def test_route_table_port_80(capsys):
 
 @pytest.fixture(scope="module")
 def full_dump_file(resources, tmp_path_factory):
-    from services.sidecar.bootstrap import build_bootstrap
+    from mizzen.services.sidecar.bootstrap import build_bootstrap
 
     boot = build_bootstrap(POD, "default", "10.200.0.135", xds="istiod.istio-system.svc:15012",
                            labels={"app": "webserver", "version": "v1"})
@@ -214,7 +214,7 @@ def test_offline_errors(capsys, tmp_path):
 
 
 def test_mizzen_dispatches_proxy_config_and_pc(capsys):
-    from services.cli.main import main as mizzen
+    from mizzen.services.cli.main import main as mizzen
 
     for command in ("proxy-config", "pc"):
         assert mizzen([command, "listener", POD, "--config", str(SEED_MESH), "--port", "80"]) == 0

@@ -327,8 +327,8 @@ def parse_resources(resources: dict) -> dict:
     """JSON resources → type URL → name → proto message (what SnapshotStore.load_messages returns)."""
     from google.protobuf import json_format
 
-    from services.mesh import xds_types
-    from services.mesh.configdump import prepare
+    from mizzen.services.mesh import xds_types
+    from mizzen.services.mesh.configdump import prepare
 
     out: dict = {}
     for type_url, items in resources.items():

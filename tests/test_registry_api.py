@@ -11,8 +11,8 @@ import nats
 import pytest
 import redis
 
-from services.cli.http import RegistryError, request
-from services.mesh.stack import Stack
+from mizzen.services.cli.http import RegistryError, request
+from mizzen.services.mesh.stack import Stack
 
 SERVICE = """
 apiVersion: v1
@@ -49,7 +49,7 @@ def stack(tmp_path):
 
 
 def mizzen(*args: str, stdin: str | None = None, server: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli.main", *args, "--server", server],
+    return subprocess.run([sys.executable, "-m", "mizzen.services.cli.main", *args, "--server", server],
                           input=stdin, capture_output=True, text=True, timeout=60)
 
 
@@ -116,7 +116,7 @@ def test_every_write_is_announced_with_its_revision(stack, tmp_path):
         sub = await nc.subscribe("mizzen.config.changed")
         f = tmp_path / "svc.yaml"
         f.write_text(SERVICE)
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.cli.main", "apply", "-f", str(f),
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mizzen.services.cli.main", "apply", "-f", str(f),
                                                     "--server", stack.registry_url)
         await proc.wait()
         msg = await sub.next_msg(timeout=10)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from services.cli.http import RegistryError, request
-from services.mesh.stack import Stack
+from mizzen.services.cli.http import RegistryError, request
+from mizzen.services.mesh.stack import Stack
 from tests.kubeapi import FakeKubeAPI
 
 

@@ -6,8 +6,8 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from services.mesh.snapstore import LAYER, RES, SnapshotStore, prepare_layer
-from services.mesh.xds_types import CLUSTER, LISTENER
+from mizzen.services.mesh.snapstore import LAYER, RES, SnapshotStore, prepare_layer
+from mizzen.services.mesh.xds_types import CLUSTER, LISTENER
 
 
 def layer(**resources: bytes) -> dict:

@@ -7,7 +7,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 
-from services.translator.clusters import HTTP_PROTOCOL_OPTIONS
+from mizzen.services.translator.clusters import HTTP_PROTOCOL_OPTIONS
 from tests.translator_helpers import (
     CLUSTER,
     FEATURES,

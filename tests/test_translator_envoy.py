@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from envoy.config.listener.v3 import listener_components_pb2
 
-from services.mesh import procs
-from services.translator.proxy import Proxy
-from services.translator.snapshot import build_snapshot
-from services.translator.static_bootstrap import envoy_validate, static_bootstrap
+from mizzen.services.mesh import procs
+from mizzen.services.translator.proxy import Proxy
+from mizzen.services.translator.snapshot import build_snapshot
+from mizzen.services.translator.static_bootstrap import envoy_validate, static_bootstrap
 from tests.translator_helpers import FEATURES, LISTENER, SEED_MESH, SEED_PROXY, load, push_of
 
 pytestmark = pytest.mark.timeout(300)
@@ -85,7 +85,7 @@ def test_envoy_goes_live_without_an_sds_server(envoy_available, tmp_path):
     import urllib.error
     import urllib.request
 
-    from services.mesh.xds_types import CLUSTER
+    from mizzen.services.mesh.xds_types import CLUSTER
 
     push = push_of(load(SEED_MESH))
     proxy = Proxy.from_node_id(SEED_PROXY, push)
@@ -117,7 +117,7 @@ def test_envoy_goes_live_without_an_sds_server(envoy_available, tmp_path):
 
 def test_mesh_config_variants_validate(envoy_available):
     """Non-default mesh settings: REGISTRY_ONLY, mesh-wide h2 upgrade and keepalive, text logs, DNS refresh."""
-    from services.translator.push_context import MeshConfig
+    from mizzen.services.translator.push_context import MeshConfig
 
     mesh = MeshConfig(outbound_traffic_policy="REGISTRY_ONLY", h2_upgrade_policy="UPGRADE",
                       tcp_keepalive={"time": "600s", "probes": 4}, access_log_encoding="TEXT",

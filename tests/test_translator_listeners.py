@@ -8,7 +8,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
-from services.translator.pb import JSON_LOG_FORMAT
+from mizzen.services.translator.pb import JSON_LOG_FORMAT
 from tests.translator_helpers import (
     FEATURES,
     LISTENER,

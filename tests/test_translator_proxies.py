@@ -1,6 +1,6 @@
 """Which proxies get a snapshot: injected Pods as sidecars, gateway Pods as routers, opted-out Pods none."""
 
-from services.translator.proxies import pod_node_ids
+from mizzen.services.translator.proxies import pod_node_ids
 
 
 def pod(name, ip, labels=None, annotations=None, host_network=False):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.translator import protocol as P
-from services.translator.model import CLIENT_SIDE_LB, DNS_LB, PASSTHROUGH, host_matches
-from services.translator.proxy import NodeIdError, Proxy
+from mizzen.services.translator import protocol as P
+from mizzen.services.translator.model import CLIENT_SIDE_LB, DNS_LB, PASSTHROUGH, host_matches
+from mizzen.services.translator.proxy import NodeIdError, Proxy
 from tests.translator_helpers import FEATURES, SEED_MESH, SEED_PROXY, load, push_of
 
 

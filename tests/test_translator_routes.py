@@ -9,9 +9,9 @@ from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.type.v3 import percent_pb2
 
-from services.translator import routes
-from services.translator.model import CLIENT_SIDE_LB, Service
-from services.translator.proxy import Proxy
+from mizzen.services.translator import routes
+from mizzen.services.translator.model import CLIENT_SIDE_LB, Service
+from mizzen.services.translator.proxy import Proxy
 from tests.translator_helpers import (
     FEATURES,
     ROUTE,

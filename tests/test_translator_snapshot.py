@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb
 
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
-from services.translator.proxy import Proxy
-from services.translator.snapshot import build_all, build_snapshot
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from mizzen.services.translator.proxy import Proxy
+from mizzen.services.translator.snapshot import build_all, build_snapshot
 from tests.translator_helpers import FEATURES, SEED_MESH, SEED_PROXY, load, push_of
 
 WEBSERVER_V2 = "sidecar~10.200.0.148~webserverv2-7d8b4c5f9d-m6lqt.default~default.svc.cluster.local"

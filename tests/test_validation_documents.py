@@ -8,9 +8,9 @@ import copy
 import orjson
 import yaml
 
-from services.mesh.errors import ApplyError
-from services.mesh.validation import check_documents
-from services.mesh.yamlio import Document, load_paths, load_text
+from mizzen.services.mesh.errors import ApplyError
+from mizzen.services.mesh.validation import check_documents
+from mizzen.services.mesh.yamlio import Document, load_paths, load_text
 
 VS = """
 apiVersion: networking.istio.io/v1alpha3

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.mesh.validation import validate_object
-from services.mesh.validation.common import (
+from mizzen.services.mesh.validation import validate_object
+from mizzen.services.mesh.validation.common import (
     Errs,
     check_export_to,
     fqdn_error,
@@ -20,8 +20,8 @@ from services.mesh.validation.common import (
     regex_error,
     wildcard_domain_error,
 )
-from services.mesh.validation.destinationrule import _is_prime, _localities_error
-from services.mesh.validation.schema import Duration, check
+from mizzen.services.mesh.validation.destinationrule import _is_prime, _localities_error
+from mizzen.services.mesh.validation.schema import Duration, check
 
 
 @pytest.mark.parametrize("host", [

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.mesh.kinds import KINDS
-from services.mesh.validation import check_documents
-from services.mesh.yamlio import Document, load_paths
+from mizzen.services.mesh.kinds import KINDS
+from mizzen.services.mesh.validation import check_documents
+from mizzen.services.mesh.yamlio import Document, load_paths
 from tests.conftest import SEED_MESH
 
 DATA = Path(__file__).parent / "validation_data"

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from services.mesh import procs
-from services.mesh.snapstore import SnapshotStore
-from services.xds_gateway.status import load_statuses
+from mizzen.services.mesh import procs
+from mizzen.services.mesh.snapstore import SnapshotStore
+from mizzen.services.xds_gateway.status import load_statuses
 
 from .test_xds_proxy_status import run_cli
 from .test_xds_support import (

@@ -15,9 +15,9 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
-from services.mesh.snapstore import SnapshotStore, digest
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER
-from services.xds_gateway.status import load_statuses
+from mizzen.services.mesh.snapstore import SnapshotStore, digest
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER
+from mizzen.services.xds_gateway.status import load_statuses
 
 from .test_xds_support import Mesh, eventually, node_id, start_gateway, write_snapshot
 
@@ -253,7 +253,7 @@ async def test_sotw_cluster_removal_waits_for_routes(stack):
     out first and CDS drops the cluster only after the proxy ACKed the routes."""
     from envoy.config.route.v3 import route_pb2
 
-    from services.mesh.xds_types import ROUTE
+    from mizzen.services.mesh.xds_types import ROUTE
 
     store, nats_url = stack["store"], stack["nats"]
     proxy = node_id("proto-order")
@@ -347,7 +347,7 @@ async def test_unknown_proxy_announced_then_served_even_without_event(tmp_path, 
     import orjson
     from google.protobuf import struct_pb2
 
-    from services.mesh.bus import PROXY_CONNECTED
+    from mizzen.services.mesh.bus import PROXY_CONNECTED
 
     nats_url, redis_url = nats_server.meta["url"], redis_server.meta["url"]
     redis = aioredis.from_url(redis_url)

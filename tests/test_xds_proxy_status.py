@@ -11,8 +11,8 @@ import sys
 
 from aiohttp import web
 
-from services.cli.proxy_status import table
-from services.mesh import procs
+from mizzen.services.cli.proxy_status import table
+from mizzen.services.mesh import procs
 
 from .test_xds_support import REPO
 
@@ -42,7 +42,7 @@ def test_table_matches_istioctl_layout():
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli.main", "proxy-status", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "mizzen.services.cli.main", "proxy-status", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
 

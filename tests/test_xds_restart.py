@@ -10,9 +10,9 @@ import urllib.request
 import pytest
 import redis.asyncio as aioredis
 
-from services.mesh import procs
-from services.mesh.snapstore import SnapshotStore
-from services.xds_gateway.status import load_statuses
+from mizzen.services.mesh import procs
+from mizzen.services.mesh.snapstore import SnapshotStore
+from mizzen.services.xds_gateway.status import load_statuses
 
 from .test_xds_support import (
     Mesh,

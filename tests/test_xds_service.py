@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
-from services.mesh import procs
+from mizzen.services.mesh import procs
 
 from .test_xds_support import REPO, wait_ready
 
@@ -27,7 +27,7 @@ def http_status(port: int, path: str) -> int:
 
 def test_ready_only_with_nats_and_redis_then_clean_sigterm(tmp_path, redis_server):
     nats_port, grpc_port, http_port = procs.free_port(), procs.free_port(), procs.free_port()
-    argv = [sys.executable, "-m", "services.cli.main", "xds-gateway", "--port", str(grpc_port),
+    argv = [sys.executable, "-m", "mizzen.services.cli.main", "xds-gateway", "--port", str(grpc_port),
             "--http-port", str(http_port), "--redis-url", redis_server.meta["url"], "--replica-id", "svc-test"]
     env = dict(os.environ, PYTHONPATH=str(REPO), MIZZEN_NATS_URL=f"nats://127.0.0.1:{nats_port}")
     gw = procs.spawn("gw-service", argv, tmp_path / "logs", env=env, cwd=str(REPO))

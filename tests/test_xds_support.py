@@ -24,10 +24,10 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2, duration_pb2
 
-from services.mesh import procs
-from services.mesh.bus import snapshot_subject
-from services.mesh.snapstore import SnapshotStore
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mizzen.services.mesh import procs
+from mizzen.services.mesh.bus import snapshot_subject
+from mizzen.services.mesh.snapstore import SnapshotStore
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def start_gateway(tmp: Path, nats_url: str, redis_url: str, port: int | None = N
                   extra: list[str] | None = None) -> procs.Proc:
     port = port or procs.free_port()
     http_port = procs.free_port()
-    argv = [sys.executable, "-m", "services.xds_gateway", "--port", str(port), "--http-port", str(http_port),
+    argv = [sys.executable, "-m", "mizzen.services.xds_gateway", "--port", str(port), "--http-port", str(http_port),
             "--nats-url", nats_url, "--redis-url", redis_url, "--replica-id", replica, "--log-level", "debug",
             "--status-ttl", "10", *(extra or [])]
     env = dict(os.environ, PYTHONPATH=str(REPO))

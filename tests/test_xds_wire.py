@@ -5,8 +5,8 @@ from __future__ import annotations
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from services.mesh.xds_types import CLUSTER
-from services.xds_gateway import wire
+from mizzen.services.mesh.xds_types import CLUSTER
+from mizzen.services.xds_gateway import wire
 
 
 def test_sotw_response_matches_protobuf():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.mesh.errors import DocumentError
-from services.mesh.yamlio import Document, load_paths, load_text
+from mizzen.services.mesh.errors import DocumentError
+from mizzen.services.mesh.yamlio import Document, load_paths, load_text
 
 
 def test_duplicate_keys_are_refused_with_their_line():

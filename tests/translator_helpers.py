@@ -7,10 +7,10 @@ from pathlib import Path
 import yaml
 from google.protobuf import json_format
 
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from services.translator.proxy import Proxy
-from services.translator.push_context import MeshConfig, PushContext
-from services.translator.snapshot import build_snapshot
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mizzen.services.translator.proxy import Proxy
+from mizzen.services.translator.push_context import MeshConfig, PushContext
+from mizzen.services.translator.snapshot import build_snapshot
 
 HERE = Path(__file__).parent
 SEED_MESH = HERE / "fixtures" / "seed-mesh"

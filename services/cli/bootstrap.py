@@ -18,8 +18,8 @@ from pathlib import Path
 
 import orjson
 
-from services.mesh import settings
-from services.sidecar import bootstrap as bs
+from mizzen.services.mesh import settings
+from mizzen.services.sidecar import bootstrap as bs
 
 
 def _labels(values: list[str]) -> dict[str, str]:

@@ -6,7 +6,7 @@ addresses (127.0.N.1 and 127.0.N.2, port 8080), and an ingress gateway Envoy in 
 splits 80/20 between v1 and v2 with retries, so a loop of requests through the gateway shows both versions.
 Nothing listens beyond 127.0.0.0/8.
 
-With `--netns` (root): the pods run in network namespaces (services.sidecar.netns) with `mizzen iptables`
+With `--netns` (root): the pods run in network namespaces (mizzen.services.sidecar.netns) with `mizzen iptables`
 and Envoy sidecars (uid 1337); a `sleep` pod calls `hello` through its sidecar, and the ingress gateway runs
 in a pod of its own, reached from the host through a relay on 127.0.0.1:<gateway port>.
 

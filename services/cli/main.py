@@ -8,20 +8,20 @@ import sys
 
 # command → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("services.cli.up", "run the whole stack in the foreground (--demo adds a demo mesh)"),
-    "apply": ("services.cli.resources", "apply resources from files, directories or stdin"),
-    "get": ("services.cli.resources", "list or show resources"),
-    "delete": ("services.cli.resources", "delete resources by file or by kind and name"),
-    "proxy-config": ("services.cli.proxy_config", "show a proxy's clusters, listeners, routes, endpoints, bootstrap"),
-    "pc": ("services.cli.proxy_config", "alias of proxy-config"),
-    "proxy-status": ("services.cli.proxy_status", "show each proxy's xDS sync state"),
-    "ps": ("services.cli.proxy_status", "alias of proxy-status"),
-    "bootstrap": ("services.cli.bootstrap", "write an Envoy sidecar bootstrap"),
-    "iptables": ("services.cli.iptables", "set up (or print) istio-iptables traffic interception"),
-    "logsink": ("services.logsink.cli", "run the access-log → OpenTelemetry service, or convert log files"),
-    "registry": ("services.registry.__main__", "run the registry service"),
-    "translator": ("services.translator.__main__", "run the translator service"),
-    "xds-gateway": ("services.xds_gateway.__main__", "run the xDS gateway service"),
+    "up": ("mizzen.services.cli.up", "run the whole stack in the foreground (--demo adds a demo mesh)"),
+    "apply": ("mizzen.services.cli.resources", "apply resources from files, directories or stdin"),
+    "get": ("mizzen.services.cli.resources", "list or show resources"),
+    "delete": ("mizzen.services.cli.resources", "delete resources by file or by kind and name"),
+    "proxy-config": ("mizzen.services.cli.proxy_config", "show a proxy's clusters, listeners, routes, endpoints, bootstrap"),
+    "pc": ("mizzen.services.cli.proxy_config", "alias of proxy-config"),
+    "proxy-status": ("mizzen.services.cli.proxy_status", "show each proxy's xDS sync state"),
+    "ps": ("mizzen.services.cli.proxy_status", "alias of proxy-status"),
+    "bootstrap": ("mizzen.services.cli.bootstrap", "write an Envoy sidecar bootstrap"),
+    "iptables": ("mizzen.services.cli.iptables", "set up (or print) istio-iptables traffic interception"),
+    "logsink": ("mizzen.services.logsink.cli", "run the access-log → OpenTelemetry service, or convert log files"),
+    "registry": ("mizzen.services.registry.__main__", "run the registry service"),
+    "translator": ("mizzen.services.translator.__main__", "run the translator service"),
+    "xds-gateway": ("mizzen.services.xds_gateway.__main__", "run the xDS gateway service"),
 }
 
 

@@ -8,7 +8,7 @@ Where the config comes from (first that applies):
   (default)            the registry: GET {server}/debug/config_dump?pod=&namespace=
 
 Every source becomes a config dump document and goes through the one parser
-(services.mesh.configdump.parse_config_dump), so the same config prints the same rows whatever its source.
+(mizzen.services.mesh.configdump.parse_config_dump), so the same config prints the same rows whatever its source.
 """
 
 from __future__ import annotations

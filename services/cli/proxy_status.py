@@ -20,7 +20,7 @@ import json
 import sys
 import urllib.request
 
-from services.mesh import settings
+from mizzen.services.mesh import settings
 
 COLUMNS = ("NAME", "CDS", "LDS", "EDS", "RDS", "ISTIOD", "VERSION")
 
@@ -59,7 +59,7 @@ def fetch_http(server: str) -> list[dict]:
 def fetch_redis(url: str) -> list[dict]:
     import redis.asyncio as aioredis
 
-    from services.xds_gateway.status import load_statuses
+    from mizzen.services.xds_gateway.status import load_statuses
 
     async def go() -> list[dict]:
         r = aioredis.from_url(url, socket_connect_timeout=5)

@@ -1,6 +1,6 @@
 """Mizzen's demo and test application: an HTTP and plain-TCP echo server that reports what it saw, and clients.
 
-Standard library only, so it runs anywhere: `python -m services.demo.echo …`, or by path
+Standard library only, so it runs anywhere: `python -m mizzen.services.demo.echo …`, or by path
 (`python services/demo/echo.py …`) inside any network namespace, as any uid, in any container.
 
   serve  [--http PORT]… [--tcp PORT]… [--mixed PORT]… [--name NAME] [--version V] [--pod POD] [--bind ADDR]
@@ -357,7 +357,7 @@ def _headers(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.demo.echo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mizzen.services.demo.echo", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="answer HTTP/TCP with what was seen")
     s.add_argument("--http", type=int, action="append", default=[])

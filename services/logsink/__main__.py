@@ -1,4 +1,4 @@
-"""`python -m services.logsink …` (same as `mizzen logsink …`)."""
+"""`python -m mizzen.services.logsink …` (same as `mizzen logsink …`)."""
 
 import sys
 

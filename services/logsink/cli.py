@@ -1,4 +1,4 @@
-"""`mizzen logsink …` / `python -m services.logsink …`: run the service, or `convert` log files offline.
+"""`mizzen logsink …` / `python -m mizzen.services.logsink …`: run the service, or `convert` log files offline.
 
     mizzen logsink [--file [PROXY=]PATH]... [--http HOST:PORT] [--nats [URL]] [--subject SUBJ]
                    [--als HOST:PORT] [--otlp-endpoint HOST:PORT] [--otlp-protocol grpc|http] …

@@ -81,14 +81,14 @@ class Stack:
     def _spec(self, name: str) -> ServiceSpec:
         common = ["--nats-url", str(self.nats_url), "--redis-url", str(self.redis_url), "--log-level", self.log_level]
         if name == "registry":
-            return ServiceSpec("services.registry", "--port", common)
+            return ServiceSpec("mizzen.services.registry", "--port", common)
         if name == "translator":
-            return ServiceSpec("services.translator", "--http-port", common)
+            return ServiceSpec("mizzen.services.translator", "--http-port", common)
         if name == "xds-gateway":
-            return ServiceSpec("services.xds_gateway", "--http-port", common + ["--port", str(self.xds_port)])
+            return ServiceSpec("mizzen.services.xds_gateway", "--http-port", common + ["--port", str(self.xds_port)])
         if name == "logsink":
             # access logs arrive over NATS (mizzen.accesslog.<proxy>, JetStream) and from files the caller names
-            return ServiceSpec("services.logsink", "--admin",
+            return ServiceSpec("mizzen.services.logsink", "--admin",
                                ["--nats", str(self.nats_url), "--data-dir", str(self.work_dir),
                                 "--otlp-endpoint", self.otlp_endpoint, "--log-level", self.log_level],
                                http_value="127.0.0.1:{port}")

@@ -1,4 +1,4 @@
-"""`python -m services.registry` / `mizzen registry`."""
+"""`python -m mizzen.services.registry` / `mizzen registry`."""
 
 from __future__ import annotations
 

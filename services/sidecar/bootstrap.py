@@ -26,8 +26,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from services.mesh import settings
-from services.mesh.accesslog import (  # noqa: F401 - re-exported for callers of the bootstrap module
+from mizzen.services.mesh import settings
+from mizzen.services.mesh.accesslog import (  # noqa: F401 - re-exported for callers of the bootstrap module
     ACCESS_LOG_FIELDS,
     ISTIO_ACCESS_LOG_FIELDS,
     MIZZEN_ACCESS_LOG_FIELDS,
@@ -377,7 +377,7 @@ def envoy_command(
     Access-log lines are flushed every `flush_interval_ms` (Envoy's default is 10 s, too slow for a logsink
     that tails the file; Envoy also flushes once 64 KB are buffered, and on exit)."""
     if envoy is None:
-        from services.mesh import procs
+        from mizzen.services.mesh import procs
 
         envoy = procs.envoy_binary()
     argv = [

@@ -300,7 +300,7 @@ class Pod:
     # traffic capture
     def apply_iptables(self, flags: Sequence[str] = SEED_IPTABLES_FLAGS, cleanup: bool = False) -> str:
         """Run `mizzen iptables` inside the pod (flags as istio-iptables'); returns its stdout."""
-        argv = [sys.executable, "-m", "services.cli.main", "iptables", *flags, *(["--cleanup"] if cleanup else [])]
+        argv = [sys.executable, "-m", "mizzen.services.cli.main", "iptables", *flags, *(["--cleanup"] if cleanup else [])]
         env = {k: v for k, v in os.environ.items() if k not in _IPTABLES_ENV}
         env["PYTHONPATH"] = str(REPO_ROOT)
         return self.run(argv, env=env).stdout
@@ -421,8 +421,8 @@ class PodNetwork:
 
     def relay(self, *, listen_ns: str | None, listen: tuple[str, int], connect_ns: str | None,
               connect: tuple[str, int], name: str, timeout: float = 15.0) -> procs.Proc:
-        """A relay process (`python -m services.sidecar.netns relay …`) tracked and stopped by close()."""
-        argv = [sys.executable, "-m", "services.sidecar.netns", "relay",
+        """A relay process (`python -m mizzen.services.sidecar.netns relay …`) tracked and stopped by close()."""
+        argv = [sys.executable, "-m", "mizzen.services.sidecar.netns", "relay",
                 "--listen-netns", listen_ns or "", "--listen", f"{listen[0]}:{listen[1]}",
                 "--connect-netns", connect_ns or "", "--connect", f"{connect[0]}:{connect[1]}"]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
@@ -505,7 +505,7 @@ async def _relay_main(listen_ns: str | None, listen: tuple[str, int], connect_ns
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m services.sidecar.netns")
+    p = argparse.ArgumentParser(prog="python -m mizzen.services.sidecar.netns")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("relay", help="relay TCP from a listener in one namespace to a target in another")
     r.add_argument("--listen-netns", default="", help="named namespace to listen in (empty: this one)")

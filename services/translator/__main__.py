@@ -1,4 +1,4 @@
-"""`python -m services.translator` / `mizzen translator`."""
+"""`python -m mizzen.services.translator` / `mizzen translator`."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from services.mesh import settings
-from services.mesh.duration import DurationError, parse_duration
+from mizzen.services.mesh import settings
+from mizzen.services.mesh.duration import DurationError, parse_duration
 
 from . import protocol
 from .model import (

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 from . import clusters, endpoints, listeners, routes
 from .proxy import Proxy

@@ -14,7 +14,7 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb
 
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 from . import pb
 
@@ -82,7 +82,7 @@ def envoy_validate(bootstrap: bootstrap_pb2.Bootstrap, envoy: str | None = None,
                    timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `envoy --mode validate` on a bootstrap; returncode 0 means Envoy accepted all of it."""
     if envoy is None:
-        from services.mesh.procs import envoy_binary
+        from mizzen.services.mesh.procs import envoy_binary
 
         envoy = envoy_binary()
     with tempfile.TemporaryDirectory(prefix="mizzen-validate-") as tmp:

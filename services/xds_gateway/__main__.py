@@ -1,4 +1,4 @@
-"""`python -m services.xds_gateway` / `mizzen xds-gateway`: run the xDS gateway."""
+"""`python -m mizzen.services.xds_gateway` / `mizzen xds-gateway`: run the xDS gateway."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import socket
 import sys
 
-from services.mesh import settings
-from services.mesh.service import run_service, setup_logging
+from mizzen.services.mesh import settings
+from mizzen.services.mesh.service import run_service, setup_logging
 
 
 def parser(prog: str = "mizzen xds-gateway") -> argparse.ArgumentParser:

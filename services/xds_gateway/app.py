@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from services.mesh.bus import Bus
-from services.mesh.service import health_routes, serve_http
-from services.mesh.store import connect as connect_redis
+from mizzen.services.mesh.bus import Bus
+from mizzen.services.mesh.service import health_routes, serve_http
+from mizzen.services.mesh.store import connect as connect_redis
 
 from .cache import SnapshotCache
 from .metrics import Metrics

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from services.mesh.bus import SNAPSHOT_PREFIX, Bus
-from services.mesh.snapstore import MANIFEST, RES, Manifest, SnapshotStore, digest, type_version
-from services.mesh.xds_types import ENDPOINT
+from mizzen.services.mesh.bus import SNAPSHOT_PREFIX, Bus
+from mizzen.services.mesh.snapstore import MANIFEST, RES, Manifest, SnapshotStore, digest, type_version
+from mizzen.services.mesh.xds_types import ENDPOINT
 
 from . import wire
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from services.mesh.snapstore import digest
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD
+from mizzen.services.mesh.snapstore import digest
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD
 
 from . import wire
 from .cache import ResourceSet, empty_load_assignment

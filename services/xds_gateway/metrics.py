@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.mesh.xds_types import SHORT
+from mizzen.services.mesh.xds_types import SHORT
 
 
 def short(type_url: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD
 
 from . import wire
 from .cache import ResourceSet

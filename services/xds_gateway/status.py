@@ -30,9 +30,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from services.mesh.snapstore import CONNECTED, MANIFEST, Manifest
-from services.mesh.snapstore import PROXY_NODE as NODE
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT
+from mizzen.services.mesh.snapstore import CONNECTED, MANIFEST, Manifest
+from mizzen.services.mesh.snapstore import PROXY_NODE as NODE
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT
 
 log = logging.getLogger("mizzen.xds_gateway.status")
 

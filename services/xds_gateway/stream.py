@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import orjson
 
-from services.mesh.bus import PROXY_CONNECTED, Bus
-from services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from mizzen.services.mesh.bus import PROXY_CONNECTED, Bus
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 
 from .cache import ProxyView, ResourceSet, SnapshotCache
 from .metrics import Metrics, short

@@ -1,4 +1,4 @@
-"""Moved: the echo app is `services/demo/echo.py` (`python -m services.demo.echo …`). This shim keeps
+"""Moved: the echo app is `services/demo/echo.py` (`python -m mizzen.services.demo.echo …`). This shim keeps
 `python tests/apps/echo.py …` working for anything that still runs it by this path."""
 
 from __future__ import annotations

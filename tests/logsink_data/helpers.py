@@ -6,8 +6,8 @@ from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
 
-from services.logsink.identity import Source
-from services.logsink.pipeline import Pipeline
+from mizzen.services.logsink.identity import Source
+from mizzen.services.logsink.pipeline import Pipeline
 from tests.logsink_data.receiver import FlatSpan, flatten
 
 DATA = Path(__file__).parent

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
-from services.mesh import procs
+from mizzen.services.mesh import procs
 
 # Istio's default JSON access-log format (pilot/pkg/model/telemetry_logging.go, EnvoyJSONLogFormatIstio).
 ISTIO_JSON_FORMAT = {

@@ -1,4 +1,4 @@
-"""Run the logsink as a real process (`python -m services.logsink`) for tests, and stop it by pid."""
+"""Run the logsink as a real process (`python -m mizzen.services.logsink`) for tests, and stop it by pid."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout
 
-from services.mesh import procs
+from mizzen.services.mesh import procs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ class LogsinkProc:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env["MIZZEN_DATA_DIR"] = str(self.workdir / "data")
-        argv = [sys.executable, "-m", "services.logsink", "--admin", f"127.0.0.1:{self.admin_port}",
+        argv = [sys.executable, "-m", "mizzen.services.logsink", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--log-level", "info", *self.args]
         self.runs += 1
         self.proc = procs.spawn(f"{self.name}-{self.runs}", argv, self.workdir, env=env, cwd=str(REPO))
