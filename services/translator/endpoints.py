@@ -19,9 +19,15 @@ def _labels_key(labels: dict | None) -> tuple:
     return tuple(sorted(labels.items())) if labels else ()
 
 
+def service_id(service) -> tuple:
+    """A service's identity that survives a new push context (so memoised results can be carried over to the
+    next revision when only other services' endpoints changed); unique within a push."""
+    return (service.kind, service.namespace, service.name, service.hostname)
+
+
 def load_assignment(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:
     """Memoised per (cluster, service, subset labels): endpoints of the port whose labels ⊇ the subset's."""
-    key = ("eds", need.cluster_name, id(need.service), _labels_key(need.labels))
+    key = ("eds", need.cluster_name, service_id(need.service), _labels_key(need.labels))
     cla = push.cache.get(key)
     if cla is not None:
         return cla

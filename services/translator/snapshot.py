@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 from . import clusters, endpoints, listeners, routes
+from .endpoints import service_id
+from .model import CLIENT_SIDE_LB, KUBERNETES, Endpoint
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -71,7 +73,8 @@ def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[
 
 
 def _endpoint_layer(push: PushContext, needs: list) -> Layer:
-    key = ("eds-layer", frozenset((n.cluster_name, id(n.service), endpoints._labels_key(n.labels)) for n in needs))
+    key = ("eds-layer", frozenset((n.cluster_name, service_id(n.service), endpoints._labels_key(n.labels))
+                                  for n in needs))
     layer = push.cache.get(key)
     if layer is None:
         layer = {ENDPOINT: endpoints.load_assignments(push, needs)}
@@ -87,13 +90,74 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
         key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),)
     hit = push.cache.get(("layers", key))
     if hit is None:
-        if view.is_router:
+        carried = push.cache.get(("carried", key))
+        if carried is not None:  # the previous revision's layer, still valid (see carry_over)
+            layer, old_needs = carried
+            by_id = _services_by_id(push)
+            needs = [clusters.EdsNeed(n.cluster_name, by_id[service_id(n.service)], n.port, n.labels)
+                     for n in old_needs]
+        elif view.is_router:
             layer, needs = _router_outbound(push, view, proxy)
         else:
             layer, needs = _sidecar_outbound(push, view)
         hit = (layer, _endpoint_layer(push, needs))
         push.cache[("layers", key)] = hit
+        push.cache[("needs", key)] = needs
     return hit
+
+
+def _services_by_id(push: PushContext) -> dict[tuple, object]:
+    index = push.cache.get("services-by-id")
+    if index is None:
+        index = push.cache["services-by-id"] = {service_id(s): s for s in push.services}
+    return index
+
+
+def _endpoints_of(service) -> dict[int, list[tuple]]:
+    return {port: [tuple(getattr(e, f) for f in Endpoint.__slots__) for e in eps]
+            for port, eps in service.endpoints.items()}
+
+
+def endpoint_only_changes(old: PushContext, new: PushContext) -> set[tuple] | None:
+    """The services (by service_id) whose endpoints differ between two push contexts built from inputs that
+    differ only in Endpoints/EndpointSlices; None when the difference reaches further than EDS (a headless
+    service's endpoints make listeners, endpoint service accounts make cluster SANs, a ServiceEntry's
+    endpoints live in its cluster), which then needs a full rebuild."""
+    if (len(old.services) != len(new.services) or old.headless_ips != new.headless_ips
+            or old.errors != new.errors or old.mesh != new.mesh):
+        return None
+    changed: set[tuple] = set()
+    for a, b in zip(old.services, new.services, strict=True):
+        if service_id(a) != service_id(b):
+            return None
+        if a.endpoints is b.endpoints or _endpoints_of(a) == _endpoints_of(b):
+            continue
+        if (b.registry != KUBERNETES or b.resolution != CLIENT_SIDE_LB
+                or a.service_accounts != b.service_accounts):
+            return None
+        changed.add(service_id(b))
+    return changed
+
+
+def carry_over(old: PushContext, new: PushContext, changed: set[tuple]) -> None:
+    """Seed `new` with what `old` built that the endpoint changes in `changed` leave untouched: every outbound
+    layer (clusters, listeners and routes do not depend on EDS endpoints), the assignments of unchanged
+    services and the inbound layers (their cache keys name the instances they were built from). The next
+    builds then cost the changed assignments plus assembling each endpoints layer, and keep the same layer
+    objects, so the shell need not serialise them again. Only valid when endpoint_only_changes said so."""
+    for k, v in old.cache.items():
+        if not isinstance(k, tuple):
+            continue
+        tag = k[0]
+        if tag == "layers":
+            needs = old.cache.get(("needs", k[1]))
+            if needs is not None:
+                new.cache[("carried", k[1])] = (v[0], needs)
+        elif tag == "carried":
+            if ("layers", k[1]) not in old.cache:  # carried forward but not used in old's build: keep it
+                new.cache[k] = v
+        elif (tag == "eds" and k[2] not in changed) or tag == "own-layer":
+            new.cache[k] = v
 
 
 def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
@@ -112,7 +176,7 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
              tuple(sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items())),
              tuple(push.mtls_mode(proxy.namespace, proxy.labels, i.inbound_port) for i in instances))
     key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None,
-           tuple((id(i.service), i.port.port, i.port.name, i.port.protocol, i.endpoint_port, i.endpoint_address,
+           tuple((service_id(i.service), i.port.port, i.port.name, i.port.protocol, i.endpoint_port, i.endpoint_address,
                   i.listen_port, i.capture_mode, i.bind) for i in instances))
     layer = push.cache.get(key)
     if layer is not None:
