@@ -48,3 +48,20 @@ def test_shared_layers_unchanged_puts_and_two_phase_gc(redis_server):
         await r.aclose()
 
     asyncio.run(run())
+
+
+def test_a_snapshot_of_older_config_never_replaces_a_newer_one(redis_server):
+    """Two translator replicas may both build a proxy while it moves between them: the newer revision wins."""
+    async def main():
+        r = aioredis.from_url(redis_server.meta["url"])
+        store = SnapshotStore(r)
+        try:
+            (m, changed), = await store.put_many(5, [("p1", [layer(c1=b"new")])])
+            assert changed and m.revision == 5
+            (kept, changed), = await store.put_many(4, [("p1", [layer(c1=b"old")])])
+            assert not changed and kept.revision == 5
+            assert (await store.manifest("p1")).layers == m.layers
+        finally:
+            await r.aclose()
+
+    asyncio.run(main())

@@ -158,6 +158,11 @@ class SnapshotStore:
                 layer_hashes = [lay.hash for lay in prepared]
                 versions = self._versions(prepared)
                 old = Manifest.from_json(old_json) if old_json else None
+                if old is not None and old.revision > revision:
+                    # built from newer config by another writer (translator replicas hand proxies over):
+                    # never replace it with a snapshot of older config
+                    out.append((old, False))
+                    continue
                 if old is not None and old.versions == versions and old.layers == layer_hashes:
                     if old.revision < revision:
                         old.revision = revision
