@@ -59,7 +59,7 @@ def fetch_http(server: str) -> list[dict]:
 def fetch_redis(url: str) -> list[dict]:
     import redis.asyncio as aioredis
 
-    from mizzen.services.xds_gateway.status import load_statuses
+    from mizzen.services.mesh.proxystatus import load_statuses
 
     async def go() -> list[dict]:
         r = aioredis.from_url(url, socket_connect_timeout=5)

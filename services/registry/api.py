@@ -253,7 +253,7 @@ class RegistryAPI:
                             headers={"X-Mizzen-Proxy": proxy})
 
     async def handle_syncz(self, _req: web.Request) -> web.Response:
-        from ..xds_gateway.status import load_statuses
+        from ..mesh.proxystatus import load_statuses
 
         return _json(await load_statuses(self.store.r))
 

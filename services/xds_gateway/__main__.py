@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 
 from mizzen.services.mesh import settings
 from mizzen.services.mesh.service import run_service, setup_logging
@@ -28,20 +31,70 @@ def parser(prog: str = "mizzen xds-gateway") -> argparse.ArgumentParser:
                    help="seconds between re-reads of watched manifests (covers missed NATS events)")
     p.add_argument("--status-ttl", type=float, default=float(env("MIZZEN_XDS_STATUS_TTL", "30")))
     p.add_argument("--grace", type=float, default=5.0, help="seconds streams get to finish on SIGTERM")
+    p.add_argument("--workers", type=int, default=int(env("MIZZEN_XDS_WORKERS", "1")),
+                   help="worker processes sharing the gRPC port (SO_REUSEPORT); 0: one per core. Worker i serves "
+                        "/metrics on --http-port + i and is replica <replica-id>-w<i>")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="share the gRPC port with other processes (set for workers; off, a taken port fails)")
+    p.add_argument("--push-slots", type=int, default=int(env("MIZZEN_XDS_PUSH_SLOTS", "64")),
+                   help="config pushes building and sending at once (bounds memory during a mass push)")
+    p.add_argument("--slot-lease", type=float, default=float(env("MIZZEN_XDS_SLOT_LEASE", "1")),
+                   help="seconds a push keeps its slot before a client that does not read loses it")
     p.add_argument("--log-level", default=env("MIZZEN_LOG_LEVEL", "info"))
     return p
 
 
+def run_workers(args: argparse.Namespace, argv: list[str], replica: str) -> int:
+    """Run N gateway processes on one port; forward SIGTERM/SIGINT to them, restart one that dies."""
+    n = args.workers or os.cpu_count() or 1
+    base = [a for a in argv]
+    procs: dict[int, subprocess.Popen] = {}
+    stopping = False
+
+    def start(i: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "mizzen.services.xds_gateway", *base, "--workers", "1", "--reuse-port",
+               "--http-port", str(args.http_port + i), "--replica-id", f"{replica}-w{i}"]
+        return subprocess.Popen(cmd)
+
+    def stop(_sig, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(n):
+        procs[i] = start(i)
+    restarts = 0
+    while True:
+        alive = [p for p in procs.values() if p.poll() is None]
+        if stopping and not alive:
+            break
+        for i, p in list(procs.items()):
+            if p.poll() is not None and not stopping and restarts < 100:
+                restarts += 1
+                procs[i] = start(i)
+        time.sleep(0.2)
+    return max((p.returncode or 0) for p in procs.values())
+
+
 def main(argv: list[str] | None = None, command: str = "xds-gateway") -> int:
-    args = parser(f"mizzen {command}").parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(f"mizzen {command}").parse_args(argv)
     setup_logging(args.log_level)
+    replica = args.replica_id or f"xds-gateway-{socket.gethostname()}-{os.getpid()}"
+    if args.workers != 1:
+        # workers get the same flags; theirs (port sharing, /metrics port, name) come last and win
+        return run_workers(args, argv, replica)
     from .app import Options, run_gateway
 
     opts = Options(
         host=args.host, port=args.port, http_host=args.http_host, http_port=args.http_port,
         nats_url=settings.nats_url(args.nats_url), redis_url=settings.redis_url(args.redis_url),
-        replica=args.replica_id or f"xds-gateway-{socket.gethostname()}-{os.getpid()}",
-        resync_interval=args.resync_interval, status_ttl=args.status_ttl, grace=args.grace)
+        replica=replica, resync_interval=args.resync_interval, status_ttl=args.status_ttl, grace=args.grace,
+        push_slots=args.push_slots, slot_lease=args.slot_lease, reuse_port=args.reuse_port)
     run_service(lambda stop: run_gateway(opts, stop))
     return 0
 

@@ -36,6 +36,9 @@ class Options:
     resync_interval: float = 5.0
     status_ttl: float = 30.0
     grace: float = 5.0
+    push_slots: int = 64
+    slot_lease: float = 1.0
+    reuse_port: bool = False
 
 
 async def _wait_redis(redis: aioredis.Redis, stop: asyncio.Event) -> bool:
@@ -81,10 +84,12 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
 
     cache = SnapshotCache(redis, bus, resync_interval=opts.resync_interval)
     status = StatusRecorder(redis, opts.replica, ttl=opts.status_ttl)
-    gw = Gateway(cache=cache, status=status, metrics=metrics, replica=opts.replica, bus=bus)
+    gw = Gateway(cache=cache, status=status, metrics=metrics, replica=opts.replica, bus=bus,
+                 push_slots=asyncio.Semaphore(opts.push_slots), slot_lease=opts.slot_lease)
+    metrics.in_flight.set_function(lambda: gw.pushes_in_flight)
     await cache.start()
     await status.start()
-    server, port = make_server(gw, opts.host, opts.port)
+    server, port = make_server(gw, opts.host, opts.port, reuse_port=opts.reuse_port)
     await server.start()
     state["serving"] = True
     log.info("xds gateway serving", extra={"addr": f"{opts.host}:{port}", "replica": opts.replica})

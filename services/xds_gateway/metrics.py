@@ -31,5 +31,9 @@ class Metrics:
         self.queue_depth = Gauge("mizzen_xds_queue_depth",
                                  "proxies whose snapshot must be re-read plus streams with a push pending",
                                  registry=r)
+        self.in_flight = Gauge("mizzen_xds_pushes_in_flight", "pushes holding one of the capped slots", registry=r)
+        self.push_seconds = Histogram("mizzen_xds_push_seconds",
+                                      "time a stream spends on one push (waiting for a slot, building, writing)",
+                                      registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.snapshot_events = Counter("mizzen_xds_snapshot_events", "snapshot events received from NATS",
                                        registry=r)

@@ -33,7 +33,9 @@ def ads_handler(gw: Gateway) -> grpc.GenericRpcHandler:
     })
 
 
-def make_server(gw: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+def make_server(gw: Gateway, host: str, port: int, reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with ADS registered. `reuse_port`: several worker processes share the port
+    (SO_REUSEPORT; the kernel spreads new connections over them); off, a second gateway on a taken port fails."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.max_concurrent_streams", 100_000),
@@ -41,7 +43,7 @@ def make_server(gw: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
     server.add_generic_rpc_handlers((ads_handler(gw),))
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -15,8 +15,7 @@ Whichever replica serves a proxy's stream writes:
 and publishes `mizzen.proxy.connected` with {proxy, replica, node} so the translator can build a snapshot for a
 proxy it did not know.
 
-`load_statuses(redis)` turns that into istioctl proxy-status's per-type states against the current manifest:
-NOT SENT, SYNCED, NACKed, STALE (Never Acknowledged), STALE.
+Reading it (`load_statuses`) lives in the shared kernel, services/mesh/proxystatus.py.
 """
 
 from __future__ import annotations
@@ -30,21 +29,23 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from mizzen.services.mesh.snapstore import CONNECTED, MANIFEST, Manifest
+from mizzen.services.mesh.proxystatus import (  # noqa: F401 - re-exported: the reading side lives in the kernel
+    NACKED,
+    NEVER_ACKED,
+    NOT_SENT,
+    STALE,
+    STATUS,
+    SYNCED,
+    TABLE_TYPES,
+    load_statuses,
+    proxy_name,
+    proxy_version,
+    type_state,
+)
+from mizzen.services.mesh.snapstore import CONNECTED
 from mizzen.services.mesh.snapstore import PROXY_NODE as NODE
-from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT
 
 log = logging.getLogger("mizzen.xds_gateway.status")
-
-STATUS = "proxystatus:"
-
-NOT_SENT = "NOT SENT"
-SYNCED = "SYNCED"
-NACKED = "NACKed"
-STALE = "STALE"
-NEVER_ACKED = "STALE (Never Acknowledged)"
-
-TABLE_TYPES = (CLUSTER, LISTENER, ENDPOINT, ROUTE)  # istioctl's column order: CDS LDS EDS RDS
 
 # Delete the status only if it still belongs to this connection (another replica may own the proxy by now).
 _RELEASE = """
@@ -56,12 +57,6 @@ if cur and string.find(cur, ARGV[1], 1, true) then
 end
 return 0
 """
-
-
-def proxy_name(node_id: str) -> str:
-    """istioctl's NAME: `<pod>.<namespace>` from `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`."""
-    parts = node_id.split("~")
-    return parts[2] if len(parts) == 4 and parts[2] else node_id
 
 
 def node_info(node: Any) -> dict:
@@ -177,63 +172,3 @@ class StatusRecorder:
                 log.warning("status heartbeat failed: %s", e)
 
 
-def type_state(t: dict | None, current_version: str | None) -> str:
-    if not t or not t.get("sent_nonce"):
-        return NOT_SENT
-    if t.get("error") and t.get("error_nonce") == t.get("sent_nonce"):
-        return NACKED
-    if not t.get("acked_nonce"):
-        return NEVER_ACKED
-    if t["acked_nonce"] == t["sent_nonce"] and t.get("basis") and t.get("basis") == current_version:
-        return SYNCED
-    return STALE
-
-
-def proxy_version(node: dict) -> str:
-    """istioctl's VERSION: the proxy's ISTIO_VERSION metadata, else its Envoy version marked with `*`."""
-    md = node.get("metadata") or {}
-    if md.get("ISTIO_VERSION"):
-        return str(md["ISTIO_VERSION"])
-    v = node.get("user_agent_build_version") or node.get("user_agent_version") or ""
-    return f"{v}*" if v else ""
-
-
-async def load_statuses(redis: aioredis.Redis) -> list[dict]:
-    """One entry per connected proxy, sorted by name:
-    {proxy, name, istiod, version, api, connected_at, manifest_version,
-     status: {CDS, LDS, EDS, RDS}, errors: {CDS: error_detail message, ...}, types: raw per-type records}."""
-    members = sorted(m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(CONNECTED))
-    if not members:
-        return []
-    docs = await redis.mget([STATUS + m for m in members])
-    manifests = await redis.mget([MANIFEST + m for m in members])
-    out = []
-    for proxy, doc, mdata in zip(members, docs, manifests, strict=True):
-        if doc is None:
-            continue  # its replica died and the record expired
-        d = orjson.loads(doc)
-        versions = Manifest.from_json(mdata).versions if mdata else {}
-        manifest_version = orjson.loads(mdata).get("version", "") if mdata else ""
-        types = d.get("types", {})
-        status = {}
-        errors = {}
-        for t in TABLE_TYPES:
-            rec = types.get(t)
-            status[SHORT[t]] = type_state(rec, versions.get(t))
-            if rec and rec.get("error"):
-                errors[SHORT[t]] = rec["error"]
-        node = d.get("node", {})
-        out.append({
-            "proxy": proxy,
-            "name": proxy_name(proxy),
-            "istiod": d.get("replica", ""),
-            "version": proxy_version(node),
-            "api": d.get("api", ""),
-            "connected_at": d.get("connected_at"),
-            "manifest_version": manifest_version,
-            "status": status,
-            "errors": errors,
-            "types": types,
-        })
-    out.sort(key=lambda e: (e["name"], e["proxy"]))
-    return out

@@ -44,6 +44,8 @@ class Gateway:
     # Config-change pushes building and sending at once. A change reaching 2,000 proxies together would
     # otherwise hold 2,000 responses in memory while slow clients drain them.
     push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+    slot_lease: float = 1.0  # seconds a push may hold its slot before it must give it back (stuck clients)
+    pushes_in_flight: int = 0
 
     def update_queue_gauge(self) -> None:
         self.metrics.queue_depth.set(self.cache.queue_depth + self.pending_wakes)
@@ -250,8 +252,7 @@ class Stream:
                     if self._next_view is not None:
                         self.view, self._next_view = self._next_view, None
                         self.view_seen_at = self.view.seen_at
-                    async with self.gw.push_slots:
-                        await self.push(self.view_seen_at)
+                    await self._push_in_slot()
                 else:
                     await self.handle(item)
         except asyncio.CancelledError:
@@ -274,6 +275,30 @@ class Stream:
                 with contextlib.suppress(Exception):
                     await self.gw.status.disconnected(self)
             log.info("proxy disconnected", extra={"proxy": self.proxy, "conn": self.conn_id})
+
+    async def _push_in_slot(self) -> None:
+        """Push within one of the capped in-flight slots. A stream whose client does not read (a stuck Envoy:
+        gRPC flow control blocks the write) gives its slot back after `slot_lease` seconds and finishes the
+        write outside it, so a few stuck proxies never hold up everyone else's pushes."""
+        slots = self.gw.push_slots
+        started = time.monotonic()
+        await slots.acquire()
+        self.gw.pushes_in_flight += 1
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                self.gw.pushes_in_flight -= 1
+                slots.release()
+
+        lease = asyncio.get_running_loop().call_later(self.gw.slot_lease, release)
+        try:
+            await self.push(self.view_seen_at)
+        finally:
+            lease.cancel()
+            release()
+            self.gw.metrics.push_seconds.observe(time.monotonic() - started)
 
     async def _read(self, request_iterator) -> None:
         try:
