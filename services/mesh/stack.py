@@ -79,6 +79,10 @@ class Stack:
 
     # ---- services ----
     def _spec(self, name: str) -> ServiceSpec:
+        """`name` is a service, or a service and a replica suffix (`translator-2`, `xds-gateway-b`)."""
+        for base in ("translator", "xds-gateway"):
+            if name.startswith(base + "-") and name != base:
+                name = base
         common = ["--nats-url", str(self.nats_url), "--redis-url", str(self.redis_url), "--log-level", self.log_level]
         if name == "registry":
             return ServiceSpec("mizzen.services.registry", "--port", common)

@@ -44,6 +44,16 @@ def parser(prog: str = "mizzen xds-gateway") -> argparse.ArgumentParser:
     return p
 
 
+def _die_with_parent() -> None:
+    """In a worker: get SIGTERM when the parent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 def run_workers(args: argparse.Namespace, argv: list[str], replica: str) -> int:
     """Run N gateway processes on one port; forward SIGTERM/SIGINT to them, restart one that dies."""
     n = args.workers or os.cpu_count() or 1
@@ -54,7 +64,7 @@ def run_workers(args: argparse.Namespace, argv: list[str], replica: str) -> int:
     def start(i: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "mizzen.services.xds_gateway", *base, "--workers", "1", "--reuse-port",
                "--http-port", str(args.http_port + i), "--replica-id", f"{replica}-w{i}"]
-        return subprocess.Popen(cmd)
+        return subprocess.Popen(cmd, preexec_fn=_die_with_parent)
 
     def stop(_sig, _frame) -> None:
         nonlocal stopping
