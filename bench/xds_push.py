@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -261,10 +262,33 @@ def proc_stats(pid: int) -> tuple[float, int]:
 
 
 def metric_sum(http: str, name: str) -> float:
-    with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    """Sum of a metric over every gateway (http is HOST:PORT, or several joined with commas for workers)."""
+    total = 0.0
+    for addr in http.split(","):
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith(name + "{") or line.startswith(name + " "))
+    return total
+
+
+def gateway_pids(pid: int) -> list[int]:
+    """The gateway process, or its worker processes when it runs several."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = []
+    return kids or [pid]
+
+
+def gateway_stats(pid: int) -> tuple[float, int]:
+    cpu = rss = 0
+    for p in gateway_pids(pid):
+        c, r = proc_stats(p)
+        cpu += c
+        rss += r
+    return cpu, rss
 
 
 def pct(values: list[float], q: float) -> float:
@@ -275,11 +299,16 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------- the run
+_REVISIONS = itertools.count(1)
+
+
 def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> dict:
     port, http, pid = stack["port"], stack["http"], stack["pid"]
-    asyncio.run(write_snapshots(stack["redis"], None, layers_v1, clients, 1))
+    # revisions only grow (the store keeps a newer snapshot over an older one), also across cases
+    rev1, rev2 = next(_REVISIONS), next(_REVISIONS)
+    asyncio.run(write_snapshots(stack["redis"], None, layers_v1, clients, rev1))
     time.sleep(0.5)
-    cpu0, rss0 = proc_stats(pid)
+    cpu0, rss0 = gateway_stats(pid)
     proxies = [proxy_id(i) for i in range(clients)]
     ctx = mp.get_context("spawn")
     parts = [proxies[i::args.procs] for i in range(args.procs)]
@@ -300,11 +329,11 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
                 print(f"  client stream errors (retried): {len(msg[2])}, e.g. {msg[2][0]}", flush=True)
         connect_s = time.time() - t_connect
         time.sleep(0.5)
-        cpu1, rss1 = proc_stats(pid)
+        cpu1, rss1 = gateway_stats(pid)
         bytes0 = metric_sum(http, "mizzen_xds_push_bytes_total")
 
         t0 = time.time()
-        expect, written_at = asyncio.run(write_snapshots(stack["redis"], stack["nats"], layers_v2, clients, 2))
+        expect, written_at = asyncio.run(write_snapshots(stack["redis"], stack["nats"], layers_v2, clients, rev2))
         written = time.time() - t0
         deadline = time.time() + args.timeout
         for (_proc, a), part in zip(workers, parts, strict=True):
@@ -313,7 +342,7 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
         for _proc, a in workers:
             msg = a.recv()
             done.update(msg[1])
-        cpu2, rss2 = proc_stats(pid)
+        cpu2, rss2 = gateway_stats(pid)
         bytes1 = metric_sum(http, "mizzen_xds_push_bytes_total")
         lat = [t - t0 for t in done.values()]
         own = [t - written_at[p] for p, t in done.items()]
@@ -341,7 +370,7 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
             time.sleep(0.2)
 
 
-def start_stack(tmp: Path) -> tuple[dict, list]:
+def start_stack(tmp: Path, workers: int = 1) -> tuple[dict, list]:
     from mizzen.services.mesh import procs
 
     started: list = []
@@ -354,25 +383,27 @@ def start_stack(tmp: Path) -> tuple[dict, list]:
         gw = procs.spawn("xds-gateway", [sys.executable, "-m", "mizzen.services.xds_gateway", "--port", str(port),
                                          "--http-port", str(http_port), "--nats-url", nats.meta["url"],
                                          "--redis-url", redis.meta["url"], "--replica-id", "bench",
-                                         "--resync-interval", "600", "--log-level", "warning"],
+                                         "--resync-interval", "600", "--log-level", "warning",
+                                         "--workers", str(workers)],
                          tmp / "logs", env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
         started.insert(0, gw)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("gateway not ready: " + gw.log_text()[-2000:])
+        for w in range(workers):
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http_port + w}/healthz/ready", timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.2)
+            else:
+                raise RuntimeError("gateway not ready: " + gw.log_text()[-2000:])
     except BaseException:
         for p in started:  # nothing this bench started outlives a failed start
             p.stop()
         raise
     stack = {"nats": nats.meta["url"], "redis": redis.meta["url"], "port": port,
-             "http": f"127.0.0.1:{http_port}", "pid": gw.pid}
+             "http": ",".join(f"127.0.0.1:{http_port + w}" for w in range(workers)), "pid": gw.pid}
     return stack, started
 
 

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("mizzen.services.registry.__main__", "run the registry service"),
     "translator": ("mizzen.services.translator.__main__", "run the translator service"),
     "xds-gateway": ("mizzen.services.xds_gateway.__main__", "run the xDS gateway service"),
+    "bench": ("mizzen.services.cli.bench", "run the benchmark suite (--quick: a 2-minute smoke run)"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Mizzen's benchmarks (`python -m bench` / `mizzen bench`): figures are printed, never asserted."""
