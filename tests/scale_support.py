@@ -40,8 +40,10 @@ class EnvoyLikeClient:
     """One SotW ADS stream behaving like Envoy: CDS/LDS wildcard, EDS for its EDS clusters, RDS for the route
     configs its listeners name, every response ACKed (unless `ack` is False: then it reads but never ACKs)."""
 
-    def __init__(self, port: int, node_id: str, ack: bool = True):
-        self.port = port
+    def __init__(self, port: int | list[int], node_id: str, ack: bool = True, keepalive: bool = False):
+        self.ports = port if isinstance(port, list) else [port]
+        self.port = self.ports[0]  # the gateway it is connected to (or trying)
+        self.keepalive = keepalive  # ping every 2 s: notice a silent (partitioned) gateway and fail over
         self.node_id = node_id
         self.ack = ack
         self.versions: dict[str, str] = {}
@@ -60,6 +62,7 @@ class EnvoyLikeClient:
 
     async def _run(self) -> None:
         for attempt in range(100):
+            self.port = self.ports[attempt % len(self.ports)]
             try:
                 await self._stream()
                 return
@@ -70,9 +73,15 @@ class EnvoyLikeClient:
                 await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
 
     async def _stream(self) -> None:
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}",
-                                                 options=[("grpc.use_local_subchannel_pool", 1),
-                                                          ("grpc.max_receive_message_length", 64 << 20)])
+        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
+        if self.keepalive:
+            options += [("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 2000),
+                        ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                        ("grpc.http2.min_time_between_pings_ms", 1000),
+                        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                        # one ping in flight at a time: an unanswered BDP probe would block the keepalive ping
+                        ("grpc.http2.bdp_probe", 0), ("grpc.http2.ping_timeout_ms", 2000)]
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=options)
         try:
             call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).StreamAggregatedResources()
             node = base_pb2.Node(id=self.node_id)
@@ -133,8 +142,8 @@ class EnvoyLikeClient:
                 await self.task
 
 
-def new_client(port: int, node_id: str, ack: bool = True) -> EnvoyLikeClient:
-    return EnvoyLikeClient(port, node_id, ack)
+def new_client(port: int | list[int], node_id: str, ack: bool = True, keepalive: bool = False) -> EnvoyLikeClient:
+    return EnvoyLikeClient(port, node_id, ack, keepalive)
 
 
 async def eventually(check, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):

@@ -15,7 +15,16 @@ from mizzen.services.mesh.proxystatus import load_statuses
 from mizzen.services.mesh.stack import Stack
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER
 
-from .scale_support import apply, endpoints_object, eventually, metrics, new_client, node_id, pod_ip, service_objects
+from .scale_support import (
+    apply,
+    endpoints_object,
+    eventually,
+    metrics,
+    new_client,
+    node_id,
+    pod_ip,
+    service_objects,
+)
 
 
 def mesh(n: int) -> list[dict]:

@@ -13,7 +13,16 @@ from mizzen.services.mesh.stack import Stack
 from mizzen.services.mesh.xds_types import ENDPOINT
 from mizzen.services.translator.shards import owner
 
-from .scale_support import apply, endpoints_object, eventually, metrics, new_client, node_id, pod_ip, service_objects
+from .scale_support import (
+    apply,
+    endpoints_object,
+    eventually,
+    metrics,
+    new_client,
+    node_id,
+    pod_ip,
+    service_objects,
+)
 
 N = 12  # services, one pod (= one proxy) each
 REPLICAS = ("t1", "t2")

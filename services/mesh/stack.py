@@ -64,11 +64,15 @@ class Stack:
         self.registry_port = self.registry_port or procs.free_port()
         self.xds_port = self.xds_port or procs.free_port()
 
-    def restart_infra(self, name: str) -> None:
-        """Kill NATS or Redis and start it again on the same port (Redis keeps its AOF data)."""
+    def restart_infra(self, name: str, kill: bool = True) -> None:
+        """Kill (or, with kill=False, stop with SIGTERM) NATS or Redis and start it again on the same port
+        (Redis keeps its AOF data; a SIGTERM lets it flush the last second of writes first)."""
         old = self.procs[name]
         port = old.meta["port"]
-        old.kill()
+        if kill:
+            old.kill()
+        else:
+            old.stop()
         self._infra.remove(old)
         if name == "nats":
             p = procs.start_nats(self.log_dir, port=port, store_dir=self.work_dir / "nats")

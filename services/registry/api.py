@@ -126,8 +126,12 @@ class RegistryAPI:
         try:
             body = orjson.loads(await req.read())
             items = body["documents"]
+            if not isinstance(items, list):
+                raise TypeError("documents must be a list")
             docs: list[Document | DocumentError] = []
             for i, d in enumerate(items):
+                if not isinstance(d, dict):
+                    raise TypeError(f"documents[{i}] must be an object {{\"object\": {{...}}}}")
                 obj = d.get("object")
                 src, idx = str(d.get("source", "request")), int(d.get("index", i))
                 if isinstance(obj, dict):

@@ -43,6 +43,9 @@ def make_server(gw: Gateway, host: str, port: int, reuse_port: bool = False) -> 
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # clients may ping every second to notice a dead or partitioned gateway quickly (Envoy's
+        # connection keepalive); gRPC's default would answer such pings with GOAWAY "too_many_pings"
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
     server.add_generic_rpc_handlers((ads_handler(gw),))
