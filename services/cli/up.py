@@ -8,6 +8,7 @@ translator and the xDS gateway (and the logsink when it is installed). State liv
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--registry-port", type=int, default=settings.REGISTRY_PORT)
     p.add_argument("--xds-port", type=int, default=settings.XDS_PORT)
+    p.add_argument("--xds-workers", type=int, default=int(settings.env("MIZZEN_XDS_WORKERS", "0")),
+                   help="xds-gateway worker processes on the gRPC port (default: one per core)")
     p.add_argument("--demo", action="store_true",
                    help="apply a demo mesh and run it: echo apps, a real Envoy ingress gateway, traffic (docs/demo.md)")
     p.add_argument("--netns", action="store_true", help="with --demo: run the demo pods in network namespaces (root)")
@@ -55,12 +58,15 @@ def main(argv: list[str], command: str = "up") -> int:
         stack.start_infra()
         print(f"  nats         {stack.nats_url}", flush=True)
         print(f"  redis        {stack.redis_url}", flush=True)
-        for name in ("registry", "translator", "xds-gateway"):
+        for name in ("registry", "translator"):
             stack.start_service(name)
+        # one gateway worker per core on the one gRPC port (SO_REUSEPORT); worker i serves /metrics on port + i
+        workers = args.xds_workers or os.cpu_count() or 1
+        stack.start_service("xds-gateway", extra=["--workers", str(workers)])
         print(f"  registry     {stack.registry_url}   (export MIZZEN_SERVER={stack.registry_url})", flush=True)
         print(f"  translator   http://127.0.0.1:{stack.http_ports['translator']}/metrics", flush=True)
-        print(f"  xds-gateway  grpc://{stack.xds_address}   http://127.0.0.1:{stack.http_ports['xds-gateway']}/metrics",
-              flush=True)
+        print(f"  xds-gateway  grpc://{stack.xds_address}   http://127.0.0.1:{stack.http_ports['xds-gateway']}/metrics"
+              f"   ({workers} worker{'s' if workers != 1 else ''}, /metrics on the next ports)", flush=True)
         print(f"  logs         {stack.log_dir}", flush=True)
         if args.demo:
             from .demo import Demo, DemoError

@@ -67,6 +67,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int, host: str = "127.0.0.1") -> int:
+    """A port p such that p … p+n-1 are all free now (gateway workers serve /metrics on consecutive ports)."""
+    for _ in range(100):
+        p = free_port(host)
+        try:
+            for q in range(p + 1, p + n):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, q))
+            return p
+        except OSError:
+            continue
+    raise OSError(f"no run of {n} free ports found")
+
+
 def wait_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

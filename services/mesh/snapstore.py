@@ -71,6 +71,20 @@ def type_version(entries: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def _disjoint(maps: list[dict[str, str]]) -> bool:
+    """No name in two of these maps (checks the smaller ones against the largest)."""
+    big = max(maps, key=len)
+    seen: set[str] = set()
+    for m in maps:
+        if m is big:
+            continue
+        for n in m:
+            if n in big or n in seen:
+                return False
+            seen.add(n)
+    return True
+
+
 @dataclass
 class Manifest:
     proxy: str
@@ -118,6 +132,7 @@ class SnapshotStore:
         self._res_cache: _LRU = _LRU(cache_limit)  # hash → bytes (immutable, so safe to cache)
         self._layer_cache: _LRU = _LRU(10_000)  # hash → index
         self._versions_cache: _LRU = _LRU(10_000)  # layer-hash tuple → type versions
+        self._layer_versions: _LRU = _LRU(10_000)  # (layer hash, type) → that layer's type version
 
     # ---- writer side (translator) ----
     async def put(self, proxy: str, revision: int, layers: list[Layer | PreparedLayer]) -> tuple[Manifest, bool]:
@@ -178,17 +193,42 @@ class SnapshotStore:
         return out
 
     def _versions(self, prepared: list[PreparedLayer]) -> dict[str, str]:
-        """Per-type versions of the merged layers (later layers override earlier ones), memoised per layer set."""
+        """Per-type versions of the merged layers (later layers override earlier ones), memoised per layer set.
+
+        A type held by one layer has that layer's `type_version`. A type spread over several layers whose names
+        do not overlap (a mesh-wide layer plus a proxy's own) gets a hash of the layers' type versions: O(layers)
+        per proxy instead of re-hashing thousands of shared names for every proxy (2,000 proxies × 3,000
+        resources was 5 s of a full push). Only overlapping names force hashing the merged map."""
         key = tuple(lay.hash for lay in prepared)
         hit = self._versions_cache.get(key)
         if hit is None:
-            merged: dict[str, dict[str, str]] = {}
-            for lay in prepared:
-                for t, entries in lay.index.items():
-                    merged.setdefault(t, {}).update(entries)
-            hit = {t: type_version(merged.get(t, {})) for t in PUSH_ORDER}
+            hit = {}
+            for t in PUSH_ORDER:
+                holders = [lay for lay in prepared if lay.index.get(t)]
+                if not holders:
+                    hit[t] = type_version({})
+                elif len(holders) == 1:
+                    hit[t] = self._layer_version(holders[0], t)
+                elif _disjoint([h.index[t] for h in holders]):
+                    h = hashlib.blake2b(b"layers\0", digest_size=8)
+                    for lay in holders:
+                        h.update(self._layer_version(lay, t).encode())
+                    hit[t] = h.hexdigest()
+                else:
+                    merged: dict[str, str] = {}
+                    for lay in holders:
+                        merged.update(lay.index[t])
+                    hit[t] = type_version(merged)
             self._versions_cache.put(key, hit)
         return dict(hit)
+
+    def _layer_version(self, lay: PreparedLayer, t: str) -> str:
+        key = (lay.hash, t)
+        v = self._layer_versions.get(key)
+        if v is None:
+            v = type_version(lay.index[t])
+            self._layer_versions.put(key, v)
+        return v
 
     async def collect_garbage(self, candidates: set[str]) -> tuple[int, set[str]]:
         """Delete layers and resources no manifest references. Two-phase, so a reader that has just loaded a

@@ -14,6 +14,16 @@ from pathlib import Path
 from . import procs
 
 
+def _workers(extra: list[str]) -> int:
+    """How many worker processes `--workers N` in a service's flags asks for (0: one per core)."""
+    if "--workers" in extra:
+        i = extra.index("--workers")
+        if i + 1 < len(extra):
+            n = int(extra[i + 1])
+            return n if n > 0 else (os.cpu_count() or 1)
+    return 1
+
+
 @dataclass
 class ServiceSpec:
     module: str
@@ -35,6 +45,7 @@ class Stack:
     procs: dict[str, procs.Proc] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
     extras: dict[str, list[str]] = field(default_factory=dict)  # per-service extra flags, kept for restarts
+    workers: dict[str, int] = field(default_factory=dict)  # gateway worker processes (each its own /metrics)
     _infra: list[procs.Proc] = field(default_factory=list)
 
     @property
@@ -107,10 +118,12 @@ class Stack:
         spec = self._spec(name)
         extra = self.extras.get(name, []) if extra is None else extra
         self.extras[name] = extra
+        workers = _workers(extra)
+        self.workers[name] = workers
         if name == "registry":
             port = self.registry_port
         else:
-            port = self.http_ports.get(name) or procs.free_port()
+            port = self.http_ports.get(name) or procs.free_port_run(workers)
         self.http_ports[name] = port
         argv = [sys.executable, "-m", spec.module, *spec.extra, spec.http_port_flag,
                 spec.http_value.format(port=port), *extra]
@@ -122,17 +135,20 @@ class Stack:
         return p
 
     def wait_ready(self, name: str, timeout: float = 30.0) -> None:
-        url = f"http://127.0.0.1:{self.http_ports[name]}/healthz/ready"
+        """Wait for /healthz/ready (of every worker, for a gateway running several)."""
         deadline = time.monotonic() + timeout
         p = self.procs[name]
-        while time.monotonic() < deadline:
-            if not p.alive():
-                raise RuntimeError(f"{name} exited with {p.popen.returncode}:\n{p.log_text()[-3000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"{name} not ready within {timeout}s:\n{p.log_text()[-3000:]}")
+        for w in range(self.workers.get(name, 1)):
+            url = f"http://127.0.0.1:{self.http_ports[name] + w}/healthz/ready"
+            while True:
+                if not p.alive():
+                    raise RuntimeError(f"{name} exited with {p.popen.returncode}:\n{p.log_text()[-3000:]}")
+                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not ready within {timeout}s:\n{p.log_text()[-3000:]}")
+                time.sleep(0.05)
 
     def stop_service(self, name: str, kill: bool = False) -> None:
         p = self.procs.pop(name)
