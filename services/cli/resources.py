@@ -63,6 +63,10 @@ def cmd_apply(argv: list[str]) -> int:
         k = kinds.BY_KIND[r["kind"]]
         group = f".{k.group}" if k.group else ""
         print(f"{k.kind.lower()}{group}/{r['name']} {r['action']}")
+    for s in result.get("skipped", []):
+        group = s["apiVersion"].rpartition("/")[0]
+        print(f"{s['kind'].lower()}{'.' + group if group else ''}/{s['name']} skipped ({s['reason']}; "
+              f"{s['source']}, document {s['document']})")
     return 0
 
 
