@@ -198,3 +198,38 @@ def test_a_typo_in_a_mesh_kind_is_still_an_error_and_nothing_is_stored(stack, tm
     assert f"typo.yaml, document 5: {kind} default/x: kind: unknown kind '{kind}' ({hint})" in r.stderr
     assert "nothing was applied" in r.stderr
     assert revision(stack) == 0
+
+
+UNTRANSLATED_DR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}}
+    tls: {mode: SIMPLE, insecureSkipVerify: true}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {retryBudget: {percent: 20}}
+"""
+
+
+def test_apply_stores_current_istio_fields_it_does_not_translate_and_warns_naming_each(stack, tmp_path):
+    f = tmp_path / "dr.yaml"
+    f.write_text(UNTRANSLATED_DR)
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "destinationrule.networking.istio.io/web created"
+    head = f"warning: {f}, document 0: DestinationRule default/web: "
+    tail = ": accepted but not translated by Mizzen yet: Envoy will not apply it"
+    assert r.stderr.splitlines() == [head + p + tail for p in (
+        "spec.trafficPolicy.loadBalancer.warmup", "spec.trafficPolicy.tls.insecureSkipVerify",
+        "spec.subsets[0].trafficPolicy.retryBudget")]
+    stored = request("GET", stack.registry_url + "/apis/networking.istio.io/v1/namespaces/default/destinationrules/web")
+    assert stored["spec"]["trafficPolicy"]["loadBalancer"]["warmup"] == {"duration": "10s"}
+    # an unknown field is still an error
+    f.write_text(UNTRANSLATED_DR.replace("insecureSkipVerify", "insecureSkipVerfy"))
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 1 and 'spec.trafficPolicy.tls.insecureSkipVerfy: unknown field "insecureSkipVerfy"' in r.stderr

@@ -27,6 +27,7 @@ from .common import (
     qualified_name_errors,
 )
 from .schema import Map, Str, check, unknown_field
+from .untranslated import untranslated_fields
 
 # kind → validator(obj) → list of field errors (paths relative to the object root, e.g. "spec.hosts[0]").
 VALIDATORS: dict[str, Callable[[dict], list[FieldError]]] = {}
@@ -131,7 +132,7 @@ def _unknown_kind(name: str) -> str:
 
 def check_documents(
     docs: list[Document | DocumentError], default_namespace: str = "default",
-    skipped: list[dict] | None = None,
+    skipped: list[dict] | None = None, warnings: list[DocumentError] | None = None,
 ) -> tuple[list[dict], list[DocumentError]]:
     """Normalise and validate documents; returns (objects, errors).
 
@@ -139,7 +140,7 @@ def check_documents(
     (file, document index, kind, namespace, name, and each field), so a caller can never store half an apply.
     A document of a kind Mizzen does not model (a Deployment beside its Service; see
     `kinds.unmodelled_reason`) is appended to `skipped` when the caller passes that list, and is an error
-    otherwise.
+    otherwise. Fields Mizzen accepts but does not translate yet are named in `warnings` when given.
     """
     objects: list[dict] = []
     errors: list[DocumentError] = []
@@ -188,6 +189,8 @@ def check_documents(
                 seen[ident] = (d.source, d.index)
         if doc_err.errors:
             errors.append(doc_err)
-        else:
-            objects.append(obj)
+            continue
+        objects.append(obj)
+        if warnings is not None and (untranslated := untranslated_fields(obj)):
+            warnings.append(DocumentError(d.source, d.index, kind_name, ns, name, untranslated))
     return ([] if errors else objects), errors
