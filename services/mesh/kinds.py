@@ -49,6 +49,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Gateway", _NET, _NET_VERSIONS, "gateways"),
     Kind("Sidecar", _NET, _NET_VERSIONS, "sidecars"),
     Kind("PeerAuthentication", "security.istio.io", ("v1beta1", "v1"), "peerauthentications"),
+    Kind("EnvoyFilter", _NET, ("v1alpha3",), "envoyfilters"),
 )
 
 BY_KIND: dict[str, Kind] = {k.kind: k for k in KINDS}
@@ -68,6 +69,7 @@ ALIASES: dict[str, str] = {
     "gw": "Gateway", "gateway": "Gateway",
     "sidecar": "Sidecar",
     "pa": "PeerAuthentication", "peerauthentication": "PeerAuthentication",
+    "envoyfilter": "EnvoyFilter",
 }
 
 
