@@ -284,3 +284,21 @@ def test_cli_token_prints_only_the_token(tmp_path):
     assert r.stdout.count("\n") == 1
     c = tokens.verify(r.stdout.strip(), tokens.load_public_keys(tmp_path))
     assert (c.namespace, c.service_account, c.expires_at - c.issued_at) == ("ns1", "sa1", 7200)
+
+
+@pytest.mark.parametrize("key_type", ["ec", "rsa"])
+def test_fast_leaf_encoding_is_byte_identical_to_cryptographys_builder(tmp_path, key_type):
+    """The leaf's TBSCertificate assembled from cached DER parts equals CertificateBuilder's for the same
+    inputs (also with DNS and IP SANs, as in certauth's serving certificate), and verifies under the signer."""
+    ca.ensure_self_signed(tmp_path, key_type=key_type)
+    a = ca.load_self_signed(tmp_path)
+    assert a._fast is not None
+    pub = ca.parse_csr(csr.new_key_and_csr(ID).csr_pem).public_key()
+    now = ca.utcnow()
+    for serial, names in ((2**126 + 5, ([ID], [], [])), (1, ([], ["localhost", "a.b"], ["127.0.0.1", "::1"]))):
+        fast = x509.load_pem_x509_certificate(a.issue(pub, uris=names[0], dns=names[1], ips=names[2], ttl=3600,
+                                                      serial=serial, now=now).encode())
+        ref = a._builder_leaf(pub, serial, (now - ca.CLOCK_SKEW).replace(microsecond=0),
+                              (now + dt.timedelta(seconds=3600)).replace(microsecond=0), ca._san(*names))
+        assert fast.tbs_certificate_bytes == ref.tbs_certificate_bytes
+        fast.verify_directly_issued_by(a.signer_cert)
