@@ -314,3 +314,23 @@ async def test_cli_sign_and_root_against_a_running_ca(tmp_path):
     r = cli("ca", "root", "--data-dir", str(tmp_path / "empty"))
     assert r.returncode == 1 and "no CA in" in r.stderr
     shutil.rmtree(tmp_path / "empty", ignore_errors=True)
+
+
+async def test_the_stack_runs_certauth(tmp_path):
+    """services/mesh/stack.py (what `mizzen up` and the tests start) runs certauth beside the control plane."""
+    from mizzen.services.mesh.stack import Stack
+
+    stack = Stack(tmp_path / "stack", ca_data_dir=tmp_path / "data")
+    try:
+        stack.start(services=("certauth",))
+        roots = stack.trust_bundle_path.read_text()
+        assert stack.trust_bundle_path == tmp_path / "data" / "ca" / "trust-bundle.pem"
+        token = tokens.issue(stack.ca_dir, "default", "web", 600)
+        chain = await client.create_certificate(stack.ca_address, csr_pem=csr.new_key_and_csr(ID).csr_pem,
+                                                token=token, root_certs_pem=roots)
+        verify_chain(chain, roots_of(roots))
+        r = cli("ca", "root", "--data-dir", str(stack.ca_dir), "--ca", stack.ca_address)
+        assert r.returncode == 0 and r.stdout == roots
+        await client.close_all()
+    finally:
+        stack.stop()
