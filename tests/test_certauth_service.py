@@ -70,6 +70,13 @@ async def test_every_refusal_and_a_good_certificate(tmp_path):
                                                        root_certs_pem=roots))[0]
         assert abs((leaf24.not_valid_after_utc - leaf24.not_valid_before_utc).total_seconds() - 86520) < 5
         assert await client.trust_bundle(addr, root_certs_pem=roots) == [ca.pem(r) for r in roots_of(roots)]
+        # responses carry certificates and public keys only
+        bundle = await client.get_bundle(addr, root_certs_pem=roots)
+        assert bundle.trust_domain == "cluster.local" and len(bundle.token_public_keys) == 1
+        assert tokens.parse_public_keys(bundle.token_public_keys[0])[0].public_bytes_raw() == \
+            tokens.load_public_keys(data)[0].public_bytes_raw()
+        for text in [*chain, *bundle.roots, *bundle.token_public_keys]:
+            assert "PRIVATE" not in text
 
         # --- UNAUTHENTICATED: no / garbage / tampered / expired / wrong-audience / foreign-key tokens ---
         async with CertAuthClient(addr, root_certs_pem=roots) as c:
