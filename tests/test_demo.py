@@ -94,8 +94,7 @@ class UpRun:
         self._q: queue.Queue[str | None] = queue.Queue()
         self.registry_port = procs.free_port()
         argv = [sys.executable, "-m", "mizzen", "up", "--data-dir", str(data_dir),
-                "--registry-port", str(self.registry_port), "--xds-port", str(procs.free_port()),
-                "--ca-port", str(procs.free_port()), *args]
+                "--registry-port", str(self.registry_port), "--xds-port", str(procs.free_port()), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{MARK: mark})
         env.pop("MIZZEN_SERVER", None)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
