@@ -152,7 +152,7 @@ class Authority:
     max_ttl: int = MAX_WORKLOAD_TTL
     source: str = ""
     _base: x509.CertificateBuilder = field(init=False, repr=False)
-    _tail_pems: list[str] = field(init=False, repr=False)
+    tail_pems: list[str] = field(init=False, repr=False)  # what follows a leaf in a response: intermediates, root
     _hash: hashes.HashAlgorithm | None = field(init=False, repr=False)
     _fast: _FastLeaf | None = field(init=False, repr=False)
 
@@ -182,7 +182,7 @@ class Authority:
             issuer = next((r for r in self.trusted_roots if r.subject == tail[-1].issuer), None)
             if issuer is not None:
                 tail.append(issuer)
-        self._tail_pems = [pem(c) for c in tail]
+        self.tail_pems = [pem(c) for c in tail]
         if self.signer_cert not in self.trusted_roots and self._self_signed(self.signer_cert):
             raise CAError(f"{self.source}: the signing root is not among the trusted roots")
 
@@ -212,7 +212,7 @@ class Authority:
         ttl = self.ttl_for(requested_ttl)
         csr, public_key = parse_csr_key(csr_pem)
         check_csr_identity(csr, identity)
-        return [self.issue(public_key, uris=[identity], ttl=ttl)] + self._tail_pems
+        return [self.issue(public_key, uris=[identity], ttl=ttl)] + self.tail_pems
 
     def issue(self, public_key, *, uris: list[str] = (), dns: list[str] = (), ips: list[str] = (),
               ttl: int, serial: int | None = None, now: dt.datetime | None = None) -> str:
