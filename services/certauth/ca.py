@@ -153,6 +153,7 @@ class Authority:
     source: str = ""
     _base: x509.CertificateBuilder = field(init=False, repr=False)
     tail_pems: list[str] = field(init=False, repr=False)  # what follows a leaf in a response: intermediates, root
+    roots_pem: list[str] = field(init=False, repr=False)  # the trust bundle, PEM, signing root first
     _hash: hashes.HashAlgorithm | None = field(init=False, repr=False)
     _fast: _FastLeaf | None = field(init=False, repr=False)
 
@@ -183,16 +184,13 @@ class Authority:
             if issuer is not None:
                 tail.append(issuer)
         self.tail_pems = [pem(c) for c in tail]
+        self.roots_pem = [pem(c) for c in self.trusted_roots]
         if self.signer_cert not in self.trusted_roots and self._self_signed(self.signer_cert):
             raise CAError(f"{self.source}: the signing root is not among the trusted roots")
 
     @staticmethod
     def _self_signed(cert: x509.Certificate) -> bool:
         return cert.issuer == cert.subject
-
-    @property
-    def roots_pem(self) -> list[str]:
-        return [pem(c) for c in self.trusted_roots]
 
     @property
     def signing_root(self) -> x509.Certificate:
