@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import orjson
 import redis.asyncio as aioredis
 
-from .xds_types import PUSH_ORDER
+from .xds_types import PUSH_ORDER, SECRET, SNAPSHOT_TYPES
 
 RES = "snapres:"
 LAYER = "snaplayer:"
@@ -94,7 +94,7 @@ class Manifest:
 
     @property
     def version(self) -> str:
-        return f"{self.revision}-" + digest("".join(self.versions.get(t, "") for t in PUSH_ORDER).encode())[:8]
+        return f"{self.revision}-" + digest("".join(self.versions.get(t, "") for t in SNAPSHOT_TYPES).encode())[:8]
 
     def to_json(self) -> bytes:
         return orjson.dumps({"proxy": self.proxy, "revision": self.revision, "version": self.version,
@@ -203,7 +203,10 @@ class SnapshotStore:
         hit = self._versions_cache.get(key)
         if hit is None:
             hit = {}
-            for t in PUSH_ORDER:
+            types = list(PUSH_ORDER)
+            if any(lay.index.get(SECRET) for lay in prepared):
+                types.append(SECRET)  # only gateways with credentials have secrets; others keep their versions
+            for t in types:
                 holders = [lay for lay in prepared if lay.index.get(t)]
                 if not holders:
                     hit[t] = type_version({})
