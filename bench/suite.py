@@ -199,7 +199,8 @@ def bench_push(cases: list[dict], procs_n: int, timeout: float) -> list[dict]:
                 v1, v2 = layer_cache[s]
                 if c["kind"] == "endpoint":
                     v2 = endpoint_variant(v1)
-                args = argparse.Namespace(procs=procs_n if n >= 200 else 1, api=c["api"], timeout=timeout)
+                n_procs = 1 if n < 200 else (max(procs_n, 4) if n >= 5000 else procs_n)
+                args = argparse.Namespace(procs=n_procs, api=c["api"], timeout=timeout * (3 if n >= 5000 else 1))
                 try:
                     row = xds_push.run_case(args, stack, s, n, v1, v2)
                 except Exception as e:  # noqa: BLE001 - report it and go on with the other cases

@@ -153,6 +153,14 @@ async def write_snapshots(redis_url: str, nats_url: str | None, layers, n: int, 
 
 
 # ---------------------------------------------------------------- simulated clients
+def _own_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def client_process(port: int, proxies: list[str], eds_names: list[str], rds_names: list[str], conn,
                    api: str = "sotw") -> None:
     asyncio.run(_client_main(port, proxies, eds_names, rds_names, conn, api))
@@ -240,7 +248,7 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api) -> None:
             await asyncio.sleep(0.05)
         done = {p: max(acked[p][t][1] for t in expect[p]) for p in proxies
                 if all(acked[p].get(t, ("",))[0] == v for t, v in expect[p].items())}
-        conn.send(("converged", done))
+        conn.send(("converged", done, _own_rss()))
     for c in calls:
         c.cancel()
     for t in tasks:
@@ -339,9 +347,11 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
         for (_proc, a), part in zip(workers, parts, strict=True):
             a.send(("expect", {p: expect[p] for p in part}, deadline))
         done: dict[str, float] = {}
+        clients_rss = 0
         for _proc, a in workers:
             msg = a.recv()
             done.update(msg[1])
+            clients_rss += msg[2] if len(msg) > 2 else 0
         cpu2, rss2 = gateway_stats(pid)
         bytes1 = metric_sum(http, "mizzen_xds_push_bytes_total")
         lat = [t - t0 for t in done.values()]
@@ -353,6 +363,7 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
             "bytes_per_push": (bytes1 - bytes0) / clients, "cpu_per_push_ms": (cpu2 - cpu1) / clients * 1000,
             "cpu_push_s": cpu2 - cpu1, "cpu_connect_s": cpu1 - cpu0,
             "rss_mb": rss2 / 2**20, "rss_per_stream_kb": (rss1 - rss0) / clients / 1024,
+            "clients_rss_mb": clients_rss / 2**20,
         }
     finally:
         for _proc, a in workers:
