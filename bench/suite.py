@@ -429,6 +429,8 @@ def plots(res: dict, out: Path, stamp: str) -> list[str]:
         return []
     files = []
     push = [r for r in res.get("push", []) if "p99" in r]
+    if not push:
+        return files  # nothing to draw (e.g. --only apply)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict = {}
     for r in push:
@@ -437,7 +439,8 @@ def plots(res: dict, out: Path, stamp: str) -> list[str]:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                 label=f"{kind} {api}, S={s}, {workers}w")
-    ax.set_xlabel("proxies (streams)")
+    ax.set_xscale("log")
+    ax.set_xlabel("proxies (streams, log scale)")
     ax.set_ylabel("push convergence p99, s")
     ax.set_title("Push convergence against proxies")
     ax.grid(True, alpha=0.3)
