@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
-from . import clusters, endpoints, listeners, routes
+from . import clusters, endpoints, grpcgen, listeners, routes
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -126,6 +126,8 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
 
 
 def build_snapshot(push: PushContext, proxy: Proxy) -> Snapshot:
+    if grpcgen.is_proxyless(proxy):  # a gRPC application's own xDS client, not an Envoy
+        return Snapshot(proxy, grpcgen.layers(push, proxy))
     outbound, eds = outbound_layers(push, proxy)
     return Snapshot(proxy, [outbound, eds, proxy_layer(push, proxy)])
 
