@@ -96,7 +96,7 @@ def registry_revision(stack: Stack) -> int:
     return asyncio.run(run())
 
 
-def settled_manifest(stack: Stack, timeout: float = 60.0):
+def settled_manifest(stack: Stack, timeout: float = 60.0, node: str = NODE):
     """The proxy's manifest once the translator has built the registry's current revision."""
     rev = registry_revision(stack)
 
@@ -106,13 +106,13 @@ def settled_manifest(stack: Stack, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                m = await store.manifest(NODE)
+                m = await store.manifest(node)
                 if m is not None and m.revision >= rev:
                     return m
                 await asyncio.sleep(0.05)
         finally:
             await r.aclose()
-        raise TimeoutError(f"no snapshot of {NODE} at revision {rev}")
+        raise TimeoutError(f"no snapshot of {node} at revision {rev}")
 
     return asyncio.run(run())
 
@@ -120,19 +120,19 @@ def settled_manifest(stack: Stack, timeout: float = 60.0):
 class Subscriber:
     """watch() in a thread, its snapshots in a queue, so the test can wait with a timeout."""
 
-    def __init__(self, target: str, proxy: str, since: str = ""):
+    def __init__(self, target: str, proxy: str, since: str = "", namespace: str = ""):
         self.q: queue.Queue = queue.Queue()
         self.reconnects = 0
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(target, proxy, since), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(target, proxy, since, namespace), daemon=True)
         self.thread.start()
 
-    def _run(self, target: str, proxy: str, since: str) -> None:
+    def _run(self, target: str, proxy: str, since: str, namespace: str) -> None:
         def on_reconnect(_e) -> None:
             self.reconnects += 1
 
         try:
-            for snap in watch_cli.watch(target, proxy, since=since, on_reconnect=on_reconnect):
+            for snap in watch_cli.watch(target, proxy, since=since, on_reconnect=on_reconnect, namespace=namespace):
                 self.q.put(snap)
                 if self.stop.is_set():
                     return
@@ -263,3 +263,37 @@ def test_mizzen_watch_prints_each_version(stack, tmp_path):
     r = subprocess.run([*argv[:-3], "--count", "1"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(m2.version) and "changed CDS,EDS,LDS,RDS" in r.stdout and " B)" in r.stdout
+
+
+def test_namespace_watch_follows_every_proxy_of_the_namespace(stack, tmp_path):
+    apply(stack, tmp_path, BASE)
+    first = settled_manifest(stack)
+    sub = Subscriber(stack.xds_address, "", namespace="shop")
+    try:
+        snap = sub.next()
+        assert (snap.proxy, snap.version) == (NODE, first.version)
+        # a pod that appears later joins the watch; a pod of another namespace does not
+        node2 = "sidecar~10.77.0.6~app-2.shop~shop.svc.cluster.local"
+        apply(stack, tmp_path, BASE.split("---")[1].replace("app-1", "app-2").replace("10.77.0.5", "10.77.0.6")
+              + "---\n" + BASE.split("---")[1].replace("shop", "other").replace("10.77.0.5", "10.78.0.1")
+              + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n")
+        m1, m2 = settled_manifest(stack), settled_manifest(stack, node=node2)
+        got: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while got.get(node2) != m2.version or got.get(NODE) != m1.version:
+            assert time.monotonic() < deadline, got
+            s = sub.next()
+            assert s.proxy in (NODE, node2), s.proxy
+            got[s.proxy] = s.version
+        # one change reaches both, each in order
+        apply(stack, tmp_path, CHANGES[0])
+        m1, m2 = settled_manifest(stack), settled_manifest(stack, node=node2)
+        seen: dict[str, list[int]] = {NODE: [], node2: []}
+        while not (got.get(NODE) == m1.version and got.get(node2) == m2.version):
+            assert time.monotonic() < deadline + 60, got
+            s = sub.next()
+            got[s.proxy] = s.version
+            seen[s.proxy].append(s.revision)
+        assert all(r == sorted(r) for r in seen.values())
+    finally:
+        sub.stop.set()

@@ -39,21 +39,26 @@ def get(target: str, proxy: str, types: list[str] | None = None, names_only: boo
         return call(pb.GetRequest(proxy=proxy, types=types or [], names_only=names_only), timeout=timeout)
 
 
-def watch(target: str, proxy: str, since: str = "", types: list[str] | None = None, names_only: bool = False,
-          reconnect: bool = True, on_reconnect=None) -> Iterator[pb.Snapshot]:
-    """Every new snapshot version of `proxy`, resuming from the last one yielded after a lost connection."""
+def watch(target: str, proxy: str = "", since: str = "", types: list[str] | None = None, names_only: bool = False,
+          reconnect: bool = True, on_reconnect=None, namespace: str = "",
+          since_versions: dict[str, str] | None = None) -> Iterator[pb.Snapshot]:
+    """Every new snapshot version of `proxy` (or of every proxy in `namespace`), resuming from the last one
+    yielded (per proxy) after a lost connection."""
     last = since
+    seen = dict(since_versions or {})
     delay = 0.2
     while True:
         ch = grpc.insecure_channel(target)
         try:
             call = ch.unary_stream(WATCH, request_serializer=pb.WatchRequest.SerializeToString,
                                    response_deserializer=pb.Snapshot.FromString)
-            stream = call(pb.WatchRequest(proxy=proxy, since_version=last, types=types or [],
-                                          names_only=names_only), wait_for_ready=True)
+            req = pb.WatchRequest(proxy=proxy, since_version=last, types=types or [], names_only=names_only,
+                                  namespace=namespace, since_versions=seen if namespace and not proxy else {})
+            stream = call(req, wait_for_ready=True)
             try:
                 for snap in stream:
                     last = snap.version
+                    seen[snap.proxy] = snap.version
                     delay = 0.2
                     yield snap
             finally:
@@ -98,7 +103,9 @@ def line(snap: pb.Snapshot) -> str:
 
 def main(argv: list[str] | None = None, command: str = "watch") -> int:
     p = argparse.ArgumentParser(prog=f"mizzen {command}", description="Print each new snapshot version of a proxy.")
-    p.add_argument("proxy", help="<pod>[.<namespace>] or a full node id")
+    p.add_argument("proxy", nargs="?", default="", help="<pod>[.<namespace>] or a full node id")
+    p.add_argument("-n", "--namespace", default="",
+                   help="without PROXY: every proxy of this namespace (each line names its proxy)")
     p.add_argument("--xds", default=None, help="xds_gateway address (default $MIZZEN_XDS or 127.0.0.1:15010)")
     p.add_argument("--since", default="", help="the last version already seen: start after it")
     p.add_argument("--type", action="append", default=[], dest="types",
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None, command: str = "watch") -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per version")
     p.add_argument("--no-reconnect", action="store_true", help="exit when the connection is lost")
     args = p.parse_args(argv)
+    if not args.proxy and not args.namespace:
+        p.error("give a proxy (<pod>[.<namespace>] or node id) or --namespace")
     target = xds_address(args.xds)
 
     def reconnecting(e: grpc.RpcError) -> None:
@@ -115,8 +124,10 @@ def main(argv: list[str] | None = None, command: str = "watch") -> int:
     seen = 0
     try:
         for snap in watch(target, args.proxy, since=args.since, types=args.types, names_only=True,
-                          reconnect=not args.no_reconnect, on_reconnect=reconnecting):
+                          reconnect=not args.no_reconnect, on_reconnect=reconnecting, namespace=args.namespace):
             out = orjson.dumps(summary(snap)).decode() if args.json else line(snap)
+            if not args.proxy and not args.json:
+                out = f"{snap.proxy.split('~')[2] if snap.proxy.count('~') == 3 else snap.proxy}  {out}"
             print(out, flush=True)
             seen += 1
             if args.count and seen >= args.count:

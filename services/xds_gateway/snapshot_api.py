@@ -103,42 +103,45 @@ class SnapshotService:
 
     async def watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext):
         types = await self._types(request.types, context)
-        if not request.proxy:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WatchRequest.proxy is required")
-        proxy = await self._resolve_waiting(request.proxy, context)
-        queue: asyncio.Queue[ProxyView] = asyncio.Queue()
-
-        def on_view(view: ProxyView | None) -> None:
-            if view is None:
-                return  # a deleted snapshot: nothing new to show; the next one arrives as usual
-            if queue.qsize() >= MAX_BACKLOG:
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    while True:
-                        queue.get_nowait()
-            queue.put_nowait(view)
-
-        handle = self.cache.watch(proxy, on_view)  # before reading the current view: no change falls between
+        if not request.proxy and not request.namespace:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WatchRequest needs proxy or namespace")
+        sub = _Subscription(self.cache)
         self.watchers += 1
-        log.info("snapshot watch", extra={"proxy": proxy, "since": request.since_version})
         try:
-            last_version = request.since_version
-            last_revision = _revision(last_version)
-            previous: dict[str, str] | None = None
-            current = await self.cache.view(proxy)
-            pending = [current] if current is not None else []
+            if request.proxy:
+                proxy = await self._resolve_waiting(request.proxy, context)
+                await sub.add(proxy, request.since_version)
+                log.info("snapshot watch", extra={"proxy": proxy, "since": request.since_version})
+                discover = None
+            else:
+                log.info("snapshot watch", extra={"namespace": request.namespace})
+                discover = asyncio.create_task(self._discover(sub, request.namespace, dict(request.since_versions)))
             while True:
-                for view in pending:
-                    m = view.manifest
-                    # skip what the client has, and anything older than it (a replica lagging behind another)
-                    if m.version == last_version or m.revision < last_revision:
-                        continue
-                    msg = await snapshot_message(self.cache, view, types, request.names_only, previous)
-                    await context.write(msg)
-                    last_version, last_revision, previous = m.version, m.revision, dict(m.versions)
-                pending = [await queue.get()]
+                view = await sub.next()
+                m = view.manifest
+                last = sub.last.get(m.proxy)
+                # skip what the client has, and anything older than it (a replica lagging behind another)
+                if last is not None and (m.version == last[0] or m.revision < last[1]):
+                    continue
+                previous = sub.previous.get(m.proxy)
+                msg = await snapshot_message(self.cache, view, types, request.names_only, previous)
+                await context.write(msg)
+                sub.last[m.proxy] = (m.version, m.revision)
+                sub.previous[m.proxy] = dict(m.versions)
         finally:
+            if discover is not None:
+                discover.cancel()
             self.watchers -= 1
-            self.cache.unwatch(proxy, handle)
+            sub.close()
+
+    async def _discover(self, sub: _Subscription, namespace: str, since: dict[str, str]) -> None:
+        """Follow the namespace's proxies: new ones join the subscription (their current snapshot first)."""
+        while True:
+            ids = sorted(p.decode() for p in await self.cache.redis.smembers(PROXIES))
+            for proxy in ids:
+                if proxy not in sub.handles and _namespace(proxy) == namespace:
+                    await sub.add(proxy, since.get(proxy, ""))
+            await asyncio.sleep(RESOLVE_INTERVAL)
 
     async def _resolve_waiting(self, name: str, context: grpc.aio.ServicerContext) -> str:
         """Watch may start before the pod exists: look again until it has a snapshot (or the client leaves)."""
@@ -155,6 +158,52 @@ class SnapshotService:
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise  # abort raises; this keeps type checkers honest
+
+
+class _Subscription:
+    """The proxies one Watch follows: a cache watch each, their views in one queue, in arrival order."""
+
+    def __init__(self, cache: SnapshotCache):
+        self.cache = cache
+        self.queue: asyncio.Queue[ProxyView] = asyncio.Queue()
+        self.handles: dict[str, int] = {}
+        self.last: dict[str, tuple[str, int]] = {}  # proxy → (version, revision) the client has
+        self.previous: dict[str, dict[str, str]] = {}  # proxy → type versions of the last message sent
+
+    def _on_view(self, view: ProxyView | None) -> None:
+        if view is None:
+            return  # a deleted snapshot: nothing new to show; the next one arrives as usual
+        if self.queue.qsize() >= MAX_BACKLOG:
+            # far behind: keep the newest view per proxy (older ones are superseded anyway)
+            newest: dict[str, ProxyView] = {}
+            with contextlib.suppress(asyncio.QueueEmpty):
+                while True:
+                    v = self.queue.get_nowait()
+                    newest[v.manifest.proxy] = v
+            for v in newest.values():
+                self.queue.put_nowait(v)
+        self.queue.put_nowait(view)
+
+    async def add(self, proxy: str, since: str) -> None:
+        self.handles[proxy] = self.cache.watch(proxy, self._on_view)  # before reading: no change falls between
+        if since:
+            self.last[proxy] = (since, _revision(since))
+        current = await self.cache.view(proxy)
+        if current is not None:
+            self.queue.put_nowait(current)
+
+    async def next(self) -> ProxyView:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        for proxy, handle in self.handles.items():
+            self.cache.unwatch(proxy, handle)
+        self.handles.clear()
+
+
+def _namespace(node_id: str) -> str:
+    parts = node_id.split("~")
+    return parts[2].partition(".")[2] if len(parts) == 4 else ""
 
 
 def _revision(version: str) -> int:

@@ -25,29 +25,33 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mizzen/v1/snapshot.proto\x12\tmizzen.v1\x1a\x19google/protobuf/any.proto\"W\n\x0cWatchRequest\x12\r\n\x05proxy\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\t\x12\r\n\x05types\x18\x03 \x03(\t\x12\x12\n\nnames_only\x18\x04 \x01(\x08\">\n\nGetRequest\x12\r\n\x05proxy\x18\x01 \x01(\t\x12\r\n\x05types\x18\x02 \x03(\t\x12\x12\n\nnames_only\x18\x03 \x01(\x08\"n\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_url\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12&\n\x08resource\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x0c\n\x04size\x18\x05 \x01(\x03\"\xce\x02\n\x08Snapshot\x12\r\n\x05proxy\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12<\n\rtype_versions\x18\x04 \x03(\x0b\x32%.mizzen.v1.Snapshot.TypeVersionsEntry\x12&\n\tresources\x18\x05 \x03(\x0b\x32\x13.mizzen.v1.Resource\x12\x15\n\rchanged_types\x18\x06 \x03(\t\x12/\n\x06\x63ounts\x18\x07 \x03(\x0b\x32\x1f.mizzen.v1.Snapshot.CountsEntry\x1a\x33\n\x11TypeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32}\n\x0fSnapshotService\x12\x37\n\x05Watch\x12\x17.mizzen.v1.WatchRequest\x1a\x13.mizzen.v1.Snapshot0\x01\x12\x31\n\x03Get\x12\x15.mizzen.v1.GetRequest\x1a\x13.mizzen.v1.Snapshotb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mizzen/v1/snapshot.proto\x12\tmizzen.v1\x1a\x19google/protobuf/any.proto\"\xe4\x01\n\x0cWatchRequest\x12\r\n\x05proxy\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\t\x12\r\n\x05types\x18\x03 \x03(\t\x12\x12\n\nnames_only\x18\x04 \x01(\x08\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x42\n\x0esince_versions\x18\x06 \x03(\x0b\x32*.mizzen.v1.WatchRequest.SinceVersionsEntry\x1a\x34\n\x12SinceVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\nGetRequest\x12\r\n\x05proxy\x18\x01 \x01(\t\x12\r\n\x05types\x18\x02 \x03(\t\x12\x12\n\nnames_only\x18\x03 \x01(\x08\"n\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_url\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12&\n\x08resource\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x0c\n\x04size\x18\x05 \x01(\x03\"\xce\x02\n\x08Snapshot\x12\r\n\x05proxy\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12<\n\rtype_versions\x18\x04 \x03(\x0b\x32%.mizzen.v1.Snapshot.TypeVersionsEntry\x12&\n\tresources\x18\x05 \x03(\x0b\x32\x13.mizzen.v1.Resource\x12\x15\n\rchanged_types\x18\x06 \x03(\t\x12/\n\x06\x63ounts\x18\x07 \x03(\x0b\x32\x1f.mizzen.v1.Snapshot.CountsEntry\x1a\x33\n\x11TypeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32}\n\x0fSnapshotService\x12\x37\n\x05Watch\x12\x17.mizzen.v1.WatchRequest\x1a\x13.mizzen.v1.Snapshot0\x01\x12\x31\n\x03Get\x12\x15.mizzen.v1.GetRequest\x1a\x13.mizzen.v1.Snapshotb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mizzen.v1.snapshot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WATCHREQUEST_SINCEVERSIONSENTRY']._loaded_options = None
+  _globals['_WATCHREQUEST_SINCEVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_SNAPSHOT_TYPEVERSIONSENTRY']._loaded_options = None
   _globals['_SNAPSHOT_TYPEVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_SNAPSHOT_COUNTSENTRY']._loaded_options = None
   _globals['_SNAPSHOT_COUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_WATCHREQUEST']._serialized_start=66
-  _globals['_WATCHREQUEST']._serialized_end=153
-  _globals['_GETREQUEST']._serialized_start=155
-  _globals['_GETREQUEST']._serialized_end=217
-  _globals['_RESOURCE']._serialized_start=219
-  _globals['_RESOURCE']._serialized_end=329
-  _globals['_SNAPSHOT']._serialized_start=332
-  _globals['_SNAPSHOT']._serialized_end=666
-  _globals['_SNAPSHOT_TYPEVERSIONSENTRY']._serialized_start=568
-  _globals['_SNAPSHOT_TYPEVERSIONSENTRY']._serialized_end=619
-  _globals['_SNAPSHOT_COUNTSENTRY']._serialized_start=621
-  _globals['_SNAPSHOT_COUNTSENTRY']._serialized_end=666
-  _globals['_SNAPSHOTSERVICE']._serialized_start=668
-  _globals['_SNAPSHOTSERVICE']._serialized_end=793
+  _globals['_WATCHREQUEST']._serialized_start=67
+  _globals['_WATCHREQUEST']._serialized_end=295
+  _globals['_WATCHREQUEST_SINCEVERSIONSENTRY']._serialized_start=243
+  _globals['_WATCHREQUEST_SINCEVERSIONSENTRY']._serialized_end=295
+  _globals['_GETREQUEST']._serialized_start=297
+  _globals['_GETREQUEST']._serialized_end=359
+  _globals['_RESOURCE']._serialized_start=361
+  _globals['_RESOURCE']._serialized_end=471
+  _globals['_SNAPSHOT']._serialized_start=474
+  _globals['_SNAPSHOT']._serialized_end=808
+  _globals['_SNAPSHOT_TYPEVERSIONSENTRY']._serialized_start=710
+  _globals['_SNAPSHOT_TYPEVERSIONSENTRY']._serialized_end=761
+  _globals['_SNAPSHOT_COUNTSENTRY']._serialized_start=763
+  _globals['_SNAPSHOT_COUNTSENTRY']._serialized_end=808
+  _globals['_SNAPSHOTSERVICE']._serialized_start=810
+  _globals['_SNAPSHOTSERVICE']._serialized_end=935
 # @@protoc_insertion_point(module_scope)

@@ -8,16 +8,27 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WatchRequest(_message.Message):
-    __slots__ = ("proxy", "since_version", "types", "names_only")
+    __slots__ = ("proxy", "since_version", "types", "names_only", "namespace", "since_versions")
+    class SinceVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PROXY_FIELD_NUMBER: _ClassVar[int]
     SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TYPES_FIELD_NUMBER: _ClassVar[int]
     NAMES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     proxy: str
     since_version: str
     types: _containers.RepeatedScalarFieldContainer[str]
     names_only: bool
-    def __init__(self, proxy: _Optional[str] = ..., since_version: _Optional[str] = ..., types: _Optional[_Iterable[str]] = ..., names_only: _Optional[bool] = ...) -> None: ...
+    namespace: str
+    since_versions: _containers.ScalarMap[str, str]
+    def __init__(self, proxy: _Optional[str] = ..., since_version: _Optional[str] = ..., types: _Optional[_Iterable[str]] = ..., names_only: _Optional[bool] = ..., namespace: _Optional[str] = ..., since_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("proxy", "types", "names_only")
