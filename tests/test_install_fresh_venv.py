@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,12 @@ def run(argv: list[str], cwd: Path, timeout: float = 600) -> str:
 def venv(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("fresh")
     wheels = tmp / "wheels"
+    # build from a clean copy: setuptools never empties build/, so a checkout's old build/ could leak files
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                              ".pytest_cache", ".ruff_cache", ".venv"))
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-         str(REPO)], cwd=tmp)
+         str(src)], cwd=tmp)
     run([sys.executable, "-m", "venv", str(tmp / "venv")], cwd=tmp)
     py = tmp / "venv" / "bin" / "python"
     wheel = next(wheels.glob("mizzen-*.whl"))
