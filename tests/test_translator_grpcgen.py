@@ -64,3 +64,22 @@ def test_clusters_are_plain_eds_over_ads_and_endpoints_have_localities():
         assert cla.endpoints and all(g.HasField("locality") for g in cla.endpoints)
     v1 = snap[ENDPOINT][f"outbound|7070|v1|{HOST}"]
     assert [e.endpoint.address.socket_address.address for g in v1.endpoints for e in g.lb_endpoints] == ["127.0.0.2"]
+
+
+def test_a_grpc_agent_pod_is_proxyless_before_it_connects():
+    pod = """
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: default
+  labels: {app: client}
+  annotations: {inject.istio.io/templates: grpc-agent}
+spec: {containers: [{name: c, image: c}]}
+status: {podIP: 10.9.9.9}
+"""
+    push = push_of(mesh(7070) + "---" + pod)
+    proxy = Proxy.from_node_id(NODE, push)  # no node metadata yet
+    assert is_proxyless(proxy) and f"{HOST}:7070" in build_snapshot(push, proxy).merged()[LISTENER]
+    assert not is_proxyless(Proxy.from_node_id("sidecar~127.0.0.2~greeter-v1.default~default.svc.cluster.local",
+                                               push))
