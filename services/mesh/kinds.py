@@ -49,6 +49,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("Gateway", _NET, _NET_VERSIONS, "gateways"),
     Kind("Sidecar", _NET, _NET_VERSIONS, "sidecars"),
     Kind("PeerAuthentication", "security.istio.io", ("v1beta1", "v1"), "peerauthentications"),
+    Kind("AuthorizationPolicy", "security.istio.io", ("v1beta1", "v1"), "authorizationpolicies"),
+    Kind("RequestAuthentication", "security.istio.io", ("v1beta1", "v1"), "requestauthentications"),
 )
 
 BY_KIND: dict[str, Kind] = {k.kind: k for k in KINDS}
@@ -68,6 +70,8 @@ ALIASES: dict[str, str] = {
     "gw": "Gateway", "gateway": "Gateway",
     "sidecar": "Sidecar",
     "pa": "PeerAuthentication", "peerauthentication": "PeerAuthentication",
+    "ap": "AuthorizationPolicy", "authorizationpolicy": "AuthorizationPolicy",
+    "ra": "RequestAuthentication", "requestauthentication": "RequestAuthentication",
 }
 
 
