@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
-from . import clusters, endpoints, listeners, routes
+from . import clusters, endpoints, listeners, routes, security
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -111,7 +111,7 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
     modes = (push.mtls_mode(proxy.namespace, proxy.labels),
              tuple(sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items())),
              tuple(push.mtls_mode(proxy.namespace, proxy.labels, i.inbound_port) for i in instances))
-    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None,
+    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None, security.layer_key(push, proxy),
            tuple((id(i.service), i.port.port, i.port.name, i.port.protocol, i.endpoint_port, i.endpoint_address,
                   i.listen_port, i.capture_mode, i.bind) for i in instances))
     layer = push.cache.get(key)
