@@ -424,7 +424,9 @@ def _rbac_names(any_msg, network: bool) -> list[str]:
 
 def chain_rbac_policies(chain) -> list[str]:
     """The AuthorizationPolicy rules (RBAC policy names) a filter chain enforces or shadows, HTTP or TCP."""
-    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb,
+    )
 
     names: list[str] = []
     for f in chain.filters:
