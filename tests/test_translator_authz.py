@@ -198,3 +198,36 @@ def test_no_policies_no_filters_and_shared_layers():
     push = PushContext.from_resources(_mesh())
     assert _inbound_filters(push) == ([], [])
     assert security.layer_key(push, Proxy.for_pod(_mesh()[0], push)) == ()
+
+
+def test_gateway_chains_get_jwt_and_rbac():
+    gw_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ingress-1", "namespace": "default",
+                                                             "labels": {"istio": "ingressgateway"}},
+              "spec": {}, "status": {"podIP": "10.0.0.50"}}
+    gateway = {"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+               "metadata": {"name": "edge", "namespace": "default"},
+               "spec": {"selector": {"istio": "ingressgateway"},
+                        "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]},
+                                    {"port": {"number": 31400, "name": "tcp", "protocol": "TCP"}, "hosts": ["*"]}]}}
+    vs = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+          "metadata": {"name": "edge", "namespace": "default"},
+          "spec": {"hosts": ["*"], "gateways": ["edge"],
+                   "http": [{"route": [{"destination": {"host": "b.default.svc.cluster.local",
+                                                        "port": {"number": 80}}}]}],
+                   "tcp": [{"route": [{"destination": {"host": "b.default.svc.cluster.local",
+                                                       "port": {"number": 90}}}]}]}}
+    ra = {"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+          "metadata": {"name": "jwt", "namespace": "default"},
+          "spec": {"selector": {"matchLabels": {"istio": "ingressgateway"}},
+                   "jwtRules": [{"issuer": "iss", "jwks": '{"keys":[]}'}]}}
+    ap = _ap("gw", "default", {"selector": {"matchLabels": {"istio": "ingressgateway"}},
+                               "rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]})
+    push = PushContext.from_resources(_mesh(gw_pod, gateway, vs, ra, ap))
+    lds = build_snapshot(push, Proxy.for_pod(gw_pod, push, router=True)).resources(LISTENER)
+    http = json_format.MessageToDict(lds["0.0.0.0_80"])["filterChains"][0]["filters"][0]["typedConfig"]
+    assert [h["name"] for h in http["httpFilters"]][:2] == ["envoy.filters.http.jwt_authn", "envoy.filters.http.rbac"]
+    assert http["httpFilters"][0]["typedConfig"]["providers"]["origins-0"]["clearRouteCache"] is True
+    tcp = json_format.MessageToDict(lds["0.0.0.0_31400"])["filterChains"][0]["filters"]
+    # requestPrincipals cannot be checked on TCP: the ALLOW rule is dropped there, so TCP is denied
+    assert [f["name"] for f in tcp] == ["envoy.filters.network.rbac", "envoy.tcp_proxy"]
+    assert "policies" not in tcp[0]["typedConfig"]["rules"]

@@ -759,9 +759,12 @@ def https_route_name(server: dict, gw: Config, sport: int) -> str:
             f"{_bind_suffix(server)}")
 
 
-def gateway_listeners(push: PushContext, view: ProxyView, instances: list[ServiceInstance]
+def gateway_listeners(push: PushContext, view: ProxyView, instances: list[ServiceInstance],
+                      security_filters: tuple[list, list] = ([], [])
                       ) -> tuple[list[Listener], dict[str, tuple[int, list[tuple[Config, dict]]]]]:
-    """Gateway listeners, plus the RDS names they use → (server port, servers) for routes.gateway_route_config."""
+    """Gateway listeners, plus the RDS names they use → (server port, servers) for routes.gateway_route_config.
+    `security_filters` (HTTP, network) go first on every HTTP / TCP chain (AuthorizationPolicy, JWT)."""
+    sec_http, sec_tcp = security_filters
     listeners: list[Listener] = []
     rds: dict[str, tuple[int, list[tuple[Config, dict]]]] = {}
     for (listen, bind), servers in sorted(gateway_servers(push, view, instances).items()):
@@ -790,7 +793,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
                 name = https_route_name(server, gw, sport)
                 rds[name] = (sport, [(gw, server)])
                 h = build_hcm(push, view, f"outbound_{address}_{listen}", rds=name, port_protocol=proto,
-                              use_remote_address=True)
+                              use_remote_address=True, security_filters=sec_http)
                 fc = _chain([hcm_filter(h)], sni=hosts)
                 ctx = tls.server_tls(stls, push.mesh.trust_domain)
                 if ctx is not None:
@@ -817,7 +820,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
                                 continue
                             if ctx is not None and not sni:
                                 sni = hosts
-                            fc = _chain(_route_filters(view, rule.get("route") or [], sport, vs), sni=sni,
+                            fc = _chain([*sec_tcp, *_route_filters(view, rule.get("route") or [], sport, vs)], sni=sni,
                                         cidrs=list(m.get("destinationSubnets") or []),
                                         metadata=pb.istio_metadata({"config": vs.meta_path}))
                             if ctx is not None:
@@ -827,7 +830,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
             name = f"http.{sport_for_http}{_bind_suffix(plain_http[0][1])}"
             rds[name] = (sport_for_http, plain_http)
             h = build_hcm(push, view, f"outbound_{address}_{listen}", rds=name,
-                          port_protocol=protocol.HTTP, use_remote_address=True)
+                          port_protocol=protocol.HTTP, use_remote_address=True, security_filters=sec_http)
             fc = lc.FilterChain(filters=[hcm_filter(h)])
             if b"" not in keys:
                 keys.add(b"")

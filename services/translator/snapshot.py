@@ -62,7 +62,7 @@ def _sidecar_outbound(push: PushContext, view: ProxyView) -> tuple[Layer, list]:
 
 def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[Layer, list]:
     instances = push.proxy_instances(proxy)
-    lds, rds_map = listeners.gateway_listeners(push, view, instances)
+    lds, rds_map = listeners.gateway_listeners(push, view, instances, security.inbound_filters(push, proxy))
     sni_dnat = any(((s.get("tls") or {}).get("mode") == "AUTO_PASSTHROUGH")
                    for g in view.gateways for s in g.spec.get("servers") or [])
     cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=False, gateway_sni_dnat=sni_dnat)
@@ -84,7 +84,8 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
     view = push.view(proxy)
     key = view.key
     if view.is_router:
-        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),)
+        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),
+                     security.layer_key(push, proxy))
     hit = push.cache.get(("layers", key))
     if hit is None:
         if view.is_router:
