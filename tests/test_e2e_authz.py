@@ -376,3 +376,47 @@ def test_proxy_config_listener_shows_the_rbac_filters(mesh: Mesh):
     finally:
         mesh.delete(p, gone=["policy[pc-deny]"])
 
+
+
+def test_gateway_validates_jwt_and_authorizes(mesh: Mesh):
+    """A router Envoy (`mizzen bootstrap --router`) in its own pod: RequestAuthentication + requestPrincipals
+    at the ingress, called from a pod without a sidecar."""
+    env = mesh.env
+    gw_pod = env.add_pod("gw", {"istio": "ingressgateway"})
+    gw = env.start_sidecar(gw_pod, iptables=False, extra_bootstrap=["--router"])
+    gateway = {"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+               "metadata": {"name": "edge", "namespace": "default"},
+               "spec": {"selector": {"istio": "ingressgateway"},
+                        "servers": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}}
+    vs = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+          "metadata": {"name": "edge", "namespace": "default"},
+          "spec": {"hosts": ["*"], "gateways": ["edge"], "http": [{"route": [{"destination": {
+              "host": "srv.default.svc.cluster.local", "port": {"number": 80}}}]}]}}
+    gw_sel = {"selector": {"matchLabels": {"istio": "ingressgateway"}}}
+    ra = {"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+          "metadata": {"name": "edge-jwt", "namespace": "default"},
+          "spec": {**gw_sel, "jwtRules": [{"issuer": INLINE_ISS,
+                                           "jwks": json.dumps({"keys": [mesh.inline.jwk()]})}]}}
+    ap = policy("edge-require-jwt", {**gw_sel, "rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]})
+    env.apply(gateway, vs, ra, ap)
+    try:
+        gw.pod.wait_envoy_ready(15000, gw.proc, 60)
+        eventually(lambda: "policy[edge-require-jwt]" in json.dumps(gw.section("ListenersConfigDump"))
+                   and gw.cluster_hosts("outbound|80||srv.default.svc.cluster.local") == {f"{mesh.srv_pod.ip}:8080"}
+                   and gw.settled(), 60, what="the gateway listening with the policies")
+        jwks_pod = env.net.pods["jwks"]
+
+        def via_gw(headers: dict) -> dict:
+            return jwks_pod.call(_request, f"http://{gw_pod.ip}:8080/edge", "GET", headers, 5.0, timeout=20)
+
+        alice = mesh.inline.token(INLINE_ISS, "alice")
+        ok = eventually(lambda: (r := via_gw({"authorization": f"Bearer {alice}"}))["status"] == 200 and r, 30,
+                        what="a valid token through the gateway")
+        assert ok["body"]["name"] == "srv"
+        expired = mesh.inline.token(INLINE_ISS, "alice", expires_in=-600)
+        assert via_gw({"authorization": f"Bearer {expired}"})["status"] == 401
+        assert via_gw({})["status"] == 403
+        entry = gw.wait_entry(timeout=15, response_code=403)
+        assert entry["response_code_details"] == "rbac_access_denied_matched_policy[none]"
+    finally:
+        env.delete(gateway, vs, ra, ap)
