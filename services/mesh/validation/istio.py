@@ -14,6 +14,7 @@ from ..errors import FieldError
 from . import register
 from .common import Errs, check_workload_selector
 from .destinationrule import check_destination_rule
+from .envoyfilter import check_envoy_filter
 from .gateway import check_gateway
 from .istio_schema import SPECS, top_level
 from .schema import check, key
@@ -55,6 +56,7 @@ RULES: dict[str, Callable[[dict, Errs], None]] = {
     "PeerAuthentication": check_peer_authentication,
     "AuthorizationPolicy": check_authorization_policy,
     "RequestAuthentication": check_request_authentication,
+    "EnvoyFilter": check_envoy_filter,
 }
 # Kinds that honour `istio.io/dry-run` (an AuthorizationPolicy then becomes shadow rules); others reject it.
 DRY_RUN_KINDS = {"AuthorizationPolicy"}
