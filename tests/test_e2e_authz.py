@@ -23,6 +23,7 @@ import time
 import urllib.parse
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -420,3 +421,16 @@ def test_gateway_validates_jwt_and_authorizes(mesh: Mesh):
         assert entry["response_code_details"] == "rbac_access_denied_matched_policy[none]"
     finally:
         env.delete(gateway, vs, ra, ap)
+
+
+def test_bad_policy_is_refused_whole_naming_file_document_and_field(mesh: Mesh, tmp_path):
+    f = tmp_path / "policies.yaml"
+    good = policy("would-be-fine", {**SRV, "rules": [{}]})
+    bad = policy("bad-cidr", {**SRV, "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]})
+    f.write_text(yaml.safe_dump_all([good, bad]))
+    r = mizzen("apply", "-f", str(f), "--server", mesh.env.server, check=False)
+    assert r.returncode == 1
+    assert f"{f}, document 1" in r.stderr and "AuthorizationPolicy default/bad-cidr" in r.stderr, r.stderr
+    assert "spec.rules[0].from[0].source.ipBlocks[0]: bad CIDR range (10.0.0.0/33)" in r.stderr, r.stderr
+    listed = mizzen("get", "authorizationpolicies", "-A", "--server", mesh.env.server, check=False)
+    assert "would-be-fine" not in listed.stdout and "bad-cidr" not in listed.stdout

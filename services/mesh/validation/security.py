@@ -11,6 +11,7 @@ import json
 import re
 from urllib.parse import urlsplit
 
+from ..errors import FieldError
 from .common import Errs, check_workload_selector
 from .schema import child, index
 
@@ -375,3 +376,26 @@ def check_request_authentication(obj: dict, errs: Errs) -> None:
         if "outputPayloadToHeader" in rule and rule["outputPayloadToHeader"] and \
                 not _STRICT_HEADER_RE.match(rule["outputPayloadToHeader"]):
             errs.add(f"{at}.outputPayloadToHeader", f"header name {rule['outputPayloadToHeader']} is not a valid header name")
+
+
+def security_warnings(obj: dict) -> list[FieldError]:
+    """Istio's validation warnings for these kinds (accepted, but probably not what was meant)."""
+    kind, spec = obj.get("kind"), obj.get("spec")
+    if kind not in ("AuthorizationPolicy", "RequestAuthentication") or not isinstance(spec, dict):
+        return []
+    out = []
+    if "selector" in spec and not (spec["selector"] or {}).get("matchLabels"):
+        out.append(FieldError("spec.selector", "workload selector specified without labels"))
+    if kind != "AuthorizationPolicy" or spec.get("action") != "DENY":
+        return out
+    for i, rule in enumerate(spec.get("rules") or []):
+        srcs = [f.get("source") or {} for f in rule.get("from") or []]
+        ops = [t.get("operation") or {} for t in rule.get("to") or []]
+        tcp_from = any(any(src.get(f) is not None for f in _TCP_SOURCE_FIELDS) for src in srcs)
+        tcp_to = any(op.get("ports") is not None or op.get("notPorts") is not None for op in ops)
+        if (srcs and not ops and not tcp_from) or (ops and not tcp_to):
+            out.append(FieldError(index("spec.rules", i),
+                                  "configured AuthorizationPolicy will deny all traffic to TCP ports under its scope "
+                                  "due to the use of only HTTP attributes in a DENY rule; it is recommended to "
+                                  "explicitly specify the port"))
+    return out
