@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from mizzen.services.demo.echo import tcp_call
 from mizzen.services.sidecar.netns import unavailable_reason
 from tests.conftest import is_root
-from tests.test_e2e_support import E2E, ECHO, TLS_MODE_LABEL, endpoints, eventually, service
+from tests.test_e2e_support import E2E, ECHO, TLS_MODE_LABEL, endpoints, eventually, mizzen, service
 
 pytestmark = [
     pytest.mark.root,
