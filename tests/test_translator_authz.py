@@ -12,7 +12,7 @@ from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb
 from google.protobuf import json_format
 
-from mizzen.services.translator import authz
+from mizzen.services.translator import authz, security
 from mizzen.services.translator.push_context import PushContext
 
 DATA = Path(__file__).parent / "translator_data" / "authz"
@@ -48,7 +48,7 @@ def _policies(path: Path) -> list:
         o["metadata"]["creationTimestamp"] = f"2020-01-01T00:00:{i:02d}Z"
     push = PushContext.from_resources(objs)
     assert push.errors == []
-    return authz.select(push.security.authorization, "istio-system", "foo", HTTPBIN)
+    return security.select(push.security.authorization, "istio-system", "foo", HTTPBIN)
 
 
 def _golden(path: Path, cls) -> dict:
@@ -74,7 +74,6 @@ def test_tcp_filters_match_istiod(name: str):
 # --- selection, wiring and RequestAuthentication ----------------------------------------------------------------
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2  # noqa: E402
 
-from mizzen.services.translator import security  # noqa: E402
 from mizzen.services.translator.proxy import Proxy  # noqa: E402
 from mizzen.services.translator.snapshot import build_snapshot  # noqa: E402
 
@@ -105,7 +104,7 @@ def _mesh(*extra: dict) -> list[dict]:
 
 
 def _names(push: PushContext, labels: dict, ns: str = "default") -> list[str]:
-    return [c.name for c in authz.select(push.security.authorization, push.mesh.root_namespace, ns, labels)]
+    return [c.name for c in security.select(push.security.authorization, push.mesh.root_namespace, ns, labels)]
 
 
 def test_selection_root_namespace_selector_and_target_refs():

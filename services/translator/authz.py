@@ -447,14 +447,6 @@ def attaches(cfg, namespace: str, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def select(configs_by_ns: dict, root_ns: str, namespace: str, labels: dict) -> list:
-    """The configs that apply to a workload: root namespace first, then its own (creation order within each)."""
-    out = []
-    for ns in dict.fromkeys((root_ns, namespace)):
-        out += [c for c in configs_by_ns.get(ns, ()) if attaches(c, namespace, labels)]
-    return out
-
-
 # ------------------------------------------------------------------------------------------ filters
 def _rbac_sets(policies: list, action_name: str, tcp: bool) -> tuple[rbac_pb2.RBAC | None, rbac_pb2.RBAC | None]:
     """builder.build: (enforced rules, shadow rules) of one action."""
