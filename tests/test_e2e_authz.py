@@ -214,6 +214,21 @@ def test_allow_by_namespace(mesh: Mesh):
         mesh.delete(p, gone=["policy[allow-ns-other]"])
 
 
+def test_allow_by_ip_block_or_header_condition(mesh: Mesh):
+    p = policy("allow-ip-or-header", {**SRV, "rules": [
+        {"from": [{"source": {"ipBlocks": [f"{mesh.sleep_pod.ip}/32"]}}]},
+        {"when": [{"key": "request.headers[x-pass]", "values": ["yes*"]}]}]})
+    mesh.apply(p, expect=["ns[default]-policy[allow-ip-or-header]-rule[1]"])
+    try:
+        assert statuses(mesh, {
+            "sleep by IP": (mesh.sleep_pod, "/ip"),
+            "other": (mesh.other_pod, "/ip"),
+            "other with header": (mesh.other_pod, "/ip", "GET", {"x-pass": "yes-please"}),
+        }) == {"sleep by IP": 200, "other": 403, "other with header": 200}
+    finally:
+        mesh.delete(p, gone=["policy[allow-ip-or-header]"])
+
+
 def test_deny_wins_over_allow_and_names_the_policy(mesh: Mesh):
     allow_all = policy("allow-all", {**SRV, "rules": [{}]})
     deny = policy("deny-admin", {**SRV, "action": "DENY", "rules": [

@@ -230,3 +230,29 @@ def test_gateway_chains_get_jwt_and_rbac():
     # requestPrincipals cannot be checked on TCP: the ALLOW rule is dropped there, so TCP is denied
     assert [f["name"] for f in tcp] == ["envoy.filters.network.rbac", "envoy.tcp_proxy"]
     assert "policies" not in tcp[0]["typedConfig"]["rules"]
+
+
+def test_proxy_config_listener_prints_istioctl_rbac_lines():
+    from mizzen.services.cli import tables
+    from mizzen.services.mesh import configdump
+
+    push = PushContext.from_resources(_mesh(
+        _ap("allow-get", "default", {"selector": {"matchLabels": {"app": "b"}},
+                                     "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}, 1),
+        _ap("deny-ip", "default", {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["1.2.3.4"]}}]}]},
+            2)))
+    snap = build_snapshot(push, Proxy.for_pod(_mesh()[0], push))
+    dump = configdump.snapshot_dump(snap.merged())
+    table = tables.listener_table(dump, tables.ListenerFilter(port=15006))
+    lines = table.splitlines()
+    assert lines[0].split() == ["ADDRESS", "PORT", "MATCH", "DESTINATION"]
+    # HTTP port 8080 has both; TCP port 9090 only the DENY (the ALLOW rule is HTTP only); the catch-all chains
+    # of virtualInbound (no port) print under the listener's port.
+    assert lines[-3:] == [
+        "8080 RBAC policies: ns[default]-policy[allow-get]-rule[0], ns[default]-policy[deny-ip]-rule[0]",
+        "9090 RBAC policies: ns[default]-policy[deny-ip]-rule[0]",
+        "15006 RBAC policies: ns[default]-policy[allow-get]-rule[0], ns[default]-policy[deny-ip]-rule[0]",
+    ]
+    # without policies the table is istioctl's alone
+    plain = build_snapshot(PushContext.from_resources(_mesh()), Proxy.for_pod(_mesh()[0], push))
+    assert "RBAC" not in tables.listener_table(configdump.snapshot_dump(plain.merged()))
