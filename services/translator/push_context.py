@@ -194,6 +194,7 @@ class PushContext:
         self.peer_authentications: dict[str, list[Config]] = {}
         self.security = security.SecurityIndex()  # AuthorizationPolicy, RequestAuthentication
         self.envoy_filters: dict[str, list[Config]] = {}  # namespace → EnvoyFilters (envoyfilter.py orders them)
+        self.secrets: dict[tuple[str, str], dict] = {}  # (namespace, name) → Secret (gateway credentials)
         self.namespaces: dict[str, dict] = {}
         # headless services' endpoint IPs: a proxy with one of these IPs gets its own outbound layer.
         self.headless_ips: set[str] = set()
@@ -226,6 +227,8 @@ class PushContext:
             if ip:
                 push.pods_by_ip.setdefault(ip, pod)
         push.workload_entries = by_kind.get("WorkloadEntry", [])
+        for sec in by_kind.get("Secret", []):
+            push.secrets[(sec["metadata"].get("namespace", "default"), sec["metadata"]["name"])] = sec
         push._build_services(by_kind)
         push._build_virtual_services(by_kind.get("VirtualService", []))
         push._build_destination_rules(by_kind.get("DestinationRule", []))
