@@ -94,9 +94,15 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str], command: str = "bootstrap") -> int:
-    parser = build_parser(f"mizzen {command}")
-    args = parser.parse_args(argv)
+def write_file(out: Path, data: bytes, mode: int = 0o644) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(out)  # Envoy (or a watcher) never sees half a file
+
+
+def check_required(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     missing = [
         flag
         for flag, value in (("--pod", args.pod), ("--namespace", args.namespace), ("--ip", args.ip))
@@ -104,42 +110,49 @@ def main(argv: list[str], command: str = "bootstrap") -> int:
     ]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> dict:
+    """The bootstrap the parsed flags describe (`overrides` are build_bootstrap keywords; the agent sets the
+    xDS TLS ones). Raises ValueError / ArgumentTypeError for bad values."""
+    kwargs = dict(
+        xds=args.xds,
+        router=args.router,
+        access_log=args.access_log or None,
+        delta=args.delta,
+        labels=_labels(args.label),
+        cluster_id=args.cluster_id,
+        admin_port=args.admin_port,
+        agent_port=args.agent_port,
+        health_port=args.health_port,
+        prometheus_port=args.prometheus_port,
+        listen_address=args.listen_address,
+        health=args.health,
+        sds_path=args.sds_path,
+        zipkin=args.zipkin or None,
+        service_account=args.service_account,
+        xds_root_cert=args.xds_root_cert,
+        initial_fetch_timeout=args.initial_fetch_timeout,
+        all_stats=args.all_stats,
+    )
+    kwargs.update(overrides)
+    return bs.build_bootstrap(args.pod, args.namespace, args.ip, **kwargs)
+
+
+def main(argv: list[str], command: str = "bootstrap") -> int:
+    parser = build_parser(f"mizzen {command}")
+    args = parser.parse_args(argv)
+    check_required(parser, args)
     if args.exec_envoy and (not args.output or args.output == "-"):
         parser.error("--exec needs -o FILE")
     try:
-        config = bs.build_bootstrap(
-            args.pod,
-            args.namespace,
-            args.ip,
-            xds=args.xds,
-            router=args.router,
-            access_log=args.access_log or None,
-            delta=args.delta,
-            labels=_labels(args.label),
-            cluster_id=args.cluster_id,
-            admin_port=args.admin_port,
-            agent_port=args.agent_port,
-            health_port=args.health_port,
-            prometheus_port=args.prometheus_port,
-            listen_address=args.listen_address,
-            health=args.health,
-            sds_path=args.sds_path,
-            zipkin=args.zipkin or None,
-            service_account=args.service_account,
-            xds_root_cert=args.xds_root_cert,
-            initial_fetch_timeout=args.initial_fetch_timeout,
-            all_stats=args.all_stats,
-        )
+        config = config_from_args(args)
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"mizzen {command}: {e}", file=sys.stderr)
         return 2
     data = orjson.dumps(config, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output and args.output != "-":
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(out)  # Envoy (or a watcher) never sees half a file
+        write_file(Path(args.output), data)
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()

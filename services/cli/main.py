@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proxy-status": ("mizzen.services.cli.proxy_status", "show each proxy's xDS sync state"),
     "ps": ("mizzen.services.cli.proxy_status", "alias of proxy-status"),
     "bootstrap": ("mizzen.services.cli.bootstrap", "write an Envoy sidecar bootstrap"),
+    "agent": ("mizzen.services.sidecar.agent", "run a sidecar: workload certificate over SDS, renewal, Envoy"),
     "iptables": ("mizzen.services.cli.iptables", "set up (or print) istio-iptables traffic interception"),
     "logsink": ("mizzen.services.logsink.cli", "run the access-log → OpenTelemetry service, or convert log files"),
     "registry": ("mizzen.services.registry.__main__", "run the registry service"),
