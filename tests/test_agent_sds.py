@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -212,6 +214,15 @@ def test_sds_renewal_and_roots_reach_envoy_without_reconnect(tmp_path: Path, del
         streams_before = servicer.streams
         first = format(core.cert.serial, "x")
         assert first in envoy_serials(admin)[0]
+        # `mizzen proxy-config secret --admin` reads the same from Envoy's config dump (istioctl's table)
+        out = subprocess.run([sys.executable, "-m", "mizzen", "proxy-config", "secret", "--admin",
+                              f"127.0.0.1:{admin}"], capture_output=True, text=True, timeout=60, check=True).stdout
+        lines = out.splitlines()
+        assert lines[0].split() == ["RESOURCE", "NAME", "TYPE", "STATUS", "VALID", "CERT", "SERIAL", "NUMBER",
+                                    "NOT", "AFTER", "NOT", "BEFORE"]
+        rows = {ln.split()[0]: ln for ln in lines[1:]}
+        assert rows["default"].split()[1:6] == ["Cert", "Chain", "ACTIVE", "true", first], out
+        assert rows["ROOTCA"].split()[1:4] == ["CA", "ACTIVE", "true"], out
 
         # two renewals (6 s certificates renew at ~3 s) and a second root, under a request loop
         failures, sent, seen = [], 0, {first}
