@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 
 from mizzen.services.mesh import settings
 
@@ -55,15 +54,12 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
 
 
 def key_and_csr(identity: str) -> tuple[bytes, str]:
-    """A fresh P-256 key (PKCS#8 PEM) and a CSR whose only content is the public key and the URI SAN."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([]))
-           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=True)
-           .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
+    """A fresh P-256 key (PKCS#8 PEM) and a CSR whose only content is the public key and the URI SAN
+    (certauth's helper: the same CSR `mizzen ca sign` takes)."""
+    from mizzen.services.certauth.csr import new_key_and_csr
+
+    kc = new_key_and_csr(identity)
+    return kc.key_pem.encode(), kc.csr_pem
 
 
 def _norm(pems: list[str]) -> list[str]:
@@ -297,12 +293,13 @@ class Agent:
     def __init__(self, args: argparse.Namespace, core: AgentCore, bootstrap: dict, work_dir: Path):
         self.args, self.core, self.bootstrap, self.work_dir = args, core, bootstrap, work_dir
         self.servicer: sds.SdsServicer | None = None
+        self._session = None
         self.envoy: asyncio.subprocess.Process | None = None
 
     async def _health(self) -> object:
         from aiohttp import ClientSession, ClientTimeout, web
 
-        session = ClientSession(timeout=ClientTimeout(total=2))
+        session = self._session = ClientSession(timeout=ClientTimeout(total=2))
 
         async def ready(_req: web.Request) -> web.Response:
             why = None
@@ -323,8 +320,10 @@ class Agent:
             c = self.core.cert
             body = {"identity": self.core.identity, "renewals": self.core.renewals, "roots": len(self.core.roots)}
             if c:
+                root = x509.load_pem_x509_certificate(c.issuer_root.encode())
                 body.update(serial=format(c.serial, "x"), not_before=c.not_before.isoformat(),
-                            not_after=c.not_after.isoformat())
+                            not_after=c.not_after.isoformat(),
+                            root_sha256=root.fingerprint(hashes.SHA256()).hex())
             return web.json_response(body)
 
         app = web.Application()
@@ -334,7 +333,6 @@ class Agent:
         await runner.setup()
         site = web.TCPSite(runner, self.args.agent_address, self.args.agent_port)
         await site.start()
-        runner._mizzen_session = session  # type: ignore[attr-defined]
         return runner
 
     def _envoy_argv(self, config_path: Path) -> list[str]:
@@ -351,9 +349,10 @@ class Agent:
         if not sds_path.is_absolute():
             sds_path = self.work_dir / sds_path
         server, self.servicer = await sds.serve(self.core.store, sds_path)
-        health = await self._health()
+        health = None
         core_task: asyncio.Task | None = None
         try:
+            health = await self._health()
             await self.core.start(stop)
             if stop.is_set():
                 return 0
@@ -368,12 +367,13 @@ class Agent:
                 config_path = self.work_dir / config_path
             # the bootstrap may hold the token: readable by Envoy's uid only
             write_file(config_path, orjson.dumps(self.bootstrap, option=orjson.OPT_INDENT_2), 0o600)
-            kw: dict = {}
+            argv = self._envoy_argv(config_path)
             if self.args.proxy_uid is not None and os.geteuid() == 0:
-                os.chown(config_path, self.args.proxy_uid, self.args.proxy_uid)
-                kw = {"user": self.args.proxy_uid, "group": self.args.proxy_uid, "extra_groups": []}
-            self.envoy = await asyncio.create_subprocess_exec(*self._envoy_argv(config_path), cwd=self.work_dir,
-                                                              **kw)
+                uid = self.args.proxy_uid
+                os.chown(config_path, uid, uid)
+                # setpriv execs, so the pid stays Envoy's (as the pod harness runs Envoy)
+                argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
+            self.envoy = await asyncio.create_subprocess_exec(*argv, cwd=self.work_dir)
             log.info("envoy started (pid %d) on %s", self.envoy.pid, config_path)
             waiter = asyncio.create_task(self.envoy.wait())
             stopped = asyncio.create_task(stop.wait())
@@ -403,9 +403,11 @@ class Agent:
                 core_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await core_task
-            with contextlib.suppress(Exception):
-                await health._mizzen_session.close()  # type: ignore[attr-defined]
-                await health.cleanup()  # type: ignore[attr-defined]
+            if self._session is not None:
+                await self._session.close()
+            if health is not None:
+                with contextlib.suppress(Exception):
+                    await health.cleanup()  # type: ignore[attr-defined]
             await server.stop(0)
             sds_path.unlink(missing_ok=True)
 
