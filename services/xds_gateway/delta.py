@@ -152,6 +152,13 @@ class DeltaStream(Stream):
         sub = self.subs.get(CLUSTER)
         return sub is not None and bool(sub.outstanding)
 
+    def resend_endpoints(self, names: list[str]) -> None:
+        sub = self.subs.get(ENDPOINT)
+        if sub is not None:
+            has = sub.own_has()
+            for n in names:
+                has.pop(n, None)  # the next EDS diff sends it again
+
     async def push(self, since: float) -> None:
         if self.view is None:
             return
@@ -188,6 +195,7 @@ class DeltaStream(Stream):
             if t == CLUSTER:
                 before = sub.holdings()
                 self.clusters_added([n for n, _h in to_send if n not in before])
+                self.clusters_modified([n for n, _h in to_send if n in before])
             if held:
                 has = sub.own_has()
                 has.update(to_send)

@@ -122,6 +122,11 @@ class SotwStream(Stream):
         sub = self.subs.get(CLUSTER)
         return sub is not None and sub.sent is not None and sub.acked_nonce != sub.nonce
 
+    def resend_endpoints(self, names: list[str]) -> None:
+        sub = self.subs.get(ENDPOINT)
+        if sub is not None:
+            sub.force = True  # SotW resends the whole subscribed EDS set
+
     async def push(self, since: float) -> None:
         if self.view is None:
             return
@@ -144,5 +149,8 @@ class SotwStream(Stream):
             if t == CLUSTER:
                 self.clusters_added(self.gw.cache.removed(desired, sub.sent) if sub.sent is not None
                                     else list(desired.entries))
+                if sub.sent is not None:
+                    old = sub.sent.entries
+                    self.clusters_modified([n for n, h in desired.entries.items() if n in old and old[n] != h])
             sub.sent, sub.nonce, sub.force, sub.held = desired, nonce, False, held
             self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(desired))

@@ -178,6 +178,20 @@ class Stream:
             self.warming_deadline = time.monotonic() + self.gw.warm_timeout
             asyncio.get_running_loop().call_later(self.gw.warm_timeout + 0.01, self.wake)
 
+    def clusters_modified(self, names: list[str]) -> None:
+        """CDS just carried changed versions of clusters Envoy already had (a new transport socket, say): Envoy
+        warms each replaced EDS cluster again and keeps it warming (and CDS un-ACKed) until an EDS response
+        names its assignment, even an unchanged one. So resend those assignments, and hold LDS/RDS as for new
+        clusters."""
+        eds = self.view.resources(ENDPOINT) if self.view is not None else None
+        waiting = [n for n in names if eds is not None and n in eds.entries]
+        if waiting:
+            self.resend_endpoints(waiting)
+            self.clusters_added(waiting)
+
+    def resend_endpoints(self, names: list[str]) -> None:
+        raise NotImplementedError
+
     def endpoints_acked(self) -> set[str] | frozenset[str]:
         """Names of the endpoint assignments Envoy has ACKed (and nothing newer is outstanding)."""
         raise NotImplementedError
