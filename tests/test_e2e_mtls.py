@@ -10,7 +10,6 @@ delete`; nothing is restarted (the agents' and Envoys' pids are checked).
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
@@ -260,12 +259,13 @@ def _rotate(mesh: Mesh, phase: str) -> str:
 
 
 def _roots_status(mesh: Mesh) -> dict[str, dict]:
+    """`mizzen ca rotate status`: ROOT, SIGNING, TRUSTED, KEY, NOT AFTER, SHA256 (fixed-width columns)."""
     out = mizzen("ca", "rotate", "status", "--data-dir", str(mesh.env.stack.ca_dir)).stdout
     rows = {}
     for line in out.splitlines()[1:]:
-        m = re.match(r"(\S+)\s+(yes)?\s*(yes)?\s*(\w+)\s+\S+\s+([0-9a-f]{64})", line)
-        if m:
-            rows[m.group(1)] = {"signing": bool(m.group(2)), "sha256": m.group(5)}
+        if line.strip():
+            rows[line[:10].strip()] = {"signing": line[11:19].strip() == "yes",
+                                       "trusted": line[20:28].strip() == "yes", "sha256": line.split()[-1]}
     return rows
 
 

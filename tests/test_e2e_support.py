@@ -39,6 +39,7 @@ from tests.stack import Stack
 ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
 APP_UID = 1000  # the apps' uid: anything but the proxy's 1337
 XDS_IN_POD = 15010  # inside a pod, 127.0.0.1:15010 is relayed to the gateway on the host
+XDS_TLS_IN_POD = 15012  # … and 127.0.0.1:15012 to the gateway's TLS port (agents: xDS over TLS with a token)
 CA_IN_POD = 8060  # inside a pod, 127.0.0.1:8060 is relayed to certauth on the host
 SDS_SOCKET = Path("etc/istio/proxy/SDS")  # the bootstrap's default, relative to Envoy's working directory
 TLS_MODE_LABEL = "security.istio.io/tlsMode"  # set by Istio's injector; auto mTLS keys on it
@@ -245,6 +246,7 @@ class E2E:
         self.net = None  # type: ignore[assignment]
         try:
             if self.certauth:
+                self.stack.xds_tls_port = procs.free_port()  # sidecars from start_agent talk xDS over TLS
                 self.stack.start_infra()
                 self.stack.start_service("certauth", extra=list(self.certauth_flags))
                 self.stack.start(("registry", "translator", "xds-gateway"))
@@ -353,14 +355,14 @@ class E2E:
     def start_agent(self, pod: Pod, *, delta: bool = False, service_account: str | None = None,
                     agent_flags: list[str] = (), iptables: bool = True, pod_name: str | None = None) -> Sidecar:
         """`mizzen agent` in the pod (as root; Envoy as uid 1337 through `--proxy-uid`; it makes the key, gets the certificate from certauth with a
-        `mizzen token`, serves SDS, runs Envoy): `mizzen iptables`, relays for xDS (15010) and the CA (8060),
+        `mizzen token`, serves SDS, runs Envoy): `mizzen iptables`, relays for xDS over TLS (15012) and the CA (8060),
         the token and the trust bundle (`mizzen ca root`) in the pod's work dir."""
         assert self.certauth, "E2E(certauth=True) runs the CA the agents need"
         pod_name = pod_name or pod.name
         sa = service_account or pod.service_account
         if iptables:
             pod.apply_iptables(SEED_IPTABLES_FLAGS)
-        pod.forward_to_host(self.stack.xds_port, XDS_IN_POD)
+        pod.forward_to_host(self.stack.xds_tls_port, XDS_TLS_IN_POD)
         pod.forward_to_host(self.stack.ca_port, CA_IN_POD)
         token_file = pod.work_dir / "token"
         token_file.write_text(self.token(pod.namespace, sa))
@@ -372,7 +374,7 @@ class E2E:
         labels = [arg for k, v in pod.labels.items() for arg in ("--label", f"{k}={v}")]
         argv = [sys.executable, "-m", "mizzen", "agent", "--pod", pod_name, "-n", pod.namespace, "--ip", pod.ip,
                 "--service-account", sa, "--token-file", str(token_file), "--ca-root-cert", str(roots),
-                "--ca", f"127.0.0.1:{CA_IN_POD}", "--xds", f"127.0.0.1:{XDS_IN_POD}", "--xds-plaintext", *labels,
+                "--ca", f"127.0.0.1:{CA_IN_POD}", "--xds", f"127.0.0.1:{XDS_TLS_IN_POD}", *labels,
                 "--access-log", str(access_log), "--work-dir", str(pod.work_dir), "--concurrency", "1",
                 "--envoy-log-level", "info", "--drain-seconds", "2", *(["--delta"] if delta else []),
                 "--proxy-uid", "1337", "--log-level", "debug", *agent_flags]
