@@ -46,6 +46,8 @@ def parser(prog: str = "mizzen certauth") -> argparse.ArgumentParser:
     p.add_argument("--reload-interval", type=float, default=float(env("MIZZEN_CA_RELOAD_INTERVAL", "2")),
                    help="seconds between checks of the CA files (rotation, plug-in changes)")
     p.add_argument("--audience", default=env("MIZZEN_TOKEN_AUDIENCE", "istio-ca"), help="token audience required")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="SO_REUSEPORT: several replicas on one port (the kernel spreads connections)")
     p.add_argument("--grace", type=float, default=3.0, help="seconds calls get to finish on SIGTERM")
     p.add_argument("--log-level", default=env("MIZZEN_LOG_LEVEL", "info"))
     return p
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None, command: str = "certauth") -> int:
                    plugin_dir=Path(args.plugin_ca_dir) if args.plugin_ca_dir else None,
                    trust_domain=args.trust_domain, key_type=args.root_key_type, default_ttl=ttl, max_ttl=max_ttl,
                    dns_names=_csv(args.dns_names), ip_sans=_csv(args.ip_sans),
-                   reload_interval=args.reload_interval, audience=args.audience, grace=args.grace)
+                   reload_interval=args.reload_interval, audience=args.audience, grace=args.grace,
+                   reuse_port=args.reuse_port)
     try:
         run_service(lambda stop: run_certauth(opts, stop))
     except ca.CAError as e:

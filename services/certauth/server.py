@@ -53,6 +53,7 @@ class Options:
     audience: str = tokens.DEFAULT_AUDIENCE
     serving_ttl: int = 24 * 3600
     grace: float = 3.0
+    reuse_port: bool = False
 
 
 def load_authority(opts: Options) -> tuple[ca.Authority, tuple]:
@@ -238,11 +239,17 @@ class CertAuth:
 async def run_certauth(opts: Options, stop: asyncio.Event) -> None:
     registry = CollectorRegistry()
     svc = CertAuth(opts, registry)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)])
+    # SO_REUSEPORT only when asked: by default a second certauth on a taken port fails instead of silently
+    # sharing the port with an unrelated CA
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if opts.reuse_port else 0),
+                                      ("grpc.max_receive_message_length", 1 << 20)])
     server.add_generic_rpc_handlers(svc.handlers())
-    bound = server.add_secure_port(f"{opts.host}:{opts.port}", svc.credentials())
+    try:
+        bound = server.add_secure_port(f"{opts.host}:{opts.port}", svc.credentials())
+    except RuntimeError:
+        bound = 0
     if not bound:
-        raise SystemExit(f"certauth: cannot listen on {opts.host}:{opts.port}")
+        raise ca.CAError(f"cannot listen on {opts.host}:{opts.port} (in use?)")
     await server.start()
     app = web.Application()
     health_routes(app, lambda: True, registry)

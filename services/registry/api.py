@@ -79,11 +79,18 @@ class RegistryAPI:
 
     # ---- the write path: validate everything, then one transaction, then one event ----
     async def apply_documents(self, docs: list[Document | DocumentError], default_ns: str = "default") -> dict:
-        objects, errors = check_documents(docs, default_ns)
+        skipped: list[dict] = []
+        warnings: list[DocumentError] = []
+        objects, errors = check_documents(docs, default_ns, skipped, warnings)
         if errors:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
-        return await self.apply_valid(objects)
+        result = await self.apply_valid(objects)
+        if skipped:
+            result["skipped"] = skipped
+        if warnings:
+            result["warnings"] = [w.to_json() for w in warnings]
+        return result
 
     async def apply_valid(self, objects: list[dict]) -> dict:
         """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce."""
