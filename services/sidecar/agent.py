@@ -412,6 +412,17 @@ class Agent:
             sds_path.unlink(missing_ok=True)
 
 
+def bootstrap_config(args: argparse.Namespace, token: str) -> dict:
+    """The bootstrap the agent writes for its flags: `mizzen bootstrap`'s, plus xDS over TLS (the gateway's
+    certificate checked against SDS `ROOTCA` and its SPIFFE id, the token on the ADS stream) unless
+    --xds-plaintext."""
+    from mizzen.services.cli import bootstrap as cli_bootstrap
+
+    tls = {} if args.xds_plaintext else {
+        "xds_root_from_sds": True, "xds_token": token, "xds_sans": args.xds_san or [DEFAULT_XDS_SAN]}
+    return cli_bootstrap.config_from_args(args, **tls)
+
+
 def main(argv: list[str] | None = None, command: str = "agent") -> int:
     from mizzen.services.cli import bootstrap as cli_bootstrap
 
@@ -435,10 +446,8 @@ def main(argv: list[str] | None = None, command: str = "agent") -> int:
     source = CertauthSource(settings.ca_address(args.ca), token, initial_roots, args.ca_server_name)
     core = AgentCore(source, identity, validity_seconds=int(args.cert_ttl) if args.cert_ttl else None,
                      grace_ratio=args.grace_ratio, jitter=args.jitter, root_poll_seconds=args.root_poll)
-    tls = {} if args.xds_plaintext else {
-        "xds_root_from_sds": True, "xds_token": token(), "xds_sans": args.xds_san or [DEFAULT_XDS_SAN]}
     try:
-        config = cli_bootstrap.config_from_args(args, **tls)
+        config = bootstrap_config(args, token())
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"mizzen {command}: {e}", file=sys.stderr)
         return 2
