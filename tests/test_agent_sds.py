@@ -170,7 +170,7 @@ def envoy_serials(admin: int) -> tuple[set[str], int]:
     leaves, cas = set(), set()
     for c in data.get("certificates", []):
         for leaf in c.get("cert_chain", []):
-            leaves.add(leaf["serial_number"].lower())
+            leaves.add(leaf["serial_number"].lower().lstrip("0"))  # Envoy pads to even length; Python does not
         for ca in c.get("ca_cert", []):
             cas.add(ca["serial_number"])
     return leaves, len(cas)

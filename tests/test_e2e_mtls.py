@@ -36,6 +36,7 @@ pytestmark = [
 ]
 
 SERVER_IP = "10.96.9.1"
+PLAIN_IP = "10.96.9.2"
 FQDN = "server.default.svc.cluster.local"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -64,8 +65,9 @@ class Mesh:
         self.server = env.add_pod("server", {"app": "server", TLS_MODE_LABEL: "istio"}, app_port=8080,
                                   service_account="server")
         self.client = env.add_pod("client", {"app": "client", TLS_MODE_LABEL: "istio"}, service_account="client")
-        self.plain = env.add_pod("plain", {"app": "plain"})
-        env.register([service("server", SERVER_IP), endpoints("server", [self.server])])
+        self.plain = env.add_pod("plain", {"app": "plain"}, app_port=8080)  # no sidecar, no tlsMode label
+        env.register([service("server", SERVER_IP), endpoints("server", [self.server]),
+                      service("plain", PLAIN_IP), endpoints("plain", [self.plain])])
         flags = ["--cert-ttl", str(TTL), "--root-poll", "1"]
         self.cars = {"server": env.start_agent(self.server, agent_flags=flags),
                      "client": env.start_agent(self.client, delta=True, agent_flags=flags)}
@@ -213,6 +215,23 @@ def test_destination_rule_tls_mode_overrides_auto_mtls(mesh: Mesh) -> None:
     finally:
         mesh.env.delete(strict)
     mesh.nothing_restarted()
+
+
+def test_auto_mtls_only_toward_endpoints_with_a_sidecar(mesh: Mesh) -> None:
+    """Mesh-wide STRICT: the client's auto mTLS still talks plaintext to a pod without a sidecar (its endpoint has
+    no `tlsMode: istio`), and mTLS to the one with a sidecar."""
+    strict = pa("default", "istio-system", "STRICT")
+    mesh.env.apply(strict)
+    try:
+        eventually_ok("plaintext refused by the sidecar pod (STRICT)", mesh.from_plain, False)
+        eventually(lambda: served_by(call(mesh.client, f"http://{PLAIN_IP}/")) == "plain",
+                   30, 0.3, what="client → plain (no sidecar) served")
+        entry = mesh.cars["client"].wait_entry(upstream_cluster="outbound|80||plain.default.svc.cluster.local")
+        assert entry.get("upstream_peer_uri_san") in (None, "-", ""), entry  # plaintext: no peer certificate
+        assert ok(mesh.via_client())
+        mesh.cars["client"].wait_entry(upstream_peer_uri_san=SERVER_ID)
+    finally:
+        mesh.env.delete(strict)
 
 
 def _serials(car) -> set[str]:

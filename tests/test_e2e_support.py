@@ -119,8 +119,9 @@ class Sidecar:
         data = json.loads(self.get("/certs"))
         leaves, cas = set(), set()
         for c in data.get("certificates", []):
-            leaves |= {x["serial_number"].lower() for x in c.get("cert_chain", [])}
-            cas |= {x["serial_number"].lower() for x in c.get("ca_cert", [])}
+            # Envoy prints serials in even-length hex (a leading 0 where needed), istioctl/Python without it
+            leaves |= {x["serial_number"].lower().lstrip("0") for x in c.get("cert_chain", [])}
+            cas |= {x["serial_number"].lower().lstrip("0") for x in c.get("ca_cert", [])}
         return leaves, cas
 
     @property
