@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -276,3 +277,24 @@ def test_key_and_csr_carry_only_the_identity() -> None:
     assert san.critical and [str(u) for u in san.value.get_values_for_type(x509.UniformResourceIdentifier)] == [IDENTITY]
     assert len(list(san.value)) == 1 and list(csr.subject) == []
     assert b"PRIVATE KEY" in key_pem and key_pem.decode() not in csr_pem
+
+
+def test_agent_refuses_bad_flags_clearly(tmp_path: Path) -> None:
+    def agent(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mizzen", "agent", "--pod", "p", "-n", "ns", "--ip", "10.0.0.1",
+                               *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    res = agent("--token", "t", "--ca-root-cert", str(tmp_path / "missing.pem"))
+    assert res.returncode == 2 and "missing.pem" in res.stderr and "mizzen ca root" in res.stderr, res.stderr
+    (tmp_path / "empty.pem").write_text("nothing here\n")
+    res = agent("--token", "t", "--ca-root-cert", str(tmp_path / "empty.pem"))
+    assert res.returncode == 2 and "holds no PEM certificate" in res.stderr, res.stderr
+    root = LocalSigner(60)._pem(LocalSigner(60).ca[0][1])
+    (tmp_path / "root.pem").write_text(root)
+    env_token = {k: v for k, v in os.environ.items() if k != "MIZZEN_TOKEN"}
+    res = subprocess.run([sys.executable, "-m", "mizzen", "agent", "--pod", "p", "-n", "ns", "--ip", "10.0.0.1",
+                          "--ca-root-cert", str(tmp_path / "root.pem")], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env=env_token)
+    assert res.returncode == 2 and "a token is needed" in res.stderr, res.stderr
+    res = agent("--token", "t", "--ca-root-cert", str(tmp_path / "root.pem"), "--ip", "not-an-ip")
+    assert res.returncode == 2 and "not-an-ip" in res.stderr, res.stderr

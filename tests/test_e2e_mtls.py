@@ -10,6 +10,8 @@ delete`; nothing is restarted (the agents' and Envoys' pids are checked).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -324,3 +326,22 @@ def test_root_rotation_under_traffic(mesh: Mesh) -> None:
     assert loop.ok > 50
     mesh.nothing_restarted()
     eventually_ok("sidecar served after the rotation", mesh.via_client, True)
+
+
+def test_agent_stops_envoy_on_sigterm(mesh: Mesh) -> None:
+    """Last in the module: SIGTERM to an agent stops its Envoy, and the agent exits cleanly."""
+    car = mesh.cars["client"]
+    envoy = mesh.envoy_pid(car)
+    os.kill(car.proc.pid, signal.SIGTERM)
+    assert car.proc.popen.wait(30) == 0, car.proc.log_text()[-2000:]
+
+    def gone() -> bool:
+        try:
+            os.kill(envoy, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{envoy}/stat") as f:
+            return f.read().split()[2] == "Z"  # reaped by nobody yet: exited all the same
+
+    eventually(gone, 20, 0.2, what="Envoy gone after the agent's SIGTERM")
+    assert not (car.pod.work_dir / "etc/istio/proxy/SDS").exists(), "the SDS socket was not removed"
