@@ -341,3 +341,21 @@ async def test_the_stack_runs_certauth(tmp_path):
         await client.close_all()
     finally:
         stack.stop()
+
+
+async def test_client_switching_roots_lets_calls_in_flight_finish(tmp_path):
+    """An agent that learns a new bundle (root rotation) opens a new channel; calls still running on the old
+    one (another coroutine of the same agent) complete instead of being cancelled."""
+    data = tmp_path / "data"
+    with certauth(data, tmp_path / "logs") as p:
+        roots = p.trust_bundle
+        token = tokens.issue(data, "default", "web", 600)
+        pending = [asyncio.ensure_future(client.create_certificate(
+            p.address, csr_pem=csr.new_key_and_csr(ID).csr_pem, token=token, root_certs_pem=roots))
+            for _ in range(20)]
+        await asyncio.sleep(0)  # the calls are started on the cached channel
+        extra = ca.pem(ca.make_root(ec.generate_private_key(ec.SECP256R1()), "cluster.local", "next"))
+        assert await client.trust_bundle(p.address, root_certs_pem=roots + extra) == [roots]
+        chains = await asyncio.gather(*pending)
+        assert all(len(c) == 2 for c in chains)
+        await client.close_all()

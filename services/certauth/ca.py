@@ -152,7 +152,8 @@ class Authority:
     max_ttl: int = MAX_WORKLOAD_TTL
     source: str = ""
     _base: x509.CertificateBuilder = field(init=False, repr=False)
-    _tail_pems: list[str] = field(init=False, repr=False)
+    tail_pems: list[str] = field(init=False, repr=False)  # what follows a leaf in a response: intermediates, root
+    roots_pem: list[str] = field(init=False, repr=False)  # the trust bundle, PEM, signing root first
     _hash: hashes.HashAlgorithm | None = field(init=False, repr=False)
     _fast: _FastLeaf | None = field(init=False, repr=False)
 
@@ -182,17 +183,14 @@ class Authority:
             issuer = next((r for r in self.trusted_roots if r.subject == tail[-1].issuer), None)
             if issuer is not None:
                 tail.append(issuer)
-        self._tail_pems = [pem(c) for c in tail]
+        self.tail_pems = [pem(c) for c in tail]
+        self.roots_pem = [pem(c) for c in self.trusted_roots]
         if self.signer_cert not in self.trusted_roots and self._self_signed(self.signer_cert):
             raise CAError(f"{self.source}: the signing root is not among the trusted roots")
 
     @staticmethod
     def _self_signed(cert: x509.Certificate) -> bool:
         return cert.issuer == cert.subject
-
-    @property
-    def roots_pem(self) -> list[str]:
-        return [pem(c) for c in self.trusted_roots]
 
     @property
     def signing_root(self) -> x509.Certificate:
@@ -212,7 +210,7 @@ class Authority:
         ttl = self.ttl_for(requested_ttl)
         csr, public_key = parse_csr_key(csr_pem)
         check_csr_identity(csr, identity)
-        return [self.issue(public_key, uris=[identity], ttl=ttl)] + self._tail_pems
+        return [self.issue(public_key, uris=[identity], ttl=ttl)] + self.tail_pems
 
     def issue(self, public_key, *, uris: list[str] = (), dns: list[str] = (), ips: list[str] = (),
               ttl: int, serial: int | None = None, now: dt.datetime | None = None) -> str:

@@ -159,8 +159,9 @@ def _rotate(args, data_dir: Path) -> int:
     elif args.phase == "retire":
         retired = ca.rotate_retire(data_dir, args.root_id)
         print(f"retired {', '.join(retired) or 'nothing'}")
+    status = ca.roots_status(data_dir)
     print(f"{'ROOT':<10} {'SIGNING':<8} {'TRUSTED':<8} {'KEY':<4} {'NOT AFTER':<20} SHA256")
-    for r in ca.roots_status(data_dir):
+    for r in status:
         print(f"{r.id:<10} {'yes' if r.signing else '':<8} {'yes' if r.trusted else '':<8} {r.key_type:<4} "
               f"{r.not_after:%Y-%m-%dT%H:%M:%SZ}  {r.sha256}")
     return 0

@@ -83,8 +83,9 @@ class CertAuthClient:
     async def trust_bundle(self, timeout: float = 30.0) -> list[str]:
         return (await self.bundle(timeout)).roots
 
-    async def close(self) -> None:
-        await self.channel.close()
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; with `grace`, calls in flight get that long to finish."""
+        await self.channel.close(grace)
 
     async def __aenter__(self) -> CertAuthClient:
         return self
@@ -98,6 +99,9 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, tuple
     weakref.WeakKeyDictionary()
 
 
+_closing: set[asyncio.Task] = set()  # strong references, so the closing tasks are not garbage-collected
+
+
 def _client(address: str, root_certs_pem: str | bytes, server_name: str | None) -> CertAuthClient:
     loop = asyncio.get_running_loop()
     per_loop = _clients.setdefault(loop, {})
@@ -106,8 +110,11 @@ def _client(address: str, root_certs_pem: str | bytes, server_name: str | None) 
     held = per_loop.get(key)
     if held is not None and held[0] == roots:
         return held[1]
-    if held is not None:  # the bundle changed (root rotation): a new channel that trusts the new roots
-        loop.create_task(held[1].close())
+    if held is not None:  # the bundle changed (root rotation): a new channel that trusts the new roots; calls
+        # still running on the old one may finish (another coroutine of the same agent may be mid-call)
+        task = loop.create_task(held[1].close(grace=30.0))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
     client = CertAuthClient(address, root_certs_pem=roots, server_name=server_name)
     per_loop[key] = (roots, client)
     return client

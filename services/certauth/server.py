@@ -103,7 +103,7 @@ class CertAuth:
         a = self.authority
         leaf = a.issue(self._serving_key.public_key(), dns=self.opts.dns_names, ips=self.opts.ip_sans,
                        ttl=self.opts.serving_ttl)
-        chain = "".join([leaf] + a._tail_pems).encode()
+        chain = "".join([leaf] + a.tail_pems).encode()
         key = self._serving_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption())
         cert = x509.load_pem_x509_certificate(leaf.encode())

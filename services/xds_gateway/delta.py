@@ -152,13 +152,6 @@ class DeltaStream(Stream):
         sub = self.subs.get(CLUSTER)
         return sub is not None and bool(sub.outstanding)
 
-    def resend_endpoints(self, names: list[str]) -> None:
-        sub = self.subs.get(ENDPOINT)
-        if sub is not None:
-            has = sub.own_has()
-            for n in names:
-                has.pop(n, None)  # the next EDS diff sends it again
-
     async def push(self, since: float) -> None:
         if self.view is None:
             return
@@ -170,6 +163,11 @@ class DeltaStream(Stream):
             desired = self.desired(t, sub.wildcard, sub.names)
             to_send, removed, entries = await self._diff(sub, desired)
             held = False
+            if t == ENDPOINT and (again := self.take_eds_resend()):
+                sending = {n for n, _h in to_send}
+                extra = [(n, h) for n, h in desired.entries.items() if n in again and n not in sending]
+                if extra:
+                    to_send, entries = [*to_send, *extra], None
             if t == ENDPOINT and desired.synthesized and to_send:
                 # endpoints of a cluster the snapshot dropped: keep them while Envoy still has the cluster
                 has = sub.holdings()
@@ -195,7 +193,7 @@ class DeltaStream(Stream):
             if t == CLUSTER:
                 before = sub.holdings()
                 self.clusters_added([n for n, _h in to_send if n not in before])
-                self.clusters_modified([n for n, _h in to_send if n in before])
+                self.clusters_changed([n for n, h in to_send if before.get(n, h) != h])
             if held:
                 has = sub.own_has()
                 has.update(to_send)

@@ -122,11 +122,6 @@ class SotwStream(Stream):
         sub = self.subs.get(CLUSTER)
         return sub is not None and sub.sent is not None and sub.acked_nonce != sub.nonce
 
-    def resend_endpoints(self, names: list[str]) -> None:
-        sub = self.subs.get(ENDPOINT)
-        if sub is not None:
-            sub.force = True  # SotW resends the whole subscribed EDS set
-
     async def push(self, since: float) -> None:
         if self.view is None:
             return
@@ -135,6 +130,8 @@ class SotwStream(Stream):
                 continue  # pushed by the wake that follows the endpoints' ACK (or the warm-up deadline)
             sub = self.subs[t]
             desired, held = self._plan(t, sub)
+            if t == ENDPOINT and self.take_eds_resend():
+                sub.force = True
             if not sub.force and sub.sent is not None and desired.version == sub.sent.version:
                 st = self.type_status(t)
                 basis = "" if held else self.basis(t)
@@ -150,7 +147,6 @@ class SotwStream(Stream):
                 self.clusters_added(self.gw.cache.removed(desired, sub.sent) if sub.sent is not None
                                     else list(desired.entries))
                 if sub.sent is not None:
-                    old = sub.sent.entries
-                    self.clusters_modified([n for n, h in desired.entries.items() if n in old and old[n] != h])
+                    self.clusters_changed(self.gw.cache.changed(sub.sent, desired))
             sub.sent, sub.nonce, sub.force, sub.held = desired, nonce, False, held
             self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(desired))
