@@ -147,6 +147,16 @@ def test_two_sidecars_talk_mtls_and_the_server_sees_the_client_identity(mesh: Me
 
 
 def test_peer_authentication_modes_switch_live(mesh: Mesh) -> None:
+    def plaintext_request() -> bool:
+        """A request from the client sidecar that the server side logs without a peer certificate."""
+        before = len(mesh.cars["server"].log_entries())
+        if not ok(mesh.via_client()):
+            return False
+        time.sleep(0.3)  # the access log is flushed every 100 ms
+        inbound = [e for e in mesh.cars["server"].log_entries()[before:]
+                   if str(e.get("upstream_cluster", "")).startswith("inbound|")]
+        return bool(inbound) and inbound[-1].get("downstream_peer_uri_san") in (None, "-", "")
+
     # default: PERMISSIVE — both a plaintext client and a sidecar are served
     eventually_ok("plaintext client served (PERMISSIVE)", mesh.from_plain, True)
     eventually_ok("sidecar served (PERMISSIVE)", mesh.via_client, True)
@@ -177,22 +187,20 @@ def test_peer_authentication_modes_switch_live(mesh: Mesh) -> None:
         eventually_ok("sidecar served (port-level PERMISSIVE)", mesh.via_client, True)
         mesh.env.delete(wl_port)
 
+        # workload-level DISABLE: the server takes plaintext only; the client's auto mTLS follows it (the
+        # endpoint's tlsMode metadata says disabled, as Istio's EDS mtls checker), so both callers are served
+        wl_off = pa("server-strict", "default", "DISABLE", selector={"app": "server"})
+        mesh.env.apply(wl_off)
+        eventually_ok("plaintext client served (workload DISABLE)", mesh.from_plain, True)
+        eventually(plaintext_request, 30, 0.2, what="a sidecar request arriving in plaintext (workload DISABLE)")
+        mesh.env.delete(wl_off)
+
         # DISABLE: plaintext served; auto mTLS turns itself off toward a DISABLE namespace, so the sidecar too
         mesh.env.apply(pa("default", "default", "DISABLE"))
         eventually_ok("plaintext client served (DISABLE)", mesh.from_plain, True)
         eventually_ok("sidecar served (DISABLE)", mesh.via_client, True)
 
-        # once both sides have the change (old connections drain), the client's requests arrive in plaintext:
-        # no peer certificate on the server side
-        def plaintext_request() -> bool:
-            before = len(mesh.cars["server"].log_entries())
-            if not ok(mesh.via_client()):
-                return False
-            time.sleep(0.3)  # the access log is flushed every 100 ms
-            inbound = [e for e in mesh.cars["server"].log_entries()[before:]
-                       if str(e.get("upstream_cluster", "")).startswith("inbound|")]
-            return bool(inbound) and inbound[-1].get("downstream_peer_uri_san") in (None, "-", "")
-
+        # once both sides have the change (old connections drain), the client's requests arrive in plaintext
         eventually(plaintext_request, 30, 0.2, what="a sidecar request arriving in plaintext (DISABLE)")
         mesh.env.delete(pa("default", "default", "DISABLE"))
     finally:
