@@ -305,7 +305,8 @@ class Agent:
             why = None
             if not self.core.ready():
                 why = "no certificate yet"
-            elif self.servicer is None or not self.servicer.is_acked(sds.WORKLOAD_SECRET):
+            elif self.servicer is None or not self.servicer.acked.get(sds.WORKLOAD_SECRET):
+                # any version ACKed will do: a renewal in flight must not flap readiness
                 why = "Envoy has not taken the certificate"
             else:
                 try:
