@@ -20,6 +20,7 @@ import orjson
 
 from mizzen.services.mesh import settings
 from mizzen.services.sidecar import bootstrap as bs
+from mizzen.services.sidecar.grpc_bootstrap import build_grpc_bootstrap
 
 
 def _labels(values: list[str]) -> dict[str, str]:
@@ -94,9 +95,15 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str], command: str = "bootstrap") -> int:
-    parser = build_parser(f"mizzen {command}")
-    args = parser.parse_args(argv)
+def write_file(out: Path, data: bytes, mode: int = 0o644) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(out)  # Envoy (or a watcher) never sees half a file
+
+
+def check_required(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     missing = [
         flag
         for flag, value in (("--pod", args.pod), ("--namespace", args.namespace), ("--ip", args.ip))
@@ -104,42 +111,57 @@ def main(argv: list[str], command: str = "bootstrap") -> int:
     ]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> dict:
+    """The bootstrap the parsed flags describe (`overrides` are build_bootstrap keywords; the agent sets the
+    xDS TLS ones). Raises ValueError / ArgumentTypeError for bad values."""
+    kwargs = dict(
+        xds=args.xds,
+        router=args.router,
+        access_log=args.access_log or None,
+        delta=args.delta,
+        labels=_labels(args.label),
+        cluster_id=args.cluster_id,
+        admin_port=args.admin_port,
+        agent_port=args.agent_port,
+        health_port=args.health_port,
+        prometheus_port=args.prometheus_port,
+        listen_address=args.listen_address,
+        health=args.health,
+        sds_path=args.sds_path,
+        zipkin=args.zipkin or None,
+        service_account=args.service_account,
+        xds_root_cert=args.xds_root_cert,
+        initial_fetch_timeout=args.initial_fetch_timeout,
+        all_stats=args.all_stats,
+    )
+    kwargs.update(overrides)
+    return bs.build_bootstrap(args.pod, args.namespace, args.ip, **kwargs)
+
+
+def main(argv: list[str], command: str = "bootstrap") -> int:
+    parser = build_parser(f"mizzen {command}")
+    parser.add_argument("--grpc", action="store_true",  # bootstrap only: the agent always runs an Envoy
+                        help="a proxyless gRPC application's GRPC_XDS_BOOTSTRAP file instead of an Envoy bootstrap")
+    args = parser.parse_args(argv)
+    check_required(parser, args)
     if args.exec_envoy and (not args.output or args.output == "-"):
         parser.error("--exec needs -o FILE")
+    if args.grpc and (args.exec_envoy or args.router):
+        parser.error("--grpc writes a gRPC bootstrap: it takes neither --exec nor --router")
     try:
-        config = bs.build_bootstrap(
-            args.pod,
-            args.namespace,
-            args.ip,
-            xds=args.xds,
-            router=args.router,
-            access_log=args.access_log or None,
-            delta=args.delta,
-            labels=_labels(args.label),
-            cluster_id=args.cluster_id,
-            admin_port=args.admin_port,
-            agent_port=args.agent_port,
-            health_port=args.health_port,
-            prometheus_port=args.prometheus_port,
-            listen_address=args.listen_address,
-            health=args.health,
-            sds_path=args.sds_path,
-            zipkin=args.zipkin or None,
-            service_account=args.service_account,
-            xds_root_cert=args.xds_root_cert,
-            initial_fetch_timeout=args.initial_fetch_timeout,
-            all_stats=args.all_stats,
-        )
+        if args.grpc:
+            config = build_grpc_bootstrap(args.pod, args.namespace, args.ip, args.xds, labels=_labels(args.label),
+                                          service_account=args.service_account, cluster_id=args.cluster_id)
+        else:
+            config = config_from_args(args)
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"mizzen {command}: {e}", file=sys.stderr)
         return 2
     data = orjson.dumps(config, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output and args.output != "-":
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(out)  # Envoy (or a watcher) never sees half a file
+        write_file(Path(args.output), data)
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()

@@ -24,6 +24,8 @@ keys keep a stable order. Chains with equal destinations keep their listener ord
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -404,7 +406,56 @@ def listener_rows(dump: ParsedDump, flt: ListenerFilter | None = None, verbose: 
 
 def listener_table(dump: ParsedDump, flt: ListenerFilter | None = None, verbose: bool = True) -> str:
     header = ["ADDRESS", "PORT", "MATCH", "DESTINATION"] if verbose else ["ADDRESS", "PORT", "TYPE"]
-    return tabwrite([header, *listener_rows(dump, flt, verbose)], padding=1)
+    table = tabwrite([header, *listener_rows(dump, flt, verbose)], padding=1)
+    rbac = rbac_policy_lines(dump, flt or ListenerFilter())
+    return table + "".join(f"{line}\n" for line in rbac)
+
+
+RBAC_HTTP = "envoy.filters.http.rbac"
+RBAC_NETWORK = "envoy.filters.network.rbac"
+
+
+def _rbac_names(any_msg, network: bool) -> list[str]:
+    if network:
+        from envoy.extensions.filters.network.rbac.v3 import rbac_pb2
+    else:
+        from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+    r = _unpack(any_msg, rbac_pb2.RBAC)
+    return [*r.rules.policies, *r.shadow_rules.policies]
+
+
+def chain_rbac_policies(chain) -> list[str]:
+    """The AuthorizationPolicy rules (RBAC policy names) a filter chain enforces or shadows, HTTP or TCP."""
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb,
+    )
+
+    names: list[str] = []
+    for f in chain.filters:
+        if f.name == RBAC_NETWORK:
+            names += _rbac_names(f.typed_config, network=True)
+        elif _is_hcm(f):
+            for hf in _unpack(f.typed_config, hcm_pb.HttpConnectionManager).http_filters:
+                if hf.name == RBAC_HTTP:
+                    names += _rbac_names(hf.typed_config, network=False)
+    return names
+
+
+def rbac_policy_lines(dump: ParsedDump, flt: ListenerFilter) -> list[str]:
+    """istioctl's `RBAC policies: <names>` (`x describe pod`), one line per inbound port that has any, prefixed
+    with that port as istioctl does for multi-port services; names sorted (istioctl prints Go's map order)."""
+    by_port: dict[int, set[str]] = {}
+    try:
+        listeners = filtered_listeners(dump, flt)
+    except TableError:
+        return []
+    for lst in listeners:
+        for chain in _chains(lst):
+            names = chain_rbac_policies(chain)
+            if names:
+                port = chain.filter_chain_match.destination_port.value or listener_port(lst)
+                by_port.setdefault(port, set()).update(names)
+    return [f"{port} RBAC policies: {', '.join(sorted(names))}" for port, names in sorted(by_port.items())]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -584,3 +635,66 @@ def render_raw(data: object, output: str) -> str:
 
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     return json.dumps(data, indent=4) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# secrets (istioctl proxy-config secret: the config dump's SecretsConfigDump, warming then active)
+
+SECRET_COLUMNS = ["RESOURCE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"]
+
+
+def secrets_section(document: dict) -> dict | None:
+    for c in document.get("configs", []):
+        if str(c.get("@type", "")).endswith(".SecretsConfigDump"):
+            return c
+    return None
+
+
+def _first_cert_meta(pem_data: bytes, now: datetime.datetime) -> tuple[str, bool, str, str, str]:
+    """(type, valid, serial, not after, not before) of the first PEM certificate, as istioctl's
+    secretMetaFromCert: `CA` for a CA certificate, else `Cert Chain`; serial in lowercase hex."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem_data)
+    except ValueError:
+        return "", False, "", "", ""
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    return ("CA" if is_ca else "Cert Chain", nb < now < na, format(cert.serial_number, "x"),
+            na.strftime(stamp), nb.strftime(stamp))
+
+
+def _inline(source: dict | None) -> bytes:
+    data = (source or {}).get("inline_bytes") or (source or {}).get("inlineBytes") or ""
+    try:
+        return base64.b64decode(data) if data else b""
+    except ValueError:
+        return b""
+
+
+def secret_rows(document: dict, now: datetime.datetime | None = None) -> list[list[str]]:
+    section = secrets_section(document) or {}
+    now = now or datetime.datetime.now(datetime.UTC)
+    rows = []
+    for state, key in (("WARMING", "dynamic_warming_secrets"), ("ACTIVE", "dynamic_active_secrets")):
+        for s in section.get(key, []):
+            secret = s.get("secret") or {}
+            tls = secret.get("tls_certificate") or {}
+            vc = secret.get("validation_context") or {}
+            data = _inline(tls.get("certificate_chain")) or _inline(vc.get("trusted_ca"))
+            status = "UNINITIALIZED" if state == "ACTIVE" and s.get("version_info") == "uninitialized" else state
+            if data:
+                kind, valid, serial, not_after, not_before = _first_cert_meta(data, now)
+            else:
+                kind, valid, serial, not_after, not_before = "", False, "", "", ""
+            rows.append([s.get("name", ""), kind, status, "true" if valid else "false", serial, not_after, not_before])
+    return rows
+
+
+def secret_table(document: dict, now: datetime.datetime | None = None) -> str:
+    return tabwrite([SECRET_COLUMNS, *secret_rows(document, now)], padding=5)

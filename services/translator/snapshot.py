@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
-from . import clusters, endpoints, envoyfilter, listeners, routes, secrets
+from . import clusters, endpoints, envoyfilter, grpcgen, listeners, routes, secrets, security
 from .endpoints import service_id
 from .model import CLIENT_SIDE_LB, KUBERNETES, Endpoint
 from .proxy import Proxy
@@ -64,7 +64,7 @@ def _sidecar_outbound(push: PushContext, view: ProxyView) -> tuple[Layer, list]:
 
 def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[Layer, list]:
     instances = push.proxy_instances(proxy)
-    lds, rds_map = listeners.gateway_listeners(push, view, instances)
+    lds, rds_map = listeners.gateway_listeners(push, view, instances, security.inbound_filters(push, proxy))
     sni_dnat = any(((s.get("tls") or {}).get("mode") == "AUTO_PASSTHROUGH")
                    for g in view.gateways for s in g.spec.get("servers") or [])
     cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=False, gateway_sni_dnat=sni_dnat)
@@ -91,7 +91,8 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
     view = push.view(proxy)
     key = view.key
     if view.is_router:
-        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),)
+        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),
+                     security.layer_key(push, proxy))
     hit = push.cache.get(("layers", key))
     if hit is None:
         carried = push.cache.get(("carried", key))
@@ -153,14 +154,15 @@ def carry_over(old: PushContext, new: PushContext, changed: set[tuple]) -> None:
         if not isinstance(k, tuple):
             continue
         tag = k[0]
-        if tag == "layers":
+        # Only keys free of id()s move on: an id names an object of the old push, and a later push may
+        # allocate a different object at the same address. Router views hold gateway ids, inbound layers
+        # under security policies hold policy ids: those are rebuilt.
+        if tag == "layers" and k[1][0] != "router":
             needs = old.cache.get(("needs", k[1]))
             if needs is not None:
                 new.cache[("carried", k[1])] = (v[0], needs)
-        elif tag == "carried":
-            if ("layers", k[1]) not in old.cache:  # carried forward but not used in old's build: keep it
-                new.cache[k] = v
-        elif (tag == "eds" and k[2] not in changed) or tag == "own-layer":
+        elif (tag == "eds" and k[2] not in changed) or (tag == "own-layer" and k[1][0] != "router"
+                                                         and not any(k[4])):
             new.cache[k] = v
 
 
@@ -179,7 +181,7 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
     modes = (push.mtls_mode(proxy.namespace, proxy.labels),
              tuple(sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items())),
              tuple(push.mtls_mode(proxy.namespace, proxy.labels, i.inbound_port) for i in instances))
-    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None,
+    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None, security.layer_key(push, proxy),
            tuple((service_id(i.service), i.port.port, i.port.name, i.port.protocol, i.endpoint_port, i.endpoint_address,
                   i.listen_port, i.capture_mode, i.bind) for i in instances))
     layer = push.cache.get(key)
@@ -194,6 +196,8 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
 
 
 def build_snapshot(push: PushContext, proxy: Proxy) -> Snapshot:
+    if grpcgen.is_proxyless(proxy):  # a gRPC application's own xDS client, not an Envoy
+        return Snapshot(proxy, grpcgen.layers(push, proxy))
     outbound, eds = outbound_layers(push, proxy)
     layers = [outbound, eds, proxy_layer(push, proxy)]
     patches = envoyfilter.patches_for(push, proxy) if push.envoy_filters else ()

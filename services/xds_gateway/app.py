@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .server import make_server
 from .status import StatusRecorder
 from .stream import Gateway
+from .tls import ServingCert, TlsOptions
 
 log = logging.getLogger("mizzen.xds_gateway")
 
@@ -39,6 +40,7 @@ class Options:
     push_slots: int = 64
     slot_lease: float = 1.0
     reuse_port: bool = False
+    tls: TlsOptions | None = None  # also serve xDS over TLS (certificate from certauth, tokens checked)
 
 
 async def _wait_redis(redis: aioredis.Redis, stop: asyncio.Event) -> bool:
@@ -89,7 +91,17 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
     metrics.in_flight.set_function(lambda: gw.pushes_in_flight)
     await cache.start()
     await status.start()
-    server, port = make_server(gw, opts.host, opts.port, reuse_port=opts.reuse_port)
+    serving_cert = None
+    tls = None
+    if opts.tls is not None:
+        serving_cert = ServingCert(opts.tls)
+        await serving_cert.start(stop)  # retried until certauth answers (or stop)
+        if stop.is_set():
+            await serving_cert.stop()
+            return
+        tls = (opts.tls.port, serving_cert.credentials(), serving_cert.tokens)
+        log.info("xds over TLS", extra={"port": opts.tls.port, "identity": serving_cert.identity})
+    server, port = make_server(gw, opts.host, opts.port, tls, reuse_port=opts.reuse_port)
     await server.start()
     state["serving"] = True
     log.info("xds gateway serving", extra={"addr": f"{opts.host}:{port}", "replica": opts.replica})
@@ -112,6 +124,8 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
     state["serving"] = False
     await server.stop(opts.grace)
     pinger.cancel()
+    if serving_cert is not None:
+        await serving_cert.stop()
     await cache.stop()
     await status.stop()
     await bus.close()
