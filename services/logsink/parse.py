@@ -334,7 +334,8 @@ def _json_reason(raw: bytes, e: orjson.JSONDecodeError) -> tuple[str, str]:
 
 
 def record_from_dict(
-    d: dict, raw: bytes, src: Any = None, start_ns: int | None = None, end_ns: int | None = None
+    d: dict, raw: bytes, src: Any = None, start_ns: int | None = None, end_ns: int | None = None,
+    check_shape: bool = True,
 ) -> Record:
     """Validate and normalize a decoded entry in place (absent values become None). Inputs that carry exact
     times (the gRPC access log) pass `start_ns`/`end_ns`, and then `start_time`/`duration` are not needed.
@@ -398,9 +399,9 @@ def record_from_dict(
                 start_ns = parse_time_ns(st)
             except TimeError as e:
                 raise BadLine(f"start_time: {e}: {_show(st)}", "bad_value", "start_time") from None
-        elif st.__class__ in (int, float) and st >= 0:
-            start_ns = int(st * 1_000_000_000)
         else:
+            # Envoy prints %START_TIME% as a string in every format; a JSON number here is not an access log's
+            # timestamp (it would become a span in 1970).
             raise BadLine(f"start_time: expected an RFC 3339 string, got {_show(st)}", "wrong_type", "start_time")
         end_ns = start_ns + (d.get("duration") or 0) * 1_000_000
     elif end_ns is None:
@@ -433,6 +434,8 @@ def record_from_dict(
     proto = d.get("protocol")
     rid = d.get("request_id")
     rec.http = bool(method or (proto and proto[:4] == "HTTP") or rid or d.get("response_code"))
+    if check_shape:
+        _check_shape(d, rec.http)
 
     uc = d.get("upstream_cluster")
     cl: ClusterName | None = parse_cluster(uc) if uc else None
@@ -443,6 +446,30 @@ def record_from_dict(
     tp = d.get("traceparent")
     rec.tp = parse_traceparent(tp) if tp else None
     return rec
+
+
+# What a line must carry to be an access log (the keys, whatever their value: Envoy's formats print every
+# operator they name, "-" or null when unset). An HTTP entry names its request; a TCP entry its connection.
+REQUEST_KEYS = ("method", "response_code", "protocol")
+CONNECTION_KEYS = ("upstream_cluster", "upstream_host", "downstream_remote_address", "downstream_local_address",
+                   "upstream_local_address", "requested_server_name")
+
+
+def _check_shape(d: dict, http: bool) -> None:
+    if http:
+        for k in REQUEST_KEYS:
+            if k in d:
+                return
+        raise BadLine("not an access log: an HTTP entry needs method, response_code or protocol",
+                      "missing_field", "method")
+    for k in CONNECTION_KEYS:
+        if k in d:
+            return
+    if http is False and any(k in d for k in REQUEST_KEYS):
+        return  # an HTTP entry whose request fields are all unset ("-"): a request that never got one
+    raise BadLine("not an access log: no request fields (method, response_code, protocol) nor connection fields "
+                  "(upstream_cluster, upstream_host, downstream_remote_address, downstream_local_address)",
+                  "missing_field", "upstream_cluster")
 
 
 def _kind(cl: ClusterName | None, d: dict) -> int:
