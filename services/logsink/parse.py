@@ -173,6 +173,8 @@ class Record:
         "dl_ip",
         "sni_ident",
         "sni_host",
+        "own",
+        "san_ident",
         "tstate",
         "body",
         "mvals",

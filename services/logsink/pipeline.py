@@ -51,6 +51,7 @@ class Pipeline:
         batch_size: int = 512,
         max_line_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
+        workloads=None,
     ):
         self.on_batch = on_batch
         self.dead = dead or DeadLetters(None)
@@ -59,7 +60,7 @@ class Pipeline:
         self.batch_size = batch_size
         self.max_line_bytes = max_line_bytes
         self.clock = clock
-        self.joiner = Joiner(self._emitted, window=window, max_records=max_records)
+        self.joiner = Joiner(self._emitted, window=window, max_records=max_records, workloads=workloads)
         self.stats.joins = self.joiner.stats
         self.traces: set[bytes] | None = None  # convert counts distinct traces
         self._batch = Batch()
@@ -153,14 +154,14 @@ class Pipeline:
             self.flush_batch()
 
     def _observe(self, rec: Record, own: Identity) -> None:
-        peers = self.joiner.peers
+        peer_of = self.joiner.peer_identity
         cl = rec.cluster
         if rec.kind == KIND_SERVER:
-            peer = self.joiner.identity(rec.parent) if rec.parent is not None else peers.get(rec.dr_ip)
+            peer = self.joiner.identity(rec.parent) if rec.parent is not None else peer_of(rec.dr_ip)
             # the service the caller addressed: the mTLS SNI names it; else the request's authority
             dest = rec.sni_host or rec.mvals[6]
         else:
-            peer = peers.get(rec.uh_ip)
+            peer = peer_of(rec.uh_ip)
             dest = cl.host if cl is not None and cl.host else ""
         self.istio.observe(rec.kind, rec.http, own, peer, dest, rec.mvals)
 

@@ -89,7 +89,8 @@ class Stack:
         if name == "logsink":
             # access logs arrive over NATS (mizzen.accesslog.<proxy>, JetStream) and from files the caller names
             return ServiceSpec("mizzen.services.logsink", "--admin",
-                               ["--nats", str(self.nats_url), "--data-dir", str(self.work_dir),
+                               ["--nats", str(self.nats_url), "--redis-url", str(self.redis_url),
+                                "--data-dir", str(self.work_dir),
                                 "--otlp-endpoint", self.otlp_endpoint, "--log-level", self.log_level],
                                http_value="127.0.0.1:{port}")
         raise KeyError(name)
