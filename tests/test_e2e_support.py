@@ -210,10 +210,11 @@ class E2E:
     sidecars: dict[str, Sidecar] = field(default_factory=dict)
     _sds: list[SdsServer] = field(default_factory=list)
     _files: int = 0
+    stack_env: dict[str, str] = field(default_factory=dict)  # extra environment for the control plane
 
     def __post_init__(self) -> None:
         self.ca = make_ca(MESH_IDENTITY)
-        self.stack = Stack(self.work)
+        self.stack = Stack(self.work, env=dict(self.stack_env))
         self.net = None  # type: ignore[assignment]
         try:
             self.stack.start()

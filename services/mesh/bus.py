@@ -69,11 +69,12 @@ class Bus:
                 log.info("waiting for nats at %s: %s", self.url, e)
                 await asyncio.sleep(0.25)
 
-    async def publish(self, subject: str, payload: bytes) -> None:
-        """Publish, tolerating an outage: events are hints, and subscribers re-read state on reconnect."""
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Publish, tolerating an outage: events are hints, and subscribers re-read state on reconnect.
+        `headers` carry trace context (W3C `traceparent`, see mesh/tracing.py) when tracing is on."""
         assert self.nc is not None
         try:
-            await self.nc.publish(subject, payload)
+            await self.nc.publish(subject, payload, headers=headers or None)
         except Exception as e:  # noqa: BLE001
             log.warning("publish to %s failed (%s); subscribers will resync on reconnect", subject, e)
 
