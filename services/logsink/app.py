@@ -54,6 +54,9 @@ class Settings:
     export_timeout: float = 10.0
     shutdown_grace: float = 10.0
     ack_wait: float = 60.0
+    partitions: int = 0  # > 0: read mizzen.accesslog._p<k>.> partitions shared with other replicas
+    replica: str = ""
+    lease: float = 10.0
     export_queue: int = 64
     http_room_timeout: float = 5.0
 
@@ -95,7 +98,13 @@ class LogSink:
                                s.poll_interval, s.max_line_bytes) if s.files else None
         self.http = HttpInput(self.pipeline, self.shipper, room_timeout=s.http_room_timeout) if s.http else None
         self.nats = None
-        if s.nats_url:
+        if s.nats_url and s.partitions > 0:
+            from .inputs.partitions import PartitionedNatsInput
+
+            self.nats = PartitionedNatsInput(s.nats_url, self.pipeline, self.shipper, subject=s.subject,
+                                             durable=s.durable, ack_wait=s.ack_wait, partitions=s.partitions,
+                                             replica=s.replica, lease=s.lease)
+        elif s.nats_url:
             from .inputs.nats import NatsInput
 
             self.nats = NatsInput(s.nats_url, self.pipeline, self.shipper, subject=s.subject, durable=s.durable,
@@ -189,6 +198,11 @@ class LogSink:
             await self.als_server.stop(1.0)
         for r in self.runners:
             await r.cleanup()
+        if self.nats is not None and hasattr(self.nats, "handover"):
+            try:
+                await self.nats.handover()  # partitions: waiting lines go to the partitions' next owners
+            except Exception:  # noqa: BLE001 - not handed over: exported here instead (unjoined, not lost)
+                log.exception("handing over waiting lines failed")
         self.pipeline.flush()
         ok = await self.shipper.drain(self.s.shutdown_grace)
         if not ok:

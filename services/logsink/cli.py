@@ -54,6 +54,18 @@ def service_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--subject", default=ACCESSLOG_PREFIX + ">", help="NATS subject filter [%(default)s]")
     p.add_argument("--durable", default=_env("MIZZEN_LOGSINK_DURABLE", default="mizzen-logsink"),
                    help="JetStream durable consumer name [%(default)s]")
+    p.add_argument("--partitions", type=int, default=int(_env("MIZZEN_LOGSINK_PARTITIONS", default="0")),
+                   metavar="N", help="scale out: read mizzen.accesslog._p<k>.<proxy> (k = hash of the request id "
+                   "mod N, see mesh/accesslog.py) sharing the N partitions with the other replicas "
+                   "[$MIZZEN_LOGSINK_PARTITIONS; 0 = one consumer of mizzen.accesslog.>]")
+    p.add_argument("--replica-id", default=_env("MIZZEN_REPLICA_ID", default=""),
+                   help="this replica's name in the partition leases [host-pid]")
+    p.add_argument("--lease", type=float, default=10.0, metavar="SECONDS",
+                   help="partition lease: a replica that stops renewing loses its partitions after this "
+                   "[%(default)s]")
+    p.add_argument("--ack-wait", type=float, default=60.0, metavar="SECONDS",
+                   help="JetStream redelivers a message not acked within this (must exceed the join window "
+                   "plus export time) [%(default)s]")
     p.add_argument("--redis-url", default=_env("MIZZEN_LOGSINK_REDIS"), metavar="URL",
                    help="name workloads from the running stack: the registry's Pods and WorkloadEntries by IP, "
                    "read from this Redis and kept current by its NATS events (--nats URL, else $MIZZEN_NATS_URL) "
@@ -167,6 +179,10 @@ def settings_from_args(a: argparse.Namespace):
         nats_url=nats_url,
         subject=a.subject,
         durable=a.durable,
+        partitions=a.partitions,
+        replica=a.replica_id,
+        lease=a.lease,
+        ack_wait=a.ack_wait,
         als=a.als,
         redis_url=a.redis_url,
         events_nats_url=nats_url or settings.nats_url(),

@@ -21,6 +21,7 @@ possible parent; `max_records` bounds memory (the oldest lines are released earl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 from collections.abc import Callable
@@ -115,6 +116,24 @@ class Joiner:
             _, _, rec = heapq.heappop(heap)
             if rec.state != GONE:
                 self._release(rec)
+
+    def take_pending(self, want: Callable[[Record], bool] | None = None) -> list[Record]:
+        """Remove and return the records still waiting for their other side (not emitted), for a replica that
+        hands its partitions over: their lines go to the next owner instead of being exported here."""
+        out = []
+        for _, _, rec in self.heap:
+            if rec.state == PENDING and (want is None or want(rec)):
+                rec.state = GONE
+                self.pending -= 1
+                self.live -= 1
+                group = self.groups.get(rec.gkey)
+                if group is not None:
+                    with contextlib.suppress(ValueError):
+                        group.remove(rec)
+                    if not group:
+                        del self.groups[rec.gkey]
+                out.append(rec)
+        return out
 
     def flush(self) -> None:
         while self.heap:

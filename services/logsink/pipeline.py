@@ -63,6 +63,9 @@ class Pipeline:
         self.joiner = Joiner(self._emitted, window=window, max_records=max_records, workloads=workloads)
         self.stats.joins = self.joiner.stats
         self.traces: set[bytes] | None = None  # convert counts distinct traces
+        # Partitioned replicas hand the lines still waiting for their other side to the partition's next owner
+        # (inputs/partitions.py), so those keep their bytes until emitted (~0.8 KiB more per waiting line).
+        self.keep_raw = False
         self._batch = Batch()
         self.batch_since = 0.0
         self._resources: dict[Identity, bytes] = {}
@@ -116,7 +119,8 @@ class Pipeline:
         # The fields are in the body now; drop them so waiting records stay small.
         rec.f = None
         rec.extra = None
-        rec.raw = None
+        if not self.keep_raw:
+            rec.raw = None
         rec.env = None
         self.joiner.add(rec, now)
 

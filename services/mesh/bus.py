@@ -22,6 +22,27 @@ def snapshot_subject(proxy_id: str) -> str:
     return SNAPSHOT_PREFIX + proxy_id
 
 
+# Access logs for partitioned logsinks: `mizzen.accesslog._p<k>.<proxy>`, k = hash(request id) mod N, so both
+# sides of a call (and every hop of a chain) reach the replica that owns partition k (mesh/accesslog.py).
+PARTITION_TOKEN = "_p"
+
+
+def accesslog_subject(proxy: str, partition: int | None = None) -> str:
+    if partition is None:
+        return ACCESSLOG_PREFIX + proxy
+    return f"{ACCESSLOG_PREFIX}{PARTITION_TOKEN}{partition}.{proxy}"
+
+
+def split_accesslog_subject(subject: str) -> tuple[int | None, str]:
+    """`mizzen.accesslog._p3.front.shop` → (3, "front.shop"); `mizzen.accesslog.front.shop` → (None, …)."""
+    rest = subject[len(ACCESSLOG_PREFIX):] if subject.startswith(ACCESSLOG_PREFIX) else ""
+    if rest.startswith(PARTITION_TOKEN):
+        token, _, proxy = rest.partition(".")
+        if token[2:].isdigit():
+            return int(token[2:]), proxy
+    return None, rest
+
+
 class Bus:
     """A NATS connection that reconnects forever and re-subscribes, calling `on_reconnect` so the owner can
     re-read state it may have missed while NATS was away."""
