@@ -344,6 +344,13 @@ def record_from_dict(
 
     The same single pass over the fields encodes the ones that become `envoy.<field>` attributes unchanged
     (`Record.env`), since that pass is the logsink's hottest loop."""
+    keys = tuple(d)
+    plan = _PLANS.get(keys)
+    if plan is None and len(_PLANS) < _MAX_PLANS and len(keys) <= 64:
+        plan = _PLANS[keys] = _compile_plan(keys)
+    if plan is not None:
+        env, extra = plan(d, *d.values())
+        return _finish(d, raw, src, env, extra, start_ns, end_ns, check_shape)
     env: list[bytes] = []
     extra = None
     spec_of = _SPEC.get
@@ -385,7 +392,11 @@ def record_from_dict(
                         cache.clear()
                     cache[v] = blob
                 env.append(blob)
+    return _finish(d, raw, src, env, extra, start_ns, end_ns, check_shape)
 
+
+def _finish(d: dict, raw: bytes, src: Any, env: list[bytes], extra: dict | None, start_ns: int | None,
+            end_ns: int | None, check_shape: bool) -> Record:
     rec = Record()
     rec.raw = raw
     rec.src = src
@@ -448,6 +459,70 @@ def record_from_dict(
     tp = d.get("traceparent")
     rec.tp = parse_traceparent(tp) if tp else None
     return rec
+
+
+# ---- per-shape plans ----------------------------------------------------------------------------------------
+# A sidecar writes every line with the same keys in the same order. For each key order seen, the field loop of
+# `record_from_dict` is generated once as straight-line Python (each field's checks inlined, the values
+# unpacked in one call): same checks, same order, same errors, same output — without the per-field spec lookup
+# and dispatch, the loop's largest cost.
+_PLANS: dict[tuple, Any] = {}
+_MAX_PLANS = 512
+
+
+def _bad_str(k: str, v: Any) -> None:
+    raise BadLine(f"{k}: expected a string, got {_show(v)}", "wrong_type", k)
+
+
+def _compile_plan(keys: tuple):
+    lines = ["def plan(d, " + ", ".join(f"v{i}" for i in range(len(keys))) + "):",
+             "    env = []", "    extra = None"]
+    ns: dict[str, Any] = {"_bad_str": _bad_str, "_int_value": _int_value, "_CACHE_MAX": _CACHE_MAX}
+    for i, k in enumerate(keys):
+        v = f"v{i}"
+        ns[f"k{i}"] = k
+        spec = _SPEC.get(k) if isinstance(k, str) else None
+        if spec is None:
+            lines += [f"    if {v} is not None:", "        if extra is None:", "            extra = {}",
+                      f"        extra[k{i}] = {v}"]
+            continue
+        t, key, cache = spec
+        if t == _X:
+            continue
+        if t == _S:
+            lines += [f"    if {v} is not None:",
+                      f"        if {v}.__class__ is not str:", f"            _bad_str(k{i}, {v})",
+                      f"        if {v} == '-' or {v} == '':", f"            d[k{i}] = None"]
+            enc = "s"
+        else:
+            limit = f" or {v} > 999" if k == "response_code" else ""
+            lines += [f"    if {v} is not None:",
+                      f"        if {v}.__class__ is not int:",
+                      f"            if {v}.__class__ is str and ({v} == '-' or {v} == ''):",
+                      f"                d[k{i}] = None", f"                {v} = None",
+                      "            else:",
+                      f"                {v} = _int_value(k{i}, {v})", f"                d[k{i}] = {v}",
+                      f"        elif {v} < 0{limit}:", f"            _int_value(k{i}, {v})"]
+            enc = "i"
+        if key is None:
+            if t == _S:
+                lines[-1] += ""  # nothing to encode
+            continue
+        ns[f"key{i}"] = key
+        body = ([f"            env.append(key{i}.{enc}({v}))"] if cache is None else
+                [f"            b = cache{i}.get({v})", "            if b is None:",
+                 f"                b = key{i}.{enc}({v})",
+                 f"                if len(cache{i}) >= _CACHE_MAX:", f"                    cache{i}.clear()",
+                 f"                cache{i}[{v}] = b", "            env.append(b)"])
+        if cache is not None:
+            ns[f"cache{i}"] = cache
+        if t == _S:
+            lines += ["        else:"] + body
+        else:
+            lines += [f"        if {v} is not None:"] + body
+    lines.append("    return env, extra")
+    exec(compile("\n".join(lines), f"<logsink plan {len(_PLANS)}>", "exec"), ns)  # noqa: S102 - our own code
+    return ns["plan"]
 
 
 # What a line must carry to be an access log (the keys, whatever their value: Envoy's formats print every
