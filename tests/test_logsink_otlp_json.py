@@ -18,11 +18,12 @@ def reference(body: bytes) -> list[bytes]:
     return [orjson.dumps(rs) for rs in otlp_json.resource_spans_json(body)]
 
 
-def requests_for(items) -> list[bytes]:
+def requests_for(items, json_mode: bool = False) -> list:
     from mizzen.services.logsink.pipeline import Pipeline
 
-    out = Collected()
+    out = Collected() if not json_mode else JsonCollected()
     p = Pipeline(out, window=0.5, batch_size=7)
+    p.json_mode = json_mode
     for i, (raw, src) in enumerate(items):
         assert p.feed_line(raw, src, now=i * 0.001), raw
         p.tick(i * 0.001)
@@ -30,11 +31,22 @@ def requests_for(items) -> list[bytes]:
     return out.requests
 
 
+class JsonCollected:
+    def __init__(self) -> None:
+        self.requests: list[list[bytes]] = []
+
+    def __call__(self, entries: list[bytes], count: int, tokens) -> None:
+        self.requests.append(entries)
+
+
 def check(items) -> int:
+    """Both fast paths — from a request's wire bytes, and (convert's) from each span's encoded pieces — print
+    what the reference path prints."""
     reqs = requests_for(items)
     assert reqs
     for body in reqs:
         assert otlp_json.resource_spans_json_bytes(body) == reference(body)
+    assert requests_for(items, json_mode=True) == [reference(body) for body in reqs]
     return len(reqs)
 
 

@@ -69,6 +69,7 @@ def convert(specs: list[str], out: IO[bytes], dead_letter: Path | None = None, w
     pipeline = Pipeline(lambda body, n, tokens: writer.add(body), dead=dead, stats=stats, window=window,
                         max_records=max_records, max_line_bytes=max_line_bytes, workloads=workloads)
     pipeline.traces = set()
+    pipeline.json_mode = True
     streams = []
     for i, spec in enumerate(specs):
         proxy, path = parse_file_spec(spec)

@@ -316,6 +316,103 @@ def resource_spans_json_bytes(request_bytes: bytes) -> list[bytes]:
     return out
 
 
+# ---- JSON from the encoded pieces (convert) ---------------------------------------------------------------
+_PART: dict[bytes, bytes] = {}  # an attribute blob (one or more encoded KeyValues) → its JSON entries
+_NAMEKIND: dict[tuple[bytes, bytes], bytes] = {}
+
+
+def _attrs_json(blob: bytes) -> bytes:
+    hit = _PART.get(blob)
+    if hit is None:
+        frags = []
+        pos, end = 0, len(blob)
+        while pos < end:
+            if blob[pos] != 0x4A:
+                raise _Unexpected
+            n, p2 = _varint(blob, pos + 1)
+            one = blob[pos:p2 + n]
+            f = _FRAG.get(one)
+            if f is None:
+                f = _kv_fragment(one)
+            frags.append(f)
+            pos = p2 + n
+        hit = b",".join(frags)
+        if len(_PART) >= _CACHE_MAX:
+            _PART.clear()
+        if hit:
+            _PART[blob] = hit
+    return hit
+
+
+def span_from_parts(trace_id: bytes, span_id: bytes, parent_id: bytes | None, flags: int, trace_state: str,
+                    parts: list[bytes], tail: bytes) -> bytes:
+    """A span's OTLP/JSON from its ids and `spans.encode_body(..., as_parts=True)`: the same bytes as decoding
+    the protobuf span and printing it with MessageToDict (tested)."""
+    try:
+        return _span_from_parts(trace_id, span_id, parent_id, flags, trace_state, parts, tail)
+    except (_Unexpected, IndexError, UnicodeDecodeError):
+        from . import otlp_wire as w
+
+        msg = w.span_message(trace_id, span_id, parent_id, flags, trace_state, b"".join(parts), tail)
+        return _span_json(msg, _varint(msg, 1)[1], len(msg)) if msg else b"{}"
+
+
+def _span_from_parts(trace_id, span_id, parent_id, flags, trace_state, parts, tail) -> bytes:
+    nk = _NAMEKIND.get((parts[0], parts[1]))
+    if nk is None:
+        name_blob, kind_blob = parts[0], parts[1]
+        if name_blob[0] != 0x2A or kind_blob[0] != 0x30:
+            raise _Unexpected
+        n, p = _varint(name_blob, 1)
+        nk = b'"name":' + _json_str(name_blob[p:p + n]) + b',"kind":' + str(_varint(kind_blob, 1)[0]).encode()
+        if len(_NAMEKIND) > 10_000:
+            _NAMEKIND.clear()
+        _NAMEKIND[(parts[0], parts[1])] = nk
+    times = parts[2]
+    if len(times) != 18 or times[0] != 0x39 or times[9] != 0x41:
+        raise _Unexpected
+    start = int.from_bytes(times[1:9], "little")
+    stop = int.from_bytes(times[10:18], "little")
+    out = [b'{"traceId":"', trace_id.hex().encode(), b'","spanId":"', span_id.hex().encode(), b'"']
+    if trace_state:
+        out += (b',"traceState":', orjson.dumps(trace_state))
+    if parent_id:
+        out += (b',"parentSpanId":"', parent_id.hex().encode(), b'"')
+    out += (b",", nk)
+    if start:
+        out += (b',"startTimeUnixNano":"', str(start).encode(), b'"')
+    if stop:
+        out += (b',"endTimeUnixNano":"', str(stop).encode(), b'"')
+    status = None
+    last = parts[-1]
+    if len(parts) > 3 and last and last[0] == 0x7A:  # encode_body adds the status last, when there is one
+        n, p = _varint(last, 1)
+        status = _status_json(last[p:p + n])
+        blobs = parts[3:-1]
+    else:
+        blobs = parts[3:]
+    part_get = _PART.get
+    attrs = [part_get(b) or _attrs_json(b) for b in blobs]
+    if tail:
+        attrs.append(_attrs_json(tail))
+    if attrs:
+        joined = b",".join(filter(None, attrs))  # an empty blob (nothing to say) prints nothing
+        if joined:
+            out += (b',"attributes":[', joined, b"]")
+    if status is not None:
+        out += (b',"status":', status)
+    if flags:
+        out += (b',"flags":', str(flags).encode())
+    out.append(b"}")
+    return b"".join(out)
+
+
+def resource_spans_from_json(resource_body: bytes, scope_body: bytes, spans: list[bytes]) -> bytes:
+    """One `resourceSpans` entry from the resource and scope message bodies and the spans' JSON."""
+    return (b'{"resource":' + _small_json("resource", resource_body) + b',"scopeSpans":[{"scope":'
+            + _small_json("scope", scope_body) + b',"spans":[' + b",".join(spans) + b"]}]}")
+
+
 class JsonWriter:
     """Streams one `{"resourceSpans": [...]}` document: usable as the body of `POST /v1/traces` with
     `Content-Type: application/json`."""
@@ -325,8 +422,10 @@ class JsonWriter:
         self.first = True
         self.fh.write(b'{"resourceSpans":[')
 
-    def add(self, request_bytes: bytes) -> None:
-        for rs in resource_spans_json_bytes(request_bytes):
+    def add(self, request_bytes: bytes | list[bytes]) -> None:
+        """An encoded ExportTraceServiceRequest, or (from a pipeline in JSON mode) its entries' JSON."""
+        entries = request_bytes if isinstance(request_bytes, list) else resource_spans_json_bytes(request_bytes)
+        for rs in entries:
             if not self.first:
                 self.fh.write(b",\n")
             self.first = False

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from . import otlp_json
 from . import otlp_wire as w
 from .deadletter import DeadLetters
 from .identity import Identity, Source
@@ -66,6 +67,9 @@ class Pipeline:
         # Partitioned replicas hand the lines still waiting for their other side to the partition's next owner
         # (inputs/partitions.py), so those keep their bytes until emitted (~0.8 KiB more per waiting line).
         self.keep_raw = False
+        # `convert`: spans are written as OTLP/JSON (otlp_json.py) straight from their encoded pieces, and
+        # `on_batch` gets a list of JSON `resourceSpans` entries instead of a protobuf request.
+        self.json_mode = False
         self._batch = Batch()
         self.batch_since = 0.0
         self._resources: dict[Identity, bytes] = {}
@@ -103,7 +107,7 @@ class Pipeline:
     def add_record(self, rec: Record, raw_for_id: bytes, token: Token | None, now: float) -> None:
         rec.token = token
         prepare(rec, raw_for_id)
-        rec.body = encode_body(rec)
+        rec.body = encode_body(rec, self.json_mode)
         f = rec.f
         if self.istio is not None:
             rec.mvals = (
@@ -136,7 +140,11 @@ class Pipeline:
             remote = pid is not None
         flags = w.FLAG_SAMPLED | w.FLAG_HAS_IS_REMOTE | (w.FLAG_IS_REMOTE if remote else 0)
         link = self._link_attr.get(rec.joined_by, b"") if pid is not None else b""
-        span = w.span_message(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "", rec.body, link)
+        if self.json_mode:
+            span = otlp_json.span_from_parts(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "", rec.body,
+                                             link)
+        else:
+            span = w.span_message(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "", rec.body, link)
         if self.istio is not None:
             self._observe(rec, ident)
         if self.traces is not None:
@@ -183,8 +191,11 @@ class Pipeline:
             res = self._resources.get(ident)
             if res is None:
                 res = self._resources[ident] = w.resource(ident.resource_attributes())
-            parts.append(w.resource_spans(res, self._scope, spans))
-        self.on_batch(b"".join(parts), b.count, b.tokens)
+            if self.json_mode:
+                parts.append(otlp_json.resource_spans_from_json(res, self._scope, spans))
+            else:
+                parts.append(w.resource_spans(res, self._scope, spans))
+        self.on_batch(parts if self.json_mode else b"".join(parts), b.count, b.tokens)
 
     def tick(self, now: float | None = None) -> None:
         self.joiner.expire(self.clock() if now is None else now)
