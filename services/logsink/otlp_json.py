@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from typing import IO
 
 import orjson
-from google.protobuf.json_format import MessageToDict
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
+
+# The reference path (MessageToDict over opentelemetry-proto's classes) is imported only when used: the fast
+# path below needs neither, so `convert` neither waits for them nor depends on which copy of
+# `opentelemetry.proto` is installed (DESIGN.md's packaging trap).
 
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")
 
@@ -27,6 +29,9 @@ def _hex_ids(span: dict) -> None:
 
 def resource_spans_json(request_bytes: bytes) -> list[dict]:
     """The `resourceSpans` entries of an encoded ExportTraceServiceRequest, as OTLP/JSON dicts."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
+
     req = ts_pb2.ExportTraceServiceRequest.FromString(request_bytes)
     d = MessageToDict(req, use_integers_for_enums=True, preserving_proto_field_name=False)
     out = d.get("resourceSpans", [])
@@ -63,6 +68,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+_unpack_d = __import__("struct").Struct("<d").unpack
 _FRAG: dict[bytes, bytes] = {}  # encoded KeyValue (tag and length included) → its JSON
 _STR: dict[bytes, bytes] = {}  # UTF-8 bytes → JSON string
 _CACHE_MAX = 200_000
@@ -101,40 +107,58 @@ def _anyvalue_obj(buf: bytes, pos: int, end: int) -> dict:
         if pos != end:
             raise _Unexpected
         return {"boolValue": bool(v)}
-    raise _Unexpected  # doubles, arrays, maps, bytes: the reference path prints those
+    if tag == 0x21:
+        if pos + 8 != end:
+            raise _Unexpected
+        (x,) = _unpack_d(buf[pos:end])
+        if x != x:
+            return {"doubleValue": "NaN"}
+        if x in (float("inf"), float("-inf")):
+            return {"doubleValue": "Infinity" if x > 0 else "-Infinity"}
+        return {"doubleValue": x}
+    if tag in (0x2A, 0x32, 0x3A):
+        n, pos = _varint(buf, pos)
+        if pos + n != end:
+            raise _Unexpected
+        if tag == 0x3A:
+            import base64
+
+            return {"bytesValue": base64.b64encode(buf[pos:end]).decode()}
+        values = []
+        for t, a, b in _fields(buf, pos, end):
+            if t != 0x0A:
+                raise _Unexpected
+            values.append(_anyvalue_obj(buf, a, b) if tag == 0x2A else _kv_obj(buf, a, b))
+        name = "arrayValue" if tag == 0x2A else "kvlistValue"
+        return {name: {"values": values} if values else {}}
+    raise _Unexpected
+
+
+def _kv_obj(buf: bytes, pos: int, end: int) -> dict:
+    """KeyValue → its MessageToDict form (an empty key is left out, as proto3 prints no default value)."""
+    out: dict = {}
+    while pos < end:
+        tag = buf[pos]
+        n, p2 = _varint(buf, pos + 1)
+        if tag == 0x0A:
+            key = buf[p2:p2 + n].decode()
+            if key:
+                out["key"] = key
+        elif tag == 0x12:
+            out["value"] = _anyvalue_obj(buf, p2, p2 + n)
+        else:
+            raise _Unexpected
+        pos = p2 + n
+    return out
 
 
 def _kv_fragment(blob: bytes) -> bytes:
     """JSON of one encoded `attributes` entry (tag + length + KeyValue)."""
     n, pos = _varint(blob, 1)
     end = pos + n
-    if end != len(blob) or blob[pos] != 0x0A:
+    if end != len(blob):
         raise _Unexpected
-    kn, pos = _varint(blob, pos + 1)
-    key = blob[pos:pos + kn].decode()
-    pos += kn
-    if not key:
-        return _kv_reference(blob)  # proto3 leaves an empty key out of the JSON
-    if pos == end:
-        return orjson.dumps({"key": key})
-    if blob[pos] != 0x12:
-        raise _Unexpected
-    vn, pos = _varint(blob, pos + 1)
-    if pos + vn != end:
-        raise _Unexpected
-    try:
-        value = _anyvalue_obj(blob, pos, end)
-    except _Unexpected:
-        return _kv_reference(blob)
-    return orjson.dumps({"key": key, "value": value})
-
-
-def _kv_reference(blob: bytes) -> bytes:
-    from opentelemetry.proto.common.v1 import common_pb2
-
-    _n, pos = _varint(blob, 1)
-    kv = common_pb2.KeyValue.FromString(blob[pos:])
-    return orjson.dumps(MessageToDict(kv, use_integers_for_enums=True, preserving_proto_field_name=False))
+    return orjson.dumps(_kv_obj(blob, pos, end))
 
 
 def _span_json(buf: bytes, pos: int, end: int) -> bytes:
@@ -257,12 +281,17 @@ _SMALL: dict[tuple[str, bytes], bytes] = {}  # resources and scopes: few, printe
 def _small_json(kind: str, raw: bytes) -> bytes:
     hit = _SMALL.get((kind, raw))
     if hit is None:
-        from opentelemetry.proto.common.v1 import common_pb2
-        from opentelemetry.proto.resource.v1 import resource_pb2
-
-        cls = resource_pb2.Resource if kind == "resource" else common_pb2.InstrumentationScope
-        hit = orjson.dumps(MessageToDict(cls.FromString(raw), use_integers_for_enums=True,
-                                         preserving_proto_field_name=False))
+        d: dict = {}
+        for tag, a, b in _fields(raw, 0, len(raw)):
+            if kind == "resource" and tag == 0x0A:
+                d.setdefault("attributes", []).append(_kv_obj(raw, a, b))
+            elif kind == "scope" and tag in (0x0A, 0x12):
+                v = raw[a:b].decode()
+                if v:
+                    d["name" if tag == 0x0A else "version"] = v
+            else:
+                raise _Unexpected
+        hit = orjson.dumps(d)
         if len(_SMALL) > 10_000:
             _SMALL.clear()
         _SMALL[(kind, raw)] = hit
@@ -351,10 +380,11 @@ def span_from_parts(trace_id: bytes, span_id: bytes, parent_id: bytes | None, fl
     try:
         return _span_from_parts(trace_id, span_id, parent_id, flags, trace_state, parts, tail)
     except (_Unexpected, IndexError, UnicodeDecodeError):
-        from . import otlp_wire as w
+        from . import otlp_wire as w  # not our own encoding after all: the reference path prints it
 
         msg = w.span_message(trace_id, span_id, parent_id, flags, trace_state, b"".join(parts), tail)
-        return _span_json(msg, _varint(msg, 1)[1], len(msg)) if msg else b"{}"
+        doc = resource_spans_json(w.resource_spans(b"", b"", [msg]))
+        return orjson.dumps(doc[0]["scopeSpans"][0]["spans"][0])
 
 
 def _span_from_parts(trace_id, span_id, parent_id, flags, trace_state, parts, tail) -> bytes:

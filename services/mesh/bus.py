@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import nats
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
+if TYPE_CHECKING:  # nats (and the aiohttp it pulls in) is imported on connect: the subject names here are
+    from nats.aio.client import Client as NATS  # used by commands that never connect (`logsink convert`)
+    from nats.aio.msg import Msg
 
 log = logging.getLogger("mizzen.bus")
 
@@ -55,6 +56,8 @@ class Bus:
         self.connected = asyncio.Event()
 
     async def connect(self, timeout: float = 30.0) -> None:
+        import nats
+
         async def disconnected():
             self.connected.clear()
             log.warning("nats disconnected", extra={"url": self.url})
