@@ -63,7 +63,7 @@ def main() -> None:
             super().__init__(exporter)
 
     export.BatchSpanProcessor = Batch
-    tracing.setup("bench", env={"MIZZEN_TRACING": "console"})
+    tracing.setup("bench", environ={"MIZZEN_TRACING": "console"})
     n = a.n // 10
     on = min(per_point(n) for _ in range(3))
     tracing.shutdown()

@@ -15,7 +15,7 @@ from tests.logsink_data.service import REPO
 
 
 def test_off_by_default_is_noop():
-    assert tracing.setup("x", env={}) is False
+    assert tracing.setup("x", environ={}) is False
     assert tracing.start("anything", "00-" + "1" * 32 + "-" + "2" * 16 + "-01") is tracing.NOOP
     assert tracing.NOOP.headers() is None and tracing.header({"traceparent": "x"}) is None
 
@@ -27,7 +27,7 @@ def test_off_by_default_is_noop():
 ])
 def test_bad_settings_name_the_variable(env, words):
     with pytest.raises(ValueError, match=words):
-        tracing.setup("x", env=env)
+        tracing.setup("x", environ=env)
     assert not tracing.ENABLED
 
 

@@ -91,11 +91,11 @@ class Span:
         return {"traceparent": self.traceparent() or ""}
 
 
-def setup(service_name: str, env: Mapping[str, str] | None = None) -> bool:
+def setup(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
     """Configure tracing for this process from the environment; True when it is on."""
     global ENABLED, _tracer, _provider, _propagator
-    env = os.environ if env is None else env
-    mode = (env.get("MIZZEN_TRACING") or "off").strip().lower()
+    environ = os.environ if environ is None else environ
+    mode = (environ.get("MIZZEN_TRACING") or "off").strip().lower()
     if mode in ("", "off", "none", "0", "false"):
         return False
     from opentelemetry.sdk.resources import Resource
@@ -105,14 +105,14 @@ def setup(service_name: str, env: Mapping[str, str] | None = None) -> bool:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     try:
-        ratio = float(env.get("MIZZEN_TRACE_SAMPLE") or "1")
+        ratio = float(environ.get("MIZZEN_TRACE_SAMPLE") or "1")
     except ValueError:
         raise ValueError("MIZZEN_TRACE_SAMPLE: expected a number between 0 and 1, got "
-                         f"{env['MIZZEN_TRACE_SAMPLE']!r}") from None
+                         f"{environ['MIZZEN_TRACE_SAMPLE']!r}") from None
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"MIZZEN_TRACE_SAMPLE: expected a number between 0 and 1, got {ratio}")
-    endpoint = (env.get("MIZZEN_TRACE_ENDPOINT") or env.get("MIZZEN_OTLP_ENDPOINT")
-                or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "")
+    endpoint = (environ.get("MIZZEN_TRACE_ENDPOINT") or environ.get("MIZZEN_OTLP_ENDPOINT")
+                or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "")
     if mode == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
