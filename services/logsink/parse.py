@@ -505,9 +505,7 @@ def _compile_plan(keys: tuple):
                       f"        elif {v} < 0{limit}:", f"            _int_value(k{i}, {v})"]
             enc = "i"
         if key is None:
-            if t == _S:
-                lines[-1] += ""  # nothing to encode
-            continue
+            continue  # not an `envoy.<field>` attribute: nothing to encode here
         ns[f"key{i}"] = key
         body = ([f"            env.append(key{i}.{enc}({v}))"] if cache is None else
                 [f"            b = cache{i}.get({v})", "            if b is None:",
