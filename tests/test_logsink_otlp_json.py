@@ -15,7 +15,19 @@ from tests.logsink_data.helpers import SEED_SAMPLE, Collected, by_end_time, chai
 
 
 def reference(body: bytes) -> list[bytes]:
-    return [orjson.dumps(rs) for rs in otlp_json.resource_spans_json(body)]
+    """The real opentelemetry-proto message printed by protobuf's MessageToDict (ids in hex, as OTLP/JSON wants)."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
+
+    d = MessageToDict(ts_pb2.ExportTraceServiceRequest.FromString(body), use_integers_for_enums=True,
+                      preserving_proto_field_name=False)
+    out = d.get("resourceSpans", [])
+    for rs in out:
+        for ss in rs.get("scopeSpans", ()):
+            for span in ss.get("spans", ()):
+                otlp_json._hex_ids(span)
+    assert [orjson.dumps(rs) for rs in out] == [orjson.dumps(rs) for rs in otlp_json.resource_spans_json(body)]
+    return [orjson.dumps(rs) for rs in out]
 
 
 def requests_for(items, json_mode: bool = False) -> list:

@@ -9,9 +9,7 @@ from typing import IO
 
 import orjson
 
-# The reference path (MessageToDict over opentelemetry-proto's classes) is imported only when used: the fast
-# path below needs neither, so `convert` neither waits for them nor depends on which copy of
-# `opentelemetry.proto` is installed (DESIGN.md's packaging trap).
+from .otlp_decode import export_request_json
 
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")
 
@@ -29,12 +27,7 @@ def _hex_ids(span: dict) -> None:
 
 def resource_spans_json(request_bytes: bytes) -> list[dict]:
     """The `resourceSpans` entries of an encoded ExportTraceServiceRequest, as OTLP/JSON dicts."""
-    from google.protobuf.json_format import MessageToDict
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
-
-    req = ts_pb2.ExportTraceServiceRequest.FromString(request_bytes)
-    d = MessageToDict(req, use_integers_for_enums=True, preserving_proto_field_name=False)
-    out = d.get("resourceSpans", [])
+    out = export_request_json(request_bytes).get("resourceSpans", [])
     for rs in out:
         for ss in rs.get("scopeSpans", ()):
             for span in ss.get("spans", ()):
@@ -43,10 +36,11 @@ def resource_spans_json(request_bytes: bytes) -> list[dict]:
 
 
 # ---- the fast path -----------------------------------------------------------------------------------------
-# `MessageToDict` walks every field through Python descriptors: ~0.5 ms per span, most of `convert`'s time. The
-# requests here are the logsink's own (otlp_wire.py), a handful of message types; this reads their wire bytes
-# directly and writes the same JSON, byte for byte (tests compare it with the MessageToDict path on every kind of
-# value). Anything it does not expect sends the whole request down the reference path.
+# A general decoder (otlp_decode.py, or MessageToDict) builds a dict per message and field: most of `convert`'s
+# time. The requests here are the logsink's own (otlp_wire.py), a handful of message types; this reads their wire
+# bytes directly and writes the same JSON, byte for byte (tests compare it with protobuf's MessageToDict on every
+# kind of value), caching the JSON of repeated attribute bytes. Anything it does not expect goes down the
+# general path (`resource_spans_json`).
 
 class _Unexpected(Exception):
     pass
