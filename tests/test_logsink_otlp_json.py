@@ -8,8 +8,8 @@ from __future__ import annotations
 import orjson
 
 from mizzen.services.logsink import otlp_json
-from mizzen.services.logsink import otlp_wire as w
 from mizzen.services.logsink.identity import Source
+from mizzen.services.mesh import otlp_wire as w
 from tests.logsink_data.bad_lines import good_line
 from tests.logsink_data.helpers import SEED_SAMPLE, Collected, by_end_time, chain_lines, chain_sources
 

@@ -374,7 +374,7 @@ def span_from_parts(trace_id: bytes, span_id: bytes, parent_id: bytes | None, fl
     try:
         return _span_from_parts(trace_id, span_id, parent_id, flags, trace_state, parts, tail)
     except (_Unexpected, IndexError, UnicodeDecodeError):
-        from . import otlp_wire as w  # not our own encoding after all: the reference path prints it
+        from ..mesh import otlp_wire as w  # not our own encoding after all: the reference path prints it
 
         msg = w.span_message(trace_id, span_id, parent_id, flags, trace_state, b"".join(parts), tail)
         doc = resource_spans_json(w.resource_spans(b"", b"", [msg]))

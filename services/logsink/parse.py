@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
+from ..mesh.otlp_wire import Key
 from .cluster_name import ClusterName, parse_cluster, parse_sni
 from .flags import FlagError, parse_flags
-from .otlp_wire import Key
 from .timefmt import TimeError, parse_time_ns
 
 KIND_SERVER = 2  # OTLP Span.SpanKind values

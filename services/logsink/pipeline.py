@@ -12,8 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from ..mesh import otlp_wire as w
 from . import otlp_json
-from . import otlp_wire as w
 from .deadletter import DeadLetters
 from .identity import Identity, Source
 from .join import Joiner, prepare

@@ -17,9 +17,7 @@ body is built once, at parse time, and the record can drop its fields while it w
 
 from __future__ import annotations
 
-from .cluster_name import ClusterName
-from .flags import is_failure, long_name
-from .otlp_wire import (
+from ..mesh.otlp_wire import (
     SPAN_KIND,
     SPAN_NAME,
     STATUS_ERROR,
@@ -28,6 +26,8 @@ from .otlp_wire import (
     span_times,
     status,
 )
+from .cluster_name import ClusterName
+from .flags import is_failure, long_name
 from .parse import KIND_CLIENT, KIND_SERVER, Record, split_address
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})

@@ -113,20 +113,16 @@ def setup(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
         raise ValueError(f"MIZZEN_TRACE_SAMPLE: expected a number between 0 and 1, got {ratio}")
     endpoint = (environ.get("MIZZEN_TRACE_ENDPOINT") or environ.get("MIZZEN_OTLP_ENDPOINT")
                 or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "")
+    # Our own wire encoder, not the SDK's OTLP exporters: those import opentelemetry.proto, which xds-protos
+    # may have replaced with a stale copy (DESIGN.md's packaging trap).
     if mode == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from .trace_export import WireSpanExporter
 
-        endpoint = endpoint or "localhost:4317"
-        secure = endpoint.startswith("https://")
-        exporter = OTLPSpanExporter(endpoint=endpoint.removeprefix("http://").removeprefix("https://"),
-                                    insecure=not secure)
+        exporter = WireSpanExporter(endpoint or "localhost:4317", "grpc")
     elif mode in ("otlp-http", "http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+        from .trace_export import WireSpanExporter
 
-        endpoint = endpoint or "http://localhost:4318"
-        if "://" not in endpoint:
-            endpoint = "http://" + endpoint
-        exporter = HttpExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
+        exporter = WireSpanExporter(endpoint or "http://localhost:4318", "http")
     elif mode == "console":
         exporter = ConsoleSpanExporter()
     else:
