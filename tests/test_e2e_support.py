@@ -237,13 +237,14 @@ class E2E:
     sidecars: dict[str, Sidecar] = field(default_factory=dict)
     _sds: list[SdsServer] = field(default_factory=list)
     _files: int = 0
+    stack_env: dict[str, str] = field(default_factory=dict)  # extra environment for the control plane
 
     certauth: bool = False  # run the real CA (certauth) too: sidecars from start_agent get their certificates there
     certauth_flags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.ca = make_ca(MESH_IDENTITY)
-        self.stack = Stack(self.work)
+        self.stack = Stack(self.work, env=dict(self.stack_env))
         self.net = None  # type: ignore[assignment]
         try:
             if self.certauth:

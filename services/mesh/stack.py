@@ -49,6 +49,7 @@ class Stack:
     http_ports: dict[str, int] = field(default_factory=dict)
     extras: dict[str, list[str]] = field(default_factory=dict)  # per-service extra flags, kept for restarts
     workers: dict[str, int] = field(default_factory=dict)  # gateway worker processes (each its own /metrics)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every service (e.g. MIZZEN_TRACING)
     _infra: list[procs.Proc] = field(default_factory=list)
 
     @property
@@ -149,7 +150,8 @@ class Stack:
         if name == "logsink":
             # access logs arrive over NATS (mizzen.accesslog.<proxy>, JetStream) and from files the caller names
             return ServiceSpec("mizzen.services.logsink", "--admin",
-                               ["--nats", str(self.nats_url), "--data-dir", str(self.work_dir),
+                               ["--nats", str(self.nats_url), "--redis-url", str(self.redis_url),
+                                "--data-dir", str(self.work_dir),
                                 "--otlp-endpoint", self.otlp_endpoint, "--log-level", self.log_level],
                                http_value="127.0.0.1:{port}")
         raise KeyError(name)
@@ -168,7 +170,7 @@ class Stack:
         self.http_ports[name] = port
         argv = [sys.executable, "-m", spec.module, *spec.extra, spec.http_port_flag,
                 spec.http_value.format(port=port), *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         p = procs.spawn(name, argv, self.log_dir, env=env)
         self.procs[name] = p
         if wait:

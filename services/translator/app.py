@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..mesh import settings
+from ..mesh import settings, tracing
 from ..mesh.bus import CONFIG_CHANGED, PROXY_CONNECTED, Bus, snapshot_subject
 from ..mesh.service import health_routes, serve_http
 from ..mesh.snapstore import CONNECTED, PROXY_NODE, PreparedLayer, SnapshotStore, prepare_layer
@@ -157,6 +157,7 @@ class Translator:
         self.built: set[str] = set()  # proxies built from self.push
         self.serializer = LayerSerializer()
         self.gc_candidates: set[str] = set()
+        self.trace_parents: list[str] = []  # traceparents of the config events the next build answers
 
     def _event(self) -> None:
         now = time.monotonic()
@@ -180,6 +181,9 @@ class Translator:
         self._event()
 
     async def on_config(self, msg) -> None:
+        tp = tracing.header(msg.headers)
+        if tp and len(self.trace_parents) < 64:
+            self.trace_parents.append(tp)
         try:
             doc = orjson.loads(msg.data)
             rev, keys = doc.get("revision", 0), doc.get("keys")
@@ -217,13 +221,20 @@ class Translator:
         """Build what the merged change set needs (see the class docstring)."""
         full, keys, new_proxies = self.full, self.changed_keys, self.new_proxies
         self.full, self.changed_keys, self.new_proxies = False, None, set()
+        # One build may answer several coalesced events: a child of the first, linked to the others.
+        parents, self.trace_parents = self.trace_parents, []
+        span = (tracing.start("translator build", parents[0], kind="consumer", links=parents[1:])
+                if parents else tracing.NOOP)
         try:
-            await self._build(full, keys, new_proxies)
-        except BaseException:
+            await self._build(full, keys, new_proxies, span)
+        except BaseException as e:
             self.full = True  # retry everything: we do not know how far this got
+            span.error(repr(e))
             raise
+        finally:
+            span.end()
 
-    async def _build(self, full: bool, keys: set[str] | None, new_proxies: set[str]) -> None:
+    async def _build(self, full: bool, keys: set[str] | None, new_proxies: set[str], span=tracing.NOOP) -> None:
         t0 = time.perf_counter()
         revision = await self.store.revision()
         if (not full and not keys and self.push is not None and revision == self.push.revision
@@ -231,7 +242,7 @@ class Translator:
             # connected proxies are built again even if known: their node metadata shapes the snapshot
             todo = sorted(new_proxies)
             if todo:
-                await self._store(self.push, todo, t0, "proxies", remove=False)
+                await self._store(self.push, todo, t0, "proxies", remove=False, span=span)
             return
         revision, objects = await self.store.snapshot()
         connected = [p.decode() for p in await self.store.r.smembers(CONNECTED)]
@@ -246,10 +257,10 @@ class Translator:
         all_ids = set(pod_node_ids(objects)) | set(connected)
         self.push = push
         self.built = set()
-        await self._store(push, self._mine(all_ids), t0, kind, remove=True, all_ids=all_ids)
+        await self._store(push, self._mine(all_ids), t0, kind, remove=True, all_ids=all_ids, span=span)
 
     async def _store(self, push: PushContext, node_ids: list[str], t0: float, kind: str, remove: bool,
-                     all_ids: set[str] | None = None) -> None:
+                     all_ids: set[str] | None = None, span=tracing.NOOP) -> None:
         metadata = await self.node_metadata(node_ids)
         self.serializer.begin(keep=kind != "full")
         items = []
@@ -266,8 +277,17 @@ class Translator:
                 if self.membership is None or self.membership.mine(gone):
                     await self.snapshots.remove(gone)
         for node_id, manifest in changed:
+            pub = (tracing.start("translator snapshot", span, {"mizzen.proxy": node_id,
+                                                                "mizzen.snapshot.version": manifest.version},
+                                 kind="producer") if span.recording else tracing.NOOP)
             await self.bus.publish(snapshot_subject(node_id),
-                                   orjson.dumps({"revision": manifest.revision, "version": manifest.version}))
+                                   orjson.dumps({"revision": manifest.revision, "version": manifest.version}),
+                                   headers=pub.headers())
+            pub.end()
+        span.set("mizzen.revision", push.revision)
+        span.set("mizzen.build", kind)
+        span.set("mizzen.proxies", len(node_ids))
+        span.set("mizzen.snapshots_changed", len(changed))
         self.built.update(node_ids)
         self.built_revision = push.revision
         dt = time.perf_counter() - t0

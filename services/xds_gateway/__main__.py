@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None, command: str = "xds-gateway") -> int:
         nats_url=settings.nats_url(args.nats_url), redis_url=settings.redis_url(args.redis_url),
         replica=replica, resync_interval=args.resync_interval, status_ttl=args.status_ttl, grace=args.grace,
         push_slots=args.push_slots, slot_lease=args.slot_lease, reuse_port=args.reuse_port, tls=tls)
-    run_service(lambda stop: run_gateway(opts, stop))
+    run_service(lambda stop: run_gateway(opts, stop), name="mizzen-xds-gateway")
     return 0
 
 
