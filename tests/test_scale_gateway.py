@@ -42,7 +42,11 @@ def test_two_workers_on_one_port_both_serve_streams(tmp_path):
         clients = [await new_client(stack.xds_port, node_id(f"s{i % 8}-0", "a", pod_ip(i % 8, 0))).start()
                    for i in range(16)]
         try:
-            await eventually(lambda: all(len(c.versions) == 4 for c in clients), what="all clients synced")
+            try:
+                await eventually(lambda: all(len(c.versions) == 4 for c in clients), timeout=60,
+                                 what="all clients synced")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; unsynced: {_unsynced(clients)}") from None
             per_worker = []
             for port in (base, base + 1):
                 m = metrics(port)
@@ -68,6 +72,11 @@ def test_two_workers_on_one_port_both_serve_streams(tmp_path):
         stack.start_service("xds-gateway", extra=["--workers", "2"])
         stack.wait_ready("xds-gateway")
         asyncio.run(run(stack))
+
+
+def _unsynced(clients) -> list:
+    return [(c.node_id, c.port, sorted(c.responses.items()), c.names, c.errors[-1:]) for c in clients
+            if len(c.versions) != 4]
 
 
 def _ready(port: int) -> bool:
