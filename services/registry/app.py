@@ -15,6 +15,7 @@ from ..mesh.service import health_routes, serve_http
 from ..mesh.snapstore import SnapshotStore
 from ..mesh.store import ConfigStore, connect
 from .api import Metrics, RegistryAPI
+from .kubeapi import KubeAPI
 
 log = logging.getLogger("mizzen.registry")
 
@@ -42,6 +43,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     ready = {"ok": False}
     app = web.Application(client_max_size=64 * 1024 * 1024)
     api.routes(app)
+    kube_api = KubeAPI(api)
+    kube_api.routes(app)
     health_routes(app, lambda: ready["ok"] and bus.connected.is_set(), metrics.registry)
     await redis.ping()
     metrics.revision.set(await store.revision())
@@ -58,6 +61,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     if kube_task is not None:
         await kube_task
     ready["ok"] = False
+    await kube_api.close()
     await runner.cleanup()
     await bus.close()
     await redis.aclose()

@@ -113,6 +113,16 @@ def _load_kind_modules() -> None:
     from . import istio, kube  # noqa: F401
 
 
+def schema_for(kind: str):
+    """The structural schema of a whole object of `kind` (for the registry's OpenAPI), or None."""
+    _load_kind_modules()  # all of them: importing one module alone would leave the others unregistered
+    from . import istio_schema, kube
+
+    if kind in istio_schema.SPECS:
+        return istio_schema.top_level(kind)
+    return kube.SCHEMAS.get(kind)
+
+
 def validate_object(obj: dict) -> list[FieldError]:
     """All errors of one (normalised) object; empty when it is valid."""
     if not VALIDATORS:

@@ -416,6 +416,10 @@ def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callabl
     return validate
 
 
+# The structural schema of each kind, also published as the registry's OpenAPI.
+SCHEMAS: dict[str, Obj] = {"Namespace": NAMESPACE, "Service": SERVICE, "Endpoints": ENDPOINTS,
+                           "EndpointSlice": ENDPOINT_SLICE, "Pod": POD}
+
 register("Namespace")(_make_validator(NAMESPACE, check_namespace))
 register("Service")(_make_validator(SERVICE, check_service))
 register("Endpoints")(_make_validator(ENDPOINTS, check_endpoints))
