@@ -302,10 +302,12 @@ def server_side_apply(live: dict | None, applied: dict, manager: str, force: boo
         if not any(_overlaps(p, o) for o in others):
             _delete(obj, p)
     merged = _apply_merge(obj, applied)
-    # forced or not, the applying manager now owns what it applied; others lose those fields
+    # the applying manager now owns what it applied; others keep the fields they agree on (shared ownership)
+    # and lose, when forced, the ones whose values this apply changed
     for e in entries:
         if e is not mine:
-            e["_set"] = frozenset(p for p in e["_set"] if not any(_overlaps(p, q) for q in new_set))
+            e["_set"] = frozenset(p for p in e["_set"]
+                                  if not any(_overlaps(p, q) and _get(live, q) != _get(applied, q) for q in new_set))
     entry = {"manager": manager, "operation": "Apply", "apiVersion": api_version, "time": _now(), "_set": new_set}
     entries = [e for e in entries if e is not mine] + [entry]
     merged.setdefault("metadata", {})["managedFields"] = _encode(entries)

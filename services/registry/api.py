@@ -51,10 +51,17 @@ def _status(code: int, reason: str, message: str, details: dict | None = None) -
 def _same_content(old: dict, new: dict) -> bool:
     """Equal apart from server-set metadata: such an apply is `unchanged` and writes nothing."""
 
+    # managedFields count (minus their timestamps) only when the writer sent them: a Kubernetes API write
+    # that changes field ownership alone is stored, a `mizzen apply` of the same content is not
+    with_fields = "managedFields" in new.get("metadata", {})
+
     def strip(o: dict) -> dict:
         o = dict(o)
         meta = {k: v for k, v in o.get("metadata", {}).items()
                 if k not in ("resourceVersion", "creationTimestamp", "uid", "generation", "managedFields")}
+        if with_fields:
+            meta["managedFields"] = [{k: v for k, v in e.items() if k != "time"} if isinstance(e, dict) else e
+                                     for e in o.get("metadata", {}).get("managedFields") or []]
         o["metadata"] = meta
         o.pop("status", None)
         return o
