@@ -14,6 +14,7 @@ from ..mesh.bus import Bus
 from ..mesh.service import health_routes, serve_http
 from ..mesh.snapstore import SnapshotStore
 from ..mesh.store import ConfigStore, connect
+from . import kube
 from .api import Metrics, RegistryAPI
 from .kubeapi import KubeAPI
 
@@ -26,9 +27,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(settings.env("MIZZEN_REGISTRY_PORT", str(settings.REGISTRY_PORT))))
     p.add_argument("--nats-url", default=None, help="default $MIZZEN_NATS_URL or nats://127.0.0.1:4222")
     p.add_argument("--redis-url", default=None, help="default $MIZZEN_REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--kubeconfig", default=settings.env("MIZZEN_KUBECONFIG", ""),
+                   help="ingest resources (list + watch) from the cluster of this kubeconfig")
+    p.add_argument("--context", default=settings.env("MIZZEN_KUBE_CONTEXT", ""),
+                   help="the kubeconfig context to use (default: its current-context)")
     p.add_argument("--kube-api", default=settings.env("MIZZEN_KUBE_API", ""),
-                   help="also ingest resources from this Kubernetes API server (list + watch)")
+                   help="ingest from this Kubernetes API server URL (with --kube-token-file) instead of a kubeconfig")
     p.add_argument("--kube-token-file", default=settings.env("MIZZEN_KUBE_TOKEN_FILE", ""))
+    p.add_argument("--no-kube", action="store_true", default=settings.env("MIZZEN_NO_KUBE", "") not in ("", "0"),
+                   help="do not ingest from Kubernetes, not even with in-cluster credentials inside a pod")
+    p.add_argument("--no-kube-status", action="store_true",
+                   help="do not write validation status back to the cluster's Istio objects")
     p.add_argument("--log-level", default=settings.env("MIZZEN_LOG_LEVEL", "info"))
     return p
 
@@ -52,11 +61,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     ready["ok"] = True
     log.info("registry ready", extra={"address": f"http://{args.host}:{args.port}"})
     kube_task = None
-    if args.kube_api:
-        from .kube import KubeSource
-
+    if not args.no_kube and (args.kubeconfig or args.kube_api or kube.in_cluster()):
+        # explicit kubeconfig, else a URL, else the pod's service-account credentials
         token = Path(args.kube_token_file).read_text().strip() if args.kube_token_file else None
-        kube_task = asyncio.create_task(KubeSource(args.kube_api, api, token=token).run(stop))
+        client = await kube.api_client(args.kube_api, token, args.kubeconfig, args.context or None)
+        source = kube.KubeSource(client, api, write_status=not args.no_kube_status)
+        log.info("ingesting from kubernetes", extra={"server": client.configuration.host})
+        kube_task = asyncio.create_task(source.run(stop))
     await stop.wait()
     if kube_task is not None:
         await kube_task

@@ -507,12 +507,8 @@ class KubeAPI:
         result = await self.registry.delete_keys([key])
         if not result["deleted"]:
             return status(404, "NotFound", f'{_kind_ref(kind)} "{name}" not found')
-        # the API server answers a completed delete of these kinds with the deleted object (typed clients
-        # decode it as such); `?asStatus=1` gives the Status form some tools read instead
-        if req.query.get("asStatus"):
-            return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                          "details": {"name": name, "group": kind.group, "kind": kind.plural,
-                                      "uid": obj["metadata"].get("uid", "")}})
+        # the API server answers a completed delete of these kinds with the deleted object (typed clients such
+        # as CoreV1Api.delete_namespaced_service decode it as such); failures are Status objects
         return _json(self._view(obj, kind, version))
 
     # ---- watch ----
