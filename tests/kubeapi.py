@@ -13,7 +13,10 @@ from mizzen.services.mesh.kinds import BY_PLURAL
 
 
 class FakeKubeAPI:
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token  # when set, every request must carry `Authorization: Bearer <token>`
+        self.seen_auth: list[str] = []
+        self.status_patches: list[tuple[str, str, dict]] = []  # (kind, name, patch) written to /status
         self.rv = 100
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, ns, name) → object
         self.history: list[tuple[int, str, dict]] = []  # (rv, type, object)
@@ -53,6 +56,33 @@ class FakeKubeAPI:
             self.changed.notify_all()
 
     # ---- the API ----
+    @web.middleware
+    async def auth(self, req: web.Request, handler):
+        got = req.headers.get("Authorization", "")
+        self.seen_auth.append(got)
+        if self.token is not None and got != f"Bearer {self.token}":
+            return web.json_response({"kind": "Status", "code": 401, "reason": "Unauthorized"}, status=401)
+        return await handler(req)
+
+    async def handle_status(self, req: web.Request) -> web.Response:
+        """PATCH …/{name}/status (JSON merge patch of `status`), as a CRD's status subresource."""
+        kind = BY_PLURAL[req.match_info["plural"]].kind
+        key = (kind, req.match_info.get("namespace", ""), req.match_info["name"])
+        if key not in self.objects:
+            return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+        patch = orjson.loads(await req.read())
+        self.status_patches.append((kind, key[2], patch))
+        obj = copy.deepcopy(self.objects[key])
+        status = dict(obj.get("status") or {})
+        for k, v in (patch.get("status") or {}).items():
+            if v is None:
+                status.pop(k, None)
+            else:
+                status[k] = v
+        obj["status"] = status
+        await self.put(obj)
+        return web.json_response(self.objects[key], dumps=lambda d: orjson.dumps(d).decode())
+
     async def handle(self, req: web.Request) -> web.StreamResponse:
         kind = BY_PLURAL[req.match_info["plural"]].kind
         if req.query.get("watch") in ("1", "true"):
@@ -93,9 +123,10 @@ class FakeKubeAPI:
                         "kind": kind, "metadata": {"resourceVersion": str(sent)}}}) + b"\n")
 
     async def start(self) -> str:
-        app = web.Application()
+        app = web.Application(middlewares=[self.auth])
         app.router.add_get("/api/{version}/{plural}", self.handle)
         app.router.add_get("/apis/{group}/{version}/{plural}", self.handle)
+        app.router.add_patch("/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status", self.handle_status)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import pytest
@@ -109,3 +110,126 @@ async def test_list_watch_relist_and_restart(kube, tmp_path):
         assert await get_service(stack, "epsilon") is not None
     finally:
         await asyncio.to_thread(stack.stop)
+
+
+def write_kubeconfig(path, contexts: dict[str, tuple[str, dict]], current: str) -> str:
+    """A kubeconfig with one cluster and user per context: name → (server URL, user entry)."""
+    import yaml
+
+    doc = {"apiVersion": "v1", "kind": "Config", "current-context": current,
+           "clusters": [{"name": n, "cluster": {"server": url}} for n, (url, _u) in contexts.items()],
+           "users": [{"name": n, "user": user} for n, (_url, user) in contexts.items()],
+           "contexts": [{"name": n, "context": {"cluster": n, "user": n}} for n in contexts]}
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def vs(name: str, w1: int, w2: int) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": name, "namespace": "default", "generation": 1},
+            "spec": {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web", "subset": "a"}, "weight": w1},
+                                                           {"destination": {"host": "web", "subset": "b"}, "weight": w2}]}]}}
+
+
+async def test_kubeconfig_context_exec_credentials_and_status_write_back(tmp_path):
+    kube = FakeKubeAPI(token="s3cret-token")
+    await kube.start()
+    # the context's user gets its token from an exec credential plugin, as cloud clusters do
+    plugin = tmp_path / "cred.py"
+    plugin.write_text('import json\nprint(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", '
+                      '"kind": "ExecCredential", "status": {"token": "s3cret-token"}}))\n')
+    exec_user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable,
+                          "args": [str(plugin)], "interactiveMode": "Never"}}
+    config = write_kubeconfig(tmp_path / "kubeconfig", {
+        "elsewhere": ("http://127.0.0.1:9", {"token": "wrong"}),  # the current context: never contacted
+        "fake": (f"http://127.0.0.1:{kube.port}", exec_user),
+    }, current="elsewhere")
+    await kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    await kube.put(vs("good", 50, 50))
+    await kube.put(vs("bad", 30, 30))
+    stack = Stack(tmp_path / "stack")
+    try:
+        await asyncio.to_thread(stack.start_infra)
+        await asyncio.to_thread(stack.start_service, "registry", True, ["--kubeconfig", config, "--context", "fake"])
+
+        async def get(path: str) -> dict | None:
+            try:
+                return await asyncio.to_thread(request, "GET", stack.registry_url + path)
+            except RegistryError as e:
+                if e.status == 404:
+                    return None
+                raise
+
+        vs_path = "/apis/networking.istio.io/v1/namespaces/default/virtualservices/"
+        assert await eventually(lambda: get("/api/v1/namespaces/shop"))
+        assert await eventually(lambda: get(vs_path + "good"))
+
+        # the invalid one is not stored; its errors are written to the cluster object's status, Istio-style
+        async def bad_status():
+            obj = kube.objects.get(("VirtualService", "default", "bad"))
+            return obj and (obj.get("status") or {}).get("validationMessages")
+
+        messages = await eventually(bad_status)
+        assert messages[0]["level"] == "ERROR" and messages[0]["type"]["code"] == "IST0106"
+        assert "spec.http[0].route: total destination weight 60 != 100" in messages[0]["description"]
+        assert await get(vs_path + "bad") is None
+        # fixed in the cluster (the status subresource keeps the old status): stored, and the status is cleared
+        fixed = vs("bad", 40, 60) | {"status": kube.objects[("VirtualService", "default", "bad")]["status"]}
+        await kube.put(fixed)
+        assert await eventually(lambda: get(vs_path + "bad"))
+
+        async def cleared():
+            obj = kube.objects[("VirtualService", "default", "bad")]
+            return "validationMessages" not in (obj.get("status") or {})
+
+        await eventually(cleared)
+        # every request carried the plugin's token
+        assert kube.seen_auth and set(kube.seen_auth) == {"Bearer s3cret-token"}
+    finally:
+        await asyncio.to_thread(stack.stop)
+        await kube.stop()
+
+
+async def test_registry_ingests_from_another_registrys_kubernetes_api(tmp_path):
+    upstream, downstream = Stack(tmp_path / "up"), Stack(tmp_path / "down")
+    try:
+        await asyncio.to_thread(upstream.start, ("registry",))
+        config = write_kubeconfig(tmp_path / "kubeconfig", {"up": (upstream.registry_url, {})}, current="up")
+        await asyncio.to_thread(downstream.start_infra)
+        await asyncio.to_thread(downstream.start_service, "registry", True, ["--kubeconfig", config])
+        base = "/apis/networking.istio.io/v1/namespaces/default/virtualservices"
+        await asyncio.to_thread(request, "POST", upstream.registry_url + base, vs("web", 90, 10))
+        await asyncio.to_thread(request, "PUT", upstream.registry_url + "/api/v1/namespaces/default/services/web",
+                                svc("web", "10.96.0.10"))
+
+        async def down(path: str) -> dict | None:
+            try:
+                return await asyncio.to_thread(request, "GET", downstream.registry_url + path)
+            except RegistryError as e:
+                if e.status == 404:
+                    return None
+                raise
+
+        got = await eventually(lambda: down(base + "/web"))
+        assert got["metadata"]["annotations"]["mizzen.io/source"] == "kubernetes"
+        assert await eventually(lambda: down("/api/v1/namespaces/default/services/web"))
+        # a merge patch upstream arrives through the watch
+        await asyncio.to_thread(request, "PATCH", upstream.registry_url + base + "/web",
+                                {"spec": {"http": [{"route": [{"destination": {"host": "web"}}]}]}},
+                                content_type="application/merge-patch+json")
+
+        async def patched():
+            o = await down(base + "/web")
+            return o and len(o["spec"]["http"][0]["route"]) == 1
+
+        await eventually(patched)
+        await asyncio.to_thread(request, "DELETE", upstream.registry_url + base + "/web")
+
+        async def gone():
+            return await down(base + "/web") is None
+
+        await eventually(gone)
+        assert await down("/api/v1/namespaces/default/services/web") is not None
+    finally:
+        await asyncio.to_thread(downstream.stop)
+        await asyncio.to_thread(upstream.stop)
