@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -122,19 +126,54 @@ class FakeKubeAPI:
                     await resp.write(orjson.dumps({"type": "BOOKMARK", "object": {
                         "kind": kind, "metadata": {"resourceVersion": str(sent)}}}) + b"\n")
 
-    async def start(self) -> str:
+    async def start(self, tls_dir: Path | None = None) -> str:
+        """Serve plain HTTP, or HTTPS with a certificate for 127.0.0.1 signed by `tls_dir/ca.crt` (made here)."""
+        ctx = None
+        if tls_dir is not None:
+            make_tls(tls_dir)
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(tls_dir / "server.crt", tls_dir / "server.key")
         app = web.Application(middlewares=[self.auth])
         app.router.add_get("/api/{version}/{plural}", self.handle)
         app.router.add_get("/apis/{group}/{version}/{plural}", self.handle)
         app.router.add_patch("/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status", self.handle_status)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if ctx else 'http'}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
         if self.runner:
             await self.runner.shutdown()
             await self.runner.cleanup()
+
+
+def make_tls(d: Path) -> None:
+    """A CA (`ca.crt`) and a server certificate for IP 127.0.0.1 (`server.crt`, `server.key`) in `d`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-kube-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))

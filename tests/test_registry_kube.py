@@ -233,3 +233,31 @@ async def test_registry_ingests_from_another_registrys_kubernetes_api(tmp_path):
     finally:
         await asyncio.to_thread(downstream.stop)
         await asyncio.to_thread(upstream.stop)
+
+
+async def test_in_cluster_service_account_credentials_by_default(tmp_path, monkeypatch):
+    """Inside a pod (KUBERNETES_SERVICE_HOST set, a service-account token and CA mounted) the registry ingests
+    with no flag at all, over TLS verified against the mounted CA, authenticating with the token."""
+    kube = FakeKubeAPI(token="pod-sa-token")
+    sa = tmp_path / "serviceaccount"
+    await kube.start(tls_dir=sa)
+    (sa / "token").write_text("pod-sa-token")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(kube.port))
+    monkeypatch.setenv("MIZZEN_KUBE_SA_DIR", str(sa))  # where a pod has /var/run/secrets/kubernetes.io/serviceaccount
+    await kube.put(svc("incluster", "10.96.0.7"))
+    stack = Stack(tmp_path / "stack")
+    try:
+        await asyncio.to_thread(stack.start, ("registry",))
+        got = await eventually(lambda: get_service(stack, "incluster"))
+        assert got["metadata"]["annotations"]["mizzen.io/source"] == "kubernetes"
+        assert set(kube.seen_auth) == {"Bearer pod-sa-token"}
+        await asyncio.to_thread(stack.stop_service, "registry")
+        # --no-kube turns it off even in a pod: a fresh registry makes no request to the API server
+        seen = len(kube.seen_auth)
+        await asyncio.to_thread(stack.start_service, "registry", True, ["--no-kube"])
+        await asyncio.sleep(1.5)
+        assert len(kube.seen_auth) == seen
+    finally:
+        await asyncio.to_thread(stack.stop)
+        await kube.stop()
