@@ -334,3 +334,47 @@ def test_watch_from_a_compacted_revision_gets_410(stack):
         first = resp.readline()
     assert b'"type":"ERROR"' in first and b'"code":410' in first and b'"reason":"Expired"' in first
     r.close()
+
+
+def test_status_codes_for_bad_requests(stack):
+    import json as jsonlib
+    import urllib.error
+    import urllib.request
+
+    base = stack.registry_url + "/apis/networking.istio.io/v1/namespaces/codes/virtualservices"
+
+    def call(method: str, url: str, body: bytes | None = None, ctype: str = "application/json") -> tuple[int, dict]:
+        req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": ctype})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, jsonlib.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, jsonlib.loads(e.read())
+
+    def expect(got: tuple[int, dict], code: int, reason: str) -> dict:
+        status, body = got
+        assert (status, body["kind"], body["code"], body["reason"]) == (code, "Status", code, reason), body
+        return body
+
+    expect(call("GET", base + "/nope"), 404, "NotFound")
+    expect(call("GET", stack.registry_url + "/apis/networking.istio.io/v9/virtualservices"), 404, "NotFound")
+    expect(call("POST", base, b"{not json"), 400, "BadRequest")
+    expect(call("GET", base + "?labelSelector=app%20in%20web"), 400, "BadRequest")
+    expect(call("POST", base + "/web", b"{}"), 405, "MethodNotAllowed")
+    good = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "web"},
+            "spec": {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web"}}]}]}}
+    status, created = call("POST", base, jsonlib.dumps(good).encode())
+    assert status == 201 and created["metadata"]["resourceVersion"]
+    expect(call("POST", base, jsonlib.dumps(good).encode()), 409, "AlreadyExists")
+    status, patched = call("PATCH", base + "/web", b'{"metadata": {"labels": {"v": "2"}}}', "application/merge-patch+json")
+    assert status == 200 and int(patched["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
+    expect(call("PUT", base + "/web", jsonlib.dumps(created).encode()), 409, "Conflict")  # its resourceVersion is stale
+    expect(call("PATCH", base + "/web", b'{"spec": {}}', "application/strategic-merge-patch+json"),
+           415, "UnsupportedMediaType")
+    body = expect(call("PATCH", base + "/web", b'{"spec": {"http": [{"route": [{"destination": {}}]}]}}',
+                       "application/merge-patch+json"), 422, "Invalid")
+    assert body["details"]["causes"][0]["field"] == "spec.http[0].route[0].destination.host"
+    expect(call("PATCH", base + "/web", b"kind: VirtualService", "application/apply-patch+yaml"), 422, "Invalid")
+    status, _ = call("DELETE", base + "/web")
+    assert status == 200
+    expect(call("DELETE", base + "/web"), 404, "NotFound")

@@ -609,7 +609,24 @@ class KubeAPI:
             await resp.write_eof()
         return resp
 
+    @web.middleware
+    async def errors_as_status(self, req: web.Request, handler):
+        """Under /api and /apis, routing errors are Status objects too (kubectl prints their message)."""
+        try:
+            return await handler(req)
+        except web.HTTPMethodNotAllowed as e:
+            if not req.path.startswith("/api"):
+                raise
+            return status(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
+                                                   f"resource ({req.method} {req.path}; allowed: "
+                                                   f"{', '.join(sorted(e.allowed_methods))})")
+        except web.HTTPNotFound:
+            if not req.path.startswith("/api"):
+                raise
+            return status(404, "NotFound", f"the server could not find the requested resource ({req.path})")
+
     def routes(self, app: web.Application) -> None:
+        app.middlewares.append(self.errors_as_status)
         r = app.router
         r.add_get("/version", self.handle_version)
         r.add_get("/api", self.handle_api)
