@@ -79,11 +79,18 @@ class RegistryAPI:
     # ---- the write path: validate everything, then one transaction, then one event ----
     async def apply_documents(self, docs: list[Document | DocumentError], default_ns: str = "default",
                               expect: dict[str, str | None] | None = None) -> dict:
-        objects, errors = check_documents(docs, default_ns)
+        skipped: list[dict] = []
+        warnings: list[DocumentError] = []
+        objects, errors = check_documents(docs, default_ns, skipped, warnings)
         if errors:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
-        return await self.apply_valid(objects, expect)
+        result = await self.apply_valid(objects, expect)
+        if skipped:
+            result["skipped"] = skipped
+        if warnings:
+            result["warnings"] = [w.to_json() for w in warnings]
+        return result
 
     async def apply_valid(self, objects: list[dict], expect: dict[str, str | None] | None = None) -> dict:
         """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce.

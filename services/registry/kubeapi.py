@@ -85,6 +85,14 @@ def conflict_status(kind: Kind, name: str, c: Conflict) -> web.Response:
     return status(409, "Conflict", f'Operation cannot be fulfilled on {_kind_ref(kind)} "{name}": {c}', details)
 
 
+def add_warnings(resp: web.Response, warnings: list[dict]) -> None:
+    """Stored-with-a-warning fields as `Warning: 299` headers, which kubectl and client-go print."""
+    for w in warnings:
+        for e in w.get("errors") or []:
+            text = f"{e['field']}: {e['message']}" if e.get("field") else e["message"]
+            resp.headers.add("Warning", '299 - "' + text.replace('"', "'").replace("\n", " ") + '"')
+
+
 def with_status(obj: dict, kind: Kind) -> dict:
     """What the API serves: Istio kinds carry a status saying the served generation was validated and accepted."""
     if not kind.group.endswith("istio.io"):
@@ -353,7 +361,9 @@ class KubeAPI:
             return conflict_status(kind, name, c)
         stored = await self.store.get(key)
         code = created_code if result["results"][0]["action"] == "created" else 200
-        return _json(self._view(stored or obj, kind, obj["apiVersion"].rsplit("/", 1)[-1]), code)
+        resp = _json(self._view(stored or obj, kind, obj["apiVersion"].rsplit("/", 1)[-1]), code)
+        add_warnings(resp, result.get("warnings") or [])
+        return resp
 
     async def handle_create(self, req: web.Request) -> web.Response:
         r = self._resolve(req)

@@ -192,6 +192,7 @@ class PushContext:
         self.gateways: list[Config] = []
         self.sidecars: dict[str, list[Config]] = {}
         self.peer_authentications: dict[str, list[Config]] = {}
+        self.envoy_filters: dict[str, list[Config]] = {}  # namespace → EnvoyFilters (envoyfilter.py orders them)
         self.namespaces: dict[str, dict] = {}
         # headless services' endpoint IPs: a proxy with one of these IPs gets its own outbound layer.
         self.headless_ips: set[str] = set()
@@ -228,7 +229,8 @@ class PushContext:
         push._build_virtual_services(by_kind.get("VirtualService", []))
         push._build_destination_rules(by_kind.get("DestinationRule", []))
         for kind, index in (("Gateway", None), ("Sidecar", push.sidecars),
-                            ("PeerAuthentication", push.peer_authentications)):
+                            ("PeerAuthentication", push.peer_authentications),
+                            ("EnvoyFilter", push.envoy_filters)):
             for obj in by_kind.get(kind, []):
                 try:
                     c = push._config(obj)

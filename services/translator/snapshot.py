@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
-from . import clusters, endpoints, listeners, routes
+from . import clusters, endpoints, envoyfilter, listeners, routes
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -127,7 +127,21 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
 
 def build_snapshot(push: PushContext, proxy: Proxy) -> Snapshot:
     outbound, eds = outbound_layers(push, proxy)
-    return Snapshot(proxy, [outbound, eds, proxy_layer(push, proxy)])
+    layers = [outbound, eds, proxy_layer(push, proxy)]
+    patches = envoyfilter.patches_for(push, proxy) if push.envoy_filters else ()
+    if patches:
+        layers = [_patched_layer(push, proxy, layers, patches)]
+    return Snapshot(proxy, layers)
+
+
+def _patched_layer(push: PushContext, proxy: Proxy, layers: list[Layer], patches: tuple) -> Layer:
+    """The layers merged and EnvoyFilter-patched into one, shared by proxies with the same layers and patches."""
+    key = ("envoyfilter-layer", tuple(id(x) for x in layers), tuple(id(p) for p in patches), proxy.is_router)
+    layer = push.cache.get(key)
+    if layer is None:
+        merged = Snapshot(proxy, layers).merged()
+        layer = push.cache[key] = envoyfilter.apply_patches(merged, patches, proxy.is_router)
+    return layer
 
 
 def build_all(push: PushContext, proxies: list[Proxy]) -> dict[str, Snapshot]:

@@ -14,6 +14,7 @@ from ..errors import FieldError
 from . import register
 from .common import Errs, check_workload_selector
 from .destinationrule import check_destination_rule
+from .envoyfilter import check_envoy_filter
 from .gateway import check_gateway
 from .istio_schema import SPECS, top_level
 from .schema import check, key
@@ -52,6 +53,7 @@ RULES: dict[str, Callable[[dict, Errs], None]] = {
     "ServiceEntry": check_service_entry,
     "WorkloadEntry": check_workload_entry_object,
     "PeerAuthentication": check_peer_authentication,
+    "EnvoyFilter": check_envoy_filter,
 }
 
 

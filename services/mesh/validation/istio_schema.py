@@ -406,6 +406,45 @@ PEER_AUTHENTICATION = Obj({
     "portLevelMtls": Map(Obj({"mode": Str(enum=MTLS_MODES)}), int_keys=True),
 })
 
+# ---- EnvoyFilter ------------------------------------------------------------------------------------------------
+
+EF_APPLY_TO = ("INVALID", "LISTENER", "FILTER_CHAIN", "NETWORK_FILTER", "HTTP_FILTER", "ROUTE_CONFIGURATION",
+               "VIRTUAL_HOST", "HTTP_ROUTE", "CLUSTER", "EXTENSION_CONFIG", "BOOTSTRAP", "LISTENER_FILTER")
+EF_CONTEXTS = ("ANY", "SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY", "WAYPOINT")
+EF_OPERATIONS = ("INVALID", "MERGE", "ADD", "REMOVE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST", "REPLACE")
+ENVOY_FILTER = Obj({
+    "workloadSelector": Obj({"labels": Map(Str(), max_props=256)}),
+    "targetRefs": List(Obj({"group": Str(), "kind": Str(), "name": Str(), "namespace": Str()})),
+    "configPatches": List(Obj({
+        "applyTo": Str(enum=EF_APPLY_TO),
+        "match": Obj({
+            "context": Str(enum=EF_CONTEXTS),
+            "proxy": Obj({"proxyVersion": Str(), "metadata": Map(Str())}),
+            "listener": Obj({
+                "portNumber": UInt32(),
+                "portName": Str(),
+                "filterChain": Obj({
+                    "name": Str(), "sni": Str(), "transportProtocol": Str(), "applicationProtocols": Str(),
+                    "filter": Obj({"name": Str(), "subFilter": Obj({"name": Str()})}),
+                    "destinationPort": UInt32(),
+                }),
+                "listenerFilter": Str(),
+                "name": Str(),
+            }),
+            "routeConfiguration": Obj({
+                "portNumber": UInt32(), "portName": Str(), "gateway": Str(), "name": Str(),
+                "vhost": Obj({"name": Str(), "domainName": Str(),
+                              "route": Obj({"name": Str(), "action": Str(enum=("ANY", "ROUTE", "REDIRECT",
+                                                                               "DIRECT_RESPONSE"))})}),
+            }),
+            "cluster": Obj({"portNumber": UInt32(), "service": Str(), "subset": Str(), "name": Str()}),
+        }, oneof=(("listener", "routeConfiguration", "cluster"),)),
+        "patch": Obj({"operation": Str(enum=EF_OPERATIONS), "value": Opaque(),
+                      "filterClass": Str(enum=("UNSPECIFIED", "AUTHN", "AUTHZ", "STATS"))}),
+    })),
+    "priority": Int32(),
+})
+
 SPECS: dict[str, Obj] = {
     "VirtualService": VIRTUAL_SERVICE,
     "DestinationRule": DESTINATION_RULE,
@@ -414,6 +453,7 @@ SPECS: dict[str, Obj] = {
     "ServiceEntry": SERVICE_ENTRY,
     "WorkloadEntry": WORKLOAD_ENTRY,
     "PeerAuthentication": PEER_AUTHENTICATION,
+    "EnvoyFilter": ENVOY_FILTER,
 }
 
 # Kinds whose CRD requires `spec` (the others validate an absent spec as an empty one).
