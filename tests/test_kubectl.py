@@ -378,3 +378,18 @@ def test_status_codes_for_bad_requests(stack):
     status, _ = call("DELETE", base + "/web")
     assert status == 200
     expect(call("DELETE", base + "/web"), 404, "NotFound")
+
+
+def test_untranslated_fields_warn_and_show_in_status(kubectl, tmp_path):
+    k = kubectl("warn-ns")
+    doc = VS.format(ns="warn-ns", w1=50, w2=50).replace("  - route:\n", "  - match: [{statPrefix: web, uri: {prefix: /}}]\n    route:\n")
+    p = k("apply", "-f", "-", stdin=doc)
+    assert p.returncode == 0 and "virtualservice.networking.istio.io/web created" in p.stdout
+    assert "Warning: spec.http[0].match[0].statPrefix" in p.stderr  # kubectl prints the server's Warning header
+    import yaml
+
+    status = yaml.safe_load(k.ok("get", "vs", "web", "-o", "yaml"))["status"]
+    msg = status["validationMessages"][0]
+    assert msg["level"] == "WARNING" and msg["type"]["name"] == "UntranslatedField"
+    assert "spec.http[0].match[0].statPrefix" in msg["description"]
+    k.ok("delete", "vs", "web")

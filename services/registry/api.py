@@ -69,6 +69,23 @@ def _same_content(old: dict, new: dict) -> bool:
     return strip(old) == strip(new)
 
 
+# Mizzen's own analyzer message type for a field it stores but does not translate yet (Istio's are IST0xxx).
+UNTRANSLATED_MESSAGE = {"code": "MZN0001", "name": "UntranslatedField"}
+
+
+def _record_warnings(objects: list[dict], warnings: list[DocumentError]) -> None:
+    """Put each Istio object's warnings in its status.validationMessages (Istio's format, level WARNING), where
+    `kubectl get -o yaml` and the Kubernetes API show them next to the object."""
+    by_ident = {(w.kind, w.namespace, w.name): w for w in warnings}
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        w = by_ident.get((obj.get("kind"), meta.get("namespace") or "", meta.get("name")))
+        if w is None or not str(obj.get("apiVersion", "")).split("/")[0].endswith("istio.io"):
+            continue
+        obj["status"] = {"validationMessages": [
+            {"type": UNTRANSLATED_MESSAGE, "level": "WARNING", "description": str(e)} for e in w.errors]}
+
+
 class RegistryAPI:
     def __init__(self, store: ConfigStore, bus: Bus, snapshots: SnapshotStore, metrics: Metrics):
         self.store = store
@@ -85,6 +102,8 @@ class RegistryAPI:
         if errors:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
+        if warnings:
+            _record_warnings(objects, warnings)
         result = await self.apply_valid(objects, expect)
         if skipped:
             result["skipped"] = skipped

@@ -105,7 +105,8 @@ def with_status(obj: dict, kind: Kind) -> dict:
         "conditions": [{"type": "Reconciled", "status": "True", "reason": "Accepted",
                         "lastTransitionTime": meta.get("creationTimestamp", ""),
                         "message": f"validated and stored at resourceVersion {meta.get('resourceVersion', '')}"}],
-        "validationMessages": [],
+        # warnings found when it was written (fields stored but not translated yet); errors are never stored
+        "validationMessages": (obj.get("status") or {}).get("validationMessages") or [],
     }
     return out
 
