@@ -313,6 +313,11 @@ class KubeAPI:
         return _json(view)
 
     async def _read_body(self, req: web.Request) -> object | web.Response:
+        if "protobuf" in req.content_type or "cbor" in req.content_type:
+            # client-go switches to JSON after a 415 for protobuf (kubectl's typed clients send it for core kinds)
+            return status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                                                       f"{req.content_type} is not supported; send JSON or YAML (for kubectl's create generators: "
+                                                       f"kubectl create … --dry-run=client -o yaml | kubectl apply -f -)")
         raw = await req.read()
         try:
             if req.content_type.endswith("json") or req.content_type == "application/json":
