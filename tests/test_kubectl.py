@@ -393,3 +393,29 @@ def test_untranslated_fields_warn_and_show_in_status(kubectl, tmp_path):
     assert msg["level"] == "WARNING" and msg["type"]["name"] == "UntranslatedField"
     assert "spec.http[0].match[0].statPrefix" in msg["description"]
     k.ok("delete", "vs", "web")
+
+
+def test_everyday_kubectl_verbs(kubectl, tmp_path, stack):
+    k = kubectl("verbs-ns")
+    f = tmp_path / "vs.yaml"
+    f.write_text(VS.format(ns="verbs-ns", w1=90, w2=10))
+    k.ok("create", "-f", str(f))
+    k.ok("label", "vs", "web", "env=prod")
+    k.ok("annotate", "vs", "web", "owner=team-a")
+    k.ok("patch", "vs", "web", "--type=json", "-p", '[{"op": "replace", "path": "/spec/hosts/0", "value": "web2"}]')
+    k.ok("patch", "vs", "web", "--type=merge", "-p", '{"spec": {"gateways": ["mesh"]}}')
+    # kubectl edit through an "editor" that rewrites the file
+    k.env["EDITOR"] = f"{sys.executable} -c \"import sys,pathlib; p=pathlib.Path(sys.argv[1]); " \
+                      f"p.write_text(p.read_text().replace('web2', 'web3'))\""
+    assert "edited" in k.ok("edit", "vs", "web")
+    got = k.ok("get", "vs", "web", "-o", "jsonpath={.metadata.labels.env} {.metadata.annotations.owner} "
+               "{.spec.hosts[0]} {.spec.gateways[0]} {.metadata.generation}")
+    assert got == "prod team-a web3 mesh 4"
+    # diff is a server-side dry run: it shows the change and stores nothing
+    rev = request("GET", stack.registry_url + "/version")["revision"]
+    p = k("diff", "-f", str(f))
+    assert p.returncode == 1 and "-  - web3" in p.stdout and "+  - web" in p.stdout
+    assert request("GET", stack.registry_url + "/version")["revision"] == rev
+    assert "replaced" in k.ok("replace", "-f", str(f))
+    assert k.ok("get", "vs", "web", "-o", "jsonpath={.spec.hosts[0]}") == "web"
+    k.ok("delete", "vs", "web")
