@@ -419,3 +419,45 @@ def test_everyday_kubectl_verbs(kubectl, tmp_path, stack):
     assert "replaced" in k.ok("replace", "-f", str(f))
     assert k.ok("get", "vs", "web", "-o", "jsonpath={.spec.hosts[0]}") == "web"
     k.ok("delete", "vs", "web")
+
+
+def test_watch_replays_history_with_objects_and_bookmarks(stack):
+    import json as jsonlib
+    import urllib.request
+
+    base = stack.registry_url + "/api/v1/namespaces/hist-ns/services"
+
+    def put(name: str, port: int) -> dict:
+        return request("PUT", f"{base}/{name}", {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                                                 "spec": {"ports": [{"port": port}]}})
+
+    start = put("a", 80)["metadata"]["resourceVersion"]
+    put("b", 80)
+    put("a", 81)
+    request("DELETE", f"{base}/b")
+    request("PUT", stack.registry_url + "/api/v1/namespaces/other-ns/services/c",
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "c"}, "spec": {"ports": [{"port": 1}]}})
+
+    def events(url: str, count: int) -> list[dict]:
+        out = []
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            while len(out) < count:
+                line = resp.readline()
+                if not line:
+                    break
+                out.append(jsonlib.loads(line))
+        return out
+
+    # from `start`: b added, a modified, b deleted (with its last state); other namespaces and kinds not shown
+    got = events(f"{base}?watch=1&resourceVersion={start}&allowWatchBookmarks=true&timeoutSeconds=20", 4)
+    assert [(e["type"], e["object"]["metadata"].get("name")) for e in got[:3]] == \
+        [("ADDED", "b"), ("MODIFIED", "a"), ("DELETED", "b")]
+    assert got[1]["object"]["spec"]["ports"][0]["port"] == 81 and got[2]["object"]["spec"]["ports"][0]["port"] == 80
+    # then, with nothing happening, a bookmark carrying the newest resourceVersion seen
+    assert got[3]["type"] == "BOOKMARK" and int(got[3]["object"]["metadata"]["resourceVersion"]) > int(start)
+    # watch-list mode: the current state, then the bookmark that ends the initial events
+    got = events(f"{base}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true"
+                 "&timeoutSeconds=20", 2)
+    assert (got[0]["type"], got[0]["object"]["metadata"]["name"]) == ("ADDED", "a")
+    assert got[1]["type"] == "BOOKMARK"
+    assert got[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}

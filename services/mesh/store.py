@@ -6,7 +6,8 @@ Layout:
   config:log       stream of {rev, keys, created, deleted}: the change history (bounded), for tools and watchers.
                    `created` lists the keys that were new at that revision; `deleted` holds the deleted objects
                    (their last state, resourceVersion = the deleting revision), so a Kubernetes watch can send
-                   DELETED events with the object, as the API server does.
+                   DELETED events with the object, as the API server does; `objects` the written objects
+                   when they are small (LOG_OBJECTS_MAX), so a watch replays every state, not only the last.
 
 Writes can carry preconditions (`expect`): key → the resourceVersion the writer read, or None for "must not
 exist yet". They are checked inside the transaction, so a stale update is refused with `Conflict` instead of
@@ -29,6 +30,9 @@ OBJECTS = "config:objects"
 REVISION = "config:rev"
 LOG = "config:log"
 LOG_MAXLEN = 10_000
+# A write this small (every single-object write) keeps its objects in the log entry, so a watch replays each
+# state exactly; bigger batches keep only keys and a watch reads their current state.
+LOG_OBJECTS_MAX = 32 * 1024
 
 
 class Conflict(Exception):
@@ -110,6 +114,7 @@ class ConfigStore:
                     keys: list[str] = []
                     created: list[str] = []
                     gone: list[dict] = []
+                    written: list[bytes] = []
                     for obj in puts:
                         k = key_of(obj)
                         obj = dict(obj)
@@ -129,8 +134,10 @@ class ConfigStore:
                             meta["generation"] = 1
                             created.append(k)
                         obj["metadata"] = meta
-                        pipe.hset(OBJECTS, k, orjson.dumps(obj))
+                        raw = orjson.dumps(obj)
+                        pipe.hset(OBJECTS, k, raw)
                         keys.append(k)
+                        written.append(raw)
                     if deletes:
                         pipe.hdel(OBJECTS, *deletes)
                         keys.extend(deletes)
@@ -140,8 +147,11 @@ class ConfigStore:
                                 last.setdefault("metadata", {})["resourceVersion"] = str(rev)
                                 gone.append(last)
                     pipe.set(REVISION, rev)
-                    pipe.xadd(LOG, {"rev": rev, "keys": orjson.dumps(keys), "created": orjson.dumps(created),
-                                    "deleted": orjson.dumps(gone)}, maxlen=LOG_MAXLEN, approximate=True)
+                    entry = {"rev": rev, "keys": orjson.dumps(keys), "created": orjson.dumps(created),
+                             "deleted": orjson.dumps(gone)}
+                    if sum(len(w) for w in written) <= LOG_OBJECTS_MAX:
+                        entry["objects"] = b"[" + b",".join(written) + b"]"
+                    pipe.xadd(LOG, entry, maxlen=LOG_MAXLEN, approximate=True)
                     await pipe.execute()
                     return Change(rev, keys)
                 except aioredis.WatchError:
@@ -222,9 +232,12 @@ def _check_precondition(key: str, want: str | None, current: bytes | None) -> No
 
 
 def decode_log_entry(fields: dict) -> dict:
-    """One config:log entry as {rev, keys, created, deleted} (entries older than those fields lack them)."""
+    """One config:log entry as {rev, keys, created, deleted, objects} (objects None when not kept; entries
+    written before these fields existed lack them)."""
     def get(name: str) -> bytes | None:
         return fields.get(name.encode()) if name.encode() in fields else fields.get(name)
 
+    objects = get("objects")
     return {"rev": int(get("rev")), "keys": orjson.loads(get("keys") or b"[]"),
-            "created": orjson.loads(get("created") or b"[]"), "deleted": orjson.loads(get("deleted") or b"[]")}
+            "created": orjson.loads(get("created") or b"[]"), "deleted": orjson.loads(get("deleted") or b"[]"),
+            "objects": orjson.loads(objects) if objects else None}

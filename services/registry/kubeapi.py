@@ -554,12 +554,19 @@ class KubeAPI:
                     view = table(kind, [view], {"resourceVersion": view["metadata"].get("resourceVersion", "")})
                 await resp.write(orjson.dumps({"type": typ, "object": view}) + b"\n")
 
-            if since_rev is None:
-                # no resourceVersion: the current state as ADDED events, then changes after it
+            initial = req.query.get("sendInitialEvents") in ("true", "1", "True")
+            if since_rev is None or initial:
+                # the current state as ADDED events, then changes after it (also client-go's watch-list mode,
+                # which ends the initial events with a bookmark annotated k8s.io/initial-events-end)
                 last, items = await self.store.list(kind.kind, ns if kind.namespaced else None)
                 for o in items:
                     if match(o):
                         await send("ADDED", o)
+                if initial:
+                    await resp.write(orjson.dumps({"type": "BOOKMARK", "object": {
+                        "kind": kind.kind, "apiVersion": kind.api_version(version),
+                        "metadata": {"resourceVersion": str(last),
+                                     "annotations": {"k8s.io/initial-events-end": "true"}}}}) + b"\n")
                 backlog: list[dict] = []
             else:
                 last = since_rev
@@ -583,6 +590,21 @@ class KubeAPI:
                 deleted = {key_of(o): o for o in entry["deleted"] if isinstance(o, dict) and o.get("metadata")}
                 prefix = kind.kind + "/"
                 keys = [k for k in entry["keys"] if k.startswith(prefix)]
+                if entry.get("objects") is not None:
+                    # the log kept this revision's objects: replay exactly what was written
+                    written = {key_of(o): o for o in entry["objects"] if isinstance(o, dict) and o.get("metadata")}
+                    for k in keys:
+                        if k in deleted:
+                            obj, typ = deleted[k], "DELETED"
+                        elif k in written:
+                            obj, typ = written[k], "ADDED" if k in entry["created"] else "MODIFIED"
+                        else:
+                            continue
+                        pending_add.discard(k)
+                        if wanted(obj):
+                            await send(typ, obj)
+                    last = rev
+                    return
                 live = await self.store.get_many([k for k in keys if k not in deleted])
                 for k in keys:
                     if k in deleted:
