@@ -126,13 +126,17 @@ class FakeKubeAPI:
                     await resp.write(orjson.dumps({"type": "BOOKMARK", "object": {
                         "kind": kind, "metadata": {"resourceVersion": str(sent)}}}) + b"\n")
 
-    async def start(self, tls_dir: Path | None = None) -> str:
-        """Serve plain HTTP, or HTTPS with a certificate for 127.0.0.1 signed by `tls_dir/ca.crt` (made here)."""
+    async def start(self, tls_dir: Path | None = None, client_certs: bool = False) -> str:
+        """Serve plain HTTP, or HTTPS with a certificate for 127.0.0.1 signed by `tls_dir/ca.crt` (made here);
+        with `client_certs`, clients must present a certificate of that CA (`client.crt`/`client.key`)."""
         ctx = None
         if tls_dir is not None:
             make_tls(tls_dir)
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(tls_dir / "server.crt", tls_dir / "server.key")
+            if client_certs:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(tls_dir / "ca.crt")
         app = web.Application(middlewares=[self.auth])
         app.router.add_get("/api/{version}/{plural}", self.handle)
         app.router.add_get("/apis/{group}/{version}/{plural}", self.handle)
@@ -151,7 +155,8 @@ class FakeKubeAPI:
 
 
 def make_tls(d: Path) -> None:
-    """A CA (`ca.crt`) and a server certificate for IP 127.0.0.1 (`server.crt`, `server.key`) in `d`."""
+    """A CA (`ca.crt`), a server certificate for IP 127.0.0.1 (`server.crt`, `server.key`) and a client
+    certificate (`client.crt`, `client.key`) in `d`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -173,6 +178,16 @@ def make_tls(d: Path) -> None:
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "system:serviceaccount:mizzen")]))
+              .issuer_name(ca_name).public_key(client_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .sign(ca_key, hashes.SHA256()))
+    (d / "client.crt").write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    (d / "client.key").write_bytes(client_key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.TraditionalOpenSSL,
+                                                            serialization.NoEncryption()))
     (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (d / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

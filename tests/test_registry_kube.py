@@ -261,3 +261,27 @@ async def test_in_cluster_service_account_credentials_by_default(tmp_path, monke
     finally:
         await asyncio.to_thread(stack.stop)
         await kube.stop()
+
+
+async def test_kubeconfig_with_client_certificate_and_cluster_ca(tmp_path):
+    """A cluster that authenticates clients by certificate (mutual TLS), its CA named in the kubeconfig."""
+    kube = FakeKubeAPI()
+    tls = tmp_path / "tls"
+    await kube.start(tls_dir=tls, client_certs=True)
+    config = write_kubeconfig(tmp_path / "kubeconfig", {"mtls": (f"https://127.0.0.1:{kube.port}", {
+        "client-certificate": str(tls / "client.crt"), "client-key": str(tls / "client.key")})}, current="mtls")
+    # the cluster's CA is named by the cluster entry, as kubeadm's kubeconfigs do
+    import yaml
+
+    doc = yaml.safe_load((tmp_path / "kubeconfig").read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority"] = str(tls / "ca.crt")
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(doc))
+    await kube.put(svc("mtls", "10.96.0.8"))
+    stack = Stack(tmp_path / "stack")
+    try:
+        await asyncio.to_thread(stack.start_infra)
+        await asyncio.to_thread(stack.start_service, "registry", True, ["--kubeconfig", config])
+        assert await eventually(lambda: get_service(stack, "mtls"))
+    finally:
+        await asyncio.to_thread(stack.stop)
+        await kube.stop()
