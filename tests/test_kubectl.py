@@ -133,6 +133,7 @@ def test_apply_unchanged_configured_get_and_delete(kubectl, tmp_path, stack):
     got = yaml.safe_load(k.ok("get", "virtualservices", "web", "-o", "yaml"))
     assert got["metadata"]["generation"] == 2 and got["status"]["observedGeneration"] == 2
     assert got["status"]["conditions"][0]["type"] == "Reconciled"
+    assert "condition met" in k.ok("wait", "--for=condition=Reconciled", "vs/web", "--timeout=30s")
     table = k.ok("get", "vs")
     assert table.split("\n")[0].split() == ["NAME", "GATEWAYS", "HOSTS", "AGE"] and "[web]" in table
     assert k.ok("get", "vs", "-l", "app=web", "-o", "name").strip() == "virtualservice.networking.istio.io/web"

@@ -26,7 +26,7 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
 
 from ..mesh.errors import DocumentError
-from ..mesh.kinds import BY_KIND, Kind
+from ..mesh.kinds import BY_KIND, KINDS, Kind
 from ..mesh.store import key_of
 from ..mesh.validation import check_documents
 from ..mesh.yamlio import Document
@@ -35,8 +35,9 @@ log = logging.getLogger("mizzen.registry.kube")
 
 SOURCE_ANNOTATION = "mizzen.io/source"
 SOURCE = "kubernetes"
-DEFAULT_KINDS = ("Namespace", "Service", "EndpointSlice", "Pod", "ServiceEntry", "WorkloadEntry",
-                 "VirtualService", "DestinationRule", "Gateway", "Sidecar", "PeerAuthentication")
+# Every kind Mizzen models (a kind added to kinds.KINDS is ingested too), but Endpoints: EndpointSlices
+# carry the same addresses, as istiod reads them.
+DEFAULT_KINDS = tuple(k.kind for k in KINDS if k.kind != "Endpoints")
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Istio's analyzer code for a configuration the control plane refused (IST0xxx messages in status).
 INVALID_CODE = {"code": "IST0106", "name": "SchemaValidationError"}
