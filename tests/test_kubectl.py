@@ -469,3 +469,28 @@ def test_watch_replays_history_with_objects_and_bookmarks(stack):
     assert (got[0]["type"], got[0]["object"]["metadata"]["name"]) == ("ADDED", "a")
     assert got[1]["type"] == "BOOKMARK"
     assert got[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
+
+
+def test_watch_with_a_label_selector_sees_objects_enter_and_leave(stack):
+    import json as jsonlib
+    import urllib.request
+
+    base = stack.registry_url + "/api/v1/namespaces/sel-ns/services"
+
+    def put(labels: dict) -> None:
+        request("PUT", f"{base}/s", {"apiVersion": "v1", "kind": "Service",
+                                     "metadata": {"name": "s", "labels": labels}, "spec": {"ports": [{"port": 80}]}})
+
+    put({"tier": "db"})
+    out: list[tuple[str, str]] = []
+    with urllib.request.urlopen(f"{base}?watch=1&labelSelector=tier%3Dweb&timeoutSeconds=20", timeout=60) as resp:
+        put({"tier": "web"})  # starts matching: ADDED
+        put({"tier": "web", "v": "2"})  # still matching: MODIFIED
+        put({"tier": "db"})  # stops matching: DELETED
+        put({"tier": "db", "v": "3"})  # not matching: nothing
+        request("DELETE", f"{base}/s")  # gone while not matching: nothing
+        put({"tier": "web"})  # created matching: ADDED
+        while len(out) < 4:
+            ev = jsonlib.loads(resp.readline())
+            out.append((ev["type"], ev["object"]["metadata"]["labels"].get("v", "")))
+    assert out == [("ADDED", ""), ("MODIFIED", "2"), ("DELETED", ""), ("ADDED", "")]

@@ -554,14 +554,35 @@ class KubeAPI:
                     view = table(kind, [view], {"resourceVersion": view["metadata"].get("resourceVersion", "")})
                 await resp.write(orjson.dumps({"type": typ, "object": view}) + b"\n")
 
+            # key → whether the watcher's view holds the object (True) or not (False); absent: unknown (a watch
+            # from a resourceVersion does not know what the client listed). With a selector, an object that
+            # starts matching is sent as ADDED and one that stops matching as DELETED, as the API server does.
+            visible: dict[str, bool] = {}
             initial = req.query.get("sendInitialEvents") in ("true", "1", "True")
-            if since_rev is None or initial:
+            complete = since_rev is None or initial  # the watch sends the whole view first: unlisted = not held
+
+            async def emit(k: str, typ: str, obj: dict) -> None:
+                now, before = wanted(obj), visible.get(k, False if complete else None)
+                if typ == "DELETED":
+                    visible.pop(k, None)
+                    if before or (before is None and now):
+                        await send("DELETED", obj)
+                elif now:
+                    visible[k] = True
+                    await send("ADDED" if typ == "ADDED" or before is False else typ, obj)
+                else:
+                    visible[k] = False
+                    if before:
+                        await send("DELETED", obj)
+
+            if complete:
                 # the current state as ADDED events, then changes after it (also client-go's watch-list mode,
                 # which ends the initial events with a bookmark annotated k8s.io/initial-events-end)
                 last, items = await self.store.list(kind.kind, ns if kind.namespaced else None)
                 for o in items:
                     if match(o):
                         await send("ADDED", o)
+                        visible[key_of(o)] = True
                 if initial:
                     await resp.write(orjson.dumps({"type": "BOOKMARK", "object": {
                         "kind": kind.kind, "apiVersion": kind.api_version(version),
@@ -601,16 +622,14 @@ class KubeAPI:
                         else:
                             continue
                         pending_add.discard(k)
-                        if wanted(obj):
-                            await send(typ, obj)
+                        await emit(k, typ, obj)
                     last = rev
                     return
                 live = await self.store.get_many([k for k in keys if k not in deleted])
                 for k in keys:
                     if k in deleted:
                         pending_add.discard(k)
-                        if wanted(deleted[k]):
-                            await send("DELETED", deleted[k])
+                        await emit(k, "DELETED", deleted[k])
                         continue
                     obj = live.get(k)
                     if obj is None or obj["metadata"].get("resourceVersion") != str(rev):
@@ -619,8 +638,7 @@ class KubeAPI:
                         continue
                     added = k in entry["created"] or k in pending_add
                     pending_add.discard(k)
-                    if wanted(obj):
-                        await send("ADDED" if added else "MODIFIED", obj)
+                    await emit(k, "ADDED" if added else "MODIFIED", obj)
                 last = rev
 
             for entry in backlog:
