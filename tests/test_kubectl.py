@@ -383,7 +383,10 @@ def test_status_codes_for_bad_requests(stack):
                        "application/merge-patch+json"), 422, "Invalid")
     assert body["details"]["causes"][0]["field"] == "spec.http[0].route[0].destination.host"
     expect(call("PATCH", base + "/web", b"kind: VirtualService", "application/apply-patch+yaml"), 422, "Invalid")
-    status, _ = call("DELETE", base + "/web")
+    expect(call("DELETE", base + "/web", jsonlib.dumps({"preconditions": {"uid": "not-its-uid"}}).encode()),
+           409, "Conflict")
+    status, _ = call("DELETE", base + "/web", jsonlib.dumps({"preconditions": {"uid": created["metadata"]["uid"]},
+                                                             "propagationPolicy": "Background"}).encode())
     assert status == 200
     expect(call("DELETE", base + "/web"), 404, "NotFound")
 

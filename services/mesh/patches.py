@@ -23,7 +23,12 @@ import orjson
 
 
 class PatchError(ValueError):
-    """A patch that cannot be applied (400/422 on the API server)."""
+    """A patch that cannot be applied: 400 when the patch itself is malformed, 422 when it does not fit the
+    object (a JSON patch `test` that fails, a path that is not there)."""
+
+    def __init__(self, message: str, code: int = 400):
+        super().__init__(message)
+        self.code = code
 
 
 # ---- JSON merge patch ----------------------------------------------------------------------------------------
@@ -46,7 +51,7 @@ def json_patch(target: dict, ops: object) -> dict:
     try:
         return jsonpatch.apply_patch(target, ops)
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError) as e:
-        raise PatchError(f"the JSON patch cannot be applied: {e}") from e
+        raise PatchError(f"the JSON patch cannot be applied: {e}", 422) from e
 
 
 # ---- strategic merge patch -----------------------------------------------------------------------------------

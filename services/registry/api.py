@@ -148,12 +148,14 @@ class RegistryAPI:
             await self.bus.publish(CONFIG_CHANGED, change.to_json())
         return {"revision": revision, "results": results}
 
-    async def delete_keys(self, keys: list[str]) -> dict:
+    async def delete_keys(self, keys: list[str], expect: dict[str, str | None] | None = None) -> dict:
+        """Delete what exists of `keys` in one revision; `expect` (key → resourceVersion) makes it conditional
+        (store.Conflict when an object changed meanwhile)."""
         present = await self.store.existing(keys)
         missing = [k for k in keys if k not in present]
         revision = await self.store.revision()
         if present:
-            change = await self.store.delete(present)
+            change = await self.store.delete(present, {k: v for k, v in (expect or {}).items() if k in present})
             revision = change.revision
             self.metrics.writes.labels("delete").inc()
             self.metrics.revision.set(revision)

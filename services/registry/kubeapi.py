@@ -138,7 +138,7 @@ def _dig(obj: object, *path: str) -> object:
 
 def _fmt(v: object) -> str:
     if v is None:
-        return "<none>" if False else ""
+        return ""
     if isinstance(v, list):
         return "[" + ",".join(str(x) for x in v) + "]" if v else "<none>"
     return str(v)
@@ -350,7 +350,8 @@ class KubeAPI:
             meta["namespace"] = ns or meta.get("namespace") or "default"
         obj.setdefault("kind", kind.kind)
         obj.setdefault("apiVersion", kind.api_version(version))
-        obj.pop("status", None) if kind.group.endswith("istio.io") else None
+        if kind.group.endswith("istio.io"):
+            obj.pop("status", None)  # the registry computes it
         return obj
 
     async def _write(self, kind: Kind, name: str, obj: dict, expect: str | None | bool, created_code: int = 201
@@ -481,7 +482,7 @@ class KubeAPI:
                               f"- accepted media types include: application/json-patch+json, application/merge-patch+"
                               f"json, application/apply-patch+yaml{', application/strategic-merge-patch+json' if not kind.group.endswith('istio.io') else ''}")
         except PatchError as e:
-            return status(422 if "cannot be applied" in str(e) else 400, "BadRequest" if "cannot" not in str(e) else "Invalid", str(e))
+            return status(e.code, "Invalid" if e.code == 422 else "BadRequest", str(e))
         if not isinstance(out, dict):
             return status(400, "BadRequest", "the patch did not produce an object")
         return out
@@ -518,14 +519,39 @@ class KubeAPI:
         if obj is None:
             return status(404, "NotFound", f'{_kind_ref(kind)} "{name}" not found',
                           {"name": name, "group": kind.group, "kind": kind.plural})
+        pre = await self._delete_preconditions(req)
+        if isinstance(pre, web.Response):
+            return pre
+        meta = obj["metadata"]
+        if (pre.get("uid") and pre["uid"] != meta.get("uid")) or \
+                (pre.get("resourceVersion") and pre["resourceVersion"] != meta.get("resourceVersion")):
+            return status(409, "Conflict", f'Operation cannot be fulfilled on {_kind_ref(kind)} "{name}": '
+                                           f"the precondition (uid/resourceVersion) does not match the object",
+                          {"name": name, "group": kind.group, "kind": kind.plural})
         if req.query.get("dryRun"):
             return _json(self._view(obj, kind, version))
-        result = await self.registry.delete_keys([key])
+        try:
+            # conditional on the version checked above only when the client gave preconditions
+            result = await self.registry.delete_keys([key], {key: meta.get("resourceVersion")} if pre else None)
+        except Conflict as c:
+            return conflict_status(kind, name or "", c)
         if not result["deleted"]:
             return status(404, "NotFound", f'{_kind_ref(kind)} "{name}" not found')
         # the API server answers a completed delete of these kinds with the deleted object (typed clients such
         # as CoreV1Api.delete_namespaced_service decode it as such); failures are Status objects
         return _json(self._view(obj, kind, version))
+
+    async def _delete_preconditions(self, req: web.Request) -> dict | web.Response:
+        """DeleteOptions.preconditions from the body (kubectl and the clients send DeleteOptions)."""
+        raw = await req.read()
+        if not raw.strip():
+            return {}
+        try:
+            opts = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return status(400, "BadRequest", f"DeleteOptions must be JSON: {e}")
+        pre = opts.get("preconditions") if isinstance(opts, dict) else None
+        return {k: str(v) for k, v in pre.items() if v} if isinstance(pre, dict) else {}
 
     # ---- watch ----
     async def _watch(self, req: web.Request, kind: Kind, version: str, ns: str | None,
