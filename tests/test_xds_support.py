@@ -101,11 +101,15 @@ class Mesh:
         self.listeners: dict[str, tuple[int, str]] = {}
         self.routes: dict[str, list[tuple[str, str]]] = {}
         self.extra_listeners: dict[str, listener_pb2.Listener] = {}
+        self.cluster_merges: dict[str, cluster_pb2.Cluster] = {}  # merged into the named EDS cluster
 
     def layer(self) -> dict[str, dict[str, bytes]]:
         layer: dict[str, dict[str, bytes]] = {CLUSTER: {}, ENDPOINT: {}, LISTENER: {}, ROUTE: {}}
         for name, ports in self.clusters.items():
-            layer[CLUSTER][name] = eds_cluster(name).SerializeToString()
+            c = eds_cluster(name)
+            if name in self.cluster_merges:
+                c.MergeFrom(self.cluster_merges[name])
+            layer[CLUSTER][name] = c.SerializeToString()
             layer[ENDPOINT][name] = load_assignment(name, ports).SerializeToString()
         for name, (port, route) in self.listeners.items():
             layer[LISTENER][name] = rds_listener(name, port, route).SerializeToString()

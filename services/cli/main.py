@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("mizzen.services.registry.__main__", "run the registry service"),
     "translator": ("mizzen.services.translator.__main__", "run the translator service"),
     "xds-gateway": ("mizzen.services.xds_gateway.__main__", "run the xDS gateway service"),
+    "certauth": ("mizzen.services.certauth.__main__", "run the mesh CA (Istio's CSR API over TLS)"),
+    "ca": ("mizzen.services.certauth.cli", "the mesh CA: trust bundle, sign a CSR, rotate the root"),
+    "token": ("mizzen.services.certauth.cli", "print a workload token for a namespace and service account"),
 }
 
 

@@ -108,6 +108,9 @@ def _columns(kind: str, obj: dict) -> list[tuple[str, str]]:
                 ("LOCATION", spec.get("location", "")), ("RESOLUTION", spec.get("resolution", ""))]
     if kind == "PeerAuthentication":
         return [("MODE", (spec.get("mtls") or {}).get("mode", ""))]
+    if kind == "Secret":  # kubectl's columns: the values are never shown
+        keys = set(obj.get("data") or {}) | set(obj.get("stringData") or {})
+        return [("TYPE", obj.get("type") or "Opaque"), ("DATA", str(len(keys)))]
     return []
 
 

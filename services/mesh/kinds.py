@@ -41,6 +41,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Service", "", ("v1",), "services"),
     Kind("Endpoints", "", ("v1",), "endpoints"),
     Kind("Pod", "", ("v1",), "pods"),
+    Kind("Secret", "", ("v1",), "secrets"),  # gateway credentials (credentialName); values never printed
     Kind("EndpointSlice", "discovery.k8s.io", ("v1",), "endpointslices"),
     Kind("ServiceEntry", _NET, _NET_VERSIONS, "serviceentries"),
     Kind("WorkloadEntry", _NET, _NET_VERSIONS, "workloadentries"),
@@ -61,6 +62,7 @@ ALIASES: dict[str, str] = {
     "svc": "Service", "service": "Service",
     "ep": "Endpoints", "endpoint": "Endpoints",
     "po": "Pod", "pod": "Pod",
+    "secret": "Secret",
     "endpointslice": "EndpointSlice",
     "se": "ServiceEntry", "serviceentry": "ServiceEntry",
     "we": "WorkloadEntry", "workloadentry": "WorkloadEntry",
@@ -115,7 +117,7 @@ MESH_GROUP_SUFFIX = "istio.io"
 # this list is treated as a typo, as kubectl would fail on it.
 KUBERNETES_BUILTIN = frozenset({
     "Binding", "ComponentStatus", "ConfigMap", "Event", "LimitRange", "Node", "PersistentVolume",
-    "PersistentVolumeClaim", "PodTemplate", "ReplicationController", "ResourceQuota", "Secret", "ServiceAccount",
+    "PersistentVolumeClaim", "PodTemplate", "ReplicationController", "ResourceQuota", "ServiceAccount",
     "ControllerRevision", "DaemonSet", "Deployment", "ReplicaSet", "StatefulSet", "CronJob", "Job",
     "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress", "IngressClass", "NetworkPolicy",
     "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "StorageClass", "PriorityClass",

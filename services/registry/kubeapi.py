@@ -37,6 +37,7 @@ from ..mesh.patches import (
     server_side_apply,
     strategic_merge_patch,
 )
+from ..mesh.secrets import REDACTED, redact
 from ..mesh.selectors import SelectorError, parse_field_selector, parse_label_selector
 from ..mesh.store import Conflict, key_of
 from ..mesh.yamlio import Document
@@ -91,6 +92,28 @@ def add_warnings(resp: web.Response, warnings: list[dict]) -> None:
         for e in w.get("errors") or []:
             text = f"{e['field']}: {e['message']}" if e.get("field") else e["message"]
             resp.headers.add("Warning", '299 - "' + text.replace('"', "'").replace("\n", " ") + '"')
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def redact_secret(obj: dict) -> dict:
+    """A copy fit to show: a Secret's values redacted (`secrets.redact`), also inside the copy of the applied
+    configuration kubectl keeps in an annotation."""
+    out = dict(redact(obj))
+    if out.get("kind") != "Secret":
+        return out
+    meta = dict(out.get("metadata") or {})
+    notes = dict(meta.get("annotations") or {})
+    if LAST_APPLIED in notes:
+        try:
+            applied = orjson.loads(notes[LAST_APPLIED])
+            notes[LAST_APPLIED] = orjson.dumps(redact(applied)).decode() if isinstance(applied, dict) else REDACTED
+        except orjson.JSONDecodeError:
+            notes[LAST_APPLIED] = REDACTED
+        meta["annotations"] = notes
+        out["metadata"] = meta
+    return out
 
 
 def with_status(obj: dict, kind: Kind) -> dict:
@@ -257,7 +280,7 @@ class KubeAPI:
         return kind, version, ns, name
 
     def _view(self, obj: dict, kind: Kind, version: str) -> dict:
-        obj = dict(obj)
+        obj = redact_secret(obj)
         obj["apiVersion"] = kind.api_version(version)
         return with_status(obj, kind)
 
@@ -401,7 +424,7 @@ class KubeAPI:
         _ok, errors = check_documents([Document("request", 0, obj)], obj["metadata"].get("namespace") or "default")
         if errors:
             return invalid_status(kind, obj["metadata"].get("name", ""), ApplyError(errors))
-        return _json(with_status(obj, kind), code)
+        return _json(with_status(redact_secret(obj), kind), code)
 
     async def handle_update(self, req: web.Request) -> web.Response:
         r = self._resolve(req)

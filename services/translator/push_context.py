@@ -192,7 +192,8 @@ class PushContext:
         self.gateways: list[Config] = []
         self.sidecars: dict[str, list[Config]] = {}
         self.peer_authentications: dict[str, list[Config]] = {}
-        self.envoy_filters: dict[str, list[Config]] = {}  # namespace → EnvoyFilters (envoyfilter.py orders them)
+        self.envoy_filters: dict[str, list[Config]] = {}
+        self.secrets: dict[tuple[str, str], dict] = {}  # (namespace, name) → Secret (gateway credentials)  # namespace → EnvoyFilters (envoyfilter.py orders them)
         self.namespaces: dict[str, dict] = {}
         # headless services' endpoint IPs: a proxy with one of these IPs gets its own outbound layer.
         self.headless_ips: set[str] = set()
@@ -225,6 +226,8 @@ class PushContext:
             if ip:
                 push.pods_by_ip.setdefault(ip, pod)
         push.workload_entries = by_kind.get("WorkloadEntry", [])
+        for sec in by_kind.get("Secret", []):
+            push.secrets[(sec["metadata"].get("namespace", "default"), sec["metadata"]["name"])] = sec
         push._build_services(by_kind)
         push._build_virtual_services(by_kind.get("VirtualService", []))
         push._build_destination_rules(by_kind.get("DestinationRule", []))

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
-from . import clusters, endpoints, envoyfilter, listeners, routes
+from . import clusters, endpoints, envoyfilter, listeners, routes, secrets
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -41,7 +41,7 @@ class Snapshot:
         return out
 
     def merged(self) -> dict[str, dict[str, object]]:
-        return {t: self.resources(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+        return {t: self.resources(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)}
 
 
 def _by_name(items) -> dict[str, object]:
@@ -67,7 +67,11 @@ def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[
                    for g in view.gateways for s in g.spec.get("servers") or [])
     cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=False, gateway_sni_dnat=sni_dnat)
     rds = [routes.gateway_route_config(push, view, name, servers, port) for name, (port, servers) in rds_map.items()]
-    return {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}, needs
+    layer = {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}
+    sds = secrets.gateway_secrets(push, view)
+    if sds:
+        layer[SECRET] = _by_name(sds)
+    return layer, needs
 
 
 def _endpoint_layer(push: PushContext, needs: list) -> Layer:

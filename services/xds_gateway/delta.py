@@ -163,6 +163,11 @@ class DeltaStream(Stream):
             desired = self.desired(t, sub.wildcard, sub.names)
             to_send, removed, entries = await self._diff(sub, desired)
             held = False
+            if t == ENDPOINT and (again := self.take_eds_resend()):
+                sending = {n for n, _h in to_send}
+                extra = [(n, h) for n, h in desired.entries.items() if n in again and n not in sending]
+                if extra:
+                    to_send, entries = [*to_send, *extra], None
             if t == ENDPOINT and desired.synthesized and to_send:
                 # endpoints of a cluster the snapshot dropped: keep them while Envoy still has the cluster
                 has = sub.holdings()
@@ -188,6 +193,7 @@ class DeltaStream(Stream):
             if t == CLUSTER:
                 before = sub.holdings()
                 self.clusters_added([n for n, _h in to_send if n not in before])
+                self.clusters_changed([n for n, h in to_send if before.get(n, h) != h])
             if held:
                 has = sub.own_has()
                 has.update(to_send)

@@ -130,6 +130,8 @@ class SotwStream(Stream):
                 continue  # pushed by the wake that follows the endpoints' ACK (or the warm-up deadline)
             sub = self.subs[t]
             desired, held = self._plan(t, sub)
+            if t == ENDPOINT and self.take_eds_resend():
+                sub.force = True
             if not sub.force and sub.sent is not None and desired.version == sub.sent.version:
                 st = self.type_status(t)
                 basis = "" if held else self.basis(t)
@@ -144,5 +146,7 @@ class SotwStream(Stream):
             if t == CLUSTER:
                 self.clusters_added(self.gw.cache.removed(desired, sub.sent) if sub.sent is not None
                                     else list(desired.entries))
+                if sub.sent is not None:
+                    self.clusters_changed(self.gw.cache.changed(sub.sent, desired))
             sub.sent, sub.nonce, sub.force, sub.held = desired, nonce, False, held
             self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(desired))
