@@ -497,3 +497,26 @@ def test_watch_with_a_label_selector_sees_objects_enter_and_leave(stack):
             ev = jsonlib.loads(resp.readline())
             out.append((ev["type"], ev["object"]["metadata"]["labels"].get("v", "")))
     assert out == [("ADDED", ""), ("MODIFIED", "2"), ("DELETED", ""), ("ADDED", "")]
+
+
+def test_secret_values_never_leave_through_the_kubernetes_api(kubectl, tmp_path, stack):
+    import json as jsonlib
+
+    import redis as redis_lib
+    import yaml
+
+    k = kubectl("sec-ns")
+    doc = "apiVersion: v1\nkind: Secret\nmetadata: {name: gw-cred, namespace: sec-ns}\ntype: Opaque\n" \
+          "data: {key: c2VjcmV0LWtleQ==}\n"
+    assert k.ok("apply", "-f", "-", stdin=doc).strip() == "secret/gw-cred created"
+    shown = k.ok("get", "secret", "gw-cred", "-o", "yaml")
+    assert "c2VjcmV0LWtleQ==" not in shown and "secret-key" not in shown
+    got = yaml.safe_load(shown)
+    assert got["data"] == {"key": "<redacted>"}
+    assert "c2VjcmV0LWtleQ" not in got["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+    # the stored object keeps the value (the translator serves it to gateways)
+    r = redis_lib.Redis.from_url(stack.redis_url)
+    stored = jsonlib.loads(r.hget("config:objects", "Secret/sec-ns/gw-cred"))
+    r.close()
+    assert stored["data"] == {"key": "c2VjcmV0LWtleQ=="}
+    k.ok("delete", "secret", "gw-cred")

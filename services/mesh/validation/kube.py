@@ -450,12 +450,9 @@ def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callabl
         rules(obj, errs)
         return errs.items
 
+    validate.schema = schema  # type: ignore[attr-defined] - published as the registry's OpenAPI (schema_for)
     return validate
 
-
-# The structural schema of each kind, also published as the registry's OpenAPI.
-SCHEMAS: dict[str, Obj] = {"Namespace": NAMESPACE, "Service": SERVICE, "Endpoints": ENDPOINTS,
-                           "EndpointSlice": ENDPOINT_SLICE, "Pod": POD}
 
 register("Namespace")(_make_validator(NAMESPACE, check_namespace))
 register("Service")(_make_validator(SERVICE, check_service))
