@@ -520,3 +520,39 @@ def test_secret_values_never_leave_through_the_kubernetes_api(kubectl, tmp_path,
     r.close()
     assert stored["data"] == {"key": "c2VjcmV0LWtleQ=="}
     k.ok("delete", "secret", "gw-cred")
+
+
+def test_each_kubectl_write_is_one_revision_and_one_event(kubectl, tmp_path, stack):
+    import asyncio
+    import contextlib
+    import json as jsonlib
+
+    import nats
+
+    k = kubectl("event-ns")
+    f = tmp_path / "vs.yaml"
+
+    async def run() -> list[dict]:
+        nc = await nats.connect(stack.nats_url)
+        sub = await nc.subscribe("mizzen.config.changed")
+        got = []
+        for w1 in (90, 90, 60):  # created, unchanged (no write, no event), configured
+            f.write_text(VS.format(ns="event-ns", w1=w1, w2=100 - w1))
+            await asyncio.to_thread(k.ok, "apply", "-f", str(f))
+        await asyncio.to_thread(k.ok, "delete", "-f", str(f))
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(got) < 3 and asyncio.get_running_loop().time() < deadline:
+            try:
+                got.append(jsonlib.loads((await sub.next_msg(timeout=1)).data))
+            except nats.errors.TimeoutError:
+                continue
+        with contextlib.suppress(nats.errors.TimeoutError):
+            got.append(jsonlib.loads((await sub.next_msg(timeout=1)).data))  # there must be no fourth
+        await nc.close()
+        return got
+
+    events = asyncio.run(run())
+    key = "VirtualService/event-ns/web"
+    assert [e["keys"] for e in events] == [[key], [key], [key]]
+    revs = [e["revision"] for e in events]
+    assert revs == sorted(revs) and len(set(revs)) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import time
 
@@ -285,3 +286,14 @@ async def test_kubeconfig_with_client_certificate_and_cluster_ca(tmp_path):
     finally:
         await asyncio.to_thread(stack.stop)
         await kube.stop()
+
+
+def test_unusable_kubeconfig_stops_the_registry_naming_it(tmp_path):
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\ncurrent-context: nowhere\n")
+    for args, named in ((["--kubeconfig", str(tmp_path / "absent")], str(tmp_path / "absent")),
+                        (["--kubeconfig", str(bad), "--context", "prod"], "--context prod")):
+        p = subprocess.run([sys.executable, "-m", "mizzen.services.registry", "--port", "0", *args],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "mizzen registry: cannot use --kubeconfig" in p.stderr and named in p.stderr, \
+            p.stderr

@@ -42,7 +42,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+async def kube_client_from_args(args: argparse.Namespace):
+    """The Kubernetes client ingestion uses, or None; bad credentials stop the registry at once, named."""
+    if args.no_kube or not (args.kubeconfig or args.kube_api or kube.in_cluster()):
+        return None
+    # explicit kubeconfig, else a URL, else the pod's service-account credentials
+    where = (f"--kubeconfig {args.kubeconfig}" + (f" --context {args.context}" if args.context else "")
+             if args.kubeconfig else f"--kube-api {args.kube_api}" if args.kube_api else "in-cluster credentials")
+    try:
+        token = Path(args.kube_token_file).read_text().strip() if args.kube_token_file else None
+        return await kube.api_client(args.kube_api, token, args.kubeconfig, args.context or None)
+    except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: all mean unusable credentials
+        raise SystemExit(f"mizzen registry: cannot use {where}: {e}") from None
+
+
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    kube_client = await kube_client_from_args(args)
     redis = connect(settings.redis_url(args.redis_url))
     bus = Bus(settings.nats_url(args.nats_url), "mizzen-registry")
     await bus.connect()
@@ -61,12 +76,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     ready["ok"] = True
     log.info("registry ready", extra={"address": f"http://{args.host}:{args.port}"})
     kube_task = None
-    if not args.no_kube and (args.kubeconfig or args.kube_api or kube.in_cluster()):
-        # explicit kubeconfig, else a URL, else the pod's service-account credentials
-        token = Path(args.kube_token_file).read_text().strip() if args.kube_token_file else None
-        client = await kube.api_client(args.kube_api, token, args.kubeconfig, args.context or None)
-        source = kube.KubeSource(client, api, write_status=not args.no_kube_status)
-        log.info("ingesting from kubernetes", extra={"server": client.configuration.host})
+    if kube_client is not None:
+        source = kube.KubeSource(kube_client, api, write_status=not args.no_kube_status)
+        log.info("ingesting from kubernetes", extra={"server": kube_client.configuration.host})
         kube_task = asyncio.create_task(source.run(stop))
     await stop.wait()
     if kube_task is not None:

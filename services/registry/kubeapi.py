@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -408,8 +409,6 @@ class KubeAPI:
             return obj
         name = obj["metadata"].get("name")
         if not name and obj["metadata"].get("generateName"):
-            import secrets
-
             name = obj["metadata"]["generateName"] + secrets.token_hex(3)[:5]
             obj["metadata"]["name"] = name
         obj["metadata"].pop("resourceVersion", None)
