@@ -157,3 +157,40 @@ def test_every_validated_kind_publishes_its_schema():
         assert schema_for(k.kind) is not None, k.kind
         d = openapi.kind_definition(k, k.versions[-1], "#/components/schemas/")
         assert "metadata" in d["properties"] and len(d["properties"]) > 3, k.kind  # more than apiVersion/kind/metadata
+
+
+def test_watch_view_turns_log_entries_into_events():
+    from mizzen.services.registry.watch import WatchView
+
+    def svc(name: str, rv: int, **labels: str) -> dict:
+        return {"kind": "Service", "metadata": {"name": name, "namespace": "d", "resourceVersion": str(rv),
+                                                "labels": labels}}
+
+    def entry(rev: int, written: list[dict] = (), created: tuple = (), deleted: list[dict] = (),
+              exact: bool = True) -> dict:
+        keys = [f"Service/d/{o['metadata']['name']}" for o in [*written, *deleted]]
+        return {"rev": rev, "keys": keys + ["VirtualService/d/x"], "created": [f"Service/d/{n}" for n in created],
+                "deleted": list(deleted), "objects": list(written) if exact else None}
+
+    web = parse_label_selector("app=web")
+    view = WatchView("Service", lambda o: o["kind"] == "Service" and web(o), complete=True, last=1)
+    got = []
+    for e in (entry(2, [svc("a", 2, app="web")], created=("a",)),  # created matching: ADDED
+              entry(3, [svc("a", 3, app="db")]),  # stops matching: DELETED
+              entry(4, [svc("b", 4, app="db")], created=("b",)),  # never matching: nothing
+              entry(5, [svc("b", 5, app="web")]),  # starts matching: ADDED
+              entry(5, [svc("b", 5, app="web")]),  # already played: nothing
+              entry(6, deleted=[svc("b", 6, app="web")])):  # deleted while matching: DELETED
+        got += [(t, o["metadata"]["name"], o["metadata"]["resourceVersion"]) for t, o in view.events(e, {})]
+    assert got == [("ADDED", "a", "2"), ("DELETED", "a", "3"), ("ADDED", "b", "5"), ("DELETED", "b", "6")]
+    assert view.last == 6
+
+    # entries without objects: the live state stands for a revision only if nothing rewrote it since; a key
+    # created at a skipped revision is announced as ADDED with its later state
+    view = WatchView("Service", lambda o: True, complete=False, last=10)
+    e11 = entry(11, [svc("c", 11)], created=("c",), exact=False)
+    assert view.live_keys(e11) == ["Service/d/c"]
+    assert view.events(e11, {"Service/d/c": svc("c", 12)}) == []
+    e12 = entry(12, [svc("c", 12)], exact=False)
+    assert [(t, o["metadata"]["resourceVersion"]) for t, o in view.events(e12, {"Service/d/c": svc("c", 12)})] == \
+        [("ADDED", "12")]

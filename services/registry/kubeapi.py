@@ -42,7 +42,7 @@ from ..mesh.secrets import REDACTED, redact
 from ..mesh.selectors import SelectorError, parse_field_selector, parse_label_selector
 from ..mesh.store import Conflict, key_of
 from ..mesh.yamlio import Document
-from .watch import LogFollower
+from .watch import LogFollower, WatchView
 
 log = logging.getLogger("mizzen.registry.kubeapi")
 
@@ -597,40 +597,22 @@ class KubeAPI:
                                                          meta.get("namespace") == ns) and match(obj)
 
             async def send(typ: str, obj: dict) -> None:
-                view = self._view(obj, kind, version) if typ != "ERROR" else obj
-                if table_mode and typ in ("ADDED", "MODIFIED", "DELETED"):
-                    view = table(kind, [view], {"resourceVersion": view["metadata"].get("resourceVersion", "")})
-                await resp.write(orjson.dumps({"type": typ, "object": view}) + b"\n")
+                shown = self._view(obj, kind, version)
+                if table_mode:
+                    shown = table(kind, [shown], {"resourceVersion": shown["metadata"].get("resourceVersion", "")})
+                await resp.write(orjson.dumps({"type": typ, "object": shown}) + b"\n")
 
-            # key → whether the watcher's view holds the object (True) or not (False); absent: unknown (a watch
-            # from a resourceVersion does not know what the client listed). With a selector, an object that
-            # starts matching is sent as ADDED and one that stops matching as DELETED, as the API server does.
-            visible: dict[str, bool] = {}
             initial = req.query.get("sendInitialEvents") in ("true", "1", "True")
-            complete = since_rev is None or initial  # the watch sends the whole view first: unlisted = not held
-
-            async def emit(k: str, typ: str, obj: dict) -> None:
-                now, before = wanted(obj), visible.get(k, False if complete else None)
-                if typ == "DELETED":
-                    visible.pop(k, None)
-                    if before or (before is None and now):
-                        await send("DELETED", obj)
-                elif now:
-                    visible[k] = True
-                    await send("ADDED" if typ == "ADDED" or before is False else typ, obj)
-                else:
-                    visible[k] = False
-                    if before:
-                        await send("DELETED", obj)
-
+            complete = since_rev is None or initial
             if complete:
                 # the current state as ADDED events, then changes after it (also client-go's watch-list mode,
                 # which ends the initial events with a bookmark annotated k8s.io/initial-events-end)
                 last, items = await self.store.list(kind.kind, ns if kind.namespaced else None)
+                view = WatchView(kind.kind, wanted, True, last)
                 for o in items:
                     if match(o):
                         await send("ADDED", o)
-                        visible[key_of(o)] = True
+                        view.listed(o)
                 if initial:
                     await resp.write(orjson.dumps({"type": "BOOKMARK", "object": {
                         "kind": kind.kind, "apiVersion": kind.api_version(version),
@@ -638,7 +620,7 @@ class KubeAPI:
                                      "annotations": {"k8s.io/initial-events-end": "true"}}}}) + b"\n")
                 backlog: list[dict] = []
             else:
-                last = since_rev
+                view = WatchView(kind.kind, wanted, False, since_rev)
                 found = await self.store.log_since(since_rev)
                 if found is None:
                     await resp.write(orjson.dumps({"type": "ERROR", "object": {
@@ -648,46 +630,13 @@ class KubeAPI:
                     return resp
                 backlog = found
             deadline = time.monotonic() + timeout
-            pending_add: set[str] = set()
             idle_since = time.monotonic()
 
             async def play(entry: dict) -> None:
-                nonlocal last
-                rev = entry["rev"]
-                if rev <= last:
-                    return
-                deleted = {key_of(o): o for o in entry["deleted"] if isinstance(o, dict) and o.get("metadata")}
-                prefix = kind.kind + "/"
-                keys = [k for k in entry["keys"] if k.startswith(prefix)]
-                if entry.get("objects") is not None:
-                    # the log kept this revision's objects: replay exactly what was written
-                    written = {key_of(o): o for o in entry["objects"] if isinstance(o, dict) and o.get("metadata")}
-                    for k in keys:
-                        if k in deleted:
-                            obj, typ = deleted[k], "DELETED"
-                        elif k in written:
-                            obj, typ = written[k], "ADDED" if k in entry["created"] else "MODIFIED"
-                        else:
-                            continue
-                        pending_add.discard(k)
-                        await emit(k, typ, obj)
-                    last = rev
-                    return
-                live = await self.store.get_many([k for k in keys if k not in deleted])
-                for k in keys:
-                    if k in deleted:
-                        pending_add.discard(k)
-                        await emit(k, "DELETED", deleted[k])
-                        continue
-                    obj = live.get(k)
-                    if obj is None or obj["metadata"].get("resourceVersion") != str(rev):
-                        if k in entry["created"]:
-                            pending_add.add(k)  # a later revision rewrote it; announce it as ADDED then
-                        continue
-                    added = k in entry["created"] or k in pending_add
-                    pending_add.discard(k)
-                    await emit(k, "ADDED" if added else "MODIFIED", obj)
-                last = rev
+                keys = view.live_keys(entry)
+                live = await self.store.get_many(keys) if keys else {}
+                for typ, obj in view.events(entry, live):
+                    await send(typ, obj)
 
             for entry in backlog:
                 await play(entry)
@@ -699,7 +648,7 @@ class KubeAPI:
                         idle_since = time.monotonic()
                         await resp.write(orjson.dumps({"type": "BOOKMARK", "object": {
                             "kind": kind.kind, "apiVersion": kind.api_version(version),
-                            "metadata": {"resourceVersion": str(last)}}}) + b"\n")
+                            "metadata": {"resourceVersion": str(view.last)}}}) + b"\n")
                     continue
                 if entry is None:
                     break  # fell too far behind: the client watches again from its resourceVersion
