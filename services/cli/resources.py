@@ -108,6 +108,8 @@ def _columns(kind: str, obj: dict) -> list[tuple[str, str]]:
                 ("LOCATION", spec.get("location", "")), ("RESOLUTION", spec.get("resolution", ""))]
     if kind == "PeerAuthentication":
         return [("MODE", (spec.get("mtls") or {}).get("mode", ""))]
+    if kind == "AuthorizationPolicy":  # the CRD's printer column (.spec.action; empty means ALLOW)
+        return [("ACTION", spec.get("action", ""))]
     if kind == "Secret":  # kubectl's columns: the values are never shown
         keys = set(obj.get("data") or {}) | set(obj.get("stringData") or {})
         return [("TYPE", obj.get("type") or "Opaque"), ("DATA", str(len(keys)))]

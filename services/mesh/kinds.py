@@ -50,6 +50,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("Gateway", _NET, _NET_VERSIONS, "gateways"),
     Kind("Sidecar", _NET, _NET_VERSIONS, "sidecars"),
     Kind("PeerAuthentication", "security.istio.io", ("v1beta1", "v1"), "peerauthentications"),
+    Kind("AuthorizationPolicy", "security.istio.io", ("v1beta1", "v1"), "authorizationpolicies"),
+    Kind("RequestAuthentication", "security.istio.io", ("v1beta1", "v1"), "requestauthentications"),
     Kind("EnvoyFilter", _NET, ("v1alpha3",), "envoyfilters"),
 )
 
@@ -71,6 +73,8 @@ ALIASES: dict[str, str] = {
     "gw": "Gateway", "gateway": "Gateway",
     "sidecar": "Sidecar",
     "pa": "PeerAuthentication", "peerauthentication": "PeerAuthentication",
+    "ap": "AuthorizationPolicy", "authorizationpolicy": "AuthorizationPolicy",
+    "ra": "RequestAuthentication", "requestauthentication": "RequestAuthentication",
     "envoyfilter": "EnvoyFilter",
 }
 

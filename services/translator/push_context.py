@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from mizzen.services.mesh import settings
 from mizzen.services.mesh.duration import DurationError, parse_duration
 
-from . import protocol
+from . import protocol, security
 from .model import (
     CLIENT_SIDE_LB,
     DNS_LB,
@@ -192,8 +192,9 @@ class PushContext:
         self.gateways: list[Config] = []
         self.sidecars: dict[str, list[Config]] = {}
         self.peer_authentications: dict[str, list[Config]] = {}
-        self.envoy_filters: dict[str, list[Config]] = {}
-        self.secrets: dict[tuple[str, str], dict] = {}  # (namespace, name) → Secret (gateway credentials)  # namespace → EnvoyFilters (envoyfilter.py orders them)
+        self.security = security.SecurityIndex()  # AuthorizationPolicy, RequestAuthentication
+        self.envoy_filters: dict[str, list[Config]] = {}  # namespace → EnvoyFilters (envoyfilter.py orders them)
+        self.secrets: dict[tuple[str, str], dict] = {}  # (namespace, name) → Secret (gateway credentials)
         self.namespaces: dict[str, dict] = {}
         # headless services' endpoint IPs: a proxy with one of these IPs gets its own outbound layer.
         self.headless_ips: set[str] = set()
@@ -244,6 +245,8 @@ class PushContext:
                     push.gateways.append(c)
                 else:
                     index.setdefault(c.namespace, []).append(c)
+        push.security = security.index(push, by_kind.get("AuthorizationPolicy", []),
+                                       by_kind.get("RequestAuthentication", []))
         return push
 
     def report(self, what: str, err: Exception) -> None:

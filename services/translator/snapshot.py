@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
-from . import clusters, endpoints, envoyfilter, listeners, routes, secrets
+from . import clusters, endpoints, envoyfilter, listeners, routes, secrets, security
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -62,7 +62,7 @@ def _sidecar_outbound(push: PushContext, view: ProxyView) -> tuple[Layer, list]:
 
 def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[Layer, list]:
     instances = push.proxy_instances(proxy)
-    lds, rds_map = listeners.gateway_listeners(push, view, instances)
+    lds, rds_map = listeners.gateway_listeners(push, view, instances, security.inbound_filters(push, proxy))
     sni_dnat = any(((s.get("tls") or {}).get("mode") == "AUTO_PASSTHROUGH")
                    for g in view.gateways for s in g.spec.get("servers") or [])
     cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=False, gateway_sni_dnat=sni_dnat)
@@ -88,7 +88,8 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
     view = push.view(proxy)
     key = view.key
     if view.is_router:
-        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),)
+        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),
+                     security.layer_key(push, proxy))
     hit = push.cache.get(("layers", key))
     if hit is None:
         if view.is_router:
@@ -115,7 +116,7 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
     modes = (push.mtls_mode(proxy.namespace, proxy.labels),
              tuple(sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items())),
              tuple(push.mtls_mode(proxy.namespace, proxy.labels, i.inbound_port) for i in instances))
-    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None,
+    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None, security.layer_key(push, proxy),
            tuple((id(i.service), i.port.port, i.port.name, i.port.protocol, i.endpoint_port, i.endpoint_address,
                   i.listen_port, i.capture_mode, i.bind) for i in instances))
     layer = push.cache.get(key)

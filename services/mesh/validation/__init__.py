@@ -27,6 +27,7 @@ from .common import (
     qualified_name_errors,
 )
 from .schema import Map, Str, check, unknown_field
+from .security import security_warnings
 from .untranslated import untranslated_fields
 
 # kind → validator(obj) → list of field errors (paths relative to the object root, e.g. "spec.hosts[0]").
@@ -198,6 +199,6 @@ def check_documents(
             errors.append(doc_err)
             continue
         objects.append(obj)
-        if warnings is not None and (untranslated := untranslated_fields(obj)):
+        if warnings is not None and (untranslated := untranslated_fields(obj) + security_warnings(obj)):
             warnings.append(DocumentError(d.source, d.index, kind_name, ns, name, untranslated))
     return ([] if errors else objects), errors
