@@ -156,7 +156,7 @@ async def test_every_refusal_and_a_good_certificate(tmp_path):
 
 
 def csr_pem_request(csr_pem: str):
-    from mizzen.services.certauth.proto_gen import ca_pb2
+    from mizzen.services.mesh.proto_gen.istio.v1.auth import ca_pb2
 
     return ca_pb2.IstioCertificateRequest(csr=csr_pem)
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from .proto_gen import ca_pb2, trust_pb2
+from mizzen.services.mesh.proto_gen.istio.v1.auth import ca_pb2
+from mizzen.services.mesh.proto_gen.mizzen.v1 import trust_pb2
 
 CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 GET_TRUST_BUNDLE = "/mizzen.v1.TrustBundleService/GetTrustBundle"

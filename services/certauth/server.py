@@ -22,10 +22,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mizzen.services.mesh.proto_gen.istio.v1.auth import ca_pb2
+from mizzen.services.mesh.proto_gen.mizzen.v1 import trust_pb2
 from mizzen.services.mesh.service import health_routes, serve_http
 
 from . import ca, tokens
-from .proto_gen import ca_pb2, trust_pb2
 
 log = logging.getLogger("certauth")
 

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pc": ("mizzen.services.cli.proxy_config", "alias of proxy-config"),
     "proxy-status": ("mizzen.services.cli.proxy_status", "show each proxy's xDS sync state"),
     "ps": ("mizzen.services.cli.proxy_status", "alias of proxy-status"),
+    "watch": ("mizzen.services.cli.watch", "print each new snapshot version of a proxy as it arrives"),
     "bootstrap": ("mizzen.services.cli.bootstrap", "write an Envoy sidecar bootstrap"),
     "iptables": ("mizzen.services.cli.iptables", "set up (or print) istio-iptables traffic interception"),
     "logsink": ("mizzen.services.logsink.cli", "run the access-log → OpenTelemetry service, or convert log files"),

@@ -47,6 +47,14 @@ class Gone(Exception):
     """The watch's resourceVersion is too old: relist."""
 
 
+class NotServed(Exception):
+    """The API server does not serve this kind (404: its CRD is not installed) or does not let us read it
+    (401/403: RBAC); try again much later, quietly."""
+
+
+RETRY_NOT_SERVED = 60.0
+
+
 def in_cluster() -> bool:
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and Path(os.environ.get("MIZZEN_KUBE_SA_DIR", SA_DIR),
                                                                     "token").exists()
@@ -97,6 +105,7 @@ class KubeSource:
         self.synced: set[str] = set()
         self.invalid = 0
         self.no_status: set[str] = set()  # kinds whose status subresource the server lacks or forbids us
+        self.not_served: set[str] = set()  # kinds the server does not serve or lets us read
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self._run_kind(k, stop)) for k in self.kinds]
@@ -126,6 +135,11 @@ class KubeSource:
                     rv = await self._watch(kind, rv)
             except Gone:
                 log.info("watch expired; relisting", extra={"kind": kind.kind})
+            except NotServed as e:
+                if kind.kind not in self.not_served:
+                    log.info("not ingesting %s: %s (retrying every %.0f s)", kind.kind, e, RETRY_NOT_SERVED)
+                self.not_served.add(kind.kind)
+                await asyncio.sleep(RETRY_NOT_SERVED)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - the API server or the store is away; back off and relist
@@ -135,10 +149,8 @@ class KubeSource:
     async def _list(self, kind: Kind) -> str:
         r = await self._get(self._path(kind), [], 60)
         async with r:
-            if r.status == 404:
-                log.info("kind %s not served by the API server", kind.kind)
-                await asyncio.sleep(30)
-                return "0"
+            if r.status in (401, 403, 404):
+                raise NotServed(f"HTTP {r.status} listing {self._path(kind)}")
             if r.status >= 300:
                 raise RuntimeError(f"list {kind.plural}: HTTP {r.status}: {(await r.read())[:300]!r}")
             body = orjson.loads(await r.read())

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
-from . import clusters, endpoints, envoyfilter, listeners, routes, secrets, security
+from . import clusters, endpoints, envoyfilter, grpcgen, listeners, routes, secrets, security
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -131,6 +131,8 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
 
 
 def build_snapshot(push: PushContext, proxy: Proxy) -> Snapshot:
+    if grpcgen.is_proxyless(proxy):  # a gRPC application's own xDS client, not an Envoy
+        return Snapshot(proxy, grpcgen.layers(push, proxy))
     outbound, eds = outbound_layers(push, proxy)
     layers = [outbound, eds, proxy_layer(push, proxy)]
     patches = envoyfilter.patches_for(push, proxy) if push.envoy_filters else ()
