@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..mesh import kinds
+from ..mesh import kinds, tracing
 from ..mesh.bus import CONFIG_CHANGED, Bus
 from ..mesh.errors import ApplyError, DocumentError, FieldError
 from ..mesh.snapstore import SnapshotStore
@@ -113,10 +113,25 @@ class RegistryAPI:
 
     async def apply_valid(self, objects: list[dict], expect: dict[str, str | None] | None = None) -> dict:
         """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce.
+        Each call is one trace when tracing is on (an apply, a Kubernetes event): see mesh/tracing.py.
 
         `expect` (key → resourceVersion, or None for "must not exist") makes the write conditional; a failed
         condition raises store.Conflict and nothing is written."""
         keys = [key_of(o) for o in objects]
+        span = tracing.start("registry apply", tracing.incoming.get(), {"mizzen.resources": keys[:100],
+                                                                         "mizzen.resource_count": len(keys)},
+                             kind="server")
+        try:
+            result = await self._apply_valid(objects, keys, span, expect)
+        except Exception as e:
+            span.error(repr(e))
+            raise
+        finally:
+            span.end()
+        return result
+
+    async def _apply_valid(self, objects: list[dict], keys: list[str], span,
+                           expect: dict[str, str | None] | None) -> dict:
         current = await self.store.get_many(keys)
         results, changed = [], []
         for k, want in (expect or {}).items():
@@ -139,13 +154,17 @@ class RegistryAPI:
             results.append({"kind": kind, "namespace": ns, "name": name, "action": action})
         revision = await self.store.revision()
         if changed:
+            commit = tracing.start("registry commit", span, {"mizzen.changed": [key_of(o) for o in changed][:100]})
             with self.metrics.write_seconds.time():
                 changed_keys = {key_of(o) for o in changed}
                 change = await self.store.apply(changed, {k: v for k, v in (expect or {}).items() if k in changed_keys})
             revision = change.revision
             self.metrics.writes.labels("apply").inc()
             self.metrics.revision.set(revision)
-            await self.bus.publish(CONFIG_CHANGED, change.to_json())
+            commit.set("mizzen.revision", revision)
+            await self.bus.publish(CONFIG_CHANGED, change.to_json(), headers=commit.headers())
+            commit.end()
+        span.set("mizzen.revision", revision)
         return {"revision": revision, "results": results}
 
     async def delete_keys(self, keys: list[str], expect: dict[str, str | None] | None = None) -> dict:
@@ -155,11 +174,20 @@ class RegistryAPI:
         missing = [k for k in keys if k not in present]
         revision = await self.store.revision()
         if present:
-            change = await self.store.delete(present, {k: v for k, v in (expect or {}).items() if k in present})
+            span = tracing.start("registry delete", tracing.incoming.get(), {"mizzen.resources": present[:100]},
+                                 kind="server")
+            try:
+                change = await self.store.delete(present, {k: v for k, v in (expect or {}).items() if k in present})
+            except Exception as e:
+                span.error(repr(e))
+                span.end()
+                raise
             revision = change.revision
             self.metrics.writes.labels("delete").inc()
             self.metrics.revision.set(revision)
-            await self.bus.publish(CONFIG_CHANGED, change.to_json())
+            span.set("mizzen.revision", revision)
+            await self.bus.publish(CONFIG_CHANGED, change.to_json(), headers=span.headers())
+            span.end()
         return {"revision": revision, "deleted": present, "notFound": missing}
 
     # ---- HTTP handlers ----

@@ -26,7 +26,7 @@ def load_assignment(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:
     if cla is not None:
         return cla
     cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                           tls_metadata=True)
+                           tls_metadata=True, mtls_disabled=push.endpoint_mtls_disabled)
     push.cache[key] = cla
     return cla
 
