@@ -3,7 +3,7 @@ inline `load_assignment` of DNS clusters (clusters.py). Endpoints are grouped by
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -32,20 +32,23 @@ def set_locality(loc: base_pb2.Locality, label: str) -> None:
         loc.sub_zone = parts[2]
 
 
-def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
-                     tls_metadata: bool) -> endpoint_pb2.ClusterLoadAssignment:
+def build_assignment(name: str, endpoints: Iterable, labels: dict | None, tls_metadata: bool,
+                     priority: Callable[[object], int] | None = None) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints whose labels ⊇ `labels`, grouped by locality. With `tls_metadata`, each endpoint says
-    whether its workload runs a sidecar (auto mTLS picks the TLS transport socket by it)."""
+    whether its workload runs a sidecar (auto mTLS picks the TLS transport socket by it). With `priority`,
+    a locality's endpoints are split further by their priority (failoverPriority, endpoints.py)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    groups: dict[str, list] = {}
+    groups: dict[tuple[str, int], list] = {}
     for e in endpoints:
         if labels and any(e.labels.get(k) != v for k, v in labels.items()):
             continue
-        groups.setdefault(e.locality, []).append(e)
-    for locality, eps in groups.items():
+        groups.setdefault((e.locality, priority(e) if priority else 0), []).append(e)
+    for (locality, prio), eps in groups.items():
         lle = cla.endpoints.add()
         if locality:
             set_locality(lle.locality, locality)
+        if prio:
+            lle.priority = prio
         total = 0
         for e in eps:
             lb = lle.lb_endpoints.add()

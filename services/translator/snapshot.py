@@ -6,7 +6,7 @@
   namespace, Sidecar scope, the labels VirtualService rules test): memoised on the push context, so proxies
   with the same view get the **same Python object**;
 * endpoints layer — the ClusterLoadAssignments the outbound EDS clusters need (memoised the same way; they
-  never depend on the proxy);
+  depend on the proxy only through its locality, and only for clusters locality load balancing applies to);
 * own layer — the sidecar's inbound clusters, InboundPassthroughClusterIpv4 and `virtualInbound` (replicas
   of one workload, which have identical inbound sides, share it too).
 
@@ -70,11 +70,14 @@ def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[
     return {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}, needs
 
 
-def _endpoint_layer(push: PushContext, needs: list) -> Layer:
-    key = ("eds-layer", frozenset((n.cluster_name, id(n.service), endpoints._labels_key(n.labels)) for n in needs))
+def _endpoint_layer(push: PushContext, needs: list, proxy: Proxy | None = None) -> Layer:
+    """Shared by every proxy with the same needs, unless locality LB makes them depend on the proxy's locality."""
+    where = endpoints.locality_signature(needs, proxy)
+    key = ("eds-layer", frozenset((n.cluster_name, id(n.service), endpoints._labels_key(n.labels)) for n in needs),
+           where)
     layer = push.cache.get(key)
     if layer is None:
-        layer = {ENDPOINT: endpoints.load_assignments(push, needs)}
+        layer = {ENDPOINT: endpoints.load_assignments(push, needs, proxy if where else None)}
         push.cache[key] = layer
     return layer
 
@@ -91,9 +94,10 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
             layer, needs = _router_outbound(push, view, proxy)
         else:
             layer, needs = _sidecar_outbound(push, view)
-        hit = (layer, _endpoint_layer(push, needs))
+        hit = (layer, needs)
         push.cache[("layers", key)] = hit
-    return hit
+    layer, needs = hit
+    return layer, _endpoint_layer(push, needs, proxy)
 
 
 def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
