@@ -193,3 +193,43 @@ async def test_repointing_routes_to_new_clusters_drops_no_request(api, tmp_path,
             envoy.stop()
         gw.stop()
         await redis.aclose()
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+async def test_updated_cluster_with_unchanged_endpoints_becomes_active(api, tmp_path, nats_server, redis_server,
+                                                                       upstreams):
+    """A DestinationRule change rewrites a cluster but not its endpoints. Envoy warms the updated EDS cluster
+    until it gets its endpoints again and does not ask for them: the gateway must send EDS after the CDS change,
+    else the old cluster keeps serving forever (the new one stays warming, its policy never applies)."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    nats_url, redis_url = nats_server.meta["url"], redis_server.meta["url"]
+    redis = aioredis.from_url(redis_url)
+    store = SnapshotStore(redis)
+    proxy = node_id("upd-1")
+    listen = procs.free_port()
+    mesh = Mesh()
+    mesh.clusters["svc"] = [upstreams["alpha"].port]
+    mesh.istio_eds.add("svc")  # no fallback to Envoy's cached endpoints after a fetch timeout
+    mesh.listeners["http"] = (listen, "web")
+    mesh.routes["web"] = [("/", "svc")]
+    await write_snapshot(store, proxy, 1, mesh)
+    gw = start_gateway(tmp_path, nats_url, redis_url, replica="gw-upd")
+    envoy = None
+    try:
+        envoy = start_envoy(tmp_path, proxy, gw.meta["port"], delta=(api == "delta"))
+        admin = envoy.meta["admin"]
+        await eventually(lambda: _body_is(listen, "/", "alpha"), what="traffic")
+        for gen, policy in enumerate((cluster_pb2.Cluster.RANDOM, cluster_pb2.Cluster.LEAST_REQUEST), start=2):
+            mesh.lb_policies["svc"] = policy
+            await write_snapshot(store, proxy, gen, mesh, nats_url)
+            name = cluster_pb2.Cluster.LbPolicy.Name(policy)
+            await eventually(lambda n=name: dynamic_clusters(admin)["svc"]["cluster"].get("lb_policy") == n,
+                             what=f"the updated cluster ({name}) active")
+            assert await get_async(listen, "/") == (200, "alpha")
+        await eventually(lambda: _synced(redis, proxy), what="SYNCED")
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        gw.stop()
+        await redis.aclose()

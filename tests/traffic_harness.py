@@ -7,6 +7,7 @@ configures, and echo upstreams on 127.0.0.x loopback addresses.
   connection pools and outlier detection are per worker, so one worker makes the counts exact).
 - A Gateway `traffic-gw` on a free port bound to 127.0.0.1 with hosts `*`: every VirtualService bound to it
   (`gateways: [traffic-gw]`) is reachable at `http://127.0.0.1:<port>/` with its host in the Host header.
+- An SDS server (tests/sds_fixture.py) gives the gateway the mesh certificate, as the agent does.
 - `Upstream`s are echo.py's HTTP server in this process (threads), so a test can count the requests that
   reached each one (`seen`), and make one slow or failing at run time (`status`, `delay`).
 
@@ -34,6 +35,7 @@ from mizzen.services.demo.echo import make_servers
 from mizzen.services.mesh import procs
 from mizzen.services.mesh.store import key_of
 from mizzen.services.sidecar.bootstrap import envoy_command
+from tests.sds_fixture import SdsServer
 from tests.stack import Stack
 from tests.test_e2e_support import eventually, mizzen
 
@@ -44,9 +46,11 @@ NS = "default"
 class Upstream:
     """An echo HTTP server on `ip:port` (port 0: a free one), answering as `name` (and `version`)."""
 
-    def __init__(self, name: str, ip: str, port: int = 0, version: str | None = None):
+    def __init__(self, name: str, ip: str, port: int = 0, version: str | None = None, ssl_context=None):
         self.name, self.ip = name, ip
         (self.server,) = make_servers([port], [], name, ip, version=version, pod=name)
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name=f"echo-{name}")
         self._thread.start()
@@ -128,6 +132,7 @@ class TrafficMesh:
     gateway_labels: dict[str, str] = field(default_factory=dict)  # e.g. the gateway's locality labels
     stack: Stack = field(init=False)
     envoy: procs.Proc | None = field(init=False, default=None)
+    sds: SdsServer | None = field(init=False, default=None)
     upstreams: list[Upstream] = field(default_factory=list)
     _next_ip: int = 20
 
@@ -147,12 +152,16 @@ class TrafficMesh:
     # ---- processes
     def _start_envoy(self) -> None:
         boot = self.work / "gateway.json"
+        # Its SDS, as the agent beside a real gateway: the mesh certificate (`default`, `ROOTCA`) that auto mTLS
+        # clusters name. Without it every such cluster would warm until the secrets' fetch times out.
+        self.sds = SdsServer([self.work / "sds.sock"]).start()
         labels = {"istio": "ingressgateway", **self.gateway_labels}
         flags = [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
         mizzen("bootstrap", "--router", "--pod", GATEWAY, "-n", NS, "--ip", "127.0.0.1",
                "--xds", self.stack.xds_address, *flags, "--admin-port", str(self.admin_port),
                "--health-port", str(procs.free_port()), "--prometheus-port", str(procs.free_port()),
                "--agent-port", str(procs.free_port()), "--listen-address", "127.0.0.1", "--zipkin", "",
+               "--sds-path", str(self.work / "sds.sock"), "--initial-fetch-timeout", "5s",
                "--access-log", str(self.access_log), "-o", str(boot))
         argv = envoy_command(str(boot), concurrency=1, log_level="warning", flush_interval_ms=100, drain_seconds=1)
         self.envoy = procs.spawn("envoy-gateway", argv, self.stack.log_dir)
@@ -170,6 +179,9 @@ class TrafficMesh:
         for u in self.upstreams:
             with contextlib.suppress(Exception):
                 u.close()
+        if self.sds is not None:
+            with contextlib.suppress(Exception):
+                self.sds.stop()
         with contextlib.suppress(Exception):
             self.stack.stop()
 
@@ -187,12 +199,19 @@ class TrafficMesh:
     def delete(self, *objects: dict) -> None:
         delete_keys(self.stack.registry_url, [key_of(o) for o in objects])
 
+    def _ip(self) -> str:
+        self._next_ip += 1
+        assert self._next_ip < 255, "out of 127.0.0.x addresses"
+        return f"127.0.0.{self._next_ip}"
+
     def upstream(self, name: str, port: int = 0, version: str | None = None, ip: str | None = None) -> Upstream:
         """A new echo upstream on its own 127.0.0.x address."""
-        if ip is None:
-            self._next_ip += 1
-            ip = f"127.0.0.{self._next_ip}"
-        u = Upstream(name, ip, port, version)
+        u = Upstream(name, ip or self._ip(), port, version)
+        self.upstreams.append(u)
+        return u
+
+    def tls_upstream(self, name: str, server_name: str) -> TlsUpstream:
+        u = TlsUpstream(name, self._ip(), server_name, self.work)
         self.upstreams.append(u)
         return u
 
@@ -309,3 +328,41 @@ def port_open(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+class TlsUpstream(Upstream):
+    """An echo server speaking HTTPS with a self-signed certificate for `server_name`; records the SNI each
+    TLS client sent (`snis`)."""
+
+    def __init__(self, name: str, ip: str, server_name: str, work: Path):
+        import ssl
+
+        cert, key = self_signed(server_name, work / f"{name}-cert.pem", work / f"{name}-key.pem")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.snis: list[str | None] = []
+        ctx.sni_callback = lambda sock, sni, _ctx: self.snis.append(sni)
+        self.cert = cert
+        super().__init__(name, ip, ssl_context=ctx)
+
+
+def self_signed(name: str, cert_path: Path, key_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

@@ -11,6 +11,7 @@ Per the xDS protocol's incremental variant:
 - Every response has its own nonce; the request echoing it is the ACK (or, with error_detail, the NACK). A
   NACKed resource is not resent until the snapshot changes it again. Unknown nonces are ignored for ACK/NACK
   purposes, but the subscription changes they carry are applied.
+- An updated EDS cluster gets its endpoints again (Envoy warms it until they arrive), as in SotW.
 - Same make-before-break order as SotW: CDS, EDS, LDS, RDS, and clusters are removed only after listeners and
   routes that stopped referencing them are ACKed.
 """
@@ -188,6 +189,13 @@ class DeltaStream(Stream):
             if t == CLUSTER:
                 before = sub.holdings()
                 self.clusters_added([n for n, _h in to_send if n not in before])
+                eds = self.subs.get(ENDPOINT)
+                updated = [n for n, _h in to_send if n in before]
+                if eds is not None and updated:
+                    # An updated EDS cluster warms until its endpoints arrive again: resend them (as istiod does).
+                    has = eds.own_has()
+                    for n in updated:
+                        has.pop(n, None)
             if held:
                 has = sub.own_has()
                 has.update(to_send)
