@@ -34,7 +34,17 @@ def route_to(host: str, **extra) -> dict:
     return {"route": [{"destination": {"host": host}}], **extra}
 
 
+def live(mesh: TrafficMesh, entry: dict, vs: dict, ups: list) -> None:
+    """Apply a service and its VirtualService, and wait until requests reach it."""
+    mesh.apply(entry, vs)
+    mesh.wait_vs(vs)
+    mesh.wait_hosts(outbound(vs["spec"]["hosts"][0]), ups)
+
+
 # ------------------------------------------------------------------------------------------ the four bugs
+# A user adds a DestinationRule to a service that already takes traffic: the cluster changes, its endpoints
+# do not. Before the fix the new cluster stayed warming for ever (no EDS after the CDS change), so the old
+# cluster, without the policy, kept serving: the three DestinationRule bugs of issue 10.
 def test_vs_timeout_gives_504_after_the_timeout(mesh: TrafficMesh):
     """`timeout: 0.5s` toward an upstream that answers after 2 s: 504 after about 0.5 s."""
     host = "timeout.traffic.test"
@@ -59,11 +69,11 @@ def test_consistent_hash_header_sticks_to_one_endpoint(mesh: TrafficMesh):
     host = "hash.traffic.test"
     ups = [mesh.upstream(f"hash-{i}") for i in range(3)]
     vs = virtual_service("hash", host, [{"name": "hash", **route_to(host)}])
-    dr = destination_rule("hash", host, {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}})
-    mesh.apply(service_entry("hash", host, ups), vs, dr)
-    mesh.wait_vs(vs)
-    mesh.wait_hosts(outbound(host), ups)
-    mesh.wait_cluster(outbound(host), lambda c: c.get("lb_policy") == "RING_HASH", what="RING_HASH cluster")
+    live(mesh, service_entry("hash", host, ups), vs, ups)
+    # the DestinationRule comes later, to a service already taking traffic (as a user adds one)
+    mesh.apply(destination_rule("hash", host, {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}))
+    mesh.wait_policy(outbound(host), lambda c: c.get("lb_policy") == "RING_HASH", what="RING_HASH cluster")
+    mesh.wait_routes(host, lambda rs: "hash_policy" in str(rs), what="the route's hash policy")
     used = set()
     for user in range(12):
         got = mesh.spread(host, 6, {"x-user": f"user-{user}"})
@@ -78,16 +88,13 @@ def test_outlier_detection_ejects_a_failing_endpoint(mesh: TrafficMesh):
     bad = mesh.upstream("od-bad")
     bad.answer(status=503)
     vs = virtual_service("outlier", host, [{"name": "outlier", "retries": {"attempts": 0}, **route_to(host)}])
-    dr = destination_rule("outlier", host, {"outlierDetection": {
-        "consecutive5xxErrors": 2, "interval": "1s", "baseEjectionTime": "60s", "maxEjectionPercent": 100}})
-    mesh.apply(service_entry("outlier", host, [*good, bad]), vs, dr)
-    mesh.wait_vs(vs)
-    mesh.wait_hosts(outbound(host), [*good, bad])
-    mesh.wait_cluster(outbound(host), lambda c: "outlier_detection" in c, what="outlier detection on the cluster")
+    live(mesh, service_entry("outlier", host, [*good, bad]), vs, [*good, bad])
+    mesh.apply(destination_rule("outlier", host, {"outlierDetection": {
+        "consecutive5xxErrors": 2, "interval": "1s", "baseEjectionTime": "60s", "maxEjectionPercent": 100}}))
+    mesh.wait_policy(outbound(host), lambda c: "outlier_detection" in c, what="outlier detection on the cluster")
     first = mesh.spread(host, 30)
     assert 1 <= first["503"] <= 2, first  # two consecutive 5xx, then it is out
-    eventually(lambda: "failed_outlier_check" in str(mesh.host_statuses(outbound(host))[bad.address]
-                                                     .get("health_status")), what="bad endpoint ejected")
+    assert "failed_outlier_check" in str(mesh.host_statuses(outbound(host))[bad.address].get("health_status"))
     before = len(bad.seen)
     after = mesh.spread(host, 30)
     assert after == {"od-good-0": after["od-good-0"], "od-good-1": after["od-good-1"]}, after
@@ -99,12 +106,11 @@ def test_connection_pool_overflows_with_uo(mesh: TrafficMesh):
     slow = mesh.upstream("pool-slow")
     slow.answer(delay=1.0)
     vs = virtual_service("pool", host, [{"name": "pool", **route_to(host)}])
-    dr = destination_rule("pool", host, {"connectionPool": {"tcp": {"maxConnections": 1},
-                                                            "http": {"http1MaxPendingRequests": 1}}})
-    mesh.apply(service_entry("pool", host, [slow]), vs, dr)
-    mesh.wait_vs(vs)
-    mesh.wait_hosts(outbound(host), [slow])
-    mesh.wait_cluster(outbound(host), lambda c: "circuit_breakers" in c, what="circuit breakers on the cluster")
+    live(mesh, service_entry("pool", host, [slow]), vs, [slow])
+    mesh.apply(destination_rule("pool", host, {"connectionPool": {"tcp": {"maxConnections": 1},
+                                                                  "http": {"http1MaxPendingRequests": 1}}}))
+    mesh.wait_policy(outbound(host), lambda c: c["circuit_breakers"]["thresholds"][0].get("max_connections") == 1,
+                     what="circuit breakers on the cluster")
     replies = mesh.concurrent(host, 20, {"x-test": "pool"})
     codes = sorted(r.status for r in replies)
     assert codes.count(200) >= 1 and codes.count(503) >= 10, codes

@@ -6,6 +6,8 @@ same behaviours and the rest of the API faster; this module proves the sidecar p
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 import time
 import uuid
@@ -84,12 +86,25 @@ def vs(name: str, rule: dict) -> dict:
             "spec": {"hosts": [name], "http": [{"route": [{"destination": {"host": name}}], **rule}]}}
 
 
-def setup(mesh: Mesh, name: str, ip: str, pods: list[str], *extra: dict) -> None:
+def setup(mesh: Mesh, name: str, ip: str, pods: list[str], *later: dict) -> None:
+    """A service taking traffic, then (as a user adds policy to a live service) the `later` objects."""
     env = mesh.env
-    env.apply(service(name, ip, app=name), endpoints(name, [mesh.pods[p] for p in pods]), *extra)
+    env.apply(service(name, ip, app=name), endpoints(name, [mesh.pods[p] for p in pods]))
     cluster = f"outbound|80||{fqdn(name)}"
     eventually(lambda: mesh.car.serves(cluster, {f"{mesh.pods[p].ip}:{PORT}" for p in pods}),
                what=f"{name} in the client's Envoy")
+    assert served_by(get(mesh, ip)) in pods
+    if later:
+        env.apply(*later)
+
+
+def arrived(mesh: Mesh, section: str, marker: str) -> None:
+    """Until Envoy got config containing `marker` (active or warming), then up to 5 s for nothing to be warming.
+    No assertion that it stopped warming: the traffic that follows is the test (a change stuck warming is the
+    bug it must expose)."""
+    eventually(lambda: marker in json.dumps(mesh.car.section(section)), what=f"{marker} in {section}")
+    with contextlib.suppress(AssertionError):
+        eventually(lambda: mesh.car.stats("cluster_manager.")["cluster_manager.warming_clusters"] == 0, 5)
 
 
 def get(mesh: Mesh, ip: str, headers: dict | None = None, timeout: float = 10.0) -> dict:
@@ -110,7 +125,7 @@ def _get_with(url: str, headers: dict, timeout: float) -> dict:
 
 def test_sidecar_vs_timeout(mesh):
     setup(mesh, "st-slow", "10.96.7.1", ["slow"], vs("st-slow", {"timeout": "0.3s"}))
-    eventually(lambda: "0.300s" in str(mesh.car.section("RoutesConfigDump")), what="the timeout in RDS")
+    arrived(mesh, "RoutesConfigDump", '"0.300s"')
     t0 = time.monotonic()
     res = get(mesh, "10.96.7.1")
     took = time.monotonic() - t0
@@ -120,8 +135,8 @@ def test_sidecar_vs_timeout(mesh):
 def test_sidecar_consistent_hash(mesh):
     setup(mesh, "st-hash", "10.96.7.2", ["g1", "g2", "g3"],
           dr("st-hash", {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}))
-    eventually(lambda: "RING_HASH" in str(mesh.car.section("ClustersConfigDump")), what="RING_HASH")
-    eventually(lambda: "x-user" in str(mesh.car.section("RoutesConfigDump")), what="hash policy in RDS")
+    arrived(mesh, "RoutesConfigDump", "x-user")
+    arrived(mesh, "ClustersConfigDump", "RING_HASH")
     used = set()
     for user in range(8):
         got = Counter(served_by(get(mesh, "10.96.7.2", {"x-user": f"u{user}"})) for _ in range(5))
@@ -133,10 +148,12 @@ def test_sidecar_consistent_hash(mesh):
 def test_sidecar_outlier_detection(mesh):
     setup(mesh, "st-od", "10.96.7.3", ["g1", "g2", "bad"],
           dr("st-od", {"outlierDetection": {"consecutive5xxErrors": 2, "interval": "1s", "baseEjectionTime": "60s",
-                                            "maxEjectionPercent": 100}}))
-    eventually(lambda: "consecutive_5xx" in str(mesh.car.section("ClustersConfigDump")), what="outlier detection")
-    for _ in range(20):
-        get(mesh, "10.96.7.3")
+                                            "maxEjectionPercent": 100}}),
+          vs("st-od", {"retries": {"attempts": 0}}))  # no retries: a request the bad pod gets fails
+    arrived(mesh, "RoutesConfigDump", '"st-od.default.svc.cluster.local:80"')
+    arrived(mesh, "ClustersConfigDump", "consecutive_5xx")
+    first = Counter(get(mesh, "10.96.7.3").get("status") for _ in range(20))
+    assert 1 <= first[503] <= 2, first  # two consecutive 5xx, then the bad pod is ejected
     bad = f"{mesh.pods['bad'].ip}:{PORT}"
     rids = set()
     for _ in range(30):
@@ -148,13 +165,13 @@ def test_sidecar_outlier_detection(mesh):
                what="30 access-log lines")
     log = [e for e in mesh.car.log_entries() if e.get("request_id") in rids]
     assert not [e for e in log if e.get("upstream_host") == bad], Counter(e.get("upstream_host") for e in log)
+    assert {e.get("response_code") for e in log} == {200}
 
 
 def test_sidecar_connection_pool_overflow(mesh):
     setup(mesh, "st-pool", "10.96.7.4", ["slow"],
           dr("st-pool", {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}}))
-    eventually(lambda: '"max_pending_requests": 1' in str(mesh.car.section("ClustersConfigDump")).replace("'", '"'),
-               what="circuit breakers")
+    arrived(mesh, "ClustersConfigDump", '"max_pending_requests": 1')
 
     def one(_):
         return mesh.client.call(_get_with, "http://10.96.7.4/", {}, 20.0, timeout=40)

@@ -267,6 +267,24 @@ class TrafficMesh:
         return eventually(lambda: (c := self.cluster_config(name)) is not None and check(c) and c, timeout,
                           0.1, what=what or f"cluster {name} in Envoy")  # type: ignore[return-value]
 
+    def clusters(self, section: str = "dynamic_active_clusters") -> dict[str, dict]:
+        for c in self.config_dump()["configs"]:
+            if c["@type"].endswith("ClustersConfigDump"):
+                return {dc["cluster"]["name"]: dc["cluster"] for dc in c.get(section, [])}
+        return {}
+
+    def wait_policy(self, name: str, check: Callable[[dict], object], what: str = "") -> None:
+        """Until Envoy got a version of cluster `name` for which `check` holds (active or still warming), then
+        up to 5 s for it to become the active one. A change a test waits for this way may stay warming (the
+        bug this tolerates is what the test's traffic must then expose): no assertion on the config here."""
+        def received() -> bool:
+            return any((c := self.clusters(sec).get(name)) is not None and check(c)
+                       for sec in ("dynamic_active_clusters", "dynamic_warming_clusters"))
+
+        eventually(received, 30, 0.1, what=what or f"a new version of {name}")
+        with contextlib.suppress(AssertionError):
+            eventually(lambda: (c := self.clusters().get(name)) is not None and check(c), 5, 0.1)
+
     def wait_hosts(self, cluster: str, upstreams: list[Upstream], timeout: float = 30.0) -> None:
         want = {u.address for u in upstreams}
         eventually(lambda: set(self.host_statuses(cluster)) == want, timeout, 0.1,
