@@ -401,3 +401,29 @@ def test_tls_origination_simple(mesh: TrafficMesh):
     mesh.wait_cluster(outbound(host), lambda c: "transport_socket" in c, what="TLS transport socket")
     r = eventually(lambda: (r := mesh.request(host)).status == 200 and r, what="a request over TLS")
     assert r.who == "tls-up" and "secure.upstream.test" in up.snis, (r.status, up.snis)
+
+
+@pytest.mark.parametrize("field", ["consecutiveGatewayErrors", "consecutiveErrors"])
+def test_gateway_errors_eject_only_on_502_503_504(mesh: TrafficMesh, field: str):
+    """consecutiveGatewayErrors (with consecutive5xxErrors: 0, else Envoy's default of 5 consecutive 5xx also
+    ejects, as in Istio) and the deprecated consecutiveErrors (which Istio maps to gateway errors alone) count
+    502, 503 and 504 only: an endpoint answering 500 stays, one answering 502 is ejected."""
+    host = f"gwerr-{field.lower()}.traffic.test"
+    good, e500, e502 = (mesh.upstream(f"ge-{field[-6:]}-{x}") for x in ("good", "500", "502"))
+    e500.answer(status=500)
+    e502.answer(status=502)
+    vs = virtual_service(f"gwerr-{field.lower()}", host, [{"name": "gwerr", "retries": {"attempts": 0},
+                                                          **route_to(host)}])
+    dr = destination_rule(f"gwerr-{field.lower()}", host, {"outlierDetection": {
+        field: 2, **({"consecutive5xxErrors": 0} if field == "consecutiveGatewayErrors" else {}),
+        "interval": "1s", "baseEjectionTime": "60s", "maxEjectionPercent": 100}})
+    mesh.apply(service_entry(f"gwerr-{field.lower()}", host, [good, e500, e502]), vs, dr)
+    mesh.wait_vs(vs)
+    mesh.wait_hosts(outbound(host), [good, e500, e502])
+    mesh.wait_cluster(outbound(host), lambda c: "outlier_detection" in c)
+    mesh.spread(host, 30)
+    health = {a: str(h.get("health_status")) for a, h in mesh.host_statuses(outbound(host)).items()}
+    assert "failed_outlier_check" in health[e502.address], health
+    assert "failed_outlier_check" not in health[e500.address], health
+    got = mesh.spread(host, 30)
+    assert set(got) == {good.name, "500"} and got["500"] >= 5, got

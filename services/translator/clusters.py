@@ -196,9 +196,13 @@ def _apply_outlier(c: Cluster, od: dict | None) -> None:
         return
     out = c.outlier_detection
     out.enforcing_success_rate.value = 0
+    old = int(od.get("consecutiveErrors") or 0)
+    if old > 0:
+        # The deprecated field counts gateway errors only (502/503/504; istio/api#617), not every 5xx.
+        out.consecutive_gateway_failure.value = old
+        out.enforcing_consecutive_gateway_failure.value = 100
+        out.enforcing_consecutive_5xx.value = 0
     c5 = od.get("consecutive5xxErrors")
-    if c5 is None and od.get("consecutiveErrors"):
-        c5 = od["consecutiveErrors"]  # deprecated alias
     if c5 is not None:
         v = int(c5.get("value", 0) if isinstance(c5, dict) else c5)
         out.consecutive_5xx.value = v
