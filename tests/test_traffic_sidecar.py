@@ -183,3 +183,28 @@ def test_sidecar_connection_pool_overflow(mesh):
     eventually(lambda: sum(1 for e in mesh.car.log_entries()
                            if "UO" in str(e.get("response_flags")) and e.get("response_code") == 503) >= 10,
                what="UO in the access log")
+
+
+def test_sidecar_egress_hosts_scope_what_the_client_reaches(mesh):
+    """A Sidecar whose egress lists one service: the client's Envoy keeps that service's cluster and routes and
+    drops the other's, whose ClusterIP then only matches the passthrough (and leads nowhere here)."""
+    setup(mesh, "st-scope-a", "10.96.7.5", ["g1"])
+    setup(mesh, "st-scope-b", "10.96.7.6", ["g2"])
+    scope = {"apiVersion": "networking.istio.io/v1beta1", "kind": "Sidecar",
+             "metadata": {"name": "client-scope", "namespace": "default"},
+             "spec": {"workloadSelector": {"labels": {"app": "client"}},
+                      "egress": [{"hosts": ["./st-scope-a.default.svc.cluster.local"]}]}}
+    b_cluster = f"outbound|80||{fqdn('st-scope-b')}"
+    mesh.env.apply(scope)
+    try:
+        eventually(lambda: b_cluster not in mesh.car.clusters() and not mesh.car.routes_to(b_cluster),
+                   what="st-scope-b out of the client's Envoy")
+        assert served_by(get(mesh, "10.96.7.5")) == "g1"
+        rid = f"scope-{uuid.uuid4().hex[:16]}"
+        res = call(mesh.client, "http://10.96.7.6/", rid, timeout=2.0)
+        assert served_by(res) is None, res
+        assert mesh.car.wait_entry(request_id=rid)["upstream_cluster"] == "PassthroughCluster"
+    finally:
+        mesh.env.delete(scope)
+    eventually(lambda: mesh.car.serves(b_cluster, {f"{mesh.pods['g2'].ip}:{PORT}"}), what="st-scope-b back")
+    assert served_by(get(mesh, "10.96.7.6")) == "g2"
