@@ -40,13 +40,18 @@ def proxy_labels(proxy) -> dict[str, str]:
     return {**proxy.labels, **loc.as_labels(proxy.locality)}
 
 
-def locality_signature(needs: list[EdsNeed], proxy) -> tuple | None:
-    """What of the proxy the needs' assignments depend on (None: nothing; they are shared by every proxy)."""
+def failover_keys(needs: list[EdsNeed]) -> tuple[str, ...]:
+    """Every label failoverPriority names in these needs' settings."""
+    return tuple(sorted({k for n in needs if n.locality_lb for k in n.locality_lb.get("failoverPriority") or ()}))
+
+
+def locality_signature(keys: tuple[str, ...], proxy) -> tuple | None:
+    """What of the proxy locality-dependent assignments depend on: its locality and the failoverPriority labels
+    (None without a locality: then they are the shared ones)."""
     if proxy is None or not proxy.locality:
         return None
-    keys = sorted({k for n in needs if n.locality_lb for k in n.locality_lb.get("failoverPriority") or ()})
-    if not any(n.locality_lb for n in needs):
-        return None
+    if not keys:
+        return (proxy.locality, ())
     labels = proxy_labels(proxy)
     return (proxy.locality, tuple(labels.get(k) for k in keys))
 
