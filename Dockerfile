@@ -12,9 +12,9 @@ COPY pyproject.toml setup.py README.md ./
 COPY services ./services
 COPY mizzen ./mizzen
 COPY proto ./proto
-# xds-protos ships a stale copy of opentelemetry/proto (grpc/grpc#42926): put the real one back last.
+# One command: Mizzen imports no opentelemetry module at run time, so xds-protos' stale copy of
+# opentelemetry/proto (grpc/grpc#42926) cannot break it (tests/test_install_fresh_venv.py).
 RUN pip install --no-cache-dir . \
-    && pip install --no-cache-dir --force-reinstall --no-deps opentelemetry-proto \
     && mizzen --help >/dev/null
 
 # The sidecar runs as istio-proxy (uid 1337), which the capture rules exempt. It writes its bootstrap to

@@ -13,7 +13,11 @@ and the memory of each: the resident-set growth of a fresh child process doing j
 its results (push context, snapshots, serialised layers); RSS, because Envoy protos live in upb's C arenas,
 which tracemalloc cannot see.
 
-    python bench/translate.py [--sizes 100,1000,5000] [--no-memory]
+`--policies` adds security policies: a mesh-wide DENY and a RequestAuthentication in the root namespace, an
+ALLOW per namespace, and for every third service an ALLOW selecting its pods (principals, paths, methods, a
+`when` header), so each of those workloads gets its own RBAC filters.
+
+    python bench/translate.py [--sizes 100,1000,5000] [--no-memory] [--policies]
 """
 
 from __future__ import annotations
@@ -34,8 +38,27 @@ from mizzen.services.translator.snapshot import build_snapshot  # noqa: E402
 NAMESPACES = ("bench-a", "bench-b", "bench-c")
 
 
-def generate(n: int) -> list[dict]:
-    objs: list[dict] = []
+def _policies(n: int) -> list[dict]:
+    def ap(name: str, ns: str, spec: dict) -> dict:
+        return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+    out = [ap("deny-debug", "istio-system", {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/debug*"]}}]}]}),
+           {"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "jwt", "namespace": "istio-system"},
+            "spec": {"jwtRules": [{"issuer": "https://issuer.example", "jwks": '{"keys":[]}'}]}}]
+    out += [ap("same-ns", ns, {"rules": [{"from": [{"source": {"namespaces": [ns]}}]}]}) for ns in NAMESPACES]
+    for i in range(0, n, 3):
+        ns = NAMESPACES[i % len(NAMESPACES)]
+        out.append(ap(f"svc-{i}", ns, {"selector": {"matchLabels": {"app": f"svc-{i}"}}, "rules": [{
+            "from": [{"source": {"principals": [f"cluster.local/ns/{ns}/sa/svc-{i + 1}"]}}],
+            "to": [{"operation": {"methods": ["GET", "POST"], "paths": ["/api/*"]}}],
+            "when": [{"key": "request.headers[x-tenant]", "values": ["a", "b"]}]}]}))
+    return out
+
+
+def generate(n: int, policies: bool = False) -> list[dict]:
+    objs: list[dict] = _policies(n) if policies else []
     for ns in NAMESPACES:
         objs.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     for i in range(n):
@@ -134,9 +157,9 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def _child(n: int, mode: str, proxies: int) -> None:
+def _child(n: int, mode: str, proxies: int, policies: bool = False) -> None:
     """Run one step in this (fresh) process and print the RSS growth it caused."""
-    objs = generate(n)
+    objs = generate(n, policies)
     node_ids = proxies_for(n, proxies)
     gc.collect()
     before = _rss_mib()
@@ -148,8 +171,9 @@ def _child(n: int, mode: str, proxies: int) -> None:
     print(f"{_rss_mib() - before:.1f}")
 
 
-def peak_mib(n: int, mode: str, proxies: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", f"{n}:{mode}", "--proxies", str(proxies)],
+def peak_mib(n: int, mode: str, proxies: int, policies: bool = False) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", f"{n}:{mode}", "--proxies", str(proxies),
+                          *(["--policies"] if policies else [])],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -159,17 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="100,1000,5000")
     ap.add_argument("--proxies", type=int, default=10)
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    ap.add_argument("--policies", action="store_true", help="add AuthorizationPolicies and a RequestAuthentication")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         n, mode = args.child.split(":")
-        _child(int(n), mode, args.proxies)
+        _child(int(n), mode, args.proxies, args.policies)
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
     print(f"{'services':>8} {'resources in':>12} {'1 proxy s':>10} {'full s':>8} {'layers':>6} {'resources':>9}"
           f" {'1 proxy MiB':>11} {'full MiB':>9} {'every pod s':>11} {'pods':>6} {'layers':>6}")
     for n in sizes:
-        objs = generate(n)
+        objs = generate(n, args.policies)
         node_ids = proxies_for(n, args.proxies)
         t1, (push, snap) = timed(one_proxy, objs, node_ids[0])
         del push, snap
@@ -178,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         tp, (pod_layers, _) = timed(full_rebuild, objs, pods)
         m1 = mf = float("nan")
         if not args.no_memory:
-            m1 = peak_mib(n, "one", args.proxies)
-            mf = peak_mib(n, "full", args.proxies)
+            m1 = peak_mib(n, "one", args.proxies, args.policies)
+            mf = peak_mib(n, "full", args.proxies, args.policies)
         print(f"{n:>8} {len(objs):>12} {t1:>10.3f} {tf:>8.3f} {layers:>6} {resources:>9} {m1:>11.1f} {mf:>9.1f}"
               f" {tp:>11.3f} {len(pods):>6} {pod_layers:>6}", flush=True)
     print(f"(seconds are CPU time; one proxy = PushContext + 1 snapshot; full = PushContext + {args.proxies} snapshots in "

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 from mizzen.services.mesh import procs
+from tests.otlp_classes import ensure_current
+
+# before any test module imports opentelemetry.proto: the official classes even when xds-protos' copy won
+ensure_current()
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED_MESH = FIXTURES / "seed-mesh"

@@ -65,6 +65,7 @@ class FixtureCA:
     cert_pem: bytes
     key_pem: bytes
     spiffe_id: str
+    ca_key_pem: bytes = b""  # the root's key, so `issue` can sign more workload certificates under it
 
 
 def make_ca(spiffe_id: str = DEFAULT_SPIFFE_ID, trust_domain: str = "cluster.local") -> FixtureCA:
@@ -87,6 +88,29 @@ def make_ca(spiffe_id: str = DEFAULT_SPIFFE_ID, trust_domain: str = "cluster.loc
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+    cert_pem, key_pem = _leaf(ca_name, ca_key, spiffe_id)
+    pem = serialization.Encoding.PEM
+    return FixtureCA(
+        root_pem=ca_cert.public_bytes(pem),
+        cert_pem=cert_pem,
+        key_pem=key_pem,
+        spiffe_id=spiffe_id,
+        ca_key_pem=ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+
+
+def issue(ca: FixtureCA, spiffe_id: str) -> FixtureCA:
+    """A workload certificate for another identity under the same root (e.g. a second client's service account,
+    for AuthorizationPolicy principals)."""
+    root = x509.load_pem_x509_certificate(ca.root_pem)
+    ca_key = serialization.load_pem_private_key(ca.ca_key_pem, None)
+    cert_pem, key_pem = _leaf(root.subject, ca_key, spiffe_id)  # type: ignore[arg-type]
+    return FixtureCA(ca.root_pem, cert_pem, key_pem, spiffe_id, ca.ca_key_pem)
+
+
+def _leaf(ca_name: x509.Name, ca_key: ec.EllipticCurvePrivateKey, spiffe_id: str) -> tuple[bytes, bytes]:
+    now = datetime.datetime.now(datetime.UTC)
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     key = ec.generate_private_key(ec.SECP256R1())
     # As Istio's workload certificates: empty subject, so the URI SAN is the identity and marked critical.
     cert = (
@@ -107,12 +131,8 @@ def make_ca(spiffe_id: str = DEFAULT_SPIFFE_ID, trust_domain: str = "cluster.loc
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    return FixtureCA(
-        root_pem=ca_cert.public_bytes(pem),
-        cert_pem=cert.public_bytes(pem),
-        key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        spiffe_id=spiffe_id,
-    )
+    return cert.public_bytes(pem), key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption())
 
 
 def secrets_for(ca: FixtureCA) -> dict[str, secret_pb2.Secret]:

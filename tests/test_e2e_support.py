@@ -33,7 +33,7 @@ from mizzen.services.demo.echo import http_call
 from mizzen.services.mesh import procs
 from mizzen.services.sidecar.bootstrap import envoy_command
 from mizzen.services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, Pod, PodNetwork, endpoints_object
-from tests.sds_fixture import FixtureCA, SdsServer, make_ca
+from tests.sds_fixture import FixtureCA, SdsServer, issue, make_ca
 from tests.stack import Stack
 
 ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
@@ -273,17 +273,19 @@ class E2E:
 
     def start_sidecar(self, pod: Pod, *, delta: bool = False, xds: str = f"127.0.0.1:{XDS_IN_POD}",
                       pod_name: str | None = None, extra_bootstrap: list[str] = (),
-                      hosts: dict[str, str] | None = None, iptables: bool = True, concurrency: int = 1) -> Sidecar:
+                      hosts: dict[str, str] | None = None, iptables: bool = True,
+                      identity: str | None = None, concurrency: int = 1) -> Sidecar:
         """`mizzen iptables` in the pod, the xDS relay, an SDS server, `mizzen bootstrap -o FILE [--delta]`,
         and Envoy as uid 1337 (not waited for: see wait_ready). With `hosts`, Envoy sees a private /etc/hosts
         (a bind mount in its own mount namespace) and a resolv.conf naming only the pod's loopback, so its
-        DNS answers come from the test and never leave the pod."""
+        DNS answers come from the test and never leave the pod. `identity` (a SPIFFE id) gives the sidecar a
+        certificate of its own under the mesh's root instead of the shared default one."""
         pod_name = pod_name or pod.name
         if iptables:
             pod.apply_iptables(SEED_IPTABLES_FLAGS)
         if xds == f"127.0.0.1:{XDS_IN_POD}":
             pod.forward_to_host(self.stack.xds_port, XDS_IN_POD)
-        sds = SdsServer([pod.work_dir / SDS_SOCKET], ca=self.ca)
+        sds = SdsServer([pod.work_dir / SDS_SOCKET], ca=issue(self.ca, identity) if identity else self.ca)
         self._sds.append(sds)
         sds.start()
         boot = pod.work_dir / "envoy.json"

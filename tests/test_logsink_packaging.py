@@ -22,7 +22,7 @@ OTLP_FIRST = (
     "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter\n"
     "from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc\n"
     "from envoy.service.accesslog.v3 import als_pb2_grpc\n"
-    "import mizzen.services.logsink.inputs.als, services.logsink.export\n"
+    "import mizzen.services.logsink.inputs.als, mizzen.services.logsink.export\n"
     "print('ok')\n"
 )
 

@@ -140,3 +140,96 @@ def test_registry_restart_loses_nothing(stack, tmp_path):
     assert r.hexists("config:objects", "Service/default/web")
     assert int(r.get("config:rev")) == 1
     r.close()
+
+
+MIXED = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec: {replicas: 1}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: default}
+---
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata: {name: web-cert, namespace: default}
+---
+""" + SERVICE + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web}}]}]
+"""
+
+
+def test_apply_skips_kinds_mizzen_does_not_model_and_reports_them(stack, tmp_path):
+    f = tmp_path / "app.yaml"
+    f.write_text(MIXED)
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[:2] == ["service/web created", "virtualservice.networking.istio.io/web created"]
+    assert lines[2] == f"deployment.apps/web skipped (Mizzen does not model Deployment; {f}, document 0)"
+    assert lines[3] == f"serviceaccount/web skipped (Mizzen does not model ServiceAccount; {f}, document 1)"
+    assert lines[4] == (f"certificate.cert-manager.io/web-cert skipped (Mizzen does not model cert-manager.io kinds; "
+                        f"{f}, document 2)")
+    assert len(lines) == 5
+    assert revision(stack) == 1
+    with pytest.raises(RegistryError) as e:
+        request("GET", stack.registry_url + "/apis/apps/v1/namespaces/default/deployments/web")
+    assert e.value.status == 404
+
+
+@pytest.mark.parametrize("api_version, kind, hint", [
+    ("networking.istio.io/v1", "VirtualServce", "did you mean 'VirtualService'?"),
+    ("security.istio.io/v1", "PeerAuthentcation", "did you mean 'PeerAuthentication'?"),
+    ("v1", "Servce", "did you mean 'Service'?"),
+])
+def test_a_typo_in_a_mesh_kind_is_still_an_error_and_nothing_is_stored(stack, tmp_path, api_version, kind, hint):
+    f = tmp_path / "typo.yaml"
+    f.write_text(MIXED + f"---\napiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: x, namespace: default}}\n")
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 1
+    assert f"typo.yaml, document 5: {kind} default/x: kind: unknown kind '{kind}' ({hint})" in r.stderr
+    assert "nothing was applied" in r.stderr
+    assert revision(stack) == 0
+
+
+UNTRANSLATED_DR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}}
+    tls: {mode: SIMPLE, insecureSkipVerify: true}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {retryBudget: {percent: 20}}
+"""
+
+
+def test_apply_stores_current_istio_fields_it_does_not_translate_and_warns_naming_each(stack, tmp_path):
+    f = tmp_path / "dr.yaml"
+    f.write_text(UNTRANSLATED_DR)
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "destinationrule.networking.istio.io/web created"
+    head = f"warning: {f}, document 0: DestinationRule default/web: "
+    tail = ": accepted but not translated by Mizzen yet: Envoy will not apply it"
+    assert r.stderr.splitlines() == [head + p + tail for p in (
+        "spec.trafficPolicy.loadBalancer.warmup", "spec.trafficPolicy.tls.insecureSkipVerify",
+        "spec.subsets[0].trafficPolicy.retryBudget")]
+    stored = request("GET", stack.registry_url + "/apis/networking.istio.io/v1/namespaces/default/destinationrules/web")
+    assert stored["spec"]["trafficPolicy"]["loadBalancer"]["warmup"] == {"duration": "10s"}
+    # an unknown field is still an error
+    f.write_text(UNTRANSLATED_DR.replace("insecureSkipVerify", "insecureSkipVerfy"))
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 1 and 'spec.trafficPolicy.tls.insecureSkipVerfy: unknown field "insecureSkipVerfy"' in r.stderr

@@ -17,6 +17,8 @@ from .test_xds_support import (
     Mesh,
     Upstream,
     bad_listener,
+    config_dump,
+    dump_section,
     dynamic_clusters,
     dynamic_listeners,
     dynamic_routes,
@@ -137,6 +139,10 @@ async def _body_is(port: int, path: str, body: str) -> bool:
     return status == 200 and text == body
 
 
+async def _status_is(port: int, status: int) -> bool:
+    return (await get_async(port, "/"))[0] == status
+
+
 async def _synced(redis, proxy: str) -> dict | None:
     st = (await _statuses(redis)).get(proxy)
     if st and all(v == "SYNCED" for v in st["status"].values()):
@@ -195,39 +201,65 @@ async def test_repointing_routes_to_new_clusters_drops_no_request(api, tmp_path,
         await redis.aclose()
 
 
+def _warming(admin: int) -> list[str]:
+    sec = dump_section(config_dump(admin), "ClustersConfigDump")
+    return [c["cluster"]["name"] for c in sec.get("dynamic_warming_clusters", [])]
+
+
 @pytest.mark.parametrize("api", ["sotw", "delta"])
-async def test_updated_cluster_with_unchanged_endpoints_becomes_active(api, tmp_path, nats_server, redis_server,
-                                                                       upstreams):
-    """A DestinationRule change rewrites a cluster but not its endpoints. Envoy warms the updated EDS cluster
-    until it gets its endpoints again and does not ask for them: the gateway must send EDS after the CDS change,
-    else the old cluster keeps serving forever (the new one stays warming, its policy never applies)."""
+async def test_a_changed_cluster_becomes_active_and_its_behaviour_applies(api, tmp_path, nats_server, redis_server,
+                                                                          upstreams):
+    """Envoy warms a replaced EDS cluster until it gets its endpoints, and asks for none (its EDS names did not
+    change): the gateway must send them again, or the new version never activates and the old one keeps
+    serving while config_dump shows the new one warming. Proven by traffic: the new version health-checks the
+    upstream for a status it never answers, so once active Envoy has no healthy host and answers 503."""
     from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.core.v3 import health_check_pb2
+    from envoy.type.v3 import percent_pb2, range_pb2
+    from google.protobuf import duration_pb2, wrappers_pb2
 
     nats_url, redis_url = nats_server.meta["url"], redis_server.meta["url"]
     redis = aioredis.from_url(redis_url)
     store = SnapshotStore(redis)
-    proxy = node_id("upd-1")
+    proxy = node_id("app-warm")
     listen = procs.free_port()
     mesh = Mesh()
     mesh.clusters["svc"] = [upstreams["alpha"].port]
-    mesh.istio_eds.add("svc")  # no fallback to Envoy's cached endpoints after a fetch timeout
     mesh.listeners["http"] = (listen, "web")
     mesh.routes["web"] = [("/", "svc")]
+    # as the translator makes EDS clusters (istiod too): no initial-fetch timeout, so nothing but the gateway's
+    # EDS response can finish warming a replaced cluster
+    no_timeout = cluster_pb2.Cluster()
+    no_timeout.eds_cluster_config.eds_config.initial_fetch_timeout.SetInParent()
+    mesh.cluster_merges["svc"] = no_timeout
     await write_snapshot(store, proxy, 1, mesh)
-    gw = start_gateway(tmp_path, nats_url, redis_url, replica="gw-upd")
+    gw = start_gateway(tmp_path, nats_url, redis_url)
     envoy = None
     try:
         envoy = start_envoy(tmp_path, proxy, gw.meta["port"], delta=(api == "delta"))
         admin = envoy.meta["admin"]
-        await eventually(lambda: _body_is(listen, "/", "alpha"), what="traffic")
-        for gen, policy in enumerate((cluster_pb2.Cluster.RANDOM, cluster_pb2.Cluster.LEAST_REQUEST), start=2):
-            mesh.lb_policies["svc"] = policy
-            await write_snapshot(store, proxy, gen, mesh, nats_url)
-            name = cluster_pb2.Cluster.LbPolicy.Name(policy)
-            await eventually(lambda n=name: dynamic_clusters(admin)["svc"]["cluster"].get("lb_policy") == n,
-                             what=f"the updated cluster ({name}) active")
-            assert await get_async(listen, "/") == (200, "alpha")
-        await eventually(lambda: _synced(redis, proxy), what="SYNCED")
+        await eventually(lambda: _body_is(listen, "/", "alpha"), what="traffic to alpha")
+
+        hc = health_check_pb2.HealthCheck(
+            timeout=duration_pb2.Duration(seconds=1), interval=duration_pb2.Duration(nanos=200_000_000),
+            unhealthy_threshold=wrappers_pb2.UInt32Value(value=1), healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+            http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+                path="/healthz", expected_statuses=[range_pb2.Int64Range(start=500, end=501)]))
+        merge = cluster_pb2.Cluster(health_checks=[hc])
+        merge.MergeFrom(no_timeout)
+        merge.common_lb_config.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0))
+        mesh.cluster_merges["svc"] = merge
+        await write_snapshot(store, proxy, 2, mesh, nats_url)
+        await eventually(lambda: "health_checks" in dynamic_clusters(admin).get("svc", {}).get("cluster", {}),
+                         timeout=10, what="the changed cluster active")
+        assert _warming(admin) == []
+        await eventually(lambda: _status_is(listen, 503), timeout=10, what="503: no healthy upstream")
+
+        # and back: the plain cluster replaces it again, traffic flows
+        mesh.cluster_merges["svc"] = no_timeout
+        await write_snapshot(store, proxy, 3, mesh, nats_url)
+        await eventually(lambda: _body_is(listen, "/", "alpha"), timeout=10, what="traffic to alpha again")
+        assert _warming(admin) == []
     finally:
         if envoy is not None:
             envoy.stop()

@@ -101,17 +101,14 @@ class Mesh:
         self.listeners: dict[str, tuple[int, str]] = {}
         self.routes: dict[str, list[tuple[str, str]]] = {}
         self.extra_listeners: dict[str, listener_pb2.Listener] = {}
-        self.lb_policies: dict[str, int] = {}  # cluster → Cluster.LbPolicy (a cluster change, endpoints unchanged)
-        self.istio_eds: set[str] = set()  # clusters whose EDS has no initial fetch timeout (0s), as Istio's
+        self.cluster_merges: dict[str, cluster_pb2.Cluster] = {}  # merged into the named EDS cluster
 
     def layer(self) -> dict[str, dict[str, bytes]]:
         layer: dict[str, dict[str, bytes]] = {CLUSTER: {}, ENDPOINT: {}, LISTENER: {}, ROUTE: {}}
         for name, ports in self.clusters.items():
             c = eds_cluster(name)
-            if name in self.lb_policies:
-                c.lb_policy = self.lb_policies[name]
-            if name in self.istio_eds:
-                c.eds_cluster_config.eds_config.initial_fetch_timeout.SetInParent()  # 0s: wait for EDS forever
+            if name in self.cluster_merges:
+                c.MergeFrom(self.cluster_merges[name])
             layer[CLUSTER][name] = c.SerializeToString()
             layer[ENDPOINT][name] = load_assignment(name, ports).SerializeToString()
         for name, (port, route) in self.listeners.items():

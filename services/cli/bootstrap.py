@@ -20,6 +20,7 @@ import orjson
 
 from mizzen.services.mesh import settings
 from mizzen.services.sidecar import bootstrap as bs
+from mizzen.services.sidecar.grpc_bootstrap import build_grpc_bootstrap
 
 
 def _labels(values: list[str]) -> dict[str, str]:
@@ -43,6 +44,8 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     )
     p.add_argument("--ip", default=os.environ.get("INSTANCE_IP"), help="the pod's IP (env INSTANCE_IP)")
     p.add_argument("--xds", default=bs.DEFAULT_XDS, help="control plane HOST:PORT (default %(default)s)")
+    p.add_argument("--grpc", action="store_true",
+                   help="a proxyless gRPC application's GRPC_XDS_BOOTSTRAP file instead of an Envoy bootstrap")
     p.add_argument("--router", action="store_true", help="a gateway (node id router~…) instead of a sidecar")
     p.add_argument("--delta", action="store_true", help="incremental xDS (ADS api_type DELTA_GRPC)")
     p.add_argument(
@@ -106,33 +109,47 @@ def main(argv: list[str], command: str = "bootstrap") -> int:
         parser.error(f"missing {', '.join(missing)}")
     if args.exec_envoy and (not args.output or args.output == "-"):
         parser.error("--exec needs -o FILE")
+    if args.grpc and (args.exec_envoy or args.router):
+        parser.error("--grpc writes a gRPC bootstrap: it takes neither --exec nor --router")
     try:
-        config = bs.build_bootstrap(
-            args.pod,
-            args.namespace,
-            args.ip,
-            xds=args.xds,
-            router=args.router,
-            access_log=args.access_log or None,
-            delta=args.delta,
-            labels=_labels(args.label),
-            cluster_id=args.cluster_id,
-            admin_port=args.admin_port,
-            agent_port=args.agent_port,
-            health_port=args.health_port,
-            prometheus_port=args.prometheus_port,
-            listen_address=args.listen_address,
-            health=args.health,
-            sds_path=args.sds_path,
-            zipkin=args.zipkin or None,
-            service_account=args.service_account,
-            xds_root_cert=args.xds_root_cert,
-            initial_fetch_timeout=args.initial_fetch_timeout,
-            all_stats=args.all_stats,
-        )
+        if args.grpc:
+            config = build_grpc_bootstrap(args.pod, args.namespace, args.ip, args.xds, labels=_labels(args.label),
+                                          service_account=args.service_account, cluster_id=args.cluster_id)
+        else:
+            config = _envoy_bootstrap(args)
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"mizzen {command}: {e}", file=sys.stderr)
         return 2
+    return _write(args, config)
+
+
+def _envoy_bootstrap(args: argparse.Namespace) -> dict:
+    return bs.build_bootstrap(
+        args.pod,
+        args.namespace,
+        args.ip,
+        xds=args.xds,
+        router=args.router,
+        access_log=args.access_log or None,
+        delta=args.delta,
+        labels=_labels(args.label),
+        cluster_id=args.cluster_id,
+        admin_port=args.admin_port,
+        agent_port=args.agent_port,
+        health_port=args.health_port,
+        prometheus_port=args.prometheus_port,
+        listen_address=args.listen_address,
+        health=args.health,
+        sds_path=args.sds_path,
+        zipkin=args.zipkin or None,
+        service_account=args.service_account,
+        xds_root_cert=args.xds_root_cert,
+        initial_fetch_timeout=args.initial_fetch_timeout,
+        all_stats=args.all_stats,
+    )
+
+
+def _write(args: argparse.Namespace, config: dict) -> int:
     data = orjson.dumps(config, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output and args.output != "-":
         out = Path(args.output)

@@ -16,12 +16,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pc": ("mizzen.services.cli.proxy_config", "alias of proxy-config"),
     "proxy-status": ("mizzen.services.cli.proxy_status", "show each proxy's xDS sync state"),
     "ps": ("mizzen.services.cli.proxy_status", "alias of proxy-status"),
+    "watch": ("mizzen.services.cli.watch", "print each new snapshot version of a proxy as it arrives"),
     "bootstrap": ("mizzen.services.cli.bootstrap", "write an Envoy sidecar bootstrap"),
     "iptables": ("mizzen.services.cli.iptables", "set up (or print) istio-iptables traffic interception"),
     "logsink": ("mizzen.services.logsink.cli", "run the access-log → OpenTelemetry service, or convert log files"),
     "registry": ("mizzen.services.registry.__main__", "run the registry service"),
     "translator": ("mizzen.services.translator.__main__", "run the translator service"),
     "xds-gateway": ("mizzen.services.xds_gateway.__main__", "run the xDS gateway service"),
+    "certauth": ("mizzen.services.certauth.__main__", "run the mesh CA (Istio's CSR API over TLS)"),
+    "ca": ("mizzen.services.certauth.cli", "the mesh CA: trust bundle, sign a CSR, rotate the root"),
+    "token": ("mizzen.services.certauth.cli", "print a workload token for a namespace and service account"),
 }
 
 

@@ -21,15 +21,20 @@ def _server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", "-s", default=None, help="registry URL (default $MIZZEN_SERVER or http://127.0.0.1:15080)")
 
 
+def _print_documents(label: str, details: list[dict]) -> None:
+    """One stderr line per field of each document: `<label>: <file>, document N: Kind ns/name: field: message`."""
+    for d in details:
+        what = f"{d.get('kind') or '?'} {d['namespace'] + '/' if d.get('namespace') else ''}{d.get('name') or '?'}"
+        for err in d.get("errors", []):
+            field = f"{err['field']}: " if err.get("field") else ""
+            print(f"{label}: {d['source']}, document {d['document']}: {what}: {field}{err['message']}", file=sys.stderr)
+
+
 def _report_failure(e: RegistryError) -> int:
     body = e.body if isinstance(e.body, dict) else {"message": str(e.body)}
     details = body.get("details")
     if isinstance(details, list):
-        for d in details:
-            what = f"{d.get('kind') or '?'} {d['namespace'] + '/' if d.get('namespace') else ''}{d.get('name') or '?'}"
-            for err in d.get("errors", []):
-                field = f"{err['field']}: " if err.get("field") else ""
-                print(f"error: {d['source']}, document {d['document']}: {what}: {field}{err['message']}", file=sys.stderr)
+        _print_documents("error", details)
         print("error: nothing was applied", file=sys.stderr)
     else:
         print(f"error: {body.get('message', body)}", file=sys.stderr)
@@ -63,6 +68,11 @@ def cmd_apply(argv: list[str]) -> int:
         k = kinds.BY_KIND[r["kind"]]
         group = f".{k.group}" if k.group else ""
         print(f"{k.kind.lower()}{group}/{r['name']} {r['action']}")
+    _print_documents("warning", result.get("warnings", []))
+    for s in result.get("skipped", []):
+        group = s["apiVersion"].rpartition("/")[0]
+        print(f"{s['kind'].lower()}{'.' + group if group else ''}/{s['name']} skipped ({s['reason']}; "
+              f"{s['source']}, document {s['document']})")
     return 0
 
 
@@ -98,6 +108,11 @@ def _columns(kind: str, obj: dict) -> list[tuple[str, str]]:
                 ("LOCATION", spec.get("location", "")), ("RESOLUTION", spec.get("resolution", ""))]
     if kind == "PeerAuthentication":
         return [("MODE", (spec.get("mtls") or {}).get("mode", ""))]
+    if kind == "AuthorizationPolicy":  # the CRD's printer column (.spec.action; empty means ALLOW)
+        return [("ACTION", spec.get("action", ""))]
+    if kind == "Secret":  # kubectl's columns: the values are never shown
+        keys = set(obj.get("data") or {}) | set(obj.get("stringData") or {})
+        return [("TYPE", obj.get("type") or "Opaque"), ("DATA", str(len(keys)))]
     return []
 
 

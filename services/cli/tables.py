@@ -404,7 +404,56 @@ def listener_rows(dump: ParsedDump, flt: ListenerFilter | None = None, verbose: 
 
 def listener_table(dump: ParsedDump, flt: ListenerFilter | None = None, verbose: bool = True) -> str:
     header = ["ADDRESS", "PORT", "MATCH", "DESTINATION"] if verbose else ["ADDRESS", "PORT", "TYPE"]
-    return tabwrite([header, *listener_rows(dump, flt, verbose)], padding=1)
+    table = tabwrite([header, *listener_rows(dump, flt, verbose)], padding=1)
+    rbac = rbac_policy_lines(dump, flt or ListenerFilter())
+    return table + "".join(f"{line}\n" for line in rbac)
+
+
+RBAC_HTTP = "envoy.filters.http.rbac"
+RBAC_NETWORK = "envoy.filters.network.rbac"
+
+
+def _rbac_names(any_msg, network: bool) -> list[str]:
+    if network:
+        from envoy.extensions.filters.network.rbac.v3 import rbac_pb2
+    else:
+        from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+    r = _unpack(any_msg, rbac_pb2.RBAC)
+    return [*r.rules.policies, *r.shadow_rules.policies]
+
+
+def chain_rbac_policies(chain) -> list[str]:
+    """The AuthorizationPolicy rules (RBAC policy names) a filter chain enforces or shadows, HTTP or TCP."""
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb,
+    )
+
+    names: list[str] = []
+    for f in chain.filters:
+        if f.name == RBAC_NETWORK:
+            names += _rbac_names(f.typed_config, network=True)
+        elif _is_hcm(f):
+            for hf in _unpack(f.typed_config, hcm_pb.HttpConnectionManager).http_filters:
+                if hf.name == RBAC_HTTP:
+                    names += _rbac_names(hf.typed_config, network=False)
+    return names
+
+
+def rbac_policy_lines(dump: ParsedDump, flt: ListenerFilter) -> list[str]:
+    """istioctl's `RBAC policies: <names>` (`x describe pod`), one line per inbound port that has any, prefixed
+    with that port as istioctl does for multi-port services; names sorted (istioctl prints Go's map order)."""
+    by_port: dict[int, set[str]] = {}
+    try:
+        listeners = filtered_listeners(dump, flt)
+    except TableError:
+        return []
+    for lst in listeners:
+        for chain in _chains(lst):
+            names = chain_rbac_policies(chain)
+            if names:
+                port = chain.filter_chain_match.destination_port.value or listener_port(lst)
+                by_port.setdefault(port, set()).update(names)
+    return [f"{port} RBAC policies: {', '.join(sorted(names))}" for port, names in sorted(by_port.items())]
 
 
 # ---------------------------------------------------------------------------------------------------------

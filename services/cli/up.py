@@ -1,7 +1,7 @@
 """`mizzen up`: the whole stack in the foreground for development.
 
 Private NATS and Redis from the bundled binaries (or `--nats-url`/`--redis-url`), then the registry, the
-translator and the xDS gateway (and the logsink when it is installed). State lives in `--data-dir`, so a second
+translator, the xDS gateway, certauth (the mesh CA, its files in `<data-dir>/ca`) (and the logsink when it is installed). State lives in `--data-dir`, so a second
 `mizzen up` comes back with the same config. Ctrl-C or SIGTERM stops everything it started.
 """
 
@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     p.add_argument("--registry-port", type=int, default=settings.REGISTRY_PORT)
     p.add_argument("--xds-port", type=int, default=settings.XDS_PORT)
+    p.add_argument("--ca-port", type=int, default=settings.CA_PORT, help="certauth's gRPC TLS port")
     p.add_argument("--demo", action="store_true",
                    help="apply a demo mesh and run it: echo apps, a real Envoy ingress gateway, traffic (docs/demo.md)")
     p.add_argument("--netns", action="store_true", help="with --demo: run the demo pods in network namespaces (root)")
@@ -44,7 +45,8 @@ def main(argv: list[str], command: str = "up") -> int:
     data_dir = settings.data_dir(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(Path(data_dir) / "stack", nats_url=args.nats_url, redis_url=args.redis_url,
-                  registry_port=args.registry_port, xds_port=args.xds_port, log_level=args.log_level,
+                  registry_port=args.registry_port, xds_port=args.xds_port, ca_port=args.ca_port,
+                  ca_data_dir=Path(data_dir), log_level=args.log_level,
                   otlp_endpoint=args.otlp_endpoint)
     stop = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -55,12 +57,14 @@ def main(argv: list[str], command: str = "up") -> int:
         stack.start_infra()
         print(f"  nats         {stack.nats_url}", flush=True)
         print(f"  redis        {stack.redis_url}", flush=True)
-        for name in ("registry", "translator", "xds-gateway"):
+        for name in ("certauth", "registry", "translator", "xds-gateway"):
             stack.start_service(name)
         print(f"  registry     {stack.registry_url}   (export MIZZEN_SERVER={stack.registry_url})", flush=True)
         print(f"  translator   http://127.0.0.1:{stack.http_ports['translator']}/metrics", flush=True)
         print(f"  xds-gateway  grpc://{stack.xds_address}   http://127.0.0.1:{stack.http_ports['xds-gateway']}/metrics",
               flush=True)
+        print(f"  certauth     grpcs://{stack.ca_address}   roots {stack.trust_bundle_path}   "
+              f"(export MIZZEN_CA={stack.ca_address})", flush=True)
         print(f"  logs         {stack.log_dir}", flush=True)
         if args.demo:
             from .demo import Demo, DemoError

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import grpc
 from aiohttp import ClientError, ClientSession, ClientTimeout
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
 
 from .metrics import Stats
+from .otlp_decode import partial_success
 
 log = logging.getLogger("mizzen.logsink.export")
 
@@ -50,11 +50,6 @@ class PermanentError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
-
-
-def _partial(resp: ts_pb2.ExportTraceServiceResponse) -> tuple[int, str]:
-    ps = resp.partial_success
-    return ps.rejected_spans, ps.error_message
 
 
 def split_endpoint(endpoint: str, protocol: str) -> tuple[str, bool]:
@@ -88,7 +83,7 @@ class GrpcExporter:
         self.call = self.channel.unary_unary(
             EXPORT_METHOD,
             request_serializer=lambda b: b,
-            response_deserializer=ts_pb2.ExportTraceServiceResponse.FromString,
+            response_deserializer=partial_success,  # raw bytes both ways: no opentelemetry.proto import
         )
 
     async def export(self, body: bytes) -> tuple[int, str]:
@@ -101,7 +96,7 @@ class GrpcExporter:
             if code in RETRYABLE_GRPC:
                 raise RetryableError(code.name.lower(), e.details() or code.name) from None
             raise PermanentError(code.name.lower(), e.details() or code.name) from None
-        return _partial(resp)
+        return resp
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -124,7 +119,7 @@ class HttpExporter:
                 data = await r.read()
                 if 200 <= r.status < 300:
                     if data and r.content_type == "application/x-protobuf":
-                        return _partial(ts_pb2.ExportTraceServiceResponse.FromString(data))
+                        return partial_success(data)
                     return 0, ""
                 if r.status in RETRYABLE_HTTP:
                     delay = r.headers.get("Retry-After")

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import IO
 
 import orjson
-from google.protobuf.json_format import MessageToDict
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
+
+from .otlp_decode import export_request_json
 
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")
 
@@ -27,9 +27,7 @@ def _hex_ids(span: dict) -> None:
 
 def resource_spans_json(request_bytes: bytes) -> list[dict]:
     """The `resourceSpans` entries of an encoded ExportTraceServiceRequest, as OTLP/JSON dicts."""
-    req = ts_pb2.ExportTraceServiceRequest.FromString(request_bytes)
-    d = MessageToDict(req, use_integers_for_enums=True, preserving_proto_field_name=False)
-    out = d.get("resourceSpans", [])
+    out = export_request_json(request_bytes).get("resourceSpans", [])
     for rs in out:
         for ss in rs.get("scopeSpans", ()):
             for span in ss.get("spans", ()):

@@ -41,6 +41,9 @@ MIZZEN_ACCESS_LOG_FIELDS: dict[str, str] = {
     "response_duration": "%RESPONSE_DURATION%",
     "downstream_peer_uri_san": "%DOWNSTREAM_PEER_URI_SAN%",
     "upstream_peer_uri_san": "%UPSTREAM_PEER_URI_SAN%",
+    # AuthorizationPolicy AUDIT: the RBAC filters' LOG action sets Envoy's shared `envoy.common` hint, true when an
+    # audit rule matched, false when an AUDIT filter ran and nothing matched, null without AUDIT policies.
+    "access_log_hint": "%DYNAMIC_METADATA(envoy.common:access_log_hint)%",
 }
 ACCESS_LOG_FIELDS: dict[str, str] = {
     **SEED_ACCESS_LOG_FIELDS,

@@ -41,6 +41,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Service", "", ("v1",), "services"),
     Kind("Endpoints", "", ("v1",), "endpoints"),
     Kind("Pod", "", ("v1",), "pods"),
+    Kind("Secret", "", ("v1",), "secrets"),  # gateway credentials (credentialName); values never printed
     Kind("EndpointSlice", "discovery.k8s.io", ("v1",), "endpointslices"),
     Kind("ServiceEntry", _NET, _NET_VERSIONS, "serviceentries"),
     Kind("WorkloadEntry", _NET, _NET_VERSIONS, "workloadentries"),
@@ -49,6 +50,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("Gateway", _NET, _NET_VERSIONS, "gateways"),
     Kind("Sidecar", _NET, _NET_VERSIONS, "sidecars"),
     Kind("PeerAuthentication", "security.istio.io", ("v1beta1", "v1"), "peerauthentications"),
+    Kind("AuthorizationPolicy", "security.istio.io", ("v1beta1", "v1"), "authorizationpolicies"),
+    Kind("RequestAuthentication", "security.istio.io", ("v1beta1", "v1"), "requestauthentications"),
+    Kind("EnvoyFilter", _NET, ("v1alpha3",), "envoyfilters"),
 )
 
 BY_KIND: dict[str, Kind] = {k.kind: k for k in KINDS}
@@ -60,6 +64,7 @@ ALIASES: dict[str, str] = {
     "svc": "Service", "service": "Service",
     "ep": "Endpoints", "endpoint": "Endpoints",
     "po": "Pod", "pod": "Pod",
+    "secret": "Secret",
     "endpointslice": "EndpointSlice",
     "se": "ServiceEntry", "serviceentry": "ServiceEntry",
     "we": "WorkloadEntry", "workloadentry": "WorkloadEntry",
@@ -68,6 +73,9 @@ ALIASES: dict[str, str] = {
     "gw": "Gateway", "gateway": "Gateway",
     "sidecar": "Sidecar",
     "pa": "PeerAuthentication", "peerauthentication": "PeerAuthentication",
+    "ap": "AuthorizationPolicy", "authorizationpolicy": "AuthorizationPolicy",
+    "ra": "RequestAuthentication", "requestauthentication": "RequestAuthentication",
+    "envoyfilter": "EnvoyFilter",
 }
 
 
@@ -103,3 +111,38 @@ def object_key(kind: str, namespace: str | None, name: str) -> str:
 def split_key(key: str) -> tuple[str, str, str]:
     kind, ns, name = key.split("/", 2)
     return kind, ns, name
+
+
+# Groups whose kinds Mizzen must know: a kind it does not know there is a typo (`VirtualServce`), an error.
+MESH_GROUP_SUFFIX = "istio.io"
+
+# Kubernetes' built-in kinds that mesh YAML often carries beside the mesh kinds (a Deployment next to its
+# Service). Mizzen does not model them: an apply skips and reports them. A core-group (`v1`) kind outside
+# this list is treated as a typo, as kubectl would fail on it.
+KUBERNETES_BUILTIN = frozenset({
+    "Binding", "ComponentStatus", "ConfigMap", "Event", "LimitRange", "Node", "PersistentVolume",
+    "PersistentVolumeClaim", "PodTemplate", "ReplicationController", "ResourceQuota", "ServiceAccount",
+    "ControllerRevision", "DaemonSet", "Deployment", "ReplicaSet", "StatefulSet", "CronJob", "Job",
+    "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress", "IngressClass", "NetworkPolicy",
+    "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "StorageClass", "PriorityClass",
+    "CustomResourceDefinition", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+    "Lease", "RuntimeClass", "CSIDriver", "VolumeAttachment", "CertificateSigningRequest",
+    "List",
+})
+
+
+def unmodelled_reason(api_version: str, kind: str) -> str | None:
+    """Why a document of a kind Mizzen does not model may be skipped, or None when it must be an error.
+
+    Skipped: Kubernetes' built-in kinds and kinds of other projects' API groups (cert-manager, Argo, …).
+    Errors: unknown kinds in Istio's groups and in the core group, which are typos of kinds Mizzen serves."""
+    if not kind or kind in BY_KIND:
+        return None
+    group = api_version.rpartition("/")[0]
+    if group == MESH_GROUP_SUFFIX or group.endswith("." + MESH_GROUP_SUFFIX):
+        return None
+    if kind in KUBERNETES_BUILTIN:
+        return f"Mizzen does not model {kind}"
+    if group and "." in group:
+        return f"Mizzen does not model {group} kinds"
+    return None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import orjson
 import redis.asyncio as aioredis
 
-from .xds_types import PUSH_ORDER
+from .xds_types import PUSH_ORDER, SECRET, SNAPSHOT_TYPES
 
 RES = "snapres:"
 LAYER = "snaplayer:"
@@ -80,7 +80,7 @@ class Manifest:
 
     @property
     def version(self) -> str:
-        return f"{self.revision}-" + digest("".join(self.versions.get(t, "") for t in PUSH_ORDER).encode())[:8]
+        return f"{self.revision}-" + digest("".join(self.versions.get(t, "") for t in SNAPSHOT_TYPES).encode())[:8]
 
     def to_json(self) -> bytes:
         return orjson.dumps({"proxy": self.proxy, "revision": self.revision, "version": self.version,
@@ -182,6 +182,8 @@ class SnapshotStore:
                 for t, entries in lay.index.items():
                     merged.setdefault(t, {}).update(entries)
             hit = {t: type_version(merged.get(t, {})) for t in PUSH_ORDER}
+            if merged.get(SECRET):  # only gateways with credentials have secrets; others keep their versions
+                hit[SECRET] = type_version(merged[SECRET])
             self._versions_cache.put(key, hit)
         return dict(hit)
 

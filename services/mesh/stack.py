@@ -30,6 +30,8 @@ class Stack:
     redis_data_dir: Path | None = None
     registry_port: int = 0
     xds_port: int = 0
+    ca_port: int = 0
+    ca_data_dir: Path | None = None  # where certauth keeps the CA (<dir>/ca); default work_dir
     log_level: str = "info"
     otlp_endpoint: str = "localhost:4317"
     procs: dict[str, procs.Proc] = field(default_factory=dict)
@@ -49,6 +51,19 @@ class Stack:
     def xds_address(self) -> str:
         return f"127.0.0.1:{self.xds_port}"
 
+    @property
+    def ca_address(self) -> str:
+        return f"127.0.0.1:{self.ca_port}"
+
+    @property
+    def ca_dir(self) -> Path:
+        """The data dir certauth runs with (its CA files are under `<ca_dir>/ca`; `mizzen token --data-dir`)."""
+        return self.ca_data_dir or self.work_dir
+
+    @property
+    def trust_bundle_path(self) -> Path:
+        return self.ca_dir / "ca" / "trust-bundle.pem"
+
     # ---- infrastructure ----
     def start_infra(self) -> None:
         if self.nats_url is None:
@@ -63,6 +78,7 @@ class Stack:
             self.redis_url = p.meta["url"]
         self.registry_port = self.registry_port or procs.free_port()
         self.xds_port = self.xds_port or procs.free_port()
+        self.ca_port = self.ca_port or procs.free_port()
 
     def restart_infra(self, name: str) -> None:
         """Kill NATS or Redis and start it again on the same port (Redis keeps its AOF data)."""
@@ -86,6 +102,10 @@ class Stack:
             return ServiceSpec("mizzen.services.translator", "--http-port", common)
         if name == "xds-gateway":
             return ServiceSpec("mizzen.services.xds_gateway", "--http-port", common + ["--port", str(self.xds_port)])
+        if name == "certauth":
+            return ServiceSpec("mizzen.services.certauth", "--http-port",
+                               ["--data-dir", str(self.ca_dir), "--port", str(self.ca_port),
+                                "--log-level", self.log_level])
         if name == "logsink":
             # access logs arrive over NATS (mizzen.accesslog.<proxy>, JetStream) and from files the caller names
             return ServiceSpec("mizzen.services.logsink", "--admin",

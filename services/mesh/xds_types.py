@@ -9,6 +9,9 @@ SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 # CDS, then EDS, then LDS, then RDS: a listener never points at a cluster Envoy does not have yet.
 PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
+# What a snapshot may hold: the pushed types, and SDS secrets (gateway credentials), which Envoy asks for by name.
+SNAPSHOT_TYPES = (*PUSH_ORDER, SECRET)
+
 SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", SECRET: "SDS"}
 
 # Wildcard types: Envoy subscribes to all of them; the others are subscribed by name.

@@ -27,6 +27,7 @@ from ..mesh import kinds
 from ..mesh.bus import CONFIG_CHANGED, Bus
 from ..mesh.errors import ApplyError, DocumentError, FieldError
 from ..mesh.kinds import Kind, object_key
+from ..mesh.secrets import redact
 from ..mesh.snapstore import SnapshotStore
 from ..mesh.store import ConfigStore, key_of
 from ..mesh.validation import check_documents
@@ -79,11 +80,18 @@ class RegistryAPI:
 
     # ---- the write path: validate everything, then one transaction, then one event ----
     async def apply_documents(self, docs: list[Document | DocumentError], default_ns: str = "default") -> dict:
-        objects, errors = check_documents(docs, default_ns)
+        skipped: list[dict] = []
+        warnings: list[DocumentError] = []
+        objects, errors = check_documents(docs, default_ns, skipped, warnings)
         if errors:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
-        return await self.apply_valid(objects)
+        result = await self.apply_valid(objects)
+        if skipped:
+            result["skipped"] = skipped
+        if warnings:
+            result["warnings"] = [w.to_json() for w in warnings]
+        return result
 
     async def apply_valid(self, objects: list[dict]) -> dict:
         """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce."""
@@ -169,7 +177,7 @@ class RegistryAPI:
         kind, ns, _ = r
         rev, items = await self.store.list(kind.kind, ns if kind.namespaced else None)
         return _json({"kind": f"{kind.kind}List", "apiVersion": kind.api_version(),
-                      "metadata": {"resourceVersion": str(rev)}, "items": items})
+                      "metadata": {"resourceVersion": str(rev)}, "items": [redact(o) for o in items]})
 
     async def handle_get(self, req: web.Request) -> web.Response:
         r = self._resolve(req)
@@ -179,7 +187,7 @@ class RegistryAPI:
         obj = await self.store.get(object_key(kind.kind, ns if kind.namespaced else None, name))
         if obj is None:
             return _status(404, "NotFound", f'{kind.plural} "{name}" not found')
-        return _json(obj)
+        return _json(redact(obj))
 
     async def _body_object(self, req: web.Request) -> dict | web.Response:
         raw = await req.read()
@@ -217,7 +225,7 @@ class RegistryAPI:
             return _json(e.to_json() | {"code": 422, "apiVersion": "v1"}, 422)
         stored = await self.store.get(key_of({"kind": kind.kind, "metadata": obj["metadata"]}))
         created = result["results"][0]["action"] == "created"
-        return _json(stored, 201 if created else 200)
+        return _json(redact(stored), 201 if created else 200)
 
     async def handle_delete_one(self, req: web.Request) -> web.Response:
         r = self._resolve(req)

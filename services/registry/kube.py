@@ -26,7 +26,8 @@ log = logging.getLogger("mizzen.registry.kube")
 SOURCE_ANNOTATION = "mizzen.io/source"
 SOURCE = "kubernetes"
 DEFAULT_KINDS = ("Namespace", "Service", "EndpointSlice", "Pod", "ServiceEntry", "WorkloadEntry",
-                 "VirtualService", "DestinationRule", "Gateway", "Sidecar", "PeerAuthentication")
+                 "VirtualService", "DestinationRule", "Gateway", "Sidecar", "PeerAuthentication",
+                 "AuthorizationPolicy", "RequestAuthentication")
 
 
 class Gone(Exception):

@@ -22,7 +22,7 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-from . import pb, protocol, routes, tls
+from . import pb, protocol, routes, security, tls
 from .clusters import inbound_cluster_name, subset_key
 from .model import PASSTHROUGH, UNSPECIFIED_IP, Config, Port, Service, ServiceInstance, host_matches, is_ip
 from .push_context import MALFORMED, MESH_GATEWAY, ProxyView, PushContext
@@ -71,13 +71,14 @@ def _http_filters(port_protocol: str | None, grpc_web: bool = False) -> list[hcm
 
 def build_hcm(push: PushContext, view: ProxyView, stat_prefix: str, *, rds: str = "",
               route_config=None, inbound: bool = False, port_protocol: str | None = None,
-              use_remote_address: bool = False) -> HCM:
+              use_remote_address: bool = False, security_filters: list[hcm_pb.HttpFilter] = ()) -> HCM:
     h = HCM(stat_prefix=stat_prefix, codec_type=HCM.AUTO)
     if rds:
         h.rds.config_source.CopyFrom(pb.ads_config_source())
         h.rds.route_config_name = rds
     else:
         h.route_config.CopyFrom(route_config)
+    h.http_filters.extend(security_filters)  # jwt_authn, RBAC: before everything else, as istiod puts them
     h.http_filters.extend(_http_filters(port_protocol, grpc_web=inbound and port_protocol == protocol.GRPC_WEB))
     h.normalize_path.value = True
     h.use_remote_address.value = use_remote_address
@@ -575,15 +576,16 @@ def inbound_chains(push: PushContext, view: ProxyView, proxy, inst: ServiceInsta
     name = f"{WILDCARD}_{port}"
     cls = _inbound_class(inst.port)
     td = push.mesh.trust_domain
+    sec_http, sec_tcp = security.inbound_filters(push, proxy)
 
     def http_filters() -> list[lc.Filter]:
         h = build_hcm(push, view, f"inbound_{WILDCARD}_{port}",
                       route_config=routes.inbound_route_config(cluster, inst.port.port, inst.service.hostname),
-                      inbound=True, port_protocol=inst.port.protocol)
+                      inbound=True, port_protocol=inst.port.protocol, security_filters=sec_http)
         return [hcm_filter(h)]
 
     def tcp_filters() -> list[lc.Filter]:
-        return [tcp_proxy_filter(view, cluster)]
+        return [*sec_tcp, tcp_proxy_filter(view, cluster)]
 
     def chain(filters, *, alpn=None, transport="", tls_ctx=None) -> lc.FilterChain:
         fc = lc.FilterChain(name=name, filters=filters)
@@ -627,9 +629,11 @@ def inbound_chains(push: PushContext, view: ProxyView, proxy, inst: ServiceInsta
     return [chain(http_filters(), alpn=PLAINTEXT_HTTP_ALPNS), chain(tcp_filters())]
 
 
-def _passthrough_chains(push: PushContext, view: ProxyView, mode: str, port: int | None) -> list[lc.FilterChain]:
+def _passthrough_chains(push: PushContext, view: ProxyView, mode: str, port: int | None,
+                        proxy=None) -> list[lc.FilterChain]:
     """Catch-all inbound chains to InboundPassthroughClusterIpv4: TCP ones, then HTTP ones (1.7 order)."""
     cluster = pb.INBOUND_PASSTHROUGH_CLUSTER_IPV4
+    sec_http, sec_tcp = security.inbound_filters(push, proxy) if proxy is not None else ([], [])
     td = push.mesh.trust_domain
     cidr = address_pb2.CidrRange(address_prefix=WILDCARD, prefix_len=pb.u32(0))
 
@@ -647,7 +651,7 @@ def _passthrough_chains(push: PushContext, view: ProxyView, mode: str, port: int
             fc.transport_socket.CopyFrom(tls.tls_socket(tls_ctx))
         return fc
 
-    tcp = [tcp_proxy_filter(view, cluster)]
+    tcp = [*sec_tcp, tcp_proxy_filter(view, cluster)]
     out = []
     if mode == "PERMISSIVE":
         out.append(base(VIRTUAL_INBOUND, tcp, alpn=MTLS_TCP_ALPNS_MXC, transport="tls",
@@ -660,7 +664,7 @@ def _passthrough_chains(push: PushContext, view: ProxyView, mode: str, port: int
 
     def http() -> list[lc.Filter]:
         h = build_hcm(push, view, cluster, route_config=routes.inbound_route_config(cluster, 0, ""), inbound=True,
-                      port_protocol=protocol.HTTP)
+                      port_protocol=protocol.HTTP, security_filters=sec_http)
         return [hcm_filter(h)]
 
     if mode in ("PERMISSIVE", "STRICT"):
@@ -677,11 +681,11 @@ def virtual_inbound_listener(push: PushContext, view: ProxyView, proxy, instance
                  traffic_direction=base_pb2.INBOUND)
     lst.use_original_dst.value = True
     workload_mode = push.mtls_mode(proxy.namespace, proxy.labels)
-    chains = _passthrough_chains(push, view, workload_mode, None)
+    chains = _passthrough_chains(push, view, workload_mode, None, proxy)
     declared = {i.inbound_port for i in instances}
     for p, pmode in sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items()):
         if p not in declared and pmode != "UNSET":
-            chains += _passthrough_chains(push, view, pmode, p)
+            chains += _passthrough_chains(push, view, pmode, p, proxy)
     service_chains: list[lc.FilterChain] = []
     seen_ports: set[int] = set()
     for inst in instances:
@@ -755,9 +759,12 @@ def https_route_name(server: dict, gw: Config, sport: int) -> str:
             f"{_bind_suffix(server)}")
 
 
-def gateway_listeners(push: PushContext, view: ProxyView, instances: list[ServiceInstance]
+def gateway_listeners(push: PushContext, view: ProxyView, instances: list[ServiceInstance],
+                      security_filters: tuple[list, list] = ([], [])
                       ) -> tuple[list[Listener], dict[str, tuple[int, list[tuple[Config, dict]]]]]:
-    """Gateway listeners, plus the RDS names they use → (server port, servers) for routes.gateway_route_config."""
+    """Gateway listeners, plus the RDS names they use → (server port, servers) for routes.gateway_route_config.
+    `security_filters` (HTTP, network) go first on every HTTP / TCP chain (AuthorizationPolicy, JWT)."""
+    sec_http, sec_tcp = security_filters
     listeners: list[Listener] = []
     rds: dict[str, tuple[int, list[tuple[Config, dict]]]] = {}
     for (listen, bind), servers in sorted(gateway_servers(push, view, instances).items()):
@@ -786,7 +793,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
                 name = https_route_name(server, gw, sport)
                 rds[name] = (sport, [(gw, server)])
                 h = build_hcm(push, view, f"outbound_{address}_{listen}", rds=name, port_protocol=proto,
-                              use_remote_address=True)
+                              use_remote_address=True, security_filters=sec_http)
                 fc = _chain([hcm_filter(h)], sni=hosts)
                 ctx = tls.server_tls(stls, push.mesh.trust_domain)
                 if ctx is not None:
@@ -813,7 +820,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
                                 continue
                             if ctx is not None and not sni:
                                 sni = hosts
-                            fc = _chain(_route_filters(view, rule.get("route") or [], sport, vs), sni=sni,
+                            fc = _chain([*sec_tcp, *_route_filters(view, rule.get("route") or [], sport, vs)], sni=sni,
                                         cidrs=list(m.get("destinationSubnets") or []),
                                         metadata=pb.istio_metadata({"config": vs.meta_path}))
                             if ctx is not None:
@@ -823,7 +830,7 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
             name = f"http.{sport_for_http}{_bind_suffix(plain_http[0][1])}"
             rds[name] = (sport_for_http, plain_http)
             h = build_hcm(push, view, f"outbound_{address}_{listen}", rds=name,
-                          port_protocol=protocol.HTTP, use_remote_address=True)
+                          port_protocol=protocol.HTTP, use_remote_address=True, security_filters=sec_http)
             fc = lc.FilterChain(filters=[hcm_filter(h)])
             if b"" not in keys:
                 keys.add(b"")

@@ -151,6 +151,7 @@ class Config:
     hosts: list[str] = field(default_factory=list)
     gateways: list[str] = field(default_factory=list)
     export_to: frozenset[str] | None = None
+    annotations: dict = field(default_factory=dict)  # read by kinds that honour some (istio.io/dry-run)
 
     @property
     def meta_path(self) -> str:

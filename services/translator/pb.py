@@ -76,6 +76,12 @@ def ads_config_source() -> config_source_pb2.ConfigSource:
                                           resource_api_version=config_source_pb2.V3)
 
 
+def ads_sds_config_source() -> config_source_pb2.ConfigSource:
+    """SDS over the ADS stream itself (gateway credentials come from the control plane, as istiod's)."""
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                          resource_api_version=config_source_pb2.V3)
+
+
 def sds_config_source() -> config_source_pb2.ConfigSource:
     """SDS over the bootstrap's `sds-grpc` cluster (the CA agent / certauth)."""
     return config_source_pb2.ConfigSource(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from mizzen.services.mesh import locality as loc
 
 SIDECAR = "sidecar"
+INJECT_TEMPLATES = "inject.istio.io/templates"
 ROUTER = "router"
 
 
@@ -64,6 +65,11 @@ class Proxy:
             pod = push.pods.get((proxy.namespace, proxy.pod)) or push.pods_by_ip.get(proxy.ip)
             if pod is not None:
                 proxy.labels = dict(pod["metadata"].get("labels") or {})
+                # Istio's proxyless pods (`inject.istio.io/templates: grpc-agent`) are gRPC clients before
+                # they connect: build their first snapshot in gRPC shapes, not a sidecar's.
+                templates = (pod["metadata"].get("annotations") or {}).get(INJECT_TEMPLATES, "")
+                if "GENERATOR" not in proxy.metadata and "grpc-agent" in templates.split(","):
+                    proxy.metadata["GENERATOR"] = "grpc"
         if isinstance(proxy.metadata.get("LABELS"), dict):
             proxy.labels.update(proxy.metadata["LABELS"])
         # The bootstrap writes node.locality from these same labels (topology.* / istio-locality), so the labels

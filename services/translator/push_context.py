@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from mizzen.services.mesh import locality, settings
 from mizzen.services.mesh.duration import DurationError, parse_duration
 
-from . import protocol
+from . import protocol, security
 from .model import (
     CLIENT_SIDE_LB,
     DNS_LB,
@@ -194,6 +194,9 @@ class PushContext:
         self.gateways: list[Config] = []
         self.sidecars: dict[str, list[Config]] = {}
         self.peer_authentications: dict[str, list[Config]] = {}
+        self.security = security.SecurityIndex()  # AuthorizationPolicy, RequestAuthentication
+        self.envoy_filters: dict[str, list[Config]] = {}  # namespace → EnvoyFilters (envoyfilter.py orders them)
+        self.secrets: dict[tuple[str, str], dict] = {}  # (namespace, name) → Secret (gateway credentials)
         self.namespaces: dict[str, dict] = {}
         # headless services' endpoint IPs: a proxy with one of these IPs gets its own outbound layer.
         self.headless_ips: set[str] = set()
@@ -226,11 +229,14 @@ class PushContext:
             if ip:
                 push.pods_by_ip.setdefault(ip, pod)
         push.workload_entries = by_kind.get("WorkloadEntry", [])
+        for sec in by_kind.get("Secret", []):
+            push.secrets[(sec["metadata"].get("namespace", "default"), sec["metadata"]["name"])] = sec
         push._build_services(by_kind)
         push._build_virtual_services(by_kind.get("VirtualService", []))
         push._build_destination_rules(by_kind.get("DestinationRule", []))
         for kind, index in (("Gateway", None), ("Sidecar", push.sidecars),
-                            ("PeerAuthentication", push.peer_authentications)):
+                            ("PeerAuthentication", push.peer_authentications),
+                            ("EnvoyFilter", push.envoy_filters)):
             for obj in by_kind.get(kind, []):
                 try:
                     c = push._config(obj)
@@ -241,6 +247,8 @@ class PushContext:
                     push.gateways.append(c)
                 else:
                     index.setdefault(c.namespace, []).append(c)
+        push.security = security.index(push, by_kind.get("AuthorizationPolicy", []),
+                                       by_kind.get("RequestAuthentication", []))
         return push
 
     def report(self, what: str, err: Exception) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
-from . import clusters, endpoints, listeners, routes
+from . import clusters, endpoints, envoyfilter, grpcgen, listeners, routes, secrets, security
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
@@ -41,7 +41,7 @@ class Snapshot:
         return out
 
     def merged(self) -> dict[str, dict[str, object]]:
-        return {t: self.resources(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+        return {t: self.resources(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)}
 
 
 def _by_name(items) -> dict[str, object]:
@@ -62,12 +62,16 @@ def _sidecar_outbound(push: PushContext, view: ProxyView) -> tuple[Layer, list]:
 
 def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[Layer, list]:
     instances = push.proxy_instances(proxy)
-    lds, rds_map = listeners.gateway_listeners(push, view, instances)
+    lds, rds_map = listeners.gateway_listeners(push, view, instances, security.inbound_filters(push, proxy))
     sni_dnat = any(((s.get("tls") or {}).get("mode") == "AUTO_PASSTHROUGH")
                    for g in view.gateways for s in g.spec.get("servers") or [])
     cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=False, gateway_sni_dnat=sni_dnat)
     rds = [routes.gateway_route_config(push, view, name, servers, port) for name, (port, servers) in rds_map.items()]
-    return {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}, needs
+    layer = {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}
+    sds = secrets.gateway_secrets(push, view)
+    if sds:
+        layer[SECRET] = _by_name(sds)
+    return layer, needs
 
 
 def _needs_key(needs: list) -> frozenset:
@@ -90,7 +94,8 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
     view = push.view(proxy)
     key = view.key
     if view.is_router:
-        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),)
+        key = key + (tuple((i.port.port, i.endpoint_port) for i in push.proxy_instances(proxy)),
+                     security.layer_key(push, proxy))
     hit = push.cache.get(("layers", key))
     if hit is None:
         if view.is_router:
@@ -124,7 +129,7 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
     modes = (push.mtls_mode(proxy.namespace, proxy.labels),
              tuple(sorted(push.port_level_mtls_ports(proxy.namespace, proxy.labels).items())),
              tuple(push.mtls_mode(proxy.namespace, proxy.labels, i.inbound_port) for i in instances))
-    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None,
+    key = ("own-layer", view.key, modes, proxy.ip if uses_ip else None, security.layer_key(push, proxy),
            tuple((id(i.service), i.port.port, i.port.name, i.port.protocol, i.endpoint_port, i.endpoint_address,
                   i.listen_port, i.capture_mode, i.bind) for i in instances))
     layer = push.cache.get(key)
@@ -139,8 +144,24 @@ def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
 
 
 def build_snapshot(push: PushContext, proxy: Proxy) -> Snapshot:
+    if grpcgen.is_proxyless(proxy):  # a gRPC application's own xDS client, not an Envoy
+        return Snapshot(proxy, grpcgen.layers(push, proxy))
     outbound, eds = outbound_layers(push, proxy)
-    return Snapshot(proxy, [outbound, eds, proxy_layer(push, proxy)])
+    layers = [outbound, eds, proxy_layer(push, proxy)]
+    patches = envoyfilter.patches_for(push, proxy) if push.envoy_filters else ()
+    if patches:
+        layers = [_patched_layer(push, proxy, layers, patches)]
+    return Snapshot(proxy, layers)
+
+
+def _patched_layer(push: PushContext, proxy: Proxy, layers: list[Layer], patches: tuple) -> Layer:
+    """The layers merged and EnvoyFilter-patched into one, shared by proxies with the same layers and patches."""
+    key = ("envoyfilter-layer", tuple(id(x) for x in layers), tuple(id(p) for p in patches), proxy.is_router)
+    layer = push.cache.get(key)
+    if layer is None:
+        merged = Snapshot(proxy, layers).merged()
+        layer = push.cache[key] = envoyfilter.apply_patches(merged, patches, proxy.is_router)
+    return layer
 
 
 def build_all(push: PushContext, proxies: list[Proxy]) -> dict[str, Snapshot]:

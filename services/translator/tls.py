@@ -2,7 +2,9 @@
 
 Istio certificates come over SDS from the bootstrap's `sds-grpc` cluster under the names `default` (the
 workload's key and certificate) and `ROOTCA` (the mesh root). File certificates named in a DestinationRule
-are SDS resources too (`file-cert:<cert>~<key>`, `file-root:<ca>`), as istiod 1.7 sends them.
+are SDS resources too (`file-cert:<cert>~<key>`, `file-root:<ca>`), as istiod 1.7 sends them. Gateway
+credentials (`credentialName`) are `kubernetes://<name>` and `kubernetes://<name>-cacert`, served over ADS
+(secrets.py builds them), as istiod ≥ 1.8 does.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ _SDS_CACHE: dict[str, secret_pb2.SdsSecretConfig] = {}
 
 
 def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    """An SDS reference over `sds-grpc` (built once per name; repeated fields copy it on append)."""
+    """An SDS reference (built once per name; repeated fields copy it on append): the workload's own certificates
+    over `sds-grpc` (the pod agent), gateway credentials (`kubernetes://…`) over ADS from the control plane."""
     cfg = _SDS_CACHE.get(name)
     if cfg is None:
-        cfg = _SDS_CACHE[name] = secret_pb2.SdsSecretConfig(name=name, sds_config=pb.sds_config_source())
+        source = pb.ads_sds_config_source() if name.startswith("kubernetes://") else pb.sds_config_source()
+        cfg = _SDS_CACHE[name] = secret_pb2.SdsSecretConfig(name=name, sds_config=source)
     return cfg
 
 

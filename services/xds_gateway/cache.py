@@ -471,6 +471,25 @@ class SnapshotCache:
             out.extend(rest or ())
         return out
 
+    def changed(self, old: ResourceSet, new: ResourceSet) -> list[str]:
+        """Names in both whose content differs, computed part by part (parts the two share are skipped, and
+        a pair of parts is compared once for every proxy that moves between them)."""
+        old_parts = old.parts or (old,)
+        out: list[str] = []
+        for q in new.parts or (new,):
+            if any(p is q or p.version == q.version for p in old_parts):
+                continue
+            for p in old_parts:
+                key = ("changed", p.version, q.version)
+                hit = self._diffs.get_recent(key)
+                if hit is None:
+                    pe, qe = p.entries, q.entries
+                    hit = [n for n, h in qe.items() if pe.get(n, h) != h] if len(qe) <= len(pe) else \
+                        [n for n, h in pe.items() if qe.get(n, h) != h]
+                    self._diffs.put(key, hit)
+                out.extend(hit)
+        return out
+
     async def delta_diff(self, old: ResourceSet, new: ResourceSet):
         """What a delta client holding `old` needs to reach `new`: (to_send, removed, encoded entries), computed
         part by part (layer by layer) and cached per pair of parts, so every proxy that moves between the same

@@ -11,7 +11,6 @@ Per the xDS protocol's incremental variant:
 - Every response has its own nonce; the request echoing it is the ACK (or, with error_detail, the NACK). A
   NACKed resource is not resent until the snapshot changes it again. Unknown nonces are ignored for ACK/NACK
   purposes, but the subscription changes they carry are applied.
-- An updated EDS cluster gets its endpoints again (Envoy warms it until they arrive), as in SotW.
 - Same make-before-break order as SotW: CDS, EDS, LDS, RDS, and clusters are removed only after listeners and
   routes that stopped referencing them are ACKed.
 """
@@ -164,6 +163,11 @@ class DeltaStream(Stream):
             desired = self.desired(t, sub.wildcard, sub.names)
             to_send, removed, entries = await self._diff(sub, desired)
             held = False
+            if t == ENDPOINT and (again := self.take_eds_resend()):
+                sending = {n for n, _h in to_send}
+                extra = [(n, h) for n, h in desired.entries.items() if n in again and n not in sending]
+                if extra:
+                    to_send, entries = [*to_send, *extra], None
             if t == ENDPOINT and desired.synthesized and to_send:
                 # endpoints of a cluster the snapshot dropped: keep them while Envoy still has the cluster
                 has = sub.holdings()
@@ -189,13 +193,7 @@ class DeltaStream(Stream):
             if t == CLUSTER:
                 before = sub.holdings()
                 self.clusters_added([n for n, _h in to_send if n not in before])
-                eds = self.subs.get(ENDPOINT)
-                updated = [n for n, _h in to_send if n in before]
-                if eds is not None and updated:
-                    # An updated EDS cluster warms until its endpoints arrive again: resend them (as istiod does).
-                    has = eds.own_has()
-                    for n in updated:
-                        has.pop(n, None)
+                self.clusters_changed([n for n, h in to_send if before.get(n, h) != h])
             if held:
                 has = sub.own_has()
                 has.update(to_send)

@@ -6,6 +6,7 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from .delta import DeltaStream
+from .snapshot_api import snapshot_handler
 from .sotw import SotwStream
 from .stream import Gateway
 
@@ -43,7 +44,8 @@ def make_server(gw: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ])
-    server.add_generic_rpc_handlers((ads_handler(gw),))
+    # the snapshot API shares the port and the snapshot cache with ADS
+    server.add_generic_rpc_handlers((ads_handler(gw), snapshot_handler(gw.cache)))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")

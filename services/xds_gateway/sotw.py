@@ -9,8 +9,6 @@ Per the xDS protocol (api-docs/xds_protocol):
   is sent as usual.
 - CDS and LDS are wildcard (empty resource_names, or "*"): the full set every time. EDS and RDS are by name:
   the subscribed names' resources (an EDS name with no assignment gets an empty one).
-- EDS follows every CDS change, even when no assignment changed: Envoy warms an updated EDS cluster until
-  its endpoints arrive again, and never asks for them itself.
 - Make before break: types go out CDS, EDS, LDS, RDS. A cluster the new snapshot drops stays in CDS (with its
   endpoints) until listeners and routes that no longer reference it are sent and ACKed; then CDS without it.
 """
@@ -132,6 +130,8 @@ class SotwStream(Stream):
                 continue  # pushed by the wake that follows the endpoints' ACK (or the warm-up deadline)
             sub = self.subs[t]
             desired, held = self._plan(t, sub)
+            if t == ENDPOINT and self.take_eds_resend():
+                sub.force = True
             if not sub.force and sub.sent is not None and desired.version == sub.sent.version:
                 st = self.type_status(t)
                 basis = "" if held else self.basis(t)
@@ -146,10 +146,7 @@ class SotwStream(Stream):
             if t == CLUSTER:
                 self.clusters_added(self.gw.cache.removed(desired, sub.sent) if sub.sent is not None
                                     else list(desired.entries))
-                eds = self.subs.get(ENDPOINT)
-                if eds is not None and sub.sent is not None:
-                    # An updated EDS cluster warms until it gets its endpoints again, and Envoy does not ask
-                    # (its EDS request repeats the last nonce): answer EDS after every CDS change, as istiod does.
-                    eds.force = True
+                if sub.sent is not None:
+                    self.clusters_changed(self.gw.cache.changed(sub.sent, desired))
             sub.sent, sub.nonce, sub.force, sub.held = desired, nonce, False, held
             self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(desired))

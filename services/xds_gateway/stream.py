@@ -95,6 +95,7 @@ class Stream:
         self._closed = False
         self.warming: set[str] = set()  # clusters just sent whose endpoints Envoy has not ACKed yet
         self.warming_deadline = 0.0
+        self.eds_resend: set[str] = set()  # EDS clusters CDS just replaced: their endpoints go again
         self._watch: int | None = None
         self._nonce = itertools.count(1)
 
@@ -177,6 +178,21 @@ class Stream:
             self.warming.update(waiting)
             self.warming_deadline = time.monotonic() + self.gw.warm_timeout
             asyncio.get_running_loop().call_later(self.gw.warm_timeout + 0.01, self.wake)
+
+    def clusters_changed(self, names: list[str]) -> None:
+        """CDS just replaced these existing EDS clusters (same name, new content). Envoy warms each new version
+        until it gets endpoints, but does not ask for them again (the names it subscribes did not change) and
+        holds its CDS ACK meanwhile, so without a fresh EDS response the new version never becomes active and
+        the old one keeps serving. Their assignments go right after the CDS response, as istiod pushes EDS with
+        every CDS: Envoy registers the new versions' EDS watches while it processes CDS, before it reads EDS."""
+        eds = self.view.resources(ENDPOINT) if self.view is not None else None
+        if eds is not None and names:
+            self.eds_resend.update(n for n in names if n in eds.entries)
+
+    def take_eds_resend(self) -> set[str]:
+        """The endpoint assignments to send again now."""
+        names, self.eds_resend = self.eds_resend, set()
+        return names
 
     def endpoints_acked(self) -> set[str] | frozenset[str]:
         """Names of the endpoint assignments Envoy has ACKed (and nothing newer is outstanding)."""

@@ -27,7 +27,9 @@ def parse_key(key: str) -> tuple[str, dict[str, str]]:
 
 
 class LogsinkProc:
-    def __init__(self, workdir: Path, args: list[str], name: str = "logsink"):
+    def __init__(self, workdir: Path, args: list[str], name: str = "logsink", python: str | None = None):
+        """`python`: another interpreter (a fresh venv) that runs its installed mizzen, not this checkout."""
+        self.python = python
         self.workdir = workdir
         self.args = args
         self.name = name
@@ -41,12 +43,16 @@ class LogsinkProc:
 
     async def start(self, timeout: float = 30.0) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        if self.python is None:
+            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        else:
+            env.pop("PYTHONPATH", None)  # and cwd outside the checkout: `-m` must find the installed package
         env["MIZZEN_DATA_DIR"] = str(self.workdir / "data")
-        argv = [sys.executable, "-m", "mizzen.services.logsink", "--admin", f"127.0.0.1:{self.admin_port}",
+        argv = [self.python or sys.executable, "-m", "mizzen.services.logsink", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--log-level", "info", *self.args]
         self.runs += 1
-        self.proc = procs.spawn(f"{self.name}-{self.runs}", argv, self.workdir, env=env, cwd=str(REPO))
+        cwd = str(REPO) if self.python is None else str(self.workdir)
+        self.proc = procs.spawn(f"{self.name}-{self.runs}", argv, self.workdir, env=env, cwd=cwd)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with ClientSession(timeout=ClientTimeout(total=1)) as s:

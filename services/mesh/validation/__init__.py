@@ -12,10 +12,11 @@ register themselves in `VALIDATORS`:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 from ..errors import DocumentError, FieldError
-from ..kinds import BY_KIND, kind_for_api_version
+from ..kinds import BY_KIND, kind_for_api_version, unmodelled_reason
 from ..yamlio import Document
 from .common import (
     Errs,
@@ -26,6 +27,8 @@ from .common import (
     qualified_name_errors,
 )
 from .schema import Map, Str, check, unknown_field
+from .security import security_warnings
+from .untranslated import untranslated_fields
 
 # kind → validator(obj) → list of field errors (paths relative to the object root, e.g. "spec.hosts[0]").
 VALIDATORS: dict[str, Callable[[dict], list[FieldError]]] = {}
@@ -121,13 +124,24 @@ def validate_object(obj: dict) -> list[FieldError]:
     return fn(obj) if fn else []
 
 
+def _unknown_kind(name: str) -> str:
+    if not name:
+        return "kind is required"
+    close = difflib.get_close_matches(name, list(BY_KIND), n=1, cutoff=0.8)
+    return f"unknown kind {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def check_documents(
-    docs: list[Document | DocumentError], default_namespace: str = "default"
+    docs: list[Document | DocumentError], default_namespace: str = "default",
+    skipped: list[dict] | None = None, warnings: list[DocumentError] | None = None,
 ) -> tuple[list[dict], list[DocumentError]]:
     """Normalise and validate documents; returns (objects, errors).
 
     All or nothing: when any document is invalid, `objects` is empty and `errors` names every bad document
     (file, document index, kind, namespace, name, and each field), so a caller can never store half an apply.
+    A document of a kind Mizzen does not model (a Deployment beside its Service; see
+    `kinds.unmodelled_reason`) is appended to `skipped` when the caller passes that list, and is an error
+    otherwise. Fields Mizzen accepts but does not translate yet are named in `warnings` when given.
     """
     objects: list[dict] = []
     errors: list[DocumentError] = []
@@ -143,11 +157,17 @@ def check_documents(
         api_version = obj.get("apiVersion") if isinstance(obj.get("apiVersion"), str) else ""
         kind = BY_KIND.get(kind_name)
         ns = ""
-        if kind is not None and kind.namespaced:
+        if kind is None:
+            ns = meta.get("namespace") or ""  # as written: the kind is unknown, so is its scope
+        elif kind.namespaced:
             ns = meta.get("namespace") or default_namespace
         doc_err = DocumentError(d.source, d.index, kind_name, ns if isinstance(ns, str) else "", name)
+        if kind is None and skipped is not None and (why := unmodelled_reason(api_version, kind_name)):
+            skipped.append({"source": d.source, "document": d.index, "apiVersion": api_version, "kind": kind_name,
+                            "namespace": meta.get("namespace") or "", "name": name, "reason": why})
+            continue
         if kind is None:
-            doc_err.errors.append(FieldError("kind", f"unknown kind {kind_name!r}" if kind_name else "kind is required"))
+            doc_err.errors.append(FieldError("kind", _unknown_kind(kind_name)))
             errors.append(doc_err)
             continue
         if kind_for_api_version(api_version, kind_name) is None:
@@ -170,6 +190,8 @@ def check_documents(
                 seen[ident] = (d.source, d.index)
         if doc_err.errors:
             errors.append(doc_err)
-        else:
-            objects.append(obj)
+            continue
+        objects.append(obj)
+        if warnings is not None and (untranslated := untranslated_fields(obj) + security_warnings(obj)):
+            warnings.append(DocumentError(d.source, d.index, kind_name, ns, name, untranslated))
     return ([] if errors else objects), errors

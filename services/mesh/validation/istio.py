@@ -14,9 +14,11 @@ from ..errors import FieldError
 from . import register
 from .common import Errs, check_workload_selector
 from .destinationrule import check_destination_rule
+from .envoyfilter import check_envoy_filter
 from .gateway import check_gateway
 from .istio_schema import SPECS, top_level
 from .schema import check, key
+from .security import check_authorization_policy, check_request_authentication
 from .serviceentry import check_service_entry, check_workload_entry_object
 from .sidecar import check_sidecar
 from .virtualservice import check_virtual_service
@@ -52,7 +54,12 @@ RULES: dict[str, Callable[[dict, Errs], None]] = {
     "ServiceEntry": check_service_entry,
     "WorkloadEntry": check_workload_entry_object,
     "PeerAuthentication": check_peer_authentication,
+    "AuthorizationPolicy": check_authorization_policy,
+    "RequestAuthentication": check_request_authentication,
+    "EnvoyFilter": check_envoy_filter,
 }
+# Kinds that honour `istio.io/dry-run` (an AuthorizationPolicy then becomes shadow rules); others reject it.
+DRY_RUN_KINDS = {"AuthorizationPolicy"}
 
 
 def _make_validator(kind: str) -> Callable[[dict], list[FieldError]]:
@@ -65,7 +72,12 @@ def _make_validator(kind: str) -> Callable[[dict], list[FieldError]]:
             return structural
         errs = Errs()
         annotations = obj["metadata"].get("annotations", {})
-        if DRY_RUN_ANNOTATION in annotations:
+        if DRY_RUN_ANNOTATION in annotations and kind in DRY_RUN_KINDS:
+            if annotations[DRY_RUN_ANNOTATION].lower() not in ("true", "false", "1", "0", "t", "f"):
+                errs.add(key("metadata.annotations", DRY_RUN_ANNOTATION),
+                         f"invalid annotation {DRY_RUN_ANNOTATION}={annotations[DRY_RUN_ANNOTATION]!r}: must be a "
+                         "boolean (true/false)")
+        elif DRY_RUN_ANNOTATION in annotations:
             meta = obj["metadata"]
             errs.add(key("metadata.annotations", DRY_RUN_ANNOTATION),
                      f"{meta['namespace']}/{meta['name']} has unsupported annotation {DRY_RUN_ANNOTATION}, "

@@ -406,6 +406,110 @@ PEER_AUTHENTICATION = Obj({
     "portLevelMtls": Map(Obj({"mode": Str(enum=MTLS_MODES)}), int_keys=True),
 })
 
+# ---- AuthorizationPolicy / RequestAuthentication (istio/api security/v1beta1, served as v1 and v1beta1) ------
+
+POLICY_TARGET_REFERENCE = Obj(
+    {"group": Str(max_len=253), "kind": Str(max_len=63), "name": Str(max_len=253), "namespace": Str()},
+    required=("kind", "name"),
+)
+_STRINGS = List(Str())
+
+AUTHZ_SOURCE = Obj({
+    "principals": _STRINGS, "notPrincipals": _STRINGS,
+    "requestPrincipals": _STRINGS, "notRequestPrincipals": _STRINGS,
+    "namespaces": _STRINGS, "notNamespaces": _STRINGS,
+    "serviceAccounts": List(Str(max_len=320), max_items=16), "notServiceAccounts": List(Str(max_len=320), max_items=16),
+    "trustDomains": _STRINGS, "notTrustDomains": _STRINGS,
+    "ipBlocks": _STRINGS, "notIpBlocks": _STRINGS,
+    "remoteIpBlocks": _STRINGS, "notRemoteIpBlocks": _STRINGS,
+})
+
+AUTHZ_OPERATION = Obj({
+    "hosts": _STRINGS, "notHosts": _STRINGS, "ports": _STRINGS, "notPorts": _STRINGS,
+    "methods": _STRINGS, "notMethods": _STRINGS, "paths": _STRINGS, "notPaths": _STRINGS,
+})
+
+AUTHZ_RULE = Obj({
+    "from": List(Obj({"source": AUTHZ_SOURCE}), max_items=512),
+    "to": List(Obj({"operation": AUTHZ_OPERATION})),
+    "when": List(Obj({"key": Str(), "values": _STRINGS, "notValues": _STRINGS}, required=("key",))),
+})
+
+AUTHORIZATION_POLICY = Obj({
+    "selector": POLICY_SELECTOR,
+    "targetRef": POLICY_TARGET_REFERENCE,
+    "targetRefs": List(POLICY_TARGET_REFERENCE, max_items=16),
+    "rules": List(AUTHZ_RULE, max_items=512),
+    "action": Str(enum=("ALLOW", "DENY", "AUDIT", "CUSTOM")),
+    "provider": Obj({"name": Str()}),
+})
+
+JWT_RULE = Obj(
+    {
+        "issuer": Str(),
+        "audiences": _STRINGS,
+        "jwksUri": Str(max_len=2048),
+        "jwks_uri": Str(max_len=2048),
+        "jwks": Str(),
+        "fromHeaders": List(Obj({"name": Str(), "prefix": Str()}, required=("name",))),
+        "fromParams": _STRINGS,
+        "fromCookies": _STRINGS,
+        "outputPayloadToHeader": Str(),
+        "forwardOriginalToken": Bool(),
+        "outputClaimToHeaders": List(Obj({"header": Str(), "claim": Str()}, required=("header", "claim"))),
+        "spaceDelimitedClaims": List(Str(), max_items=64),
+        "timeout": Duration(),
+        "presence": Str(enum=("OPTIONAL", "REQUIRED")),
+    },
+    oneof=(("jwksUri", "jwks_uri", "jwks"),),
+)
+
+REQUEST_AUTHENTICATION = Obj({
+    "selector": POLICY_SELECTOR,
+    "targetRef": POLICY_TARGET_REFERENCE,
+    "targetRefs": List(POLICY_TARGET_REFERENCE, max_items=16),
+    "jwtRules": List(JWT_RULE, max_items=4096),
+})
+
+# ---- EnvoyFilter ------------------------------------------------------------------------------------------------
+
+EF_APPLY_TO = ("INVALID", "LISTENER", "FILTER_CHAIN", "NETWORK_FILTER", "HTTP_FILTER", "ROUTE_CONFIGURATION",
+               "VIRTUAL_HOST", "HTTP_ROUTE", "CLUSTER", "EXTENSION_CONFIG", "BOOTSTRAP", "LISTENER_FILTER")
+EF_CONTEXTS = ("ANY", "SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY", "WAYPOINT")
+EF_OPERATIONS = ("INVALID", "MERGE", "ADD", "REMOVE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST", "REPLACE")
+ENVOY_FILTER = Obj({
+    "workloadSelector": Obj({"labels": Map(Str(), max_props=256)}),
+    "targetRefs": List(Obj({"group": Str(), "kind": Str(), "name": Str(), "namespace": Str()})),
+    "configPatches": List(Obj({
+        "applyTo": Str(enum=EF_APPLY_TO),
+        "match": Obj({
+            "context": Str(enum=EF_CONTEXTS),
+            "proxy": Obj({"proxyVersion": Str(), "metadata": Map(Str())}),
+            "listener": Obj({
+                "portNumber": UInt32(),
+                "portName": Str(),
+                "filterChain": Obj({
+                    "name": Str(), "sni": Str(), "transportProtocol": Str(), "applicationProtocols": Str(),
+                    "filter": Obj({"name": Str(), "subFilter": Obj({"name": Str()})}),
+                    "destinationPort": UInt32(),
+                }),
+                "listenerFilter": Str(),
+                "name": Str(),
+            }),
+            "routeConfiguration": Obj({
+                "portNumber": UInt32(), "portName": Str(), "gateway": Str(), "name": Str(),
+                "vhost": Obj({"name": Str(), "domainName": Str(),
+                              "route": Obj({"name": Str(), "action": Str(enum=("ANY", "ROUTE", "REDIRECT",
+                                                                               "DIRECT_RESPONSE"))})}),
+            }),
+            "cluster": Obj({"portNumber": UInt32(), "service": Str(), "subset": Str(), "name": Str()}),
+        }, oneof=(("listener", "routeConfiguration", "cluster"),)),
+        "patch": Obj({"operation": Str(enum=EF_OPERATIONS), "value": Opaque(),
+                      "filterClass": Str(enum=("UNSPECIFIED", "AUTHN", "AUTHZ", "STATS"))}),
+    })),
+    "priority": Int32(),
+})
+
 SPECS: dict[str, Obj] = {
     "VirtualService": VIRTUAL_SERVICE,
     "DestinationRule": DESTINATION_RULE,
@@ -414,6 +518,9 @@ SPECS: dict[str, Obj] = {
     "ServiceEntry": SERVICE_ENTRY,
     "WorkloadEntry": WORKLOAD_ENTRY,
     "PeerAuthentication": PEER_AUTHENTICATION,
+    "AuthorizationPolicy": AUTHORIZATION_POLICY,
+    "RequestAuthentication": REQUEST_AUTHENTICATION,
+    "EnvoyFilter": ENVOY_FILTER,
 }
 
 # Kinds whose CRD requires `spec` (the others validate an absent spec as an empty one).

@@ -1,4 +1,4 @@
-"""Validators for the Kubernetes kinds (Namespace, Service, Endpoints, EndpointSlice, Pod).
+"""Validators for the Kubernetes kinds (Namespace, Service, Endpoints, EndpointSlice, Pod, Secret).
 
 The fields the mesh reads are checked the way the Kubernetes API server checks them (`pkg/apis/core/validation`,
 `pkg/apis/discovery/validation`, with their error wording); parts of a Pod the mesh never reads (volumes, probes,
@@ -10,6 +10,9 @@ a name, labels, a service account and an IP); whatever a Pod does declare is che
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Callable
 
 from ..errors import FieldError
@@ -404,6 +407,40 @@ def _check_container(container: dict, path: str, names: set[str], errs: Errs) ->
             errs.add_all(child(at, "hostIP"), k8s_ip_errors(port["hostIP"]))
 
 
+SECRET = Obj({
+    "apiVersion": Str(), "kind": Str(), "metadata": Opaque(),
+    "type": Str(), "data": Map(Str()), "stringData": Map(Str()), "immutable": Bool(),
+})
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+# Kubernetes' required keys per built-in Secret type (pkg/apis/core/validation ValidateSecret).
+_SECRET_TYPE_KEYS = {"kubernetes.io/tls": ("tls.crt", "tls.key"), "kubernetes.io/basic-auth": (),
+                     "kubernetes.io/ssh-auth": ("ssh-privatekey",)}
+
+
+def check_secret(obj: dict, errs: Errs) -> None:
+    """Kubernetes' Secret rules: key names, base64 `data`, the keys a built-in type requires, 1 MiB in all."""
+    data = obj.get("data") or {}
+    size = 0
+    for fld in ("data", "stringData"):
+        for k, v in (obj.get(fld) or {}).items():
+            at = key(fld, k)
+            if len(k) > 253 or not _SECRET_KEY.fullmatch(k):
+                errs.add(at, invalid(k, "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"))
+            if fld == "data":
+                try:
+                    size += len(base64.b64decode(v, validate=True))
+                except (binascii.Error, ValueError):
+                    errs.add(at, "illegal base64 data (data values must be base64; use stringData for plain text)")
+            else:
+                size += len(v.encode())
+    if size > 1 << 20:
+        errs.add("data", "Too long: must have at most 1048576 bytes")
+    present = set(data) | set(obj.get("stringData") or {})
+    for required in _SECRET_TYPE_KEYS.get(obj.get("type") or "Opaque", ()):
+        if required not in present:
+            errs.add(key("data", required), "Required value")
+
+
 def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callable[[dict], list[FieldError]]:
     def validate(obj: dict) -> list[FieldError]:
         structural = check(obj, schema)
@@ -421,3 +458,4 @@ register("Service")(_make_validator(SERVICE, check_service))
 register("Endpoints")(_make_validator(ENDPOINTS, check_endpoints))
 register("EndpointSlice")(_make_validator(ENDPOINT_SLICE, check_endpoint_slice))
 register("Pod")(_make_validator(POD, check_pod))
+register("Secret")(_make_validator(SECRET, check_secret))

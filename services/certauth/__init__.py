@@ -1,0 +1,1 @@
+"""certauth: the mesh CA (Istio's CSR API over gRPC/TLS, SPIFFE workload certificates, root rotation)."""
