@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -114,6 +115,17 @@ def get(mesh: Mesh, ip: str, headers: dict | None = None, timeout: float = 10.0)
     return res
 
 
+def _burst(url: str, n: int) -> list[dict]:
+    barrier = threading.Barrier(n)
+
+    def one(_):
+        barrier.wait(10)
+        return _get_with(url, {}, 30.0)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
 def _get_with(url: str, headers: dict, timeout: float) -> dict:
     from mizzen.services.demo.echo import http_call
 
@@ -173,13 +185,18 @@ def test_sidecar_connection_pool_overflow(mesh):
           dr("st-pool", {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}}))
     arrived(mesh, "ClustersConfigDump", '"max_pending_requests": 1')
 
-    def one(_):
-        return mesh.client.call(_get_with, "http://10.96.7.4/", {}, 20.0, timeout=40)
+    # 20 requests released at once from inside the pod (threads made there share its network namespace), each
+    # holding the slow pod 1 s more. Right after the new cluster turns active a burst can still pass unlimited
+    # (seen for a few seconds on sidecars, not on the gateway; open question in the issue notes), so bursts
+    # repeat until one overflows (bounded: 30 s); before the xds_gateway fix none ever did.
+    bursts: list[Counter] = []
 
-    with ThreadPoolExecutor(20) as pool:
-        res = list(pool.map(one, range(20)))
-    codes = Counter(r.get("status") for r in res)
-    assert codes[503] >= 10, codes
+    def overflowed() -> bool:
+        res = mesh.client.call(_burst, "http://10.96.7.4/?delay=1", 20, timeout=60)
+        bursts.append(Counter(r.get("status") for r in res))
+        return bursts[-1][503] >= 10
+
+    eventually(overflowed, timeout=30, interval=0.5, what="a burst of 20 with >= 10 overflows (503 UO)")
     eventually(lambda: sum(1 for e in mesh.car.log_entries()
                            if "UO" in str(e.get("response_flags")) and e.get("response_code") == 503) >= 10,
                what="UO in the access log")
