@@ -10,7 +10,9 @@ without decoding), and prints:
 - peak RSS of the logsink process during the run (and its growth over the starting RSS);
 - the core alone (parse + join + encode, no I/O), in µs per line.
 
-    python bench/logsink.py [--lines 1000000] [--window 5] [--only http|tcp]
+    python bench/logsink.py [--lines 1000000] [--window 5] [--only http|tcp] [--tree DIR] [--convert-lines N]
+
+It also runs `mizzen logsink convert` on the same kind of file and prints its lines/s per CPU second.
 
 The goal is 100,000 lines/s on one core; this prints what is, it does not assert.
 """
@@ -31,7 +33,10 @@ from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# `--tree DIR` measures another checkout (e.g. the main branch, for before/after figures) with this bench.
+TREE = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv else \
+    Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TREE))
 
 from mizzen.services.logsink.app import LogSink, Settings  # noqa: E402
 from mizzen.services.logsink.identity import Source  # noqa: E402
@@ -166,6 +171,21 @@ def core_only(make, n: int) -> float:
     return (time.process_time() - c0) / len(batch) * 1e6
 
 
+def convert_run(path: Path, lines: int, out_dir: Path) -> dict:
+    """`mizzen logsink convert FILE -o OUT` as its own process: lines/s per CPU second of that process."""
+    import resource
+
+    env = dict(os.environ, PYTHONPATH=str(TREE))
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mizzen.services.logsink", "convert", str(path), "-o",
+                    str(out_dir / "out.json")], env=env, cwd=str(TREE), check=True, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"cpu": cpu, "wall": wall, "per_core": lines / cpu, "out_bytes": (out_dir / "out.json").stat().st_size}
+
+
 def child(a: argparse.Namespace) -> None:
     """One measured run in a fresh process, so its peak RSS is its own."""
     make = http_pair if a.kind == "http" else tcp_pair
@@ -184,6 +204,10 @@ def main() -> None:
     ap.add_argument("--kind", help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--tree", help="measure the checkout in DIR instead of this one (before/after figures)")
+    ap.add_argument("--convert-lines", type=int, default=None,
+                    help="lines for the `convert` measurement [same as --lines]")
+    ap.add_argument("--no-service", action="store_true", help="only measure `convert`")
     a = ap.parse_args()
     if a.child:
         child(a)
@@ -193,21 +217,30 @@ def main() -> None:
         port = int(recv.stdout.readline())
         endpoint = f"127.0.0.1:{port}"
         print(f"logsink bench: {a.lines:,} lines per kind, join window {a.window}s, receiver at {endpoint}, "
-              f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+              f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, code from {TREE}")
         for kind, make in (("http", http_pair), ("tcp", tcp_pair)):
             if a.only and a.only != kind:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
+                n_conv = a.convert_lines or a.lines
+                cpath = Path(tmp) / f"{kind}-convert.log"
+                write_file(cpath, make, n_conv)
+                c = convert_run(cpath, n_conv, Path(tmp))
+                print(f"\n[{kind}] convert, {n_conv:,} lines: {c['per_core']:>9,.0f} lines/s per core "
+                      f"({c['cpu']:.1f} s CPU, {c['wall']:.1f} s wall, {c['out_bytes'] / 2**20:.0f} MiB OTLP/JSON)")
+                cpath.unlink()
+                if a.no_service:
+                    continue
                 path = Path(tmp) / f"{kind}.log"
                 size = write_file(path, make, a.lines)
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", "--kind", kind, "--file", str(path), "--endpoint", endpoint,
-                     "--lines", str(a.lines), "--window", str(a.window)],
+                     "--lines", str(a.lines), "--window", str(a.window), "--tree", str(TREE)],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True,
                 ).stdout
                 r = orjson.loads(out.strip().splitlines()[-1])
             core = r["core_us"]
-            print(f"\n[{kind}] {a.lines:,} lines, {size / a.lines:.0f} bytes/line, {size / 2**20:.0f} MiB")
+            print(f"[{kind}] service path, {a.lines:,} lines, {size / a.lines:.0f} bytes/line, {size / 2**20:.0f} MiB")
             print(f"  end to end:  {a.lines / r['cpu']:>9,.0f} lines/s per core   ({r['cpu']:.1f} s CPU)")
             print(f"               {a.lines / r['wall']:>9,.0f} lines/s wall       ({r['wall']:.1f} s, includes the "
                   f"{a.window}s join window of the last lines)")

@@ -1,7 +1,7 @@
 """The official OTLP message classes for the tests' own checks, whatever order pip installed things in.
 
 Mizzen itself imports no `opentelemetry` module at run time (the logsink writes and reads OTLP bytes:
-services/logsink/otlp_wire.py, otlp_decode.py). The tests, though, verify its output with the official
+services/mesh/otlp_wire.py, otlp_decode.py). The tests, though, verify its output with the official
 `opentelemetry-proto` classes and serve a real TraceService receiver with them. When `xds-protos` was installed
 after `opentelemetry-proto` (a plain `pip install -e '.[test]'` does that), its stale copy of those modules owns
 the files (DESIGN.md "Known packaging trap"). Then this fetches the official wheel of the installed

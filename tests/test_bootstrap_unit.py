@@ -339,3 +339,24 @@ def test_envoy_command_flushes_access_logs_quickly():
     assert argv[argv.index("--file-flush-interval-msec") + 1] == "1000"
     assert argv[argv.index("--concurrency") + 1] == "2"
     assert argv[argv.index("--local-address-ip-version") + 1] == "v4"
+
+
+def test_xds_over_tls_with_sds_roots_and_a_token():
+    from mizzen.services.sidecar.bootstrap import build_bootstrap
+
+    boot = build_bootstrap("p", "ns", "10.0.0.1", xds="gw:15012", xds_root_from_sds=True, xds_token="tok",
+                           xds_sans=["spiffe://cluster.local/ns/istio-system/sa/xds-gateway"])
+    xds = next(c for c in boot["static_resources"]["clusters"] if c["name"] == "xds-grpc")
+    common = xds["transport_socket"]["typed_config"]["common_tls_context"]
+    assert [s["name"] for s in common["tls_certificate_sds_secret_configs"]] == ["default"]
+    cvc = common["combined_validation_context"]
+    assert cvc["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+    assert cvc["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/istio-system/sa/xds-gateway"}}]
+    assert "trusted_ca" not in json.dumps(xds)
+    grpc_service = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]
+    assert grpc_service["initial_metadata"] == [{"key": "authorization", "value": "Bearer tok"}]
+    assert boot["node"]["metadata"]["PROXY_CONFIG"]["controlPlaneAuthPolicy"] == "MUTUAL_TLS"
+    plain = build_bootstrap("p", "ns", "10.0.0.1")
+    assert "initial_metadata" not in json.dumps(plain) and "transport_socket" not in json.dumps(
+        next(c for c in plain["static_resources"]["clusters"] if c["name"] == "xds-grpc"))

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -60,10 +61,23 @@ def mizzen_commands() -> dict[str, list[str]]:
     return {name: svc["command"] for name, svc in mizzen_services().items() if svc["command"][0] == "mizzen"}
 
 
+SIDECAR_COMMANDS = (["mizzen", "bootstrap"], ["mizzen", "agent"])
+
+
 def sidecars() -> dict[str, dict]:
-    return {
-        name: svc for name, svc in mizzen_services().items() if svc["command"][:2] == ["mizzen", "bootstrap"]
-    }
+    return {name: svc for name, svc in mizzen_services().items() if svc["command"][:2] in SIDECAR_COMMANDS}
+
+
+def script_commands(svc: dict) -> list[list[str]]:
+    """The `mizzen …` commands of a `sh -c` one-shot (split at &&, up to a redirection)."""
+    cmd = svc["command"]
+    assert cmd[:2] == ["sh", "-c"], cmd
+    out = []
+    for part in cmd[2].split("&&"):
+        words = shlex.split(part.split(">")[0])
+        if words and words[0] == "mizzen":
+            out.append(words)
+    return out
 
 
 def depends_on(svc: dict) -> list[str]:
@@ -233,6 +247,17 @@ def test_commands_are_real_mizzen_subcommands_or_the_demo_app():
         cmd = svc["command"]
         if cmd[0] == "mizzen":
             assert cmd[1] in COMMANDS, f"{name}: mizzen {cmd[1]} is not a command"
+        elif cmd[0] == "sh":  # a one-shot script of mizzen commands (ca-init)
+            scripted = script_commands(svc)
+            assert scripted, f"{name}: a script with no mizzen command"
+            for words in scripted:
+                assert words[1] in COMMANDS, f"{name}: mizzen {words[1]} is not a command"
+                help_argv = words[1:3] if words[1] == "ca" else words[1:2]
+                result = subprocess.run([sys.executable, "-m", "mizzen.services.cli.main", *help_argv, "--help"],
+                                        capture_output=True, text=True, timeout=60, cwd=ROOT)
+                assert result.returncode == 0, f"{name}: {result.stderr}"
+                for flag in (a for a in words[2:] if re.fullmatch(r"--?[A-Za-z][\w-]*", a)):
+                    assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout), f"{name}: {flag}"
         else:
             assert cmd[:3] == DEMO_APP_ARGV, f"{name}: {cmd}"
             result = subprocess.run([sys.executable, *cmd[1:4], "--help"], capture_output=True, text=True,
@@ -306,6 +331,12 @@ def test_ports_match_the_settings_defaults():
         environment(svcs["translator"])["MIZZEN_TRANSLATOR_HTTP_PORT"]
     )
     assert urlsplit(healthcheck_url(svcs["xds-gateway"])).port == int(xds["MIZZEN_XDS_HTTP_PORT"])
+    assert int(xds["MIZZEN_XDS_TLS_PORT"]) == settings.XDS_TLS_PORT
+    assert f"{settings.XDS_TLS_PORT}:{settings.XDS_TLS_PORT}" in svcs["xds-gateway"]["ports"]
+    ca = environment(svcs["certauth"])
+    assert int(ca["MIZZEN_CA_PORT"]) == settings.CA_PORT
+    assert urlsplit(healthcheck_url(svcs["certauth"])).port == int(ca["MIZZEN_CA_HTTP_PORT"])
+    assert "certauth" in ca["MIZZEN_CA_DNS_NAMES"].split(",")  # the name the agents dial and check
     for name, svc in sidecars().items():
         assert urlsplit(healthcheck_url(svc)).port == settings.PROXY_HEALTH_PORT, name
 
@@ -328,7 +359,12 @@ def test_urls_name_the_right_services_and_ports():
             assert "registry" in depends_on(svc), name
     for name, svc in sidecars().items():
         cmd = svc["command"]
-        assert flag_value(cmd, "--xds") == f"xds-gateway:{settings.XDS_PORT}", name
+        if cmd[1] == "agent":  # xDS over TLS with its token; certificates from certauth
+            assert flag_value(cmd, "--xds") == f"xds-gateway:{settings.XDS_TLS_PORT}", name
+            assert flag_value(cmd, "--ca") == f"certauth:{settings.CA_PORT}", name
+            assert "certauth" in depends_on(svc), name
+        else:
+            assert flag_value(cmd, "--xds") == f"xds-gateway:{settings.XDS_PORT}", name
         assert "xds-gateway" in depends_on(svc), name
         zhost, zport = flag_value(cmd, "--zipkin").split(":")
         assert zhost == "jaeger"
@@ -437,8 +473,17 @@ def test_sidecar_bootstraps_from_the_compose_file_pass_envoy_validation(tmp_path
         argv = svc["command"][2:]
         out = tmp_path / f"{name}.json"
         argv = [*argv[: argv.index("-o")], "-o", str(out)]  # same flags, a local file, no --exec
-        assert bootstrap_cli.main(argv) == 0
-        config = json.loads(out.read_text())
+        if svc["command"][1] == "agent":  # the bootstrap the agent writes from these flags (with a token)
+            from mizzen.services.sidecar import agent
+
+            args = agent.build_parser().parse_args(argv)
+            config = agent.bootstrap_config(args, "a.workload.token")
+            out.write_text(json.dumps(config))
+            xds = next(c for c in config["static_resources"]["clusters"] if c["name"] == "xds-grpc")
+            assert xds["transport_socket"]["name"] == "envoy.transport_sockets.tls", name
+        else:
+            assert bootstrap_cli.main(argv) == 0
+            config = json.loads(out.read_text())
         env = environment(svc)
         assert config["node"]["id"] == (
             f"sidecar~{env['INSTANCE_IP']}~{env['POD_NAME']}.{env['POD_NAMESPACE']}~{env['POD_NAMESPACE']}.svc.cluster.local"

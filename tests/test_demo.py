@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import queue
 import re
@@ -94,7 +95,8 @@ class UpRun:
         self._q: queue.Queue[str | None] = queue.Queue()
         self.registry_port = procs.free_port()
         argv = [sys.executable, "-m", "mizzen", "up", "--data-dir", str(data_dir),
-                "--registry-port", str(self.registry_port), "--xds-port", str(procs.free_port()), *args]
+                "--registry-port", str(self.registry_port), "--xds-port", str(procs.free_port()),
+                "--xds-tls-port", str(procs.free_port()), "--ca-port", str(procs.free_port()), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{MARK: mark})
         env.pop("MIZZEN_SERVER", None)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
@@ -395,7 +397,7 @@ def test_demo_listens_only_on_loopback(loopback_run):
 
 def test_demo_leaves_no_process_behind(loopback_run):
     _, _, seen = loopback_run
-    assert set(seen["pids"]) == {"hello-v1", "hello-v2", "gateway-envoy"}
+    assert set(seen["pids"]) == {"hello-v1", "hello-v2", "gateway-agent"}
     assert not [p for p in seen["pids"].values() if pid_alive(p)]
     assert seen["left"] == [], f"still running after `mizzen up` ended: {seen['left']}"
 
@@ -441,13 +443,39 @@ def test_netns_demo_sleep_calls_hello_through_sidecars(tmp_path):
     if reason:
         pytest.skip(reason)
     gateway_port = procs.free_port()
-    run = UpRun(tmp_path / "data", "--demo", "--netns", "--for", "12", "--gateway-port", str(gateway_port),
+    run = UpRun(tmp_path / "data", "--demo", "--netns", "--for", "20", "--gateway-port", str(gateway_port),
                 mark=uuid.uuid4().hex)
     try:
-        run.wait_for(READY, 120)
+        run.wait_for(READY, 180)
         assert [n for n in netns_names() if n.startswith(f"mz-{run.proc.pid}-")], "no pod namespaces"
         answers = call_gateway(f"http://127.0.0.1:{gateway_port}/")
         assert_versions_split(answers)
+        # the traffic is mTLS: the sleep sidecar holds a certificate from certauth (`proxy-config secret` on its
+        # live admin), and hello's access log names its callers' SPIFFE identities
+        out = run.output()
+        admin = re.search(r"sidecar admins sleep (\S+),", out).group(1)
+        table = subprocess.run([sys.executable, "-m", "mizzen", "proxy-config", "secret", "--admin", admin],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+        rows = {ln.split()[0]: ln.split() for ln in table.splitlines()[1:] if ln.strip()}
+        assert rows["default"][1:5] == ["Cert", "Chain", "ACTIVE", "true"], table
+        assert rows["ROOTCA"][1:4] == ["CA", "ACTIVE", "true"], table
+        logs = dict(re.findall(r"(hello-v[12]) (\S+access\.log)", re.search(r"^demo: access logs: (.*)$", out,
+                                                                             re.M).group(1)))
+
+        def peers() -> set[str]:
+            found = set()
+            for path in logs.values():
+                for line in Path(path).read_text(errors="replace").splitlines():
+                    if line.startswith("{"):
+                        found.add(json.loads(line).get("downstream_peer_uri_san"))
+            return found
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not {"spiffe://cluster.local/ns/demo/sa/sleep",
+                                                    "spiffe://cluster.local/ns/demo/sa/demo-ingressgateway"} <= peers():
+            time.sleep(0.5)
+        assert {"spiffe://cluster.local/ns/demo/sa/sleep",
+                "spiffe://cluster.local/ns/demo/sa/demo-ingressgateway"} <= peers(), peers()
         # In a pod, the app sees its own sidecar's inbound side (127.0.0.1 after 15006), not the gateway.
         assert all(a["body"]["local"] == f"127.0.0.1:{mesh.APP_PORT}" for a in answers)
         rc = run.wait_exit(60)
@@ -459,7 +487,7 @@ def test_netns_demo_sleep_calls_hello_through_sidecars(tmp_path):
         assert {"v1", "v2"} <= {k for c in lines for k in c}, out
         total = tally_lines(out, "total sleep → hello")  # the loop's last words, printed as it stopped
         assert len(total) == 1 and total[0]["200"] >= sum(c["200"] for c in lines), out
-        assert set(run.reported_pids()) >= {"hello-v1", "hello-v2", "gateway-envoy", "sleep-envoy", "sleep-loop"}
+        assert set(run.reported_pids()) >= {"hello-v1", "hello-v2", "gateway-agent", "sleep-agent", "sleep-loop"}
         assert not [p for p in run.reported_pids().values() if pid_alive(p)]
         assert [p for p in marked_pids(run.mark) if pid_alive(p)] == []
         assert not [n for n in netns_names() if n.startswith(f"mz-{run.proc.pid}-")]

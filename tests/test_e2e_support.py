@@ -39,6 +39,8 @@ from tests.stack import Stack
 ECHO = str(REPO_ROOT / "services" / "demo" / "echo.py")
 APP_UID = 1000  # the apps' uid: anything but the proxy's 1337
 XDS_IN_POD = 15010  # inside a pod, 127.0.0.1:15010 is relayed to the gateway on the host
+XDS_TLS_IN_POD = 15012  # … and 127.0.0.1:15012 to the gateway's TLS port (agents: xDS over TLS with a token)
+CA_IN_POD = 8060  # inside a pod, 127.0.0.1:8060 is relayed to certauth on the host
 SDS_SOCKET = Path("etc/istio/proxy/SDS")  # the bootstrap's default, relative to Envoy's working directory
 TLS_MODE_LABEL = "security.istio.io/tlsMode"  # set by Istio's injector; auto mTLS keys on it
 MESH_IDENTITY = "spiffe://cluster.local/ns/default/sa/default"
@@ -89,13 +91,38 @@ class Sidecar:
 
     pod: Pod
     delta: bool
-    proc: procs.Proc
-    sds: SdsServer
+    proc: procs.Proc  # Envoy, or the agent that runs it
+    sds: SdsServer | None  # the test SDS server; None when the agent serves SDS
     admin_port: int  # on the host, relayed to 127.0.0.1:15000 inside the pod
     bootstrap_path: Path
     access_log: Path
     pod_name: str  # the Kubernetes pod name (the netns pod may have a shorter name)
     namespace: str = "default"
+    agent_port: int | None = None  # on the host, relayed to the agent's 15020 inside the pod
+
+    def agent_get(self, path: str, timeout: float = 5.0) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.agent_port}{path}", timeout=timeout) as r:
+            return r.read()
+
+    def agent_ready(self) -> bool:
+        try:
+            return self.agent_get("/healthz/ready") == b"ok\n"
+        except OSError:
+            return False
+
+    def agent_certs(self) -> dict:
+        """What the agent holds (`/debug/certs`: identity, serial, renewals, number of roots)."""
+        return json.loads(self.agent_get("/debug/certs"))
+
+    def envoy_certs(self) -> tuple[set[str], set[str]]:
+        """Envoy's `/certs`: the serial numbers of the leaf certificates and of the CA certificates it holds."""
+        data = json.loads(self.get("/certs"))
+        leaves, cas = set(), set()
+        for c in data.get("certificates", []):
+            # Envoy prints serials in even-length hex (a leading 0 where needed), istioctl/Python without it
+            leaves |= {x["serial_number"].lower().lstrip("0") for x in c.get("cert_chain", [])}
+            cas |= {x["serial_number"].lower().lstrip("0") for x in c.get("ca_cert", [])}
+        return leaves, cas
 
     @property
     def admin(self) -> str:
@@ -210,13 +237,23 @@ class E2E:
     sidecars: dict[str, Sidecar] = field(default_factory=dict)
     _sds: list[SdsServer] = field(default_factory=list)
     _files: int = 0
+    stack_env: dict[str, str] = field(default_factory=dict)  # extra environment for the control plane
+
+    certauth: bool = False  # run the real CA (certauth) too: sidecars from start_agent get their certificates there
+    certauth_flags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.ca = make_ca(MESH_IDENTITY)
-        self.stack = Stack(self.work)
+        self.stack = Stack(self.work, env=dict(self.stack_env))
         self.net = None  # type: ignore[assignment]
         try:
-            self.stack.start()
+            if self.certauth:
+                self.stack.xds_tls_port = procs.free_port()  # sidecars from start_agent talk xDS over TLS
+                self.stack.start_infra()
+                self.stack.start_service("certauth", extra=list(self.certauth_flags))
+                self.stack.start(("registry", "translator", "xds-gateway"))
+            else:
+                self.stack.start()
             self.net = PodNetwork(self.subnet, self.service_cidr, keep_dir=self.work)
         except BaseException:
             self.close()
@@ -262,10 +299,10 @@ class E2E:
 
     # pods
     def add_pod(self, name: str, labels: dict[str, str], app_port: int | None = None, register: bool = True,
-                ip: str | None = None) -> Pod:
+                ip: str | None = None, service_account: str = "default") -> Pod:
         """A pod (registered as a Pod object unless told otherwise), running the echo app on app_port."""
         pod = self.net.add_pod(name, labels=labels, ip=ip, register=self.register if register else None,
-                               container_ports=[app_port] if app_port else [])
+                               container_ports=[app_port] if app_port else [], service_account=service_account)
         if app_port:
             pod.start_app([sys.executable, ECHO, "serve", "--http", str(app_port), "--name", name], uid=APP_UID,
                           wait_ports=[app_port])
@@ -314,11 +351,54 @@ class E2E:
         self.sidecars[pod.name] = car
         return car
 
+    def token(self, namespace: str, service_account: str, ttl: str = "24h") -> str:
+        """`mizzen token` against the stack's CA data dir."""
+        return mizzen("token", "--data-dir", str(self.stack.ca_dir), "--namespace", namespace,
+                      "--service-account", service_account, "--ttl", ttl).stdout.strip()
+
+    def start_agent(self, pod: Pod, *, delta: bool = False, service_account: str | None = None,
+                    agent_flags: list[str] = (), iptables: bool = True, pod_name: str | None = None) -> Sidecar:
+        """`mizzen agent` in the pod (as root; Envoy as uid 1337 through `--proxy-uid`; it makes the key, gets the certificate from certauth with a
+        `mizzen token`, serves SDS, runs Envoy): `mizzen iptables`, relays for xDS over TLS (15012) and the CA (8060),
+        the token and the trust bundle (`mizzen ca root`) in the pod's work dir."""
+        assert self.certauth, "E2E(certauth=True) runs the CA the agents need"
+        pod_name = pod_name or pod.name
+        sa = service_account or pod.service_account
+        if iptables:
+            pod.apply_iptables(SEED_IPTABLES_FLAGS)
+        pod.forward_to_host(self.stack.xds_tls_port, XDS_TLS_IN_POD)
+        pod.forward_to_host(self.stack.ca_port, CA_IN_POD)
+        token_file = pod.work_dir / "token"
+        token_file.write_text(self.token(pod.namespace, sa))
+        roots = pod.work_dir / "root-cert.pem"
+        roots.write_text(mizzen("ca", "root", "--data-dir", str(self.stack.ca_dir)).stdout)
+        for f in (token_file, roots):
+            f.chmod(0o600)
+        access_log = pod.work_dir / "access.log"
+        labels = [arg for k, v in pod.labels.items() for arg in ("--label", f"{k}={v}")]
+        argv = [sys.executable, "-m", "mizzen", "agent", "--pod", pod_name, "-n", pod.namespace, "--ip", pod.ip,
+                "--service-account", sa, "--token-file", str(token_file), "--ca-root-cert", str(roots),
+                "--ca", f"127.0.0.1:{CA_IN_POD}", "--xds", f"127.0.0.1:{XDS_TLS_IN_POD}", *labels,
+                "--access-log", str(access_log), "--work-dir", str(pod.work_dir), "--concurrency", "1",
+                "--envoy-log-level", "info", "--drain-seconds", "2", *(["--delta"] if delta else []),
+                "--proxy-uid", "1337", "--log-level", "debug", *agent_flags]
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        proc = pod.spawn("agent", argv, cwd=pod.work_dir, env=env)
+        admin = pod.forward_from_host(15000)
+        agent_port = pod.forward_from_host(15020)
+        car = Sidecar(pod, delta, proc, None, admin, pod.work_dir / "etc/istio/proxy/envoy-rev.json", access_log,
+                      pod_name, pod.namespace, agent_port)
+        self.sidecars[pod.name] = car
+        return car
+
     def wait_ready(self, car: Sidecar, timeout: float = 60.0) -> None:
         """Envoy initialised (its first CDS and LDS applied, secrets included: SDS has no fetch timeout) and
         listening on 15001/15006."""
         car.pod.wait_envoy_ready(15000, car.proc, timeout)
-        car.sds.wait_acked("default", "ROOTCA", timeout=timeout)
+        if car.sds is not None:
+            car.sds.wait_acked("default", "ROOTCA", timeout=timeout)
+        else:
+            eventually(car.agent_ready, timeout, what=f"{car.pod_name}: the agent's /healthz/ready")
         eventually(lambda: {"virtualOutbound", "virtualInbound"} <= car.listeners(), timeout,
                    what=f"{car.pod_name}: virtualOutbound and virtualInbound listening")
         # The translator rebuilds a proxy once it connects (its node metadata names its access-log file), which

@@ -292,3 +292,47 @@ def test_ports_in_d_are_not_captured(mesh):
     assert captured["reply"] is None and captured["closed"]  # B's Envoy took it on 15006, had nowhere to go
     entry = mesh.wait_entry("b", downstream_remote_address=captured["local"])
     assert entry["downstream_local_address"] == f"{b.ip}:15555"
+
+
+def test_logsink_names_the_seed_chain_from_the_registry(mesh, tmp_path):
+    """Issue 13: the seed's A→B→C chain, logged by the three real sidecars, read by a logsink running with the
+    stack from the sidecars' access-log files with no proxy names: every span's service.name (and pod, namespace)
+    comes from the registry's Pods by IP — A, B and C, never `unknown_service`."""
+    import asyncio
+
+    from tests.logsink_data.receiver import SyncReceiver
+    from tests.logsink_data.service import LogsinkProc
+
+    recv = SyncReceiver()
+    files = [x for n in "abc" for x in ("--file", str(mesh.pods[n].work_dir / "access.log"))]
+    sink = LogsinkProc(tmp_path, [*files, "--otlp-endpoint", recv.endpoint, "--join-window", "0.5",
+                                  "--poll-interval", "0.05", "--redis-url", mesh.stack.redis_url,
+                                  "--nats", mesh.stack.nats_url])
+    try:
+        asyncio.run(sink.start())
+        rid = "5d3c1b2a-0000-4000-8000-000000000013"
+        out = mesh.client("a", "http", f"http://{B_IP}/", "--next", f"http://{C_IP}/", "--header",
+                          f"x-request-id: {rid}")
+        assert out["status"] == 200
+        tid = untraced(rid).replace("-", "")
+
+        def chain():
+            spans = [s for s in recv.spans() if s.trace_id[:12] + s.trace_id[13:] == tid]
+            return spans if len(spans) >= 4 else None
+
+        deadline = time.monotonic() + 30
+        spans = None
+        while spans is None and time.monotonic() < deadline:
+            spans = chain()
+            time.sleep(0.2)
+        assert spans, [(s.service, s.name) for s in recv.spans()]
+        roles = sorted((s.service, s.kind) for s in spans)
+        assert roles == [("a.default", 3), ("b.default", 2), ("b.default", 3), ("c.default", 2)], roles
+        for s in spans:
+            pod = mesh.pods[s.service.split(".")[0]]
+            assert s.resource["k8s.pod.name"] == pod.name and s.resource["k8s.namespace.name"] == "default"
+        by_id = {s.span_id: s for s in spans}
+        assert sum(1 for s in spans if s.parent_span_id in by_id) == 3  # one chain: A → B → (B →) C
+    finally:
+        asyncio.run(sink.stop())
+        recv.stop()

@@ -61,16 +61,19 @@ def test_every_field_decodes_as_message_to_dict():
 
 
 def test_the_logsinks_own_requests_decode_as_message_to_dict():
-    out = io.BytesIO()
-    requests: list[bytes] = []
-    from mizzen.services.logsink import otlp_json
+    # the requests the service path exports for the seed's sample (convert writes its JSON from the spans'
+    # pieces instead: tests/test_logsink_otlp_json.py compares that with MessageToDict)
+    from mizzen.services.logsink.identity import Source
+    from mizzen.services.logsink.pipeline import Pipeline
 
-    real = otlp_json.resource_spans_json
-    otlp_json.resource_spans_json = lambda b: (requests.append(b), real(b))[1]
-    try:
-        convert([str(SEED_SAMPLE)], out, window=1.0)
-    finally:
-        otlp_json.resource_spans_json = real
+    requests: list[bytes] = []
+    p = Pipeline(lambda body, n, tokens: requests.append(body), window=1.0)
+    for raw in SEED_SAMPLE.read_bytes().splitlines():
+        if raw.strip():
+            p.feed_line(raw, Source("file"), now=0.0)
+    p.flush()
+    out = io.BytesIO()
+    convert([str(SEED_SAMPLE)], out, window=1.0)
     assert requests
     for b in requests:
         assert otlp_decode.export_request_json(b) == reference(b)

@@ -44,8 +44,6 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     )
     p.add_argument("--ip", default=os.environ.get("INSTANCE_IP"), help="the pod's IP (env INSTANCE_IP)")
     p.add_argument("--xds", default=bs.DEFAULT_XDS, help="control plane HOST:PORT (default %(default)s)")
-    p.add_argument("--grpc", action="store_true",
-                   help="a proxyless gRPC application's GRPC_XDS_BOOTSTRAP file instead of an Envoy bootstrap")
     p.add_argument("--router", action="store_true", help="a gateway (node id router~…) instead of a sidecar")
     p.add_argument("--delta", action="store_true", help="incremental xDS (ADS api_type DELTA_GRPC)")
     p.add_argument(
@@ -97,9 +95,15 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str], command: str = "bootstrap") -> int:
-    parser = build_parser(f"mizzen {command}")
-    args = parser.parse_args(argv)
+def write_file(out: Path, data: bytes, mode: int = 0o644) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(out)  # Envoy (or a watcher) never sees half a file
+
+
+def check_required(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     missing = [
         flag
         for flag, value in (("--pod", args.pod), ("--namespace", args.namespace), ("--ip", args.ip))
@@ -107,27 +111,12 @@ def main(argv: list[str], command: str = "bootstrap") -> int:
     ]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
-    if args.exec_envoy and (not args.output or args.output == "-"):
-        parser.error("--exec needs -o FILE")
-    if args.grpc and (args.exec_envoy or args.router):
-        parser.error("--grpc writes a gRPC bootstrap: it takes neither --exec nor --router")
-    try:
-        if args.grpc:
-            config = build_grpc_bootstrap(args.pod, args.namespace, args.ip, args.xds, labels=_labels(args.label),
-                                          service_account=args.service_account, cluster_id=args.cluster_id)
-        else:
-            config = _envoy_bootstrap(args)
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        print(f"mizzen {command}: {e}", file=sys.stderr)
-        return 2
-    return _write(args, config)
 
 
-def _envoy_bootstrap(args: argparse.Namespace) -> dict:
-    return bs.build_bootstrap(
-        args.pod,
-        args.namespace,
-        args.ip,
+def config_from_args(args: argparse.Namespace, **overrides) -> dict:
+    """The bootstrap the parsed flags describe (`overrides` are build_bootstrap keywords; the agent sets the
+    xDS TLS ones). Raises ValueError / ArgumentTypeError for bad values."""
+    kwargs = dict(
         xds=args.xds,
         router=args.router,
         access_log=args.access_log or None,
@@ -147,16 +136,32 @@ def _envoy_bootstrap(args: argparse.Namespace) -> dict:
         initial_fetch_timeout=args.initial_fetch_timeout,
         all_stats=args.all_stats,
     )
+    kwargs.update(overrides)
+    return bs.build_bootstrap(args.pod, args.namespace, args.ip, **kwargs)
 
 
-def _write(args: argparse.Namespace, config: dict) -> int:
+def main(argv: list[str], command: str = "bootstrap") -> int:
+    parser = build_parser(f"mizzen {command}")
+    parser.add_argument("--grpc", action="store_true",  # bootstrap only: the agent always runs an Envoy
+                        help="a proxyless gRPC application's GRPC_XDS_BOOTSTRAP file instead of an Envoy bootstrap")
+    args = parser.parse_args(argv)
+    check_required(parser, args)
+    if args.exec_envoy and (not args.output or args.output == "-"):
+        parser.error("--exec needs -o FILE")
+    if args.grpc and (args.exec_envoy or args.router):
+        parser.error("--grpc writes a gRPC bootstrap: it takes neither --exec nor --router")
+    try:
+        if args.grpc:
+            config = build_grpc_bootstrap(args.pod, args.namespace, args.ip, args.xds, labels=_labels(args.label),
+                                          service_account=args.service_account, cluster_id=args.cluster_id)
+        else:
+            config = config_from_args(args)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        print(f"mizzen {command}: {e}", file=sys.stderr)
+        return 2
     data = orjson.dumps(config, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output and args.output != "-":
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(out)  # Envoy (or a watcher) never sees half a file
+        write_file(Path(args.output), data)
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()

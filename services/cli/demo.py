@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import sys
@@ -30,12 +31,14 @@ from typing import TextIO
 from ..demo import echo, mesh
 from ..mesh import procs
 from ..mesh.stack import Stack
-from ..sidecar.bootstrap import build_bootstrap, envoy_command, node_id
+from ..sidecar.bootstrap import node_id
 from .http import apply_objects, delete_keys
 
 ECHO = str(Path(echo.__file__).resolve())  # run by path: works wherever the package is installed
 APP_UID = 1000  # the demo apps' uid inside pods: anything but Envoy's 1337, so their traffic is captured
 XDS_IN_POD = 15010  # inside a pod, 127.0.0.1:15010 is relayed to the xDS gateway on the host
+XDS_TLS_IN_POD = 15012  # … 127.0.0.1:15012 to its TLS port
+CA_IN_POD = 8060  # … 127.0.0.1:8060 to certauth
 REQUEST_EVERY = 0.25  # seconds between the traffic loop's requests
 REPORT_EVERY = 5.0  # seconds between its lines
 
@@ -101,6 +104,7 @@ class Demo:
         self._loop_proc: procs.Proc | None = None  # the sleep pod's traffic loop (--netns)
         self._relayed = 0  # bytes of its output printed so far
         self.access_logs: dict[str, str] = {}  # node id → the sidecar's JSON access-log file (for the logsink)
+        self.admins: dict[str, str] = {}  # role → the Envoy admin address reachable from the host
 
     @property
     def gateway_url(self) -> str:
@@ -158,7 +162,7 @@ class Demo:
         self.say(f"port {taken} is in use; the gateway listens on {self.gateway_port} instead")
 
     def _apply(self) -> None:
-        objs = mesh.objects(self.pods, self.gateway_port)
+        objs = mesh.objects(self.pods, self.gateway_port, mtls=self.netns)
         result = apply_objects(self.stack.registry_url, objs, source="mizzen up --demo")
         actions: dict[str, int] = {}
         for r in result.get("results", []):
@@ -169,6 +173,25 @@ class Demo:
         summary = ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
         self.say(f"applied the demo mesh to namespace {mesh.NAMESPACE} ({summary}"
                  + (f"; removed {len(deleted)} stale pods" if deleted else "") + ")")
+
+    def _agent_argv(self, pod: mesh.DemoPod, work_dir: Path, *, xds: str, ca: str, router: bool,
+                    access_log: Path, extra: list[str] = ()) -> list[str]:
+        """`mizzen agent` for one demo proxy: its token (certauth's key issues it for the pod's service account)
+        and the CA's roots in its work dir; xDS over TLS when the stack serves it."""
+        from ..certauth import tokens
+
+        work_dir.mkdir(parents=True, exist_ok=True)
+        token_file, roots = work_dir / "token", work_dir / "root-cert.pem"
+        token_file.write_text(tokens.issue(self.stack.ca_dir, mesh.NAMESPACE, pod.service_account, 7 * 24 * 3600))
+        roots.write_bytes(self.stack.trust_bundle_path.read_bytes())
+        for f in (token_file, roots):
+            f.chmod(0o600)
+        labels = [a for k, v in pod.labels.items() for a in ("--label", f"{k}={v}")]
+        return [sys.executable, "-m", "mizzen", "agent", "--pod", pod.name, "-n", mesh.NAMESPACE, "--ip", pod.ip,
+                "--service-account", pod.service_account, "--token-file", str(token_file), "--ca-root-cert",
+                str(roots), "--ca", ca, "--xds", xds, *([] if self.stack.xds_tls_port else ["--xds-plaintext"]),
+                *labels, *(["--router"] if router else []), "--access-log", str(access_log), "--zipkin", "",
+                "--work-dir", str(work_dir), *extra]
 
     def _spawn(self, name: str, argv: list[str], cwd: Path | None = None) -> procs.Proc:
         p = procs.spawn(f"demo-{name}", argv, self.log_dir, cwd=cwd)
@@ -195,21 +218,23 @@ class Demo:
         gw = next(p for p in self.pods if p.role == "gateway")
         admin, agent, health, prom = (procs.free_port() for _ in range(4))
         access_log = self.work_dir / "gateway-access.log"
-        config = build_bootstrap(gw.name, mesh.NAMESPACE, gw.ip, xds=self.stack.xds_address, router=True,
-                                 labels=gw.labels, access_log=str(access_log),
-                                 admin_port=admin, agent_port=agent, health_port=health, prometheus_port=prom,
-                                 listen_address="127.0.0.1", zipkin=None)
         self.access_logs[node_id(gw.name, mesh.NAMESPACE, gw.ip, router=True)] = str(access_log)
-        path = self.work_dir / "gateway-envoy.json"
-        path.write_text(json.dumps(config, indent=1))
-        envoy = self._spawn("gateway-envoy", envoy_command(str(path)), cwd=self.work_dir)
+        # the gateway through `mizzen agent`: its certificate from certauth over SDS, xDS over TLS
+        xds = self.stack.xds_tls_address if self.stack.xds_tls_port else self.stack.xds_address
+        argv = self._agent_argv(gw, self.work_dir / "gateway", xds=xds, ca=self.stack.ca_address, router=True,
+                                access_log=access_log,
+                                extra=["--admin-port", str(admin), "--agent-port", str(agent), "--health-port",
+                                       str(health), "--prometheus-port", str(prom), "--listen-address", "127.0.0.1",
+                                       "-o", str(self.work_dir / "gateway-envoy.json")])
+        envoy = self._spawn("gateway-agent", argv, cwd=self.work_dir)
+        self.admins["gateway"] = f"127.0.0.1:{admin}"
         self._wait_gateway()
         self.say(f"service {mesh.SERVICE}.{mesh.NAMESPACE}: "
                  + ", ".join(f"{p.role} {p.ip}:{mesh.APP_PORT}" for p in self.pods if p.version)
                  + f"; VirtualService {mesh.SERVICE}-ingress splits v1/v2 "
                  + "/".join(str(w) for w in mesh.SPLIT.values()) + " with retries")
-        self.say(f"ingress gateway: Envoy (router mode) on {self.gateway_url}, admin http://127.0.0.1:{admin}/, "
-                 f"log {envoy.log_path}, JSON access log {access_log}")
+        self.say(f"ingress gateway: Envoy (router mode, run by `mizzen agent`) on {self.gateway_url}, admin "
+                 f"http://127.0.0.1:{admin}/, log {envoy.log_path}, JSON access log {access_log}")
         self._say_pids()
         self._say_try()
 
@@ -262,8 +287,9 @@ class Demo:
         for role in roles:
             spec = mesh.DemoPod(role, "")
             ports = [mesh.APP_PORT] if spec.version else []
-            pods[role] = net.add_pod(spec.name, namespace=mesh.NAMESPACE, labels=spec.labels, container_ports=ports)
-        self.pods = [mesh.DemoPod(role, pods[role].ip) for role in roles]
+            pods[role] = net.add_pod(spec.name, namespace=mesh.NAMESPACE, labels=mesh.DemoPod(role, "", True).labels,
+                                     container_ports=ports, service_account=spec.service_account)
+        self.pods = [mesh.DemoPod(role, pods[role].ip, sidecar=True) for role in roles]
         self._apply()
         for spec in self.pods:
             pod = pods[spec.role]
@@ -273,18 +299,24 @@ class Demo:
                      "--version", spec.version, "--pod", spec.name], uid=APP_UID, wait_ports=[mesh.APP_PORT])
             if spec.role != "gateway":  # gateways are not intercepted
                 pod.apply_iptables(SEED_IPTABLES_FLAGS)
-            pod.forward_to_host(self.stack.xds_port, XDS_IN_POD)
-            config = build_bootstrap(spec.name, mesh.NAMESPACE, pod.ip, xds=f"127.0.0.1:{XDS_IN_POD}",
-                                     router=spec.role == "gateway", access_log=str(pod.work_dir / "access.log"),
-                                     labels=spec.labels, zipkin=None)
-            self.access_logs[config["node"]["id"]] = str(pod.work_dir / "access.log")
-            path = pod.work_dir / "envoy.json"
-            path.write_text(json.dumps(config, indent=1))
-            path.chmod(0o644)
-            envoy = pod.spawn("envoy", envoy_command(str(path)), uid=1337, cwd=pod.work_dir)
-            self.procs[f"{spec.role}-envoy"] = envoy
+            # `mizzen agent` in the pod (root; Envoy as uid 1337): key, certificate from certauth, SDS, Envoy;
+            # relays: xDS (over TLS when the stack serves it) and the CA, inside the pod on 127.0.0.1
+            tls = bool(self.stack.xds_tls_port)
+            pod.forward_to_host(self.stack.xds_tls_port if tls else self.stack.xds_port,
+                                XDS_TLS_IN_POD if tls else XDS_IN_POD)
+            pod.forward_to_host(self.stack.ca_port, CA_IN_POD)
+            access_log = pod.work_dir / "access.log"
+            argv = self._agent_argv(spec, pod.work_dir, xds=f"127.0.0.1:{XDS_TLS_IN_POD if tls else XDS_IN_POD}",
+                                    ca=f"127.0.0.1:{CA_IN_POD}", router=spec.role == "gateway",
+                                    access_log=access_log, extra=["--proxy-uid", "1337"])
+            self.access_logs[node_id(spec.name, mesh.NAMESPACE, pod.ip, router=spec.role == "gateway")] = \
+                str(access_log)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            self.procs[f"{spec.role}-agent"] = pod.spawn("agent", argv, cwd=pod.work_dir, env=env)
         for spec in self.pods:
-            pods[spec.role].wait_envoy_ready(15000, self.procs[f"{spec.role}-envoy"], timeout=60)
+            pods[spec.role].wait_envoy_ready(15000, self.procs[f"{spec.role}-agent"], timeout=90)
+        for role in ("sleep", "hello-v1"):  # `mizzen proxy-config … --admin` from the host
+            self.admins[role] = f"127.0.0.1:{pods[role].forward_from_host(15000)}"
         gw = pods["gateway"]
         gw.forward_from_host(self.gateway_port, self.gateway_port, pod_host=mesh.GATEWAY_BIND)
         self._wait_gateway()
@@ -311,6 +343,10 @@ class Demo:
                  + ", ".join(f"{p.name} {p.ip}" for p in self.pods))
         self.say(f"service {mesh.SERVICE}.{mesh.NAMESPACE} at ClusterIP {mesh.CLUSTER_IP}:{mesh.SERVICE_PORT}; "
                  f"the sleep pod calls it every {REQUEST_EVERY}s through its sidecar")
+        self.say("mTLS between every proxy (PeerAuthentication STRICT): certificates from certauth through each "
+                 "pod's `mizzen agent`; sidecar admins " + ", ".join(f"{r} {a}" for r, a in self.admins.items())
+                 + f" (try: mizzen proxy-config secret --admin {self.admins['sleep']})")
+        self.say("access logs: " + ", ".join(f"{s.role} {pods[s.role].work_dir / 'access.log'}" for s in self.pods))
         self.say(f"ingress gateway pod {gw.ip}, reached at {self.gateway_url} (a relay into the pod); "
                  f"pod logs under {net.work_dir} (kept in {self.work_dir}/pods-{net.tag} on exit)")
         self.say("pids " + " ".join(f"{name}={p.pid}" for name, p in self.procs.items()))

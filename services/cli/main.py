@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ps": ("mizzen.services.cli.proxy_status", "alias of proxy-status"),
     "watch": ("mizzen.services.cli.watch", "print each new snapshot version of a proxy as it arrives"),
     "bootstrap": ("mizzen.services.cli.bootstrap", "write an Envoy sidecar bootstrap"),
+    "agent": ("mizzen.services.sidecar.agent", "run a sidecar: workload certificate over SDS, renewal, Envoy"),
     "iptables": ("mizzen.services.cli.iptables", "set up (or print) istio-iptables traffic interception"),
     "logsink": ("mizzen.services.logsink.cli", "run the access-log → OpenTelemetry service, or convert log files"),
     "registry": ("mizzen.services.registry.__main__", "run the registry service"),

@@ -37,6 +37,7 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "route": ("routes", "r"),
     "endpoint": ("endpoints", "ep"),
     "bootstrap": ("b",),
+    "secret": ("s", "secrets"),
     "all": (),
 }
 ALIASES = {alias: name for name, aliases in SUBCOMMANDS.items() for alias in (name, *aliases)}
@@ -240,6 +241,14 @@ def render(args: argparse.Namespace, src: Source) -> str:
                 raise ProxyConfigError("the config dump has no bootstrap section")
             boot = tables.to_dicts([dump.bootstrap])[0]
         return tables.render_raw({"bootstrap": boot}, "yaml" if out == "yaml" else "json")
+    if what == "secret":
+        section = tables.secrets_section(src.document)
+        if section is None:
+            raise ProxyConfigError("no secrets here: they live in the Envoy, read them with --admin HOST:PORT or "
+                                   "--file DUMP.json")
+        if out != "short":
+            return tables.render_raw(section, out)
+        return tables.secret_table(src.document)
     if what == "all":
         if out != "short":
             return tables.render_raw(src.document, out)

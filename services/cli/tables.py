@@ -24,6 +24,8 @@ keys keep a stable order. Chains with equal destinations keep their listener ord
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -633,3 +635,66 @@ def render_raw(data: object, output: str) -> str:
 
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     return json.dumps(data, indent=4) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# secrets (istioctl proxy-config secret: the config dump's SecretsConfigDump, warming then active)
+
+SECRET_COLUMNS = ["RESOURCE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"]
+
+
+def secrets_section(document: dict) -> dict | None:
+    for c in document.get("configs", []):
+        if str(c.get("@type", "")).endswith(".SecretsConfigDump"):
+            return c
+    return None
+
+
+def _first_cert_meta(pem_data: bytes, now: datetime.datetime) -> tuple[str, bool, str, str, str]:
+    """(type, valid, serial, not after, not before) of the first PEM certificate, as istioctl's
+    secretMetaFromCert: `CA` for a CA certificate, else `Cert Chain`; serial in lowercase hex."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem_data)
+    except ValueError:
+        return "", False, "", "", ""
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    return ("CA" if is_ca else "Cert Chain", nb < now < na, format(cert.serial_number, "x"),
+            na.strftime(stamp), nb.strftime(stamp))
+
+
+def _inline(source: dict | None) -> bytes:
+    data = (source or {}).get("inline_bytes") or (source or {}).get("inlineBytes") or ""
+    try:
+        return base64.b64decode(data) if data else b""
+    except ValueError:
+        return b""
+
+
+def secret_rows(document: dict, now: datetime.datetime | None = None) -> list[list[str]]:
+    section = secrets_section(document) or {}
+    now = now or datetime.datetime.now(datetime.UTC)
+    rows = []
+    for state, key in (("WARMING", "dynamic_warming_secrets"), ("ACTIVE", "dynamic_active_secrets")):
+        for s in section.get(key, []):
+            secret = s.get("secret") or {}
+            tls = secret.get("tls_certificate") or {}
+            vc = secret.get("validation_context") or {}
+            data = _inline(tls.get("certificate_chain")) or _inline(vc.get("trusted_ca"))
+            status = "UNINITIALIZED" if state == "ACTIVE" and s.get("version_info") == "uninitialized" else state
+            if data:
+                kind, valid, serial, not_after, not_before = _first_cert_meta(data, now)
+            else:
+                kind, valid, serial, not_after, not_before = "", False, "", "", ""
+            rows.append([s.get("name", ""), kind, status, "true" if valid else "false", serial, not_after, not_before])
+    return rows
+
+
+def secret_table(document: dict, now: datetime.datetime | None = None) -> str:
+    return tabwrite([SECRET_COLUMNS, *secret_rows(document, now)], padding=5)

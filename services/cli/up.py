@@ -26,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--registry-port", type=int, default=settings.REGISTRY_PORT)
     p.add_argument("--xds-port", type=int, default=settings.XDS_PORT)
     p.add_argument("--ca-port", type=int, default=settings.CA_PORT, help="certauth's gRPC TLS port")
+    p.add_argument("--xds-tls-port", type=int, default=settings.XDS_TLS_PORT,
+                   help="the gateway's xDS over TLS (certificate from certauth, workload tokens); 0: off")
     p.add_argument("--demo", action="store_true",
                    help="apply a demo mesh and run it: echo apps, a real Envoy ingress gateway, traffic (docs/demo.md)")
     p.add_argument("--netns", action="store_true", help="with --demo: run the demo pods in network namespaces (root)")
@@ -46,6 +48,7 @@ def main(argv: list[str], command: str = "up") -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(Path(data_dir) / "stack", nats_url=args.nats_url, redis_url=args.redis_url,
                   registry_port=args.registry_port, xds_port=args.xds_port, ca_port=args.ca_port,
+                  xds_tls_port=args.xds_tls_port,
                   ca_data_dir=Path(data_dir), log_level=args.log_level,
                   otlp_endpoint=args.otlp_endpoint)
     stop = threading.Event()
@@ -63,6 +66,9 @@ def main(argv: list[str], command: str = "up") -> int:
         print(f"  translator   http://127.0.0.1:{stack.http_ports['translator']}/metrics", flush=True)
         print(f"  xds-gateway  grpc://{stack.xds_address}   http://127.0.0.1:{stack.http_ports['xds-gateway']}/metrics",
               flush=True)
+        if stack.xds_tls_port:
+            print(f"  xds (TLS)    grpcs://{stack.xds_tls_address}   (sidecars: mizzen agent, token required)",
+                  flush=True)
         print(f"  certauth     grpcs://{stack.ca_address}   roots {stack.trust_bundle_path}   "
               f"(export MIZZEN_CA={stack.ca_address})", flush=True)
         print(f"  logs         {stack.log_dir}", flush=True)

@@ -2,13 +2,15 @@
 
 - Service `hello` (ClusterIP 10.96.100.10, port 80 `http` → 8080) with two pods, hello-v1 and hello-v2
   (labels app=hello, version=v1|v2), and their Endpoints;
-- DestinationRule `hello`: subsets v1/v2 by the version label, plaintext to the pods (no CA in the stack);
+- DestinationRule `hello`: subsets v1/v2 by the version label; ISTIO_MUTUAL when the pods run sidecars
+  (`--netns`), plaintext to the loopback demo's bare apps;
 - VirtualService `hello-ingress` bound to Gateway `hello-gateway`: every host, 80 % to v1 and 20 % to v2,
   with retries — what `curl` to the ingress gateway sees;
 - VirtualService `hello` for the mesh (the same split for sidecars that call `hello`);
 - Gateway `hello-gateway`: one HTTP server on the gateway port, bound to 127.0.0.1 (`bind`), selecting the
   demo's ingress gateway pod (`istio: ingressgateway`, `app: demo-ingressgateway`);
-- PeerAuthentication `demo/default` DISABLE (plaintext between sidecars), and the Namespace.
+- PeerAuthentication `demo/default`: STRICT with sidecars (`--netns`: every call is mTLS with certificates the
+  pods' agents got from certauth), DISABLE for the loopback demo; and the Namespace.
 
 Pod addresses are parameters: loopback addresses for the default demo, pod-network addresses with --netns.
 """
@@ -41,10 +43,19 @@ POD_NAMES = {
 TEMPLATE_HASH = {"hello-v1": "7c9d8b5f4", "hello-v2": "5f6b7d8c9", "gateway": "6b7c8d9f5", "sleep": "8f9d7c6b5"}
 
 
+TLS_MODE_LABEL = "security.istio.io/tlsMode"  # what Istio's injector adds to a pod with a sidecar
+SERVICE_ACCOUNTS = {"hello-v1": "hello", "hello-v2": "hello", "sleep": "sleep", "gateway": "demo-ingressgateway"}
+
+
 @dataclass(frozen=True)
 class DemoPod:
     role: str  # hello-v1, hello-v2, gateway, sleep
     ip: str
+    sidecar: bool = False  # runs an Envoy sidecar (the --netns demo); the ingress gateway is no sidecar
+
+    @property
+    def service_account(self) -> str:
+        return SERVICE_ACCOUNTS[self.role]
 
     @property
     def name(self) -> str:
@@ -62,7 +73,8 @@ class DemoPod:
             base = {"app": SERVICE, "version": self.version}
         else:
             base = {"app": self.role, "version": "v1"}
-        return {**base, "pod-template-hash": TEMPLATE_HASH[self.role]}
+        tls = {TLS_MODE_LABEL: "istio"} if self.sidecar and self.role != "gateway" else {}
+        return {**base, "pod-template-hash": TEMPLATE_HASH[self.role], **tls}
 
 
 def _meta(name: str, **extra: object) -> dict:
@@ -76,7 +88,7 @@ def pod_object(pod: DemoPod) -> dict:
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": _meta(pod.name, labels=pod.labels),
-        "spec": {"serviceAccountName": "default", "containers": [container]},
+        "spec": {"serviceAccountName": pod.service_account, "containers": [container]},
         "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
     }
 
@@ -90,14 +102,17 @@ def _http_route() -> list[dict]:
     }]
 
 
-def objects(pods: list[DemoPod], gateway_port: int = DEFAULT_GATEWAY_PORT) -> list[dict]:
-    """Every object of the demo mesh, in an order a registry can apply at once."""
+def objects(pods: list[DemoPod], gateway_port: int = DEFAULT_GATEWAY_PORT, mtls: bool = False) -> list[dict]:
+    """Every object of the demo mesh, in an order a registry can apply at once. `mtls`: the pods run sidecars
+    with certificates from certauth, so the namespace is STRICT and `hello` is ISTIO_MUTUAL; without it (the
+    loopback demo: the hello apps have no sidecar) plaintext."""
     hello = [p for p in pods if p.version]
+    mode = "ISTIO_MUTUAL" if mtls else "DISABLE"
     return [
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": NAMESPACE, "labels": {"istio-injection": "enabled"}}},
         {"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication",
-         "metadata": _meta("default"), "spec": {"mtls": {"mode": "DISABLE"}}},
+         "metadata": _meta("default"), "spec": {"mtls": {"mode": "STRICT" if mtls else "DISABLE"}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": _meta(SERVICE, labels={"app": SERVICE}),
          "spec": {"clusterIP": CLUSTER_IP, "selector": {"app": SERVICE},
                   "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": APP_PORT, "protocol": "TCP"}]}},
@@ -107,7 +122,7 @@ def objects(pods: list[DemoPod], gateway_port: int = DEFAULT_GATEWAY_PORT) -> li
                                                                "namespace": NAMESPACE}} for p in hello],
                       "ports": [{"name": "http", "port": APP_PORT, "protocol": "TCP"}]}]},
         {"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule", "metadata": _meta(SERVICE),
-         "spec": {"host": SERVICE, "trafficPolicy": {"tls": {"mode": "DISABLE"}},
+         "spec": {"host": SERVICE, "trafficPolicy": {"tls": {"mode": mode}},
                   "subsets": [{"name": v, "labels": {"version": v}} for v in SPLIT]}},
         {"apiVersion": "networking.istio.io/v1beta1", "kind": "Gateway", "metadata": _meta(GATEWAY_NAME),
          "spec": {"selector": dict(GATEWAY_LABELS),

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class Settings:
     subject: str = ACCESSLOG_PREFIX + ">"
     durable: str = "mizzen-logsink"
     als: str | None = None
+    redis_url: str | None = None  # with it: workloads named from the registry's Pods/WorkloadEntries
+    events_nats_url: str | None = None
+    progress: str = "never"
     otlp_endpoint: str = "localhost:4317"
     otlp_protocol: str = "grpc"
     otlp_headers: dict[str, str] = field(default_factory=dict)
@@ -50,6 +54,9 @@ class Settings:
     export_timeout: float = 10.0
     shutdown_grace: float = 10.0
     ack_wait: float = 60.0
+    partitions: int = 0  # > 0: read mizzen.accesslog._p<k>.> partitions shared with other replicas
+    replica: str = ""
+    lease: float = 10.0
     export_queue: int = 64
     http_room_timeout: float = 5.0
 
@@ -74,14 +81,30 @@ class LogSink:
         self.dead = DeadLetters(s.dead_letter, keep_for_nats=bool(s.dead_letter_subject and s.nats_url))
         self.exporter = make_exporter(s.otlp_endpoint, s.otlp_protocol, s.export_timeout, s.otlp_headers)
         self.shipper = Shipper(self.exporter, self.stats, max_queued=s.export_queue)
+        self.workloads = None
+        self.registry_watch = None
+        if s.redis_url:
+            from .workloads import RegistryWatch, WorkloadIndex
+
+            self.workloads = WorkloadIndex()
+            self.registry_watch = RegistryWatch(self.workloads, s.redis_url, s.events_nats_url or s.nats_url or "")
         self.pipeline = Pipeline(self.shipper.submit, dead=self.dead, stats=self.stats, istio=self.istio,
                                  window=s.window, max_records=s.max_pending, batch_size=s.batch_size,
-                                 max_line_bytes=s.max_line_bytes)
+                                 max_line_bytes=s.max_line_bytes, workloads=self.workloads)
+        from .progress import Progress
+
+        self.progress = Progress.for_stream(sys.stderr, s.progress)
         self.files = FileInput(s.files, self.pipeline, self.shipper, s.state_dir / "offsets.json",
                                s.poll_interval, s.max_line_bytes) if s.files else None
         self.http = HttpInput(self.pipeline, self.shipper, room_timeout=s.http_room_timeout) if s.http else None
         self.nats = None
-        if s.nats_url:
+        if s.nats_url and s.partitions > 0:
+            from .inputs.partitions import PartitionedNatsInput
+
+            self.nats = PartitionedNatsInput(s.nats_url, self.pipeline, self.shipper, subject=s.subject,
+                                             durable=s.durable, ack_wait=s.ack_wait, partitions=s.partitions,
+                                             replica=s.replica, lease=s.lease)
+        elif s.nats_url:
             from .inputs.nats import NatsInput
 
             self.nats = NatsInput(s.nats_url, self.pipeline, self.shipper, subject=s.subject, durable=s.durable,
@@ -118,6 +141,8 @@ class LogSink:
 
             self.als_server, self.als_port = await start_als_server(s.als, self.pipeline, self.shipper)
             self.bound["als"] = self.als_port
+        if self.registry_watch is not None:
+            await self.registry_watch.start()
         if self.nats is not None:
             await self.nats.connect()
 
@@ -149,6 +174,8 @@ class LogSink:
                 await asyncio.wait_for(stop.wait(), 0.05)
             try:
                 self.pipeline.tick()
+                if self.progress is not None:
+                    self.progress.update(self.stats)
                 if self.pipeline.batch_count and loop.time() - self.pipeline.batch_since >= self.s.flush_interval:
                     self.pipeline.flush_batch()
                 if loop.time() - last_save >= 1.0:
@@ -171,6 +198,11 @@ class LogSink:
             await self.als_server.stop(1.0)
         for r in self.runners:
             await r.cleanup()
+        if self.nats is not None and hasattr(self.nats, "handover"):
+            try:
+                await self.nats.handover()  # partitions: waiting lines go to the partitions' next owners
+            except Exception:  # noqa: BLE001 - not handed over: exported here instead (unjoined, not lost)
+                log.exception("handing over waiting lines failed")
         self.pipeline.flush()
         ok = await self.shipper.drain(self.s.shutdown_grace)
         if not ok:
@@ -181,6 +213,10 @@ class LogSink:
             self.files.close()
         if self.nats is not None:
             await self.nats.close()
+        if self.registry_watch is not None:
+            await self.registry_watch.close()
+        if self.progress is not None:
+            self.progress.done(self.stats)
         await self.exporter.close()
         self.dead.close()
         log.info("logsink stopped", extra={"lines": self.stats.lines_total, "spans": self.stats.spans,

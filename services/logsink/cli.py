@@ -2,7 +2,7 @@
 
     mizzen logsink [--file [PROXY=]PATH]... [--http HOST:PORT] [--nats [URL]] [--subject SUBJ]
                    [--als HOST:PORT] [--otlp-endpoint HOST:PORT] [--otlp-protocol grpc|http] …
-    mizzen logsink convert FILE... [-o OUT] [--dead-letter FILE]
+    mizzen logsink convert FILE... [-o OUT] [--dead-letter FILE] [--config DIR]
 """
 
 from __future__ import annotations
@@ -54,6 +54,22 @@ def service_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--subject", default=ACCESSLOG_PREFIX + ">", help="NATS subject filter [%(default)s]")
     p.add_argument("--durable", default=_env("MIZZEN_LOGSINK_DURABLE", default="mizzen-logsink"),
                    help="JetStream durable consumer name [%(default)s]")
+    p.add_argument("--partitions", type=int, default=int(_env("MIZZEN_LOGSINK_PARTITIONS", default="0")),
+                   metavar="N", help="scale out: read mizzen.accesslog._p<k>.<proxy> (k = hash of the request id "
+                   "mod N, see mesh/accesslog.py) sharing the N partitions with the other replicas "
+                   "[$MIZZEN_LOGSINK_PARTITIONS; 0 = one consumer of mizzen.accesslog.>]")
+    p.add_argument("--replica-id", default=_env("MIZZEN_REPLICA_ID", default=""),
+                   help="this replica's name in the partition leases [host-pid]")
+    p.add_argument("--lease", type=float, default=10.0, metavar="SECONDS",
+                   help="partition lease: a replica that stops renewing loses its partitions after this "
+                   "[%(default)s]")
+    p.add_argument("--ack-wait", type=float, default=60.0, metavar="SECONDS",
+                   help="JetStream redelivers a message not acked within this (must exceed the join window "
+                   "plus export time) [%(default)s]")
+    p.add_argument("--redis-url", default=_env("MIZZEN_LOGSINK_REDIS"), metavar="URL",
+                   help="name workloads from the running stack: the registry's Pods and WorkloadEntries by IP, "
+                   "read from this Redis and kept current by its NATS events (--nats URL, else $MIZZEN_NATS_URL) "
+                   "[$MIZZEN_LOGSINK_REDIS]")
     p.add_argument("--als", metavar="HOST:PORT", default=_env("MIZZEN_LOGSINK_ALS"),
                    help="serve Envoy's gRPC Access Log Service (envoy.service.accesslog.v3) [$MIZZEN_LOGSINK_ALS]")
     p.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT",
@@ -83,6 +99,8 @@ def service_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=0.1, help="file polling interval in seconds")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds to keep retrying exports at shutdown [%(default)s]")
+    p.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
+                   help="progress on stderr: lines, spans, bad lines, rate [auto: when stderr is a terminal]")
     p.add_argument("--log-level", default=_env("MIZZEN_LOG_LEVEL", default="info"))
     return p
 
@@ -99,6 +117,11 @@ def convert_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--join-window", type=float, default=5.0, metavar="SECONDS",
                    help="join window in log time [%(default)s]")
     p.add_argument("--max-line-bytes", type=int, default=1 << 20)
+    p.add_argument("--config", action="append", default=[], metavar="DIR|FILE",
+                   help="Kubernetes/Istio YAML (as proxy-config --config reads): name workloads by their Pods' and "
+                   "WorkloadEntries' IPs (repeatable)")
+    p.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
+                   help="progress on stderr: lines, spans, bad lines, rate [auto: when stderr is a terminal]")
     return p
 
 
@@ -113,13 +136,26 @@ def run_convert(argv: list[str], prog: str) -> int:
         print(f"{prog}: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     dead = Path(a.dead_letter) if a.dead_letter else None
+    workloads = None
+    if a.config:
+        from .workloads import load_config
+
+        try:
+            workloads = load_config(a.config)
+        except ValueError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
+    from .progress import Progress
+
+    progress = Progress.for_stream(sys.stderr, a.progress)
+    kw = dict(workloads=workloads, progress=progress)
     if a.output == "-":
-        summary = convert(a.files, sys.stdout.buffer, dead, a.join_window, a.max_line_bytes)
+        summary = convert(a.files, sys.stdout.buffer, dead, a.join_window, a.max_line_bytes, **kw)
     else:
         out = Path(a.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "wb") as fh:
-            summary = convert(a.files, fh, dead, a.join_window, a.max_line_bytes)
+            summary = convert(a.files, fh, dead, a.join_window, a.max_line_bytes, **kw)
     print(summary, file=sys.stderr)
     return 0
 
@@ -143,7 +179,14 @@ def settings_from_args(a: argparse.Namespace):
         nats_url=nats_url,
         subject=a.subject,
         durable=a.durable,
+        partitions=a.partitions,
+        replica=a.replica_id,
+        lease=a.lease,
+        ack_wait=a.ack_wait,
         als=a.als,
+        redis_url=a.redis_url,
+        events_nats_url=nats_url or settings.nats_url(),
+        progress=a.progress,
         otlp_endpoint=endpoint,
         otlp_protocol=protocol,
         otlp_headers=_headers(a.otlp_header),

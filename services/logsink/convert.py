@@ -61,13 +61,15 @@ def _stream(idx: int, src: Source, path: Path, max_line_bytes: int) -> Iterator[
 
 
 def convert(specs: list[str], out: IO[bytes], dead_letter: Path | None = None, window: float = 5.0,
-            max_line_bytes: int = 1 << 20, max_records: int = 200_000) -> Summary:
+            max_line_bytes: int = 1 << 20, max_records: int = 200_000, workloads=None,
+            progress=None) -> Summary:
     stats = Stats()
     dead = DeadLetters(dead_letter)
     writer = JsonWriter(out)
     pipeline = Pipeline(lambda body, n, tokens: writer.add(body), dead=dead, stats=stats, window=window,
-                        max_records=max_records, max_line_bytes=max_line_bytes)
+                        max_records=max_records, max_line_bytes=max_line_bytes, workloads=workloads)
     pipeline.traces = set()
+    pipeline.json_mode = True
     streams = []
     for i, spec in enumerate(specs):
         proxy, path = parse_file_spec(spec)
@@ -81,9 +83,13 @@ def convert(specs: list[str], out: IO[bytes], dead_letter: Path | None = None, w
                 pipeline.add_record(item, raw, None, now)
                 if n % 64 == 0:
                     pipeline.tick(now)
+                    if progress is not None and n % 8192 == 0:
+                        progress.update(stats)
             else:
                 pipeline.bad_line(raw, item, src, None)
         pipeline.flush()
+        if progress is not None:
+            progress.done(stats)
     finally:
         writer.close()
         dead.close()

@@ -96,6 +96,44 @@ def identity_from_path(path: str) -> Identity | None:
     return None
 
 
+_san_cache: dict[str, Identity | None] = {}
+
+
+def identity_from_san(san: str | None) -> Identity | None:
+    """`spiffe://<td>/ns/<ns>/sa/<sa>` (the first of a comma-separated list) → `<sa>.<ns>`; None when it is not
+    a workload SAN, or names the namespace's `default` service account (shared by unrelated workloads)."""
+    if not san:
+        return None
+    hit = _san_cache.get(san)
+    if hit is None and san not in _san_cache:
+        first = san.split(",", 1)[0].strip()
+        parts = first.split("/")
+        # spiffe: / "" / td / ns / <ns> / sa / <sa>
+        if len(parts) == 7 and parts[0] == "spiffe:" and parts[3] == "ns" and parts[5] == "sa" and parts[4] \
+                and parts[6] and parts[6] != "default":
+            hit = Identity.of(f"{parts[6]}.{parts[4]}", parts[4])
+        if len(_san_cache) > 10000:
+            _san_cache.clear()
+        _san_cache[san] = hit
+    return hit
+
+
+def identity_from_fields(extra: dict) -> Identity | None:
+    """Node metadata a log format may carry (`"node_id": "%ENVIRONMENT(…)%"`-style fields): an Istio node id,
+    or a pod name with its namespace (and optionally its workload/canonical service name)."""
+    node = extra.get("node_id")
+    if node.__class__ is str and node.count("~") == 3:
+        return identity_from_proxy(node)
+    pod = extra.get("pod_name")
+    if pod.__class__ is str and pod and pod != "-":
+        ns = extra.get("pod_namespace") or extra.get("namespace")
+        ns = ns if ns.__class__ is str and ns != "-" else ""
+        wl = extra.get("workload") or extra.get("canonical_service") or extra.get("app")
+        wl = wl if wl.__class__ is str and wl and wl != "-" else workload_from_pod(pod)
+        return Identity.of(f"{wl}.{ns}" if ns else wl, ns, pod)
+    return None
+
+
 @dataclass(slots=True)
 class Source:
     """Where lines come from: an input name (for metrics) and, when known, the sidecar that wrote them."""

@@ -21,12 +21,13 @@ possible parent; `max_records` bounds memory (the oldest lines are released earl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 from collections.abc import Callable
 
 from .cluster_name import parse_sni
-from .identity import Identity, PeerMap, unknown
+from .identity import Identity, PeerMap, identity_from_fields, identity_from_san, unknown
 from .parse import KIND_CLIENT, KIND_SERVER, Record, address_ip
 
 PENDING, EMITTED, GONE = 0, 1, 2
@@ -53,6 +54,7 @@ class Joiner:
         tolerance_ms: int = 2,
         skew_ms: int = 1000,
         peers: PeerMap | None = None,
+        workloads=None,
     ):
         self.emit_cb = emit
         self.window = window
@@ -61,6 +63,7 @@ class Joiner:
         self.tol = tolerance_ms * 1_000_000
         self.skew = skew_ms * 1_000_000
         self.peers = peers if peers is not None else PeerMap()
+        self.workloads = workloads  # WorkloadIndex (or anything with .get(ip)): the registry's Pods by IP
         self.groups: dict[object, list[Record]] = {}
         self.heap: list[tuple[float, int, Record]] = []
         self.live = 0  # records held (pending or kept as possible parents)
@@ -113,6 +116,24 @@ class Joiner:
             _, _, rec = heapq.heappop(heap)
             if rec.state != GONE:
                 self._release(rec)
+
+    def take_pending(self, want: Callable[[Record], bool] | None = None) -> list[Record]:
+        """Remove and return the records still waiting for their other side (not emitted), for a replica that
+        hands its partitions over: their lines go to the next owner instead of being exported here."""
+        out = []
+        for _, _, rec in self.heap:
+            if rec.state == PENDING and (want is None or want(rec)):
+                rec.state = GONE
+                self.pending -= 1
+                self.live -= 1
+                group = self.groups.get(rec.gkey)
+                if group is not None:
+                    with contextlib.suppress(ValueError):
+                        group.remove(rec)
+                    if not group:
+                        del self.groups[rec.gkey]
+                out.append(rec)
+        return out
 
     def flush(self) -> None:
         while self.heap:
@@ -239,15 +260,21 @@ class Joiner:
     # ---- identity -----------------------------------------------------------------------------------------
     def _learn(self, rec: Record) -> None:
         ident = rec.src.identity if rec.src is not None else None
+        if ident is None:
+            ident = rec.own
         peers = self.peers
         if rec.kind == KIND_SERVER:
             if ident is not None:
                 peers.learn(rec.dl_ip, ident, True)
             elif rec.sni_ident is not None:
                 peers.learn(rec.dl_ip, rec.sni_ident, False)
+            if rec.san_ident is not None and rec.san_ident[1] is not None:
+                peers.learn(rec.dr_ip, rec.san_ident[1], False)  # the caller's certificate names it
         else:
             if ident is not None:
                 peers.learn(rec.ul_ip, ident, True)
+            if rec.san_ident is not None and rec.san_ident[1] is not None:
+                peers.learn(rec.uh_ip, rec.san_ident[1], False)  # the callee's certificate names it
             cl = rec.cluster
             if cl is not None and cl.namespace and rec.uh is not None and cl.direction == "outbound":
                 peers.learn(rec.uh_ip, _cluster_identity(cl), False)
@@ -256,16 +283,41 @@ class Joiner:
         """The workload that wrote the line (see identity.py for the order of sources)."""
         if rec.src is not None and rec.src.identity is not None:
             return rec.src.identity
+        if rec.own is not None:
+            return rec.own  # the line's own node metadata
+        ws = self.workloads
+        san = rec.san_ident
         if rec.kind == KIND_SERVER:
+            ip = rec.dl_ip
+            if ws is not None:
+                hit = ws.get(ip)
+                if hit is not None:
+                    return hit
+            if san is not None and san[0] is not None:
+                return san[0]
             if rec.sni_ident is not None:
                 return rec.sni_ident
-            ip = rec.dl_ip
             return self.peers.get(ip) or unknown(ip)
+        ip = rec.ul_ip or rec.dr_ip
+        if ws is not None:
+            hit = ws.get(ip) or ws.get(rec.dr_ip)
+            if hit is not None:
+                return hit
+        if san is not None and san[0] is not None:
+            return san[0]
         p = rec.parent
         if p is not None and p.kind == KIND_SERVER:
             return self.identity(p)
-        ip = rec.ul_ip or rec.dr_ip
         return self.peers.get(ip) or self.peers.get(rec.dr_ip) or unknown(ip)
+
+    def peer_identity(self, ip: str | None) -> Identity | None:
+        """Who is at an address: the registry first, else what the lines taught."""
+        ws = self.workloads
+        if ws is not None:
+            hit = ws.get(ip)
+            if hit is not None:
+                return hit
+        return self.peers.get(ip)
 
 
 _cluster_idents: dict[str, Identity] = {}
@@ -330,6 +382,14 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
         ip = _ip_cache.get(dl)
         rec.dl_ip = ip if ip is not None else _ip_of(dl)
     rec.tstate = f.get("tracestate") if rec.tp is not None else None
+    # The line's own identity (node metadata in the log format) and the SANs: (own, peer) from certificates.
+    extra = rec.extra
+    rec.own = identity_from_fields(extra) if extra else None
+    if rec.kind == KIND_SERVER:
+        local, peer = f.get("downstream_local_uri_san"), f.get("downstream_peer_uri_san")
+    else:
+        local, peer = f.get("upstream_local_uri_san"), f.get("upstream_peer_uri_san")
+    rec.san_ident = (identity_from_san(local), identity_from_san(peer)) if local or peer else None
     sni = f.get("requested_server_name")
     rec.sni_ident = None
     rec.sni_host = None

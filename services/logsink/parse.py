@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
+from ..mesh.otlp_wire import Key
 from .cluster_name import ClusterName, parse_cluster, parse_sni
 from .flags import FlagError, parse_flags
-from .otlp_wire import Key
 from .timefmt import TimeError, parse_time_ns
 
 KIND_SERVER = 2  # OTLP Span.SpanKind values
@@ -173,6 +173,8 @@ class Record:
         "dl_ip",
         "sni_ident",
         "sni_host",
+        "own",
+        "san_ident",
         "tstate",
         "body",
         "mvals",
@@ -334,13 +336,21 @@ def _json_reason(raw: bytes, e: orjson.JSONDecodeError) -> tuple[str, str]:
 
 
 def record_from_dict(
-    d: dict, raw: bytes, src: Any = None, start_ns: int | None = None, end_ns: int | None = None
+    d: dict, raw: bytes, src: Any = None, start_ns: int | None = None, end_ns: int | None = None,
+    check_shape: bool = True,
 ) -> Record:
     """Validate and normalize a decoded entry in place (absent values become None). Inputs that carry exact
     times (the gRPC access log) pass `start_ns`/`end_ns`, and then `start_time`/`duration` are not needed.
 
     The same single pass over the fields encodes the ones that become `envoy.<field>` attributes unchanged
     (`Record.env`), since that pass is the logsink's hottest loop."""
+    keys = tuple(d)
+    plan = _PLANS.get(keys)
+    if plan is None and len(_PLANS) < _MAX_PLANS and len(keys) <= 64:
+        plan = _PLANS[keys] = _compile_plan(keys)
+    if plan is not None:
+        env, extra = plan(d, *d.values())
+        return _finish(d, raw, src, env, extra, start_ns, end_ns, check_shape)
     env: list[bytes] = []
     extra = None
     spec_of = _SPEC.get
@@ -382,7 +392,11 @@ def record_from_dict(
                         cache.clear()
                     cache[v] = blob
                 env.append(blob)
+    return _finish(d, raw, src, env, extra, start_ns, end_ns, check_shape)
 
+
+def _finish(d: dict, raw: bytes, src: Any, env: list[bytes], extra: dict | None, start_ns: int | None,
+            end_ns: int | None, check_shape: bool) -> Record:
     rec = Record()
     rec.raw = raw
     rec.src = src
@@ -398,9 +412,9 @@ def record_from_dict(
                 start_ns = parse_time_ns(st)
             except TimeError as e:
                 raise BadLine(f"start_time: {e}: {_show(st)}", "bad_value", "start_time") from None
-        elif st.__class__ in (int, float) and st >= 0:
-            start_ns = int(st * 1_000_000_000)
         else:
+            # Envoy prints %START_TIME% as a string in every format; a JSON number here is not an access log's
+            # timestamp (it would become a span in 1970).
             raise BadLine(f"start_time: expected an RFC 3339 string, got {_show(st)}", "wrong_type", "start_time")
         end_ns = start_ns + (d.get("duration") or 0) * 1_000_000
     elif end_ns is None:
@@ -433,6 +447,8 @@ def record_from_dict(
     proto = d.get("protocol")
     rid = d.get("request_id")
     rec.http = bool(method or (proto and proto[:4] == "HTTP") or rid or d.get("response_code"))
+    if check_shape:
+        _check_shape(d, rec.http)
 
     uc = d.get("upstream_cluster")
     cl: ClusterName | None = parse_cluster(uc) if uc else None
@@ -443,6 +459,92 @@ def record_from_dict(
     tp = d.get("traceparent")
     rec.tp = parse_traceparent(tp) if tp else None
     return rec
+
+
+# ---- per-shape plans ----------------------------------------------------------------------------------------
+# A sidecar writes every line with the same keys in the same order. For each key order seen, the field loop of
+# `record_from_dict` is generated once as straight-line Python (each field's checks inlined, the values
+# unpacked in one call): same checks, same order, same errors, same output — without the per-field spec lookup
+# and dispatch, the loop's largest cost.
+_PLANS: dict[tuple, Any] = {}
+_MAX_PLANS = 512
+
+
+def _bad_str(k: str, v: Any) -> None:
+    raise BadLine(f"{k}: expected a string, got {_show(v)}", "wrong_type", k)
+
+
+def _compile_plan(keys: tuple):
+    lines = ["def plan(d, " + ", ".join(f"v{i}" for i in range(len(keys))) + "):",
+             "    env = []", "    extra = None"]
+    ns: dict[str, Any] = {"_bad_str": _bad_str, "_int_value": _int_value, "_CACHE_MAX": _CACHE_MAX}
+    for i, k in enumerate(keys):
+        v = f"v{i}"
+        ns[f"k{i}"] = k
+        spec = _SPEC.get(k) if isinstance(k, str) else None
+        if spec is None:
+            lines += [f"    if {v} is not None:", "        if extra is None:", "            extra = {}",
+                      f"        extra[k{i}] = {v}"]
+            continue
+        t, key, cache = spec
+        if t == _X:
+            continue
+        if t == _S:
+            lines += [f"    if {v} is not None:",
+                      f"        if {v}.__class__ is not str:", f"            _bad_str(k{i}, {v})",
+                      f"        if {v} == '-' or {v} == '':", f"            d[k{i}] = None"]
+            enc = "s"
+        else:
+            limit = f" or {v} > 999" if k == "response_code" else ""
+            lines += [f"    if {v} is not None:",
+                      f"        if {v}.__class__ is not int:",
+                      f"            if {v}.__class__ is str and ({v} == '-' or {v} == ''):",
+                      f"                d[k{i}] = None", f"                {v} = None",
+                      "            else:",
+                      f"                {v} = _int_value(k{i}, {v})", f"                d[k{i}] = {v}",
+                      f"        elif {v} < 0{limit}:", f"            _int_value(k{i}, {v})"]
+            enc = "i"
+        if key is None:
+            continue  # not an `envoy.<field>` attribute: nothing to encode here
+        ns[f"key{i}"] = key
+        body = ([f"            env.append(key{i}.{enc}({v}))"] if cache is None else
+                [f"            b = cache{i}.get({v})", "            if b is None:",
+                 f"                b = key{i}.{enc}({v})",
+                 f"                if len(cache{i}) >= _CACHE_MAX:", f"                    cache{i}.clear()",
+                 f"                cache{i}[{v}] = b", "            env.append(b)"])
+        if cache is not None:
+            ns[f"cache{i}"] = cache
+        if t == _S:
+            lines += ["        else:"] + body
+        else:
+            lines += [f"        if {v} is not None:"] + body
+    lines.append("    return env, extra")
+    exec(compile("\n".join(lines), f"<logsink plan {len(_PLANS)}>", "exec"), ns)  # noqa: S102 - our own code
+    return ns["plan"]
+
+
+# What a line must carry to be an access log (the keys, whatever their value: Envoy's formats print every
+# operator they name, "-" or null when unset). An HTTP entry names its request; a TCP entry its connection.
+REQUEST_KEYS = ("method", "response_code", "protocol")
+CONNECTION_KEYS = ("upstream_cluster", "upstream_host", "downstream_remote_address", "downstream_local_address",
+                   "upstream_local_address", "requested_server_name")
+
+
+def _check_shape(d: dict, http: bool) -> None:
+    if http:
+        for k in REQUEST_KEYS:
+            if k in d:
+                return
+        raise BadLine("not an access log: an HTTP entry needs method, response_code or protocol",
+                      "missing_field", "method")
+    for k in CONNECTION_KEYS:
+        if k in d:
+            return
+    if http is False and any(k in d for k in REQUEST_KEYS):
+        return  # an HTTP entry whose request fields are all unset ("-"): a request that never got one
+    raise BadLine("not an access log: no request fields (method, response_code, protocol) nor connection fields "
+                  "(upstream_cluster, upstream_host, downstream_remote_address, downstream_local_address)",
+                  "missing_field", "upstream_cluster")
 
 
 def _kind(cl: ClusterName | None, d: dict) -> int:

@@ -17,9 +17,7 @@ body is built once, at parse time, and the record can drop its fields while it w
 
 from __future__ import annotations
 
-from .cluster_name import ClusterName
-from .flags import is_failure, long_name
-from .otlp_wire import (
+from ..mesh.otlp_wire import (
     SPAN_KIND,
     SPAN_NAME,
     STATUS_ERROR,
@@ -28,6 +26,8 @@ from .otlp_wire import (
     span_times,
     status,
 )
+from .cluster_name import ClusterName
+from .flags import is_failure, long_name
 from .parse import KIND_CLIENT, KIND_SERVER, Record, split_address
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
@@ -216,8 +216,10 @@ def _status(rec: Record) -> tuple[int, str, str]:
     return STATUS_ERROR, etype, msg
 
 
-def encode_body(rec: Record) -> bytes:
-    """Span fields 5–15 (name, kind, times, attributes, status) for a record."""
+def encode_body(rec: Record, as_parts: bool = False) -> bytes | list[bytes]:
+    """Span fields 5–15 (name, kind, times, attributes, status) for a record. With `as_parts`, the pieces
+    unjoined (name, kind, times, attribute blobs…, status): `convert` writes JSON from them, piece by piece,
+    most of them the same cached objects line after line."""
     f = rec.f
     get = f.get
     parts: list[bytes] = []
@@ -350,14 +352,14 @@ def encode_body(rec: Record) -> bytes:
     if rec.http:
         rc = get("response_code")
         if rc.__class__ is int and 0 < rc < 500 and (rc < 400 or kind == KIND_SERVER):
-            return b"".join(parts)
+            return parts if as_parts else b"".join(parts)
     elif not rec.flags and not get("upstream_transport_failure_reason"):
-        return b"".join(parts)
+        return parts if as_parts else b"".join(parts)
     code, etype, msg = _status(rec)
     if code:
         add(_ETYPE.get(etype) or _fill(_ETYPE, etype, K["error.type"].s(etype)))
         add(status(code, msg))
-    return b"".join(parts)
+    return parts if as_parts else b"".join(parts)
 
 
 def _client_server_blob(authority: str | None, cl: ClusterName | None) -> bytes:

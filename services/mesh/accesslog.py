@@ -50,3 +50,47 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     **ISTIO_ACCESS_LOG_FIELDS,
     **MIZZEN_ACCESS_LOG_FIELDS,
 }
+
+
+def partition_key(line: bytes) -> bytes:
+    """What both sides of a call share: the request id (with Envoy's trace-decision nibble reset, as the
+    logsink's join does), else the W3C trace id, else — for a TCP connection — its client and server
+    addresses as the client side (upstream_local/upstream_host) and the server side
+    (downstream_remote/downstream_local) both log them. Unparsable lines share one key."""
+    import orjson
+
+    try:
+        d = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return b""
+    if not isinstance(d, dict):
+        return b""
+    rid = d.get("request_id")
+    if isinstance(rid, str) and rid not in ("", "-"):
+        if len(rid) == 36 and rid[14:15].isalnum():
+            rid = rid[:14] + "4" + rid[15:]  # Envoy rewrites the version nibble between hops
+        return rid.lower().encode()
+    tp = d.get("traceparent")
+    if isinstance(tp, str) and tp.count("-") >= 3:
+        return tp.split("-")[1].encode()
+    cl = d.get("upstream_cluster")
+    inbound = isinstance(cl, str) and (cl.startswith("inbound|") or cl.startswith("InboundPassthrough"))
+    src, dst = ((d.get("downstream_remote_address"), d.get("downstream_local_address")) if inbound
+                else (d.get("upstream_local_address"), d.get("upstream_host")))
+    return f"tcp|{src}|{dst}".encode()
+
+
+def partition_of(line: bytes, partitions: int) -> int:
+    """The partition (0..partitions-1) of an access-log line; stable across processes and versions."""
+    import zlib
+
+    return zlib.crc32(partition_key(line)) % partitions
+
+
+def split_by_partition(lines: list[bytes], partitions: int) -> dict[int, list[bytes]]:
+    """Lines grouped by partition, order kept within each: publish each group as one NDJSON message to
+    `bus.accesslog_subject(proxy, k)`."""
+    out: dict[int, list[bytes]] = {}
+    for raw in lines:
+        out.setdefault(partition_of(raw, partitions), []).append(raw)
+    return out

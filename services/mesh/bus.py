@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import nats
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
+if TYPE_CHECKING:  # nats (and the aiohttp it pulls in) is imported on connect: the subject names here are
+    from nats.aio.client import Client as NATS  # used by commands that never connect (`logsink convert`)
+    from nats.aio.msg import Msg
 
 log = logging.getLogger("mizzen.bus")
 
@@ -20,6 +21,27 @@ ACCESSLOG_PREFIX = "mizzen.accesslog."
 
 def snapshot_subject(proxy_id: str) -> str:
     return SNAPSHOT_PREFIX + proxy_id
+
+
+# Access logs for partitioned logsinks: `mizzen.accesslog._p<k>.<proxy>`, k = hash(request id) mod N, so both
+# sides of a call (and every hop of a chain) reach the replica that owns partition k (mesh/accesslog.py).
+PARTITION_TOKEN = "_p"
+
+
+def accesslog_subject(proxy: str, partition: int | None = None) -> str:
+    if partition is None:
+        return ACCESSLOG_PREFIX + proxy
+    return f"{ACCESSLOG_PREFIX}{PARTITION_TOKEN}{partition}.{proxy}"
+
+
+def split_accesslog_subject(subject: str) -> tuple[int | None, str]:
+    """`mizzen.accesslog._p3.front.shop` → (3, "front.shop"); `mizzen.accesslog.front.shop` → (None, …)."""
+    rest = subject[len(ACCESSLOG_PREFIX):] if subject.startswith(ACCESSLOG_PREFIX) else ""
+    if rest.startswith(PARTITION_TOKEN):
+        token, _, proxy = rest.partition(".")
+        if token[2:].isdigit():
+            return int(token[2:]), proxy
+    return None, rest
 
 
 class Bus:
@@ -34,6 +56,8 @@ class Bus:
         self.connected = asyncio.Event()
 
     async def connect(self, timeout: float = 30.0) -> None:
+        import nats
+
         async def disconnected():
             self.connected.clear()
             log.warning("nats disconnected", extra={"url": self.url})
@@ -69,11 +93,12 @@ class Bus:
                 log.info("waiting for nats at %s: %s", self.url, e)
                 await asyncio.sleep(0.25)
 
-    async def publish(self, subject: str, payload: bytes) -> None:
-        """Publish, tolerating an outage: events are hints, and subscribers re-read state on reconnect."""
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Publish, tolerating an outage: events are hints, and subscribers re-read state on reconnect.
+        `headers` carry trace context (W3C `traceparent`, see mesh/tracing.py) when tracing is on."""
         assert self.nc is not None
         try:
-            await self.nc.publish(subject, payload)
+            await self.nc.publish(subject, payload, headers=headers or None)
         except Exception as e:  # noqa: BLE001
             log.warning("publish to %s failed (%s); subscribers will resync on reconnect", subject, e)
 

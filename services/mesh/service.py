@@ -62,8 +62,13 @@ async def serve_http(app: web.Application, host: str, port: int) -> web.AppRunne
     return runner
 
 
-def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `main(stop_event)` until SIGTERM/SIGINT sets the event; main is expected to clean up and return."""
+def run_service(main: Callable[[asyncio.Event], Awaitable[None]], name: str | None = None) -> None:
+    """Run `main(stop_event)` until SIGTERM/SIGINT sets the event; main is expected to clean up and return.
+    With `name`, the service traces itself when `MIZZEN_TRACING` says so (mesh/tracing.py)."""
+    from . import tracing
+
+    if name is not None:
+        tracing.setup(name)
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -72,4 +77,7 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(s, stop.set)
         await main(stop)
 
-    asyncio.run(runner())
+    try:
+        asyncio.run(runner())
+    finally:
+        tracing.shutdown()

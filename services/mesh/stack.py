@@ -31,12 +31,14 @@ class Stack:
     registry_port: int = 0
     xds_port: int = 0
     ca_port: int = 0
+    xds_tls_port: int = 0  # > 0: the gateway also serves xDS over TLS there (needs certauth in the stack)
     ca_data_dir: Path | None = None  # where certauth keeps the CA (<dir>/ca); default work_dir
     log_level: str = "info"
     otlp_endpoint: str = "localhost:4317"
     procs: dict[str, procs.Proc] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
     extras: dict[str, list[str]] = field(default_factory=dict)  # per-service extra flags, kept for restarts
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every service (e.g. MIZZEN_TRACING)
     _infra: list[procs.Proc] = field(default_factory=list)
 
     @property
@@ -50,6 +52,22 @@ class Stack:
     @property
     def xds_address(self) -> str:
         return f"127.0.0.1:{self.xds_port}"
+
+    @property
+    def xds_tls_address(self) -> str:
+        return f"127.0.0.1:{self.xds_tls_port}"
+
+    def xds_token_file(self) -> Path:
+        """The gateway's own workload token (istio-system/xds-gateway), issued with the CA's token key."""
+        from mizzen.services.certauth import tokens
+
+        path = self.work_dir / "xds-gateway.token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = tokens.issue(self.ca_dir, "istio-system", "xds-gateway", 365 * 24 * 3600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return path
 
     @property
     def ca_address(self) -> str:
@@ -101,7 +119,11 @@ class Stack:
         if name == "translator":
             return ServiceSpec("mizzen.services.translator", "--http-port", common)
         if name == "xds-gateway":
-            return ServiceSpec("mizzen.services.xds_gateway", "--http-port", common + ["--port", str(self.xds_port)])
+            flags = common + ["--port", str(self.xds_port)]
+            if self.xds_tls_port:
+                flags += ["--tls-port", str(self.xds_tls_port), "--ca", self.ca_address,
+                          "--ca-root-cert", str(self.trust_bundle_path), "--token-file", str(self.xds_token_file())]
+            return ServiceSpec("mizzen.services.xds_gateway", "--http-port", flags)
         if name == "certauth":
             return ServiceSpec("mizzen.services.certauth", "--http-port",
                                ["--data-dir", str(self.ca_dir), "--port", str(self.ca_port),
@@ -109,7 +131,8 @@ class Stack:
         if name == "logsink":
             # access logs arrive over NATS (mizzen.accesslog.<proxy>, JetStream) and from files the caller names
             return ServiceSpec("mizzen.services.logsink", "--admin",
-                               ["--nats", str(self.nats_url), "--data-dir", str(self.work_dir),
+                               ["--nats", str(self.nats_url), "--redis-url", str(self.redis_url),
+                                "--data-dir", str(self.work_dir),
                                 "--otlp-endpoint", self.otlp_endpoint, "--log-level", self.log_level],
                                http_value="127.0.0.1:{port}")
         raise KeyError(name)
@@ -126,7 +149,7 @@ class Stack:
         self.http_ports[name] = port
         argv = [sys.executable, "-m", spec.module, *spec.extra, spec.http_port_flag,
                 spec.http_value.format(port=port), *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         p = procs.spawn(name, argv, self.log_dir, env=env)
         self.procs[name] = p
         if wait:

@@ -23,7 +23,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..mesh import kinds
+from ..mesh import kinds, tracing
 from ..mesh.bus import CONFIG_CHANGED, Bus
 from ..mesh.errors import ApplyError, DocumentError, FieldError
 from ..mesh.kinds import Kind, object_key
@@ -94,8 +94,22 @@ class RegistryAPI:
         return result
 
     async def apply_valid(self, objects: list[dict]) -> dict:
-        """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce."""
+        """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce.
+        Each call is one trace when tracing is on (an apply, a Kubernetes event): see mesh/tracing.py."""
         keys = [key_of(o) for o in objects]
+        span = tracing.start("registry apply", tracing.incoming.get(), {"mizzen.resources": keys[:100],
+                                                                         "mizzen.resource_count": len(keys)},
+                             kind="server")
+        try:
+            result = await self._apply_valid(objects, keys, span)
+        except Exception as e:
+            span.error(repr(e))
+            raise
+        finally:
+            span.end()
+        return result
+
+    async def _apply_valid(self, objects: list[dict], keys: list[str], span) -> dict:
         current = await self.store.get_many(keys)
         results, changed = [], []
         for k, obj in zip(keys, objects, strict=True):
@@ -109,12 +123,16 @@ class RegistryAPI:
             results.append({"kind": kind, "namespace": ns, "name": name, "action": action})
         revision = await self.store.revision()
         if changed:
+            commit = tracing.start("registry commit", span, {"mizzen.changed": [key_of(o) for o in changed][:100]})
             with self.metrics.write_seconds.time():
                 change = await self.store.apply(changed)
             revision = change.revision
             self.metrics.writes.labels("apply").inc()
             self.metrics.revision.set(revision)
-            await self.bus.publish(CONFIG_CHANGED, change.to_json())
+            commit.set("mizzen.revision", revision)
+            await self.bus.publish(CONFIG_CHANGED, change.to_json(), headers=commit.headers())
+            commit.end()
+        span.set("mizzen.revision", revision)
         return {"revision": revision, "results": results}
 
     async def delete_keys(self, keys: list[str]) -> dict:
@@ -122,11 +140,15 @@ class RegistryAPI:
         missing = [k for k in keys if k not in present]
         revision = await self.store.revision()
         if present:
+            span = tracing.start("registry delete", tracing.incoming.get(), {"mizzen.resources": present[:100]},
+                                 kind="server")
             change = await self.store.delete(present)
             revision = change.revision
             self.metrics.writes.labels("delete").inc()
             self.metrics.revision.set(revision)
-            await self.bus.publish(CONFIG_CHANGED, change.to_json())
+            span.set("mizzen.revision", revision)
+            await self.bus.publish(CONFIG_CHANGED, change.to_json(), headers=span.headers())
+            span.end()
         return {"revision": revision, "deleted": present, "notFound": missing}
 
     # ---- HTTP handlers ----

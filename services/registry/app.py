@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..mesh import settings
+from ..mesh import settings, tracing
 from ..mesh.bus import Bus
 from ..mesh.service import health_routes, serve_http
 from ..mesh.snapstore import SnapshotStore
@@ -40,7 +40,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     metrics = Metrics()
     api = RegistryAPI(store, bus, SnapshotStore(redis), metrics)
     ready = {"ok": False}
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[tracing.middleware()])
     api.routes(app)
     health_routes(app, lambda: ready["ok"] and bus.connected.is_set(), metrics.registry)
     await redis.ping()

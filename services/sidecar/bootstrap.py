@@ -203,7 +203,8 @@ def _dns_cluster(name: str, host: str, port: int, dns_family: str) -> dict:
     }
 
 
-def _xds_cluster(host: str, port: int, dns_family: str, root_cert: str | None, sans: Sequence[str]) -> dict:
+def _xds_cluster(host: str, port: int, dns_family: str, root_cert: str | None, sans: Sequence[str],
+                 root_from_sds: bool = False) -> dict:
     cluster = _dns_cluster("xds-grpc", host, port, dns_family)
     limits = {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
     cluster["circuit_breakers"] = {
@@ -212,26 +213,30 @@ def _xds_cluster(host: str, port: int, dns_family: str, root_cert: str | None, s
     cluster["upstream_connection_options"] = {"tcp_keepalive": {"keepalive_time": 300}}
     # One gRPC stream per connection, as Istio: a reconnect always gets a fresh connection (and replica).
     cluster["typed_extension_protocol_options"] = _http2_options(max_requests_per_connection=1)
-    if root_cert:
+    if root_cert or root_from_sds:
         # The control plane over TLS (port 15012): Envoy's own certificate from SDS, the server checked
-        # against the provisioned root (and the given SANs).
-        validation: dict[str, Any] = {"trusted_ca": {"filename": root_cert}}
+        # against the provisioned root file, or against the agent's `ROOTCA` (which follows root rotation),
+        # and the given SANs.
+        validation: dict[str, Any] = {} if root_from_sds else {"trusted_ca": {"filename": root_cert}}
         if sans:
             validation["match_typed_subject_alt_names"] = [
                 {"san_type": "DNS" if not s.startswith("spiffe://") else "URI", "matcher": {"exact": s}}
                 for s in sans
             ]
+        common: dict[str, Any] = {
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [_sds_secret("default")],
+        }
+        if root_from_sds:
+            common["combined_validation_context"] = {
+                "default_validation_context": validation,
+                "validation_context_sds_secret_config": _sds_secret("ROOTCA"),
+            }
+        else:
+            common["validation_context"] = validation
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": _TLS_TYPE,
-                "sni": host,
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],
-                    "tls_certificate_sds_secret_configs": [_sds_secret("default")],
-                    "validation_context": validation,
-                },
-            },
+            "typed_config": {"@type": _TLS_TYPE, "sni": host, "common_tls_context": common},
         }
     return cluster
 
@@ -431,6 +436,8 @@ def build_bootstrap(
     network: str = "",
     xds_root_cert: str | None = None,
     xds_sans: Sequence[str] = (),
+    xds_root_from_sds: bool = False,
+    xds_token: str | None = None,
     initial_fetch_timeout: str | None = None,
     stats_inclusion_prefixes: Sequence[str] = (),
     all_stats: bool = False,
@@ -445,6 +452,9 @@ def build_bootstrap(
     plane as node metadata `ACCESS_LOG_FILE`, and the translator attaches `access_log_config()` for it to the
     listeners it builds. `zipkin=None` drops the zipkin cluster and tracing. `listen_address` is where the
     static 15090/15021 listeners bind (default: the wildcard of the pod's IP family, as Istio).
+    `xds_root_from_sds` checks the control plane's TLS certificate against the SDS `ROOTCA` (what the agent
+    serves) instead of the `xds_root_cert` file; `xds_token` is sent as `authorization: Bearer <token>` on
+    the ADS stream (the xDS gateway's TLS port wants it).
     `initial_fetch_timeout` (a duration like "1s") bounds how long Envoy waits for the first CDS/LDS before
     it goes live anyway (Envoy's default is 15 s)."""
     if health not in HEALTH_MODES:
@@ -482,7 +492,7 @@ def build_bootstrap(
             "discoveryAddress": xds,
             "proxyAdminPort": admin_port,
             "statusPort": health_port,
-            "controlPlaneAuthPolicy": "MUTUAL_TLS" if xds_root_cert else "NONE",
+            "controlPlaneAuthPolicy": "MUTUAL_TLS" if (xds_root_cert or xds_root_from_sds) else "NONE",
             "drainDuration": "45s",
             "parentShutdownDuration": "60s",
             **({"tracing": {"zipkin": {"address": zipkin}}} if zipkin else {}),
@@ -519,7 +529,7 @@ def build_bootstrap(
             **_static_cluster("sds-grpc", {"pipe": {"path": sds_path}}, "1s"),
             "typed_extension_protocol_options": _http2_options(),
         },
-        _xds_cluster(xds_host, xds_port, dns_family, xds_root_cert, xds_sans),
+        _xds_cluster(xds_host, xds_port, dns_family, xds_root_cert, xds_sans, xds_root_from_sds),
     ]
     if zipkin:
         zhost, zport = _split_host_port(zipkin, "zipkin")
@@ -563,7 +573,11 @@ def build_bootstrap(
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "set_node_on_first_message_only": True,
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+                "grpc_services": [{
+                    "envoy_grpc": {"cluster_name": "xds-grpc"},
+                    **({"initial_metadata": [{"key": "authorization", "value": f"Bearer {xds_token}"}]}
+                       if xds_token else {}),
+                }],
             },
         },
         "static_resources": {"clusters": clusters, "listeners": listeners},

@@ -11,7 +11,7 @@ from .app import parser, serve
 def main(argv: list[str] | None = None, command: str = "translator") -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
-    run_service(lambda stop: serve(args, stop))
+    run_service(lambda stop: serve(args, stop), name="mizzen-translator")
     return 0
 
 

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..mesh import settings
+from ..mesh import settings, tracing
 from ..mesh.bus import CONFIG_CHANGED, PROXY_CONNECTED, Bus, snapshot_subject
 from ..mesh.service import health_routes, serve_http
 from ..mesh.snapstore import CONNECTED, PROXY_NODE, PreparedLayer, SnapshotStore, prepare_layer
@@ -70,6 +70,7 @@ class Translator:
         self.ready = False
         self.pending = 0
         self.gc_candidates: set[str] = set()
+        self.trace_parents: list[str] = []  # traceparents of the config events the next build answers
 
     def poke(self) -> None:
         self.pending += 1
@@ -77,6 +78,9 @@ class Translator:
         self.dirty.set()
 
     async def on_config(self, msg) -> None:
+        tp = tracing.header(msg.headers)
+        if tp and len(self.trace_parents) < 64:
+            self.trace_parents.append(tp)
         try:
             rev = orjson.loads(msg.data).get("revision", 0)
         except orjson.JSONDecodeError:
@@ -95,6 +99,19 @@ class Translator:
         return {n: orjson.loads(d).get("metadata") or {} for n, d in zip(node_ids, docs, strict=True) if d}
 
     async def rebuild(self) -> None:
+        # One build may answer several coalesced events: a child of the first, linked to the others.
+        parents, self.trace_parents = self.trace_parents, []
+        span = (tracing.start("translator build", parents[0], kind="consumer", links=parents[1:])
+                if parents else tracing.NOOP)
+        try:
+            await self._rebuild(span)
+        except Exception as e:
+            span.error(repr(e))
+            raise
+        finally:
+            span.end()
+
+    async def _rebuild(self, span=tracing.NOOP) -> None:
         t0 = time.perf_counter()
         revision, objects = await self.store.snapshot()
         connected = [p.decode() for p in await self.store.r.smembers(CONNECTED)]
@@ -112,8 +129,16 @@ class Translator:
         for gone in known - set(node_ids):
             await self.snapshots.remove(gone)
         for node_id, manifest in changed:
+            pub = (tracing.start("translator snapshot", span, {"mizzen.proxy": node_id,
+                                                                "mizzen.snapshot.version": manifest.version},
+                                 kind="producer") if span.recording else tracing.NOOP)
             await self.bus.publish(snapshot_subject(node_id),
-                                   orjson.dumps({"revision": manifest.revision, "version": manifest.version}))
+                                   orjson.dumps({"revision": manifest.revision, "version": manifest.version}),
+                                   headers=pub.headers())
+            pub.end()
+        span.set("mizzen.revision", revision)
+        span.set("mizzen.proxies", len(node_ids))
+        span.set("mizzen.snapshots_changed", len(changed))
         self.built_revision = revision
         dt = time.perf_counter() - t0
         self.metrics.builds.inc()

@@ -4,6 +4,7 @@ inline `load_assignment` of DNS clusters (clusters.py). Endpoints are grouped by
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -32,11 +33,15 @@ def set_locality(loc: base_pb2.Locality, label: str) -> None:
         loc.sub_zone = parts[2]
 
 
-def build_assignment(name: str, endpoints: Iterable, labels: dict | None, tls_metadata: bool,
-                     priority: Callable[[object], int] | None = None) -> endpoint_pb2.ClusterLoadAssignment:
+def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
+                     tls_metadata: bool,
+                     mtls_disabled: Callable[[Any], bool] | None = None,
+                     priority: Callable[[Any], int] | None = None) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints whose labels ⊇ `labels`, grouped by locality. With `tls_metadata`, each endpoint says
-    whether its workload runs a sidecar (auto mTLS picks the TLS transport socket by it). With `priority`,
-    a locality's endpoints are split further by their priority (failoverPriority, endpoints.py)."""
+    whether its workload takes mTLS (auto mTLS picks the TLS transport socket by it): it runs a sidecar, and
+    `mtls_disabled(endpoint)` (its PeerAuthentication says DISABLE for that workload and port, Istio's EDS
+    mtlsChecker) is false. With `priority`, a locality's endpoints are split further by their priority
+    (failoverPriority, endpoints.py)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     groups: dict[tuple[str, int], list] = {}
     for e in endpoints:
@@ -59,6 +64,9 @@ def build_assignment(name: str, endpoints: Iterable, labels: dict | None, tls_me
             lb.load_balancing_weight.value = w
             total += w
             if tls_metadata:
-                lb.metadata.CopyFrom(tls_mode_metadata(e.tls_mode or "disabled"))
+                mode = e.tls_mode or "disabled"
+                if mode == "istio" and mtls_disabled is not None and mtls_disabled(e):
+                    mode = "disabled"
+                lb.metadata.CopyFrom(tls_mode_metadata(mode))
         lle.load_balancing_weight.value = total
     return cla

@@ -30,7 +30,7 @@ def _base(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:
     cla = push.cache.get(key)
     if cla is None:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True)
+                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_disabled)
         push.cache[key] = cla
     return cla
 
@@ -77,7 +77,8 @@ def load_assignment(push: PushContext, need: EdsNeed, proxy=None) -> ClusterLoad
         apply_distribute(cla, here, setting["distribute"])
     elif prios:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True, priority=lambda e: failover_priority(e, labels, prios))
+                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_disabled,
+                               priority=lambda e: failover_priority(e, labels, prios))
         normalise_priorities(cla)
     else:
         cla = ClusterLoadAssignment()

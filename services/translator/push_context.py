@@ -898,6 +898,11 @@ class PushContext:
                 break
         return "PERMISSIVE"
 
+    def endpoint_mtls_disabled(self, endpoint) -> bool:
+        """Whether the endpoint's workload refuses mTLS on that port (PeerAuthentication DISABLE, workload- or
+        port-level included): auto mTLS then talks plaintext to it (Istio's EDS mtlsChecker)."""
+        return self.mtls_mode(endpoint.namespace, endpoint.labels or {}, endpoint.port) == "DISABLE"
+
     def service_mtls_mode(self, service: Service) -> str:
         """Best-effort mTLS mode of a destination service, for auto mTLS (Istio's BestEffortInferServiceMTLSMode)."""
         if service.mesh_external:

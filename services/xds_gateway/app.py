@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .server import make_server
 from .status import StatusRecorder
 from .stream import Gateway
+from .tls import ServingCert, TlsOptions
 
 log = logging.getLogger("mizzen.xds_gateway")
 
@@ -36,6 +37,7 @@ class Options:
     resync_interval: float = 5.0
     status_ttl: float = 30.0
     grace: float = 5.0
+    tls: TlsOptions | None = None  # also serve xDS over TLS (certificate from certauth, tokens checked)
 
 
 async def _wait_redis(redis: aioredis.Redis, stop: asyncio.Event) -> bool:
@@ -84,7 +86,17 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
     gw = Gateway(cache=cache, status=status, metrics=metrics, replica=opts.replica, bus=bus)
     await cache.start()
     await status.start()
-    server, port = make_server(gw, opts.host, opts.port)
+    serving_cert = None
+    tls = None
+    if opts.tls is not None:
+        serving_cert = ServingCert(opts.tls)
+        await serving_cert.start(stop)  # retried until certauth answers (or stop)
+        if stop.is_set():
+            await serving_cert.stop()
+            return
+        tls = (opts.tls.port, serving_cert.credentials(), serving_cert.tokens)
+        log.info("xds over TLS", extra={"port": opts.tls.port, "identity": serving_cert.identity})
+    server, port = make_server(gw, opts.host, opts.port, tls)
     await server.start()
     state["serving"] = True
     log.info("xds gateway serving", extra={"addr": f"{opts.host}:{port}", "replica": opts.replica})
@@ -107,6 +119,8 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
     state["serving"] = False
     await server.stop(opts.grace)
     pinger.cancel()
+    if serving_cert is not None:
+        await serving_cert.stop()
     await cache.stop()
     await status.stop()
     await bus.close()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from mizzen.services.mesh import tracing
 from mizzen.services.mesh.bus import SNAPSHOT_PREFIX, Bus
 from mizzen.services.mesh.snapstore import MANIFEST, RES, Manifest, SnapshotStore, digest, type_version
 from mizzen.services.mesh.xds_types import ENDPOINT
@@ -130,6 +131,7 @@ class ProxyView:
     manifest: Manifest
     full: dict[str, ResourceSet]
     seen_at: float  # monotonic time the gateway learned about this manifest (push latency starts here)
+    traceparent: str | None = None  # the translator's span that announced it (control-plane tracing)
 
     @property
     def key(self) -> tuple:
@@ -168,6 +170,7 @@ class SnapshotCache:
         self._views: dict[str, ProxyView] = {}
         self._watchers: dict[str, dict[int, Watcher]] = {}
         self._dirty: set[str] = set()
+        self._trace_parents: dict[str, str] = {}  # proxy → traceparent of its latest snapshot event
         self._dirty_event = asyncio.Event()
         self._loading: dict[tuple, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
@@ -232,7 +235,11 @@ class SnapshotCache:
 
     async def _on_event(self, msg) -> None:
         self.events_received += 1
-        self.mark_dirty(msg.subject[len(SNAPSHOT_PREFIX):])
+        proxy = msg.subject[len(SNAPSHOT_PREFIX):]
+        tp = tracing.header(msg.headers)
+        if tp and proxy in self._watchers:
+            self._trace_parents[proxy] = tp
+        self.mark_dirty(proxy)
 
     async def _resync_loop(self) -> None:
         while True:
@@ -259,6 +266,7 @@ class SnapshotCache:
             chunk = proxies[i:i + 500]
             raw = await self.redis.mget([MANIFEST + p for p in chunk])
             for proxy, data in zip(chunk, raw, strict=True):
+                tp = self._trace_parents.pop(proxy, None) if self._trace_parents else None
                 if proxy not in self._watchers:
                     continue
                 old = self._views.get(proxy)
@@ -271,6 +279,7 @@ class SnapshotCache:
                 if old is not None and old.key == (manifest.version, tuple(manifest.layers)):
                     continue
                 view = await self._build_view(manifest)
+                view.traceparent = tp
                 self._views[proxy] = view
                 self._notify(proxy, view)
 

@@ -26,6 +26,8 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.nacks = Counter("mizzen_xds_nacks", "NACKs received from proxies", ["type"], registry=r)
         self.acks = Counter("mizzen_xds_acks", "ACKs received from proxies", ["type"], registry=r)
+        self.unauthenticated = Counter("mizzen_xds_unauthenticated",
+                                       "streams on the TLS port refused for a missing or bad token", registry=r)
         self.stale_nonces = Counter("mizzen_xds_stale_nonces", "requests ignored for a stale nonce", registry=r)
         self.connected = Gauge("mizzen_xds_connected_proxies", "streams open on this replica", ["api"], registry=r)
         self.queue_depth = Gauge("mizzen_xds_queue_depth",

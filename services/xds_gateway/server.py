@@ -9,6 +9,7 @@ from .delta import DeltaStream
 from .snapshot_api import snapshot_handler
 from .sotw import SotwStream
 from .stream import Gateway
+from .tls import TokenCheck, is_tls
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
@@ -17,11 +18,21 @@ def _raw(data: bytes) -> bytes:
     return data  # responses are assembled as wire bytes already (see wire.py)
 
 
-def ads_handler(gw: Gateway) -> grpc.GenericRpcHandler:
+def ads_handler(gw: Gateway, token_check: TokenCheck | None = None) -> grpc.GenericRpcHandler:
+    async def authenticate(context) -> None:
+        # the TLS port wants a workload token; the plaintext port is for local tools (as istiod's 15010)
+        if token_check is not None and is_tls(context):
+            reason = token_check.check(context.invocation_metadata())
+            if reason is not None:
+                gw.metrics.unauthenticated.inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"xDS over TLS needs a valid token: {reason}")
+
     async def stream_aggregated(request_iterator, context):
+        await authenticate(context)
         await SotwStream(gw, context).run(request_iterator)
 
     async def delta_aggregated(request_iterator, context):
+        await authenticate(context)
         await DeltaStream(gw, context).run(request_iterator)
 
     return grpc.method_handlers_generic_handler(SERVICE, {
@@ -34,7 +45,9 @@ def ads_handler(gw: Gateway) -> grpc.GenericRpcHandler:
     })
 
 
-def make_server(gw: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+def make_server(gw: Gateway, host: str, port: int, tls: tuple[int, grpc.ServerCredentials, TokenCheck] | None = None
+                ) -> tuple[grpc.aio.Server, int]:
+    """The ADS server on host:port (plaintext) and, with `tls` (port, credentials, token check), on a TLS port."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.max_concurrent_streams", 100_000),
@@ -45,8 +58,10 @@ def make_server(gw: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int
         ("grpc.so_reuseport", 0),
     ])
     # the snapshot API shares the port and the snapshot cache with ADS
-    server.add_generic_rpc_handlers((ads_handler(gw), snapshot_handler(gw.cache)))
+    server.add_generic_rpc_handlers((ads_handler(gw, tls[2] if tls else None), snapshot_handler(gw.cache)))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+    if tls is not None and server.add_secure_port(f"{host}:{tls[0]}", tls[1]) == 0:
+        raise OSError(f"cannot listen on {host}:{tls[0]} (TLS)")
     return server, bound

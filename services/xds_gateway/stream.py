@@ -16,6 +16,7 @@ import grpc
 import orjson
 
 from mizzen.services.mesh.bus import PROXY_CONNECTED, Bus
+from mizzen.services.mesh.tracing import PushTrace
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 
 from .cache import ProxyView, ResourceSet, SnapshotCache
@@ -98,6 +99,7 @@ class Stream:
         self.eds_resend: set[str] = set()  # EDS clusters CDS just replaced: their endpoints go again
         self._watch: int | None = None
         self._nonce = itertools.count(1)
+        self.trace: PushTrace | None = None  # the config change being pushed, when it is traced
 
     # ---- helpers for subclasses ----
     def next_nonce(self) -> str:
@@ -124,6 +126,8 @@ class Stream:
                     count: int) -> None:
         st = self.type_status(t)
         st.sent_nonce, st.sent_version, st.basis, st.sent_at = nonce, version, basis, time.time()
+        if self.trace is not None:
+            self.trace.sent(t, nonce, version)
         if not st.pending_since:
             st.pending_since = since
         self.gw.metrics.pushes.labels(short(t), self.api).inc()
@@ -134,6 +138,8 @@ class Stream:
     def record_ack(self, t: str, nonce: str, version: str) -> None:
         st = self.type_status(t)
         st.acked_nonce, st.acked_version, st.acked_at = nonce, version, time.time()
+        if self.trace is not None:
+            self.trace.answered(t, nonce, None)
         st.error = st.error_nonce = ""
         if st.pending_since:
             self.gw.metrics.push_latency.labels(short(t)).observe(max(0.0, time.monotonic() - st.pending_since))
@@ -144,6 +150,8 @@ class Stream:
     def record_nack(self, t: str, nonce: str, message: str) -> None:
         st = self.type_status(t)
         st.error, st.error_nonce = message or "rejected (no detail)", nonce
+        if self.trace is not None:
+            self.trace.answered(t, nonce, st.error)
         st.pending_since = 0.0
         self.gw.metrics.nacks.labels(short(t)).inc()
         log.warning("proxy rejected config", extra={"proxy": self.proxy, "type": short(t), "nonce": nonce,
@@ -247,6 +255,14 @@ class Stream:
             self.gw.pending_wakes += 1
             self._inbox.put_nowait(_WAKE)
 
+    def _trace_view(self) -> None:
+        """A new snapshot: its push is a child of the translator span that announced it (when traced)."""
+        if self.trace is not None:
+            self.trace.finish("superseded")
+        tp = self.view.traceparent if self.view is not None else None
+        self.trace = PushTrace.begin(tp, self.proxy, self.view.manifest.version, self.api, self.gw.replica) \
+            if tp else None
+
     # ---- the stream's loop ----
     async def run(self, request_iterator) -> None:
         self.gw.streams.add(self)
@@ -266,10 +282,13 @@ class Stream:
                     if self._next_view is not None:
                         self.view, self._next_view = self._next_view, None
                         self.view_seen_at = self.view.seen_at
+                        self._trace_view()
                     async with self.gw.push_slots:
                         await self.push(self.view_seen_at)
                 else:
                     await self.handle(item)
+                if self.trace is not None and self.trace.idle():
+                    self.trace = None
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -277,6 +296,8 @@ class Stream:
             raise
         finally:
             self._closed = True
+            if self.trace is not None:
+                self.trace.finish("disconnected")
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader

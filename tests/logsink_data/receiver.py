@@ -150,3 +150,38 @@ class Receiver:
                 await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
             except TimeoutError:
                 pass
+
+
+class SyncReceiver:
+    """The same real OTLP TraceService receiver on a thread pool, for synchronous tests (the e2e meshes)."""
+
+    def __init__(self) -> None:
+        import threading
+        from concurrent import futures
+
+        self.requests: list[ts_pb2.ExportTraceServiceRequest] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Service(ts_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - gRPC method name
+                with outer.lock:
+                    outer.requests.append(request)
+                return ts_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        ts_grpc.add_TraceServiceServicer_to_server(Service(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def spans(self) -> list[FlatSpan]:
+        with self.lock:
+            reqs = list(self.requests)
+        return [s for r in reqs for s in flatten(r)]
+
+    def stop(self) -> None:
+        self._server.stop(None)

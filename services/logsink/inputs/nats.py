@@ -67,6 +67,7 @@ class NatsInput:
         self.max_age = max_age
         self.batch = batch
         self.nc = None
+        self.js = None
         self.to_ack: list = []
         self.ack_ready = asyncio.Event()
         self.connected = False
@@ -83,6 +84,17 @@ class NatsInput:
         return src
 
     async def connect(self) -> None:
+        await self._connect_stream()
+        self.sub = await self.js.pull_subscribe(
+            self.subject,
+            durable=self.durable,
+            stream=self.stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                                  ack_wait=self.ack_wait, max_ack_pending=-1),
+        )
+        self.connected = True
+
+    async def _connect_stream(self) -> None:
         async def err(e):
             log.debug("nats: %s", e)
 
@@ -95,14 +107,7 @@ class NatsInput:
             await js.add_stream(StreamConfig(name=self.stream, subjects=[ACCESSLOG_PREFIX + ">"],
                                              storage=StorageType.FILE, max_age=self.max_age))
             log.info("created JetStream stream %s", self.stream)
-        self.sub = await js.pull_subscribe(
-            self.subject,
-            durable=self.durable,
-            stream=self.stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=self.ack_wait, max_ack_pending=-1),
-        )
-        self.connected = True
+        self.js = js
 
     async def run(self, stop: asyncio.Event) -> None:
         acker = asyncio.create_task(self._acker(stop))
