@@ -6,7 +6,7 @@
   namespace, Sidecar scope, the labels VirtualService rules test): memoised on the push context, so proxies
   with the same view get the **same Python object**;
 * endpoints layer — the ClusterLoadAssignments the outbound EDS clusters need (memoised the same way; they
-  never depend on the proxy);
+  depend on the proxy only through its locality, and only for clusters locality load balancing applies to);
 * own layer — the sidecar's inbound clusters, InboundPassthroughClusterIpv4 and `virtualInbound` (replicas
   of one workload, which have identical inbound sides, share it too).
 
@@ -74,11 +74,17 @@ def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[
     return layer, needs
 
 
-def _endpoint_layer(push: PushContext, needs: list) -> Layer:
-    key = ("eds-layer", frozenset((n.cluster_name, id(n.service), endpoints._labels_key(n.labels)) for n in needs))
+def _needs_key(needs: list) -> frozenset:
+    return frozenset((n.cluster_name, id(n.service), endpoints._labels_key(n.labels)) for n in needs)
+
+
+def _endpoint_layer(push: PushContext, needs: list, where: tuple | None = None, proxy: Proxy | None = None,
+                    needs_key: frozenset | None = None) -> Layer:
+    """Shared by every proxy with the same needs (and, where locality LB applies, the same locality)."""
+    key = ("eds-layer", needs_key if needs_key is not None else _needs_key(needs), where)
     layer = push.cache.get(key)
     if layer is None:
-        layer = {ENDPOINT: endpoints.load_assignments(push, needs)}
+        layer = {ENDPOINT: endpoints.load_assignments(push, needs, proxy if where else None)}
         push.cache[key] = layer
     return layer
 
@@ -96,9 +102,16 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
             layer, needs = _router_outbound(push, view, proxy)
         else:
             layer, needs = _sidecar_outbound(push, view)
-        hit = (layer, _endpoint_layer(push, needs))
+        local = [n for n in needs if n.locality_lb]  # assignments that depend on the proxy's locality
+        needs_key = _needs_key(needs)
+        hit = (layer, _endpoint_layer(push, needs, needs_key=needs_key), needs,
+               endpoints.failover_keys(local) if local else None, needs_key)
         push.cache[("layers", key)] = hit
-    return hit
+    layer, shared, needs, keys, needs_key = hit
+    where = endpoints.locality_signature(keys, proxy) if keys is not None else None
+    if where is None:
+        return layer, shared
+    return layer, _endpoint_layer(push, needs, where, proxy, needs_key)
 
 
 def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
