@@ -311,7 +311,7 @@ class E2E:
     def start_sidecar(self, pod: Pod, *, delta: bool = False, xds: str = f"127.0.0.1:{XDS_IN_POD}",
                       pod_name: str | None = None, extra_bootstrap: list[str] = (),
                       hosts: dict[str, str] | None = None, iptables: bool = True,
-                      identity: str | None = None) -> Sidecar:
+                      identity: str | None = None, concurrency: int = 1) -> Sidecar:
         """`mizzen iptables` in the pod, the xDS relay, an SDS server, `mizzen bootstrap -o FILE [--delta]`,
         and Envoy as uid 1337 (not waited for: see wait_ready). With `hosts`, Envoy sees a private /etc/hosts
         (a bind mount in its own mount namespace) and a resolv.conf naming only the pod's loopback, so its
@@ -331,7 +331,7 @@ class E2E:
         mizzen("bootstrap", "--pod", pod_name, "-n", pod.namespace, "--ip", pod.ip, "--xds", xds, *labels,
                "--access-log", str(access_log), *(["--delta"] if delta else []), *extra_bootstrap, "-o", str(boot))
         boot.chmod(0o644)
-        argv = envoy_command(str(boot), concurrency=1, log_level="info", flush_interval_ms=100, drain_seconds=2)
+        argv = envoy_command(str(boot), concurrency=concurrency, log_level="info", flush_interval_ms=100, drain_seconds=2)
         setpriv = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "--"]
         if hosts is None:
             proc = pod.spawn("envoy", argv, uid=1337, cwd=pod.work_dir)

@@ -117,3 +117,32 @@ def _b64(doc: dict) -> dict:
                     if span.get(k):
                         span[k] = base64.b64encode(bytes.fromhex(span[k])).decode()
     return doc
+
+
+def test_mizzen_up_demo_runs_and_the_control_plane_traces_itself(venv, tmp_path):
+    """`mizzen up --demo` from the fresh venv (stale OTLP modules installed): traffic flows through the demo's
+    gateway, and with tracing on the control plane's spans reach a real OTLP receiver."""
+    from mizzen.services.mesh import procs
+    from tests.test_demo import SyncOTLPReceiver
+
+    otlp = SyncOTLPReceiver()
+    ports = {flag: procs.free_port() for flag in ("--registry-port", "--xds-port", "--xds-tls-port", "--ca-port",
+                                                   "--gateway-port")}
+    argv = [str(venv.parent / "mizzen"), "up", "--demo", "--for", "25", "--data-dir", str(tmp_path / "data"),
+            "--otlp-endpoint", otlp.endpoint, *(x for kv in ports.items() for x in (kv[0], str(kv[1])))]
+    env = dict(CLEAN_ENV, PYTHONUNBUFFERED="1", MIZZEN_TRACING="otlp", MIZZEN_TRACE_ENDPOINT=otlp.endpoint)
+    env.pop("MIZZEN_SERVER", None)
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        otlp.stop()
+    assert proc.returncode == 0, out[-4000:]
+    traffic = [line for line in out.splitlines() if line.startswith("demo: ingress")]
+    assert traffic and any(" 200 x" in line for line in traffic), out[-4000:]
+    services = {name for name, _span in otlp.spans()}
+    assert "mizzen-registry" in services, services  # the apply of the demo mesh, traced by the venv's code

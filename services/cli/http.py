@@ -15,9 +15,10 @@ class RegistryError(Exception):
         super().__init__(f"registry answered {status}: {msg}")
 
 
-def request(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+def request(method: str, url: str, body: dict | list | None = None, timeout: float = 30.0,
+            content_type: str = "application/json") -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()

@@ -4,7 +4,7 @@ Standard library only, so it runs anywhere: `python -m mizzen.services.demo.echo
 (`python services/demo/echo.py …`) inside any network namespace, as any uid, in any container.
 
   serve  [--http PORT]… [--tcp PORT]… [--mixed PORT]… [--name NAME] [--version V] [--pod POD] [--bind ADDR]
-         [--next URL]…
+         [--next URL]… [--status CODE] [--delay S]
   http   URL [--header 'K: V']… [--next URL]… [--timeout S]
   tcp    HOST:PORT [--send TEXT] [--timeout S]
   loop   URL [--every S] [--count N] [--summary S] [--label NAME] [--header 'K: V']… [--timeout S]
@@ -18,6 +18,11 @@ or `?next=URL` query), else from the server's own `--next` list. The first hop g
 x-request-id and the tracing headers (as any app in an Istio mesh must forward them), so A→B→C works and
 every sidecar logs the same request id. The status is 200, or 502 when a next hop could not be reached or
 answered 5xx.
+
+For traffic tests a request can ask for a status and a delay (`?status=503&delay=2`, or the headers
+`x-echo-status` / `x-echo-delay`); `--status` / `--delay` set the server's default for every request (an
+upstream that always fails or is always slow). A server keeps every request it answered (method, path,
+headers) in `server.seen`, so an in-process test can count the attempts that reached it (retries, mirrors).
 
 TCP is client-first (safe behind protocol sniffing): the server reads one line, answers one JSON line
 (`name`, `local`, `peer`, `original_dst`, `data`), then echoes every further byte until EOF. A `--mixed`
@@ -228,6 +233,14 @@ class EchoHandler(BaseHTTPRequestHandler):
             "peer": addr(self.connection.getpeername()),
             "original_dst": original_dst(self.connection),
         }
+        self._record(seen)
+        delay = _first(query.get("delay"), headers.get("x-echo-delay"), getattr(self.server, "delay", None))
+        if delay:
+            time.sleep(float(delay))
+        wanted = _first(query.get("status"), headers.get("x-echo-status"), getattr(self.server, "status", None))
+        if wanted:
+            self._reply(int(wanted), seen)
+            return
         hops = [h for v in query.get("next", []) for h in v.split(",") if h]
         hops += [h.strip() for h in headers.get("x-echo-next", "").split(",") if h.strip()]
         hops = hops or list(self.default_next)
@@ -246,6 +259,14 @@ class EchoHandler(BaseHTTPRequestHandler):
         self._reply(status, seen)
 
     do_POST = do_GET  # noqa: N815
+    do_PUT = do_GET  # noqa: N815
+    do_DELETE = do_GET  # noqa: N815
+    do_OPTIONS = do_GET  # noqa: N815
+
+    def _record(self, seen: dict) -> None:
+        log = getattr(self.server, "seen", None)
+        if log is not None:
+            log.append({k: seen[k] for k in ("method", "path", "headers")})  # list.append is atomic
 
     def _reply(self, status: int, payload: dict) -> None:
         body = json.dumps(payload).encode() + b"\n"
@@ -254,6 +275,16 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def _first(*values: object) -> str | None:
+    """The first given value (a query parameter's list counts by its first item)."""
+    for v in values:
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v not in (None, ""):
+            return str(v)
+    return None
 
 
 class TcpEchoHandler(socketserver.StreamRequestHandler):
@@ -280,6 +311,13 @@ class TcpServer(socketserver.ThreadingTCPServer):
 
 class HttpServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # many concurrent clients in the connection-pool tests
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[dict] = []
+        self.status: int | None = None  # answer every request with this status (tests flip it at run time)
+        self.delay: float | None = None  # ... after this many seconds
 
 
 HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"PRI * ")
@@ -337,8 +375,11 @@ def make_servers(http_ports: list[int], tcp_ports: list[int], name: str, bind: s
 
 
 def serve(http_ports: list[int], tcp_ports: list[int], name: str, bind: str, mixed_ports: list[int] = (),
-          version: str | None = None, pod: str | None = None, next_hops: list[str] | tuple[str, ...] = ()) -> None:
+          version: str | None = None, pod: str | None = None, next_hops: list[str] | tuple[str, ...] = (),
+          status: int | None = None, delay: float | None = None) -> None:
     servers = make_servers(http_ports, tcp_ports, name, bind, mixed_ports, version, pod, next_hops)
+    for srv in servers:
+        srv.status, srv.delay = status, delay  # type: ignore[attr-defined]
     if not servers:
         raise SystemExit("serve: give at least one --http, --tcp or --mixed port")
     for s in servers:
@@ -368,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--pod", default=None, help="reported as `pod` (default $POD_NAME or the host name)")
     s.add_argument("--bind", default="0.0.0.0")
     s.add_argument("--next", action="append", default=[], help="call this URL for every request (chain: repeat)")
+    s.add_argument("--status", type=int, default=None, help="answer every HTTP request with this status")
+    s.add_argument("--delay", type=float, default=None, help="answer every HTTP request after this many seconds")
     h = sub.add_parser("http", help="one HTTP request; prints JSON")
     h.add_argument("url")
     h.add_argument("--header", action="append", default=[], help="'Name: value'")
@@ -388,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.cmd == "serve":
-        serve(args.http, args.tcp, args.name, args.bind, args.mixed, args.version, args.pod, args.next)
+        serve(args.http, args.tcp, args.name, args.bind, args.mixed, args.version, args.pod, args.next,
+              args.status, args.delay)
         return 0
     if args.cmd == "loop":
         stop = threading.Event()

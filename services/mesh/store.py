@@ -3,7 +3,16 @@
 Layout:
   config:objects   hash  `Kind/ns/name` → JSON object (metadata.resourceVersion = revision of its last write)
   config:rev       int   one monotonic revision, bumped once per committed write, in the same transaction
-  config:log       stream of {rev, keys}: the change history (bounded), for tools and watchers
+  config:log       stream of {rev, keys, created, deleted}: the change history (bounded), for tools and watchers.
+                   `created` lists the keys that were new at that revision; `deleted` holds the deleted objects
+                   (their last state, resourceVersion = the deleting revision), so a Kubernetes watch can send
+                   DELETED events with the object, as the API server does; `objects` the written objects
+                   when they are small (LOG_OBJECTS_MAX), so a watch replays every state, not only the last.
+
+Writes can carry preconditions (`expect`): key → the resourceVersion the writer read, or None for "must not
+exist yet". They are checked inside the transaction, so a stale update is refused with `Conflict` instead of
+silently overwriting (Kubernetes' optimistic concurrency). `metadata.generation` starts at 1 and is bumped when
+anything but metadata and status changes, as the API server does for spec changes.
 """
 
 from __future__ import annotations
@@ -21,6 +30,21 @@ OBJECTS = "config:objects"
 REVISION = "config:rev"
 LOG = "config:log"
 LOG_MAXLEN = 10_000
+# A write this small (every single-object write) keeps its objects in the log entry, so a watch replays each
+# state exactly; bigger batches keep only keys and a watch reads their current state.
+LOG_OBJECTS_MAX = 32 * 1024
+
+
+class Conflict(Exception):
+    """A write's precondition failed: the object changed since it was read, exists already, or is gone."""
+
+    def __init__(self, key: str, reason: str, message: str):
+        self.key, self.reason = key, reason  # reason: "Conflict" | "AlreadyExists" | "NotFound"
+        super().__init__(message)
+
+
+def _spec_part(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
 
 
 @dataclass
@@ -67,26 +91,30 @@ class ConfigStore:
         v = await self.r.get(REVISION)
         return int(v) if v else 0
 
-    async def apply(self, objects: list[dict]) -> Change:
+    async def apply(self, objects: list[dict], expect: dict[str, str | None] | None = None) -> Change:
         """Store every object in one transaction with one new revision. All or nothing."""
-        return await self._commit(puts=objects, deletes=[])
+        return await self._commit(puts=objects, deletes=[], expect=expect or {})
 
-    async def delete(self, keys: list[str]) -> Change:
-        return await self._commit(puts=[], deletes=keys)
+    async def delete(self, keys: list[str], expect: dict[str, str | None] | None = None) -> Change:
+        return await self._commit(puts=[], deletes=keys, expect=expect or {})
 
-    async def _commit(self, puts: list[dict], deletes: list[str]) -> Change:
+    async def _commit(self, puts: list[dict], deletes: list[str], expect: dict[str, str | None]) -> Change:
         async with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(REVISION)
                     rev = int(await pipe.get(REVISION) or 0) + 1
                     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                    existing = {}
-                    if puts:
-                        vals = await pipe.hmget(OBJECTS, [key_of(o) for o in puts])
-                        existing = {key_of(o): v for o, v in zip(puts, vals, strict=True)}
+                    read = [key_of(o) for o in puts] + list(deletes)
+                    vals = await pipe.hmget(OBJECTS, read) if read else []
+                    existing = dict(zip(read, vals, strict=True))
+                    for k, want in expect.items():
+                        _check_precondition(k, want, existing.get(k))
                     pipe.multi()
                     keys: list[str] = []
+                    created: list[str] = []
+                    gone: list[dict] = []
+                    written: list[bytes] = []
                     for obj in puts:
                         k = key_of(obj)
                         obj = dict(obj)
@@ -94,24 +122,64 @@ class ConfigStore:
                         meta["resourceVersion"] = str(rev)
                         old = existing.get(k)
                         if old:
-                            old_meta = orjson.loads(old).get("metadata", {})
+                            old_obj = orjson.loads(old)
+                            old_meta = old_obj.get("metadata", {})
                             meta["creationTimestamp"] = old_meta.get("creationTimestamp", now)
                             meta["uid"] = old_meta.get("uid") or str(uuid.uuid4())
+                            gen = int(old_meta.get("generation") or 1)
+                            meta["generation"] = gen + 1 if _spec_part(old_obj) != _spec_part(obj) else gen
                         else:
                             meta.setdefault("creationTimestamp", now)
                             meta.setdefault("uid", str(uuid.uuid4()))
+                            meta["generation"] = 1
+                            created.append(k)
                         obj["metadata"] = meta
-                        pipe.hset(OBJECTS, k, orjson.dumps(obj))
+                        raw = orjson.dumps(obj)
+                        pipe.hset(OBJECTS, k, raw)
                         keys.append(k)
+                        written.append(raw)
                     if deletes:
                         pipe.hdel(OBJECTS, *deletes)
                         keys.extend(deletes)
+                        for k in deletes:
+                            if existing.get(k):
+                                last = orjson.loads(existing[k])
+                                last.setdefault("metadata", {})["resourceVersion"] = str(rev)
+                                gone.append(last)
                     pipe.set(REVISION, rev)
-                    pipe.xadd(LOG, {"rev": rev, "keys": orjson.dumps(keys)}, maxlen=LOG_MAXLEN, approximate=True)
+                    entry = {"rev": rev, "keys": orjson.dumps(keys), "created": orjson.dumps(created),
+                             "deleted": orjson.dumps(gone)}
+                    if sum(len(w) for w in written) <= LOG_OBJECTS_MAX:
+                        entry["objects"] = b"[" + b",".join(written) + b"]"
+                    pipe.xadd(LOG, entry, maxlen=LOG_MAXLEN, approximate=True)
                     await pipe.execute()
                     return Change(rev, keys)
                 except aioredis.WatchError:
                     continue
+
+    async def log_since(self, revision: int) -> list[dict] | None:
+        """The log entries after `revision`, oldest first; None when the log no longer reaches back that far
+        (trimmed: a watcher must relist, `410 Gone`)."""
+        out: list[dict] = []
+        last = "+"
+        while True:
+            batch = await self.r.xrevrange(LOG, max=last, min="-", count=200)
+            if last != "+":
+                batch = batch[1:]  # the boundary entry was in the previous batch
+            if not batch:
+                break
+            for _sid, fields in batch:
+                entry = decode_log_entry(fields)
+                if entry["rev"] <= revision:
+                    out.reverse()
+                    return out
+                out.append(entry)
+            last = batch[-1][0]
+        out.reverse()
+        # reached the oldest entry kept: complete only if it directly follows `revision` (or nothing was written)
+        if not out or out[0]["rev"] == revision + 1:
+            return out
+        return None
 
     async def get(self, key: str) -> dict | None:
         v = await self.r.hget(OBJECTS, key)
@@ -148,3 +216,28 @@ class ConfigStore:
         ]
         out.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return rev, out
+
+
+def _check_precondition(key: str, want: str | None, current: bytes | None) -> None:
+    if want is None:
+        if current is not None:
+            raise Conflict(key, "AlreadyExists", f"{key} already exists")
+        return
+    if current is None:
+        raise Conflict(key, "NotFound", f"{key} not found")
+    have = orjson.loads(current).get("metadata", {}).get("resourceVersion")
+    if want and have != want:
+        raise Conflict(key, "Conflict", f"the object has been modified (resourceVersion {want} is stale, now "
+                                        f"{have}); please apply your changes to the latest version and try again")
+
+
+def decode_log_entry(fields: dict) -> dict:
+    """One config:log entry as {rev, keys, created, deleted, objects} (objects None when not kept; entries
+    written before these fields existed lack them)."""
+    def get(name: str) -> bytes | None:
+        return fields.get(name.encode()) if name.encode() in fields else fields.get(name)
+
+    objects = get("objects")
+    return {"rev": int(get("rev")), "keys": orjson.loads(get("keys") or b"[]"),
+            "created": orjson.loads(get("created") or b"[]"), "deleted": orjson.loads(get("deleted") or b"[]"),
+            "objects": orjson.loads(objects) if objects else None}

@@ -1,12 +1,7 @@
-"""The registry's HTTP API: Kubernetes-shaped REST paths over the config store, plus a batch apply.
+"""The registry's HTTP API: the validated write path, a batch apply and debug views.
 
-  GET    /api/v1/{plural}                                   list across namespaces
-  GET    /api/v1/namespaces/{ns}/{plural}                   list in a namespace
-  GET    /api/v1/namespaces/{ns}/{plural}/{name}            get
-  PUT    /api/v1/namespaces/{ns}/{plural}/{name}            create or replace
-  POST   /api/v1/namespaces/{ns}/{plural}                   create
-  DELETE /api/v1/namespaces/{ns}/{plural}/{name}            delete
-  (the same under /apis/{group}/{version}/…, and /api/v1/{plural}/{name} for cluster-scoped kinds)
+The Kubernetes API (discovery, OpenAPI, list/get/watch, create/update/patch/delete under /api and /apis) is in
+kubeapi.py and writes through `apply_documents` / `delete_keys` here.
   POST   /apply    {"documents": [{"source", "index", "object"}]}  validate all, store all or nothing
   POST   /delete   {"keys": ["Kind/ns/name", …]}
   GET    /debug/config_dump?pod=&namespace= | ?proxy=      a proxy's snapshot as an Envoy config_dump
@@ -16,20 +11,16 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import orjson
-import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..mesh import kinds, tracing
 from ..mesh.bus import CONFIG_CHANGED, Bus
 from ..mesh.errors import ApplyError, DocumentError, FieldError
-from ..mesh.kinds import Kind, object_key
-from ..mesh.secrets import redact
 from ..mesh.snapstore import SnapshotStore
-from ..mesh.store import ConfigStore, key_of
+from ..mesh.store import ConfigStore, Conflict, key_of
 from ..mesh.validation import check_documents
 from ..mesh.yamlio import Document
 
@@ -60,15 +51,39 @@ def _status(code: int, reason: str, message: str, details: dict | None = None) -
 def _same_content(old: dict, new: dict) -> bool:
     """Equal apart from server-set metadata: such an apply is `unchanged` and writes nothing."""
 
+    # managedFields count (minus their timestamps) only when the writer sent them: a Kubernetes API write
+    # that changes field ownership alone is stored, a `mizzen apply` of the same content is not
+    with_fields = "managedFields" in new.get("metadata", {})
+
     def strip(o: dict) -> dict:
         o = dict(o)
         meta = {k: v for k, v in o.get("metadata", {}).items()
                 if k not in ("resourceVersion", "creationTimestamp", "uid", "generation", "managedFields")}
+        if with_fields:
+            meta["managedFields"] = [{k: v for k, v in e.items() if k != "time"} if isinstance(e, dict) else e
+                                     for e in o.get("metadata", {}).get("managedFields") or []]
         o["metadata"] = meta
         o.pop("status", None)
         return o
 
     return strip(old) == strip(new)
+
+
+# Mizzen's own analyzer message type for a field it stores but does not translate yet (Istio's are IST0xxx).
+UNTRANSLATED_MESSAGE = {"code": "MZN0001", "name": "UntranslatedField"}
+
+
+def _record_warnings(objects: list[dict], warnings: list[DocumentError]) -> None:
+    """Put each Istio object's warnings in its status.validationMessages (Istio's format, level WARNING), where
+    `kubectl get -o yaml` and the Kubernetes API show them next to the object."""
+    by_ident = {(w.kind, w.namespace, w.name): w for w in warnings}
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        w = by_ident.get((obj.get("kind"), meta.get("namespace") or "", meta.get("name")))
+        if w is None or not str(obj.get("apiVersion", "")).split("/")[0].endswith("istio.io"):
+            continue
+        obj["status"] = {"validationMessages": [
+            {"type": UNTRANSLATED_MESSAGE, "level": "WARNING", "description": str(e)} for e in w.errors]}
 
 
 class RegistryAPI:
@@ -79,29 +94,35 @@ class RegistryAPI:
         self.metrics = metrics
 
     # ---- the write path: validate everything, then one transaction, then one event ----
-    async def apply_documents(self, docs: list[Document | DocumentError], default_ns: str = "default") -> dict:
+    async def apply_documents(self, docs: list[Document | DocumentError], default_ns: str = "default",
+                              expect: dict[str, str | None] | None = None) -> dict:
         skipped: list[dict] = []
         warnings: list[DocumentError] = []
         objects, errors = check_documents(docs, default_ns, skipped, warnings)
         if errors:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
-        result = await self.apply_valid(objects)
+        if warnings:
+            _record_warnings(objects, warnings)
+        result = await self.apply_valid(objects, expect)
         if skipped:
             result["skipped"] = skipped
         if warnings:
             result["warnings"] = [w.to_json() for w in warnings]
         return result
 
-    async def apply_valid(self, objects: list[dict]) -> dict:
+    async def apply_valid(self, objects: list[dict], expect: dict[str, str | None] | None = None) -> dict:
         """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce.
-        Each call is one trace when tracing is on (an apply, a Kubernetes event): see mesh/tracing.py."""
+        Each call is one trace when tracing is on (an apply, a Kubernetes event): see mesh/tracing.py.
+
+        `expect` (key → resourceVersion, or None for "must not exist") makes the write conditional; a failed
+        condition raises store.Conflict and nothing is written."""
         keys = [key_of(o) for o in objects]
         span = tracing.start("registry apply", tracing.incoming.get(), {"mizzen.resources": keys[:100],
                                                                          "mizzen.resource_count": len(keys)},
                              kind="server")
         try:
-            result = await self._apply_valid(objects, keys, span)
+            result = await self._apply_valid(objects, keys, span, expect)
         except Exception as e:
             span.error(repr(e))
             raise
@@ -109,9 +130,19 @@ class RegistryAPI:
             span.end()
         return result
 
-    async def _apply_valid(self, objects: list[dict], keys: list[str], span) -> dict:
+    async def _apply_valid(self, objects: list[dict], keys: list[str], span,
+                           expect: dict[str, str | None] | None) -> dict:
         current = await self.store.get_many(keys)
         results, changed = [], []
+        for k, want in (expect or {}).items():
+            have = current.get(k)
+            if want is None and have is not None:
+                raise Conflict(k, "AlreadyExists", f"{k} already exists")
+            if want is not None and have is None:
+                raise Conflict(k, "NotFound", f"{k} not found")
+            if want and have is not None and have["metadata"].get("resourceVersion") != want:
+                raise Conflict(k, "Conflict", "the object has been modified; please apply your changes to the "
+                                              "latest version and try again")
         for k, obj in zip(keys, objects, strict=True):
             old = current.get(k)
             if old is not None and _same_content(old, obj):
@@ -125,7 +156,8 @@ class RegistryAPI:
         if changed:
             commit = tracing.start("registry commit", span, {"mizzen.changed": [key_of(o) for o in changed][:100]})
             with self.metrics.write_seconds.time():
-                change = await self.store.apply(changed)
+                changed_keys = {key_of(o) for o in changed}
+                change = await self.store.apply(changed, {k: v for k, v in (expect or {}).items() if k in changed_keys})
             revision = change.revision
             self.metrics.writes.labels("apply").inc()
             self.metrics.revision.set(revision)
@@ -135,14 +167,21 @@ class RegistryAPI:
         span.set("mizzen.revision", revision)
         return {"revision": revision, "results": results}
 
-    async def delete_keys(self, keys: list[str]) -> dict:
+    async def delete_keys(self, keys: list[str], expect: dict[str, str | None] | None = None) -> dict:
+        """Delete what exists of `keys` in one revision; `expect` (key → resourceVersion) makes it conditional
+        (store.Conflict when an object changed meanwhile)."""
         present = await self.store.existing(keys)
         missing = [k for k in keys if k not in present]
         revision = await self.store.revision()
         if present:
             span = tracing.start("registry delete", tracing.incoming.get(), {"mizzen.resources": present[:100]},
                                  kind="server")
-            change = await self.store.delete(present)
+            try:
+                change = await self.store.delete(present, {k: v for k, v in (expect or {}).items() if k in present})
+            except Exception as e:
+                span.error(repr(e))
+                span.end()
+                raise
             revision = change.revision
             self.metrics.writes.labels("delete").inc()
             self.metrics.revision.set(revision)
@@ -183,88 +222,6 @@ class RegistryAPI:
             return _status(400, "BadRequest", f"body must be JSON {{\"keys\": [...]}}: {e}")
         return _json(await self.delete_keys(keys))
 
-    def _resolve(self, req: web.Request) -> tuple[Kind, str | None, str | None] | web.Response:
-        group = req.match_info.get("group", "")
-        version = req.match_info.get("version", "v1")
-        plural = req.match_info["plural"]
-        kind = kinds.BY_PLURAL.get(plural)
-        if kind is None or kind.group != group or version not in kind.versions:
-            return _status(404, "NotFound", f"the server could not find the requested resource ({group or 'core'}/{version} {plural})")
-        ns = req.match_info.get("namespace")
-        name = req.match_info.get("name")
-        if not kind.namespaced and ns:
-            return _status(404, "NotFound", f"{kind.kind} is not namespaced")
-        return kind, ns, name
-
-    async def handle_list(self, req: web.Request) -> web.Response:
-        r = self._resolve(req)
-        if isinstance(r, web.Response):
-            return r
-        kind, ns, _ = r
-        rev, items = await self.store.list(kind.kind, ns if kind.namespaced else None)
-        return _json({"kind": f"{kind.kind}List", "apiVersion": kind.api_version(),
-                      "metadata": {"resourceVersion": str(rev)}, "items": [redact(o) for o in items]})
-
-    async def handle_get(self, req: web.Request) -> web.Response:
-        r = self._resolve(req)
-        if isinstance(r, web.Response):
-            return r
-        kind, ns, name = r
-        obj = await self.store.get(object_key(kind.kind, ns if kind.namespaced else None, name))
-        if obj is None:
-            return _status(404, "NotFound", f'{kind.plural} "{name}" not found')
-        return _json(redact(obj))
-
-    async def _body_object(self, req: web.Request) -> dict | web.Response:
-        raw = await req.read()
-        try:
-            obj = orjson.loads(raw) if req.content_type == "application/json" else yaml.safe_load(raw)
-        except (orjson.JSONDecodeError, yaml.YAMLError) as e:
-            return _status(400, "BadRequest", f"cannot parse body: {e}")
-        if not isinstance(obj, dict):
-            return _status(400, "BadRequest", "body must be one object")
-        return obj
-
-    async def handle_put(self, req: web.Request) -> web.Response:
-        r = self._resolve(req)
-        if isinstance(r, web.Response):
-            return r
-        kind, ns, name = r
-        obj = await self._body_object(req)
-        if isinstance(obj, web.Response):
-            return obj
-        meta = obj.setdefault("metadata", {}) if isinstance(obj.get("metadata", {}), dict) else obj["metadata"]
-        if isinstance(meta, dict):
-            if name and meta.get("name", name) != name:
-                return _status(400, "BadRequest", f"metadata.name {meta.get('name')!r} does not match the URL name {name!r}")
-            if kind.namespaced and ns and meta.get("namespace", ns) != ns:
-                return _status(400, "BadRequest", f"metadata.namespace {meta.get('namespace')!r} does not match the URL namespace {ns!r}")
-            if name:
-                meta["name"] = name
-            if kind.namespaced and ns:
-                meta["namespace"] = ns
-        obj.setdefault("kind", kind.kind)
-        obj.setdefault("apiVersion", kind.api_version(req.match_info.get("version")))
-        try:
-            result = await self.apply_documents([Document("request", 0, obj)], ns or "default")
-        except ApplyError as e:
-            return _json(e.to_json() | {"code": 422, "apiVersion": "v1"}, 422)
-        stored = await self.store.get(key_of({"kind": kind.kind, "metadata": obj["metadata"]}))
-        created = result["results"][0]["action"] == "created"
-        return _json(redact(stored), 201 if created else 200)
-
-    async def handle_delete_one(self, req: web.Request) -> web.Response:
-        r = self._resolve(req)
-        if isinstance(r, web.Response):
-            return r
-        kind, ns, name = r
-        key = object_key(kind.kind, ns if kind.namespaced else None, name)
-        result = await self.delete_keys([key])
-        if not result["deleted"]:
-            return _status(404, "NotFound", f'{kind.plural} "{name}" not found')
-        return _json({"kind": "Status", "apiVersion": "v1", "status": "Success",
-                      "details": {"name": name, "kind": kind.plural}, "metadata": {"resourceVersion": str(result["revision"])}})
-
     async def handle_config_dump(self, req: web.Request) -> web.Response:
         proxy = req.query.get("proxy")
         if not proxy:
@@ -291,26 +248,9 @@ class RegistryAPI:
 
         return _json(await load_statuses(self.store.r))
 
-    async def handle_version(self, _req: web.Request) -> web.Response:
-        return _json({"revision": await self.store.revision(), "time": time.time()})
-
     def routes(self, app: web.Application) -> None:
         r = app.router
         r.add_post("/apply", self.handle_apply)
         r.add_post("/delete", self.handle_delete)
-        r.add_get("/version", self.handle_version)
         r.add_get("/debug/config_dump", self.handle_config_dump)
         r.add_get("/debug/syncz", self.handle_syncz)
-        for prefix in ("/api/{version}", "/apis/{group}/{version}"):
-            coll_ns = prefix + "/namespaces/{namespace}/{plural}"
-            coll = prefix + "/{plural}"
-            r.add_get(coll_ns, self.handle_list)
-            r.add_post(coll_ns, self.handle_put)
-            r.add_get(coll_ns + "/{name}", self.handle_get)
-            r.add_put(coll_ns + "/{name}", self.handle_put)
-            r.add_delete(coll_ns + "/{name}", self.handle_delete_one)
-            r.add_get(coll, self.handle_list)
-            r.add_post(coll, self.handle_put)
-            r.add_get(coll + "/{name}", self.handle_get)
-            r.add_put(coll + "/{name}", self.handle_put)
-            r.add_delete(coll + "/{name}", self.handle_delete_one)

@@ -35,21 +35,25 @@ def set_locality(loc: base_pb2.Locality, label: str) -> None:
 
 def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
                      tls_metadata: bool,
-                     mtls_disabled: Callable[[Any], bool] | None = None) -> endpoint_pb2.ClusterLoadAssignment:
+                     mtls_disabled: Callable[[Any], bool] | None = None,
+                     priority: Callable[[Any], int] | None = None) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints whose labels ⊇ `labels`, grouped by locality. With `tls_metadata`, each endpoint says
     whether its workload takes mTLS (auto mTLS picks the TLS transport socket by it): it runs a sidecar, and
     `mtls_disabled(endpoint)` (its PeerAuthentication says DISABLE for that workload and port, Istio's EDS
-    mtlsChecker) is false."""
+    mtlsChecker) is false. With `priority`, a locality's endpoints are split further by their priority
+    (failoverPriority, endpoints.py)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    groups: dict[str, list] = {}
+    groups: dict[tuple[str, int], list] = {}
     for e in endpoints:
         if labels and any(e.labels.get(k) != v for k, v in labels.items()):
             continue
-        groups.setdefault(e.locality, []).append(e)
-    for locality, eps in groups.items():
+        groups.setdefault((e.locality, priority(e) if priority else 0), []).append(e)
+    for (locality, prio), eps in groups.items():
         lle = cla.endpoints.add()
         if locality:
             set_locality(lle.locality, locality)
+        if prio:
+            lle.priority = prio
         total = 0
         for e in eps:
             lb = lle.lb_endpoints.add()

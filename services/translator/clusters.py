@@ -56,6 +56,9 @@ class EdsNeed:
     service: Service
     port: int
     labels: dict | None
+    # The localityLbSetting the assignment follows, relative to each proxy's locality (endpoints.py); None when
+    # locality LB does nothing for this cluster (disabled, or failover only and no outlier detection).
+    locality_lb: dict | None = None
 
 
 # ---------------------------------------------------------------------------------------------- policy
@@ -193,9 +196,13 @@ def _apply_outlier(c: Cluster, od: dict | None) -> None:
         return
     out = c.outlier_detection
     out.enforcing_success_rate.value = 0
+    old = int(od.get("consecutiveErrors") or 0)
+    if old > 0:
+        # The deprecated field counts gateway errors only (502/503/504; istio/api#617), not every 5xx.
+        out.consecutive_gateway_failure.value = old
+        out.enforcing_consecutive_gateway_failure.value = 100
+        out.enforcing_consecutive_5xx.value = 0
     c5 = od.get("consecutive5xxErrors")
-    if c5 is None and od.get("consecutiveErrors"):
-        c5 = od["consecutiveErrors"]  # deprecated alias
     if c5 is not None:
         v = int(c5.get("value", 0) if isinstance(c5, dict) else c5)
         out.consecutive_5xx.value = v
@@ -255,10 +262,33 @@ def _apply_load_balancer(c: Cluster, lb: dict | None) -> None:
             c.ring_hash_lb_config.minimum_ring_size.value = size
 
 
-def _locality_weighted(c: Cluster) -> None:
-    # Locality LB is on by default (mesh localityLbSetting.enabled); failover needs outlier detection.
-    if c.HasField("outlier_detection") and c.lb_policy not in (Cluster.RING_HASH, Cluster.MAGLEV):
-        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+def locality_setting(push: PushContext, lb: dict | None) -> dict | None:
+    """Istio's GetLocalityLbSetting: the DR's localityLbSetting, else the mesh's; None when disabled."""
+    dr_setting = (lb or {}).get("localityLbSetting")
+    setting = dr_setting if dr_setting is not None else push.mesh.locality_lb_setting
+    if setting is None:
+        setting = {"enabled": True}  # the mesh default
+    enabled = setting.get("enabled", True)
+    if isinstance(enabled, dict):
+        enabled = enabled.get("value", True)
+    return setting if enabled is not False else None
+
+
+def _apply_locality(c: Cluster, setting: dict | None) -> dict | None:
+    """The setting the cluster's assignments follow (None: none). Failover (default or explicit) only works
+    with outlier detection, else Envoy never sees the local endpoints unhealthy (Istio applies it only then);
+    `distribute` works alone and needs Envoy's locality-weighted LB to honour the locality weights."""
+    if setting is None:
+        return None
+    if setting.get("distribute"):
+        if c.lb_policy not in (Cluster.RING_HASH, Cluster.MAGLEV):
+            c.common_lb_config.locality_weighted_lb_config.SetInParent()
+        return setting
+    if c.HasField("outlier_detection"):
+        if c.lb_policy not in (Cluster.RING_HASH, Cluster.MAGLEV):
+            c.common_lb_config.locality_weighted_lb_config.SetInParent()
+        return setting
+    return None
 
 
 _MATCH_ISTIO = struct_pb2.Struct()
@@ -379,7 +409,7 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         _apply_connection_pool(push, c, http, pool)
         _apply_outlier(c, policy.get("outlierDetection"))
         _apply_load_balancer(c, policy.get("loadBalancer"))
-        _locality_weighted(c)
+        loc_lb = _apply_locality(c, locality_setting(push, policy.get("loadBalancer")))
         if not sni_dnat:
             subset_name = subset.get("name", "") if subset else ""
             _apply_tls(push, c, http, policy.get("tls"),
@@ -388,7 +418,7 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         http.apply(c)
         if c.type == Cluster.EDS:
             _eds_config(c)
-            needs.append(EdsNeed(cluster_name, service, port.port, labels))
+            needs.append(EdsNeed(cluster_name, service, port.port, labels, loc_lb))
         if meta_path:
             md = {"config": meta_path}
             if subset is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mizzen.services.mesh import locality as loc
+
 SIDECAR = "sidecar"
 INJECT_TEMPLATES = "inject.istio.io/templates"
 ROUTER = "router"
@@ -23,6 +25,11 @@ class Proxy:
     labels: dict = field(default_factory=dict)
     dns_domain: str = ""
     metadata: dict = field(default_factory=dict)  # node metadata (e.g. ACCESS_LOG path, INTERCEPTION_MODE)
+    locality: str = ""  # `region/zone/subzone`: Envoy's node.locality, else from the workload's labels
+
+    @property
+    def locality_parts(self) -> tuple[str, str, str]:
+        return loc.split(self.locality)
 
     @property
     def is_router(self) -> bool:
@@ -65,6 +72,9 @@ class Proxy:
                     proxy.metadata["GENERATOR"] = "grpc"
         if isinstance(proxy.metadata.get("LABELS"), dict):
             proxy.labels.update(proxy.metadata["LABELS"])
+        # The bootstrap writes node.locality from these same labels (topology.* / istio-locality), so the labels
+        # give the locality the proxy announces.
+        proxy.locality = loc.from_labels(proxy.labels)
         return proxy
 
     @classmethod

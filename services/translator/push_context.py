@@ -14,7 +14,7 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mizzen.services.mesh import settings
+from mizzen.services.mesh import locality, settings
 from mizzen.services.mesh.duration import DurationError, parse_duration
 
 from . import protocol, security
@@ -63,6 +63,8 @@ class MeshConfig:
     access_log_encoding: str = "JSON"
     enable_tracing: bool = True
     trace_sampling: float = 1.0  # PILOT_TRACE_SAMPLING
+    # meshConfig.localityLbSetting; None is Istio's install default `{enabled: true}` (no distribute/failover)
+    locality_lb_setting: dict | None = None
     proxy_listen_port: int = settings.PROXY_OUTBOUND_PORT
     proxy_inbound_listen_port: int = settings.PROXY_INBOUND_PORT
     default_service_export_to: tuple[str, ...] = ("*",)
@@ -357,7 +359,8 @@ class PushContext:
         spec = pod.get("spec") or {}
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
         return Endpoint(ip, port, port_name, labels, tls_mode=labels.get(TLS_MODE_LABEL, "disabled"),
-                        service_account=sa, workload=meta["name"], namespace=meta.get("namespace") or ns)
+                        service_account=sa, workload=meta["name"], namespace=meta.get("namespace") or ns,
+                        locality=locality.from_labels(labels))
 
     def _kube_endpoints(self, svc: Service, obj: dict) -> None:
         for subset in obj.get("subsets") or []:
@@ -454,7 +457,7 @@ class PushContext:
             ip = (pod.get("status") or {}).get("podIP")
             if ip and labels_match(selector, labels):
                 pspec = pod.get("spec") or {}
-                out.append({"address": ip, "labels": labels, "_name": pname,
+                out.append({"address": ip, "labels": labels, "_name": pname, "locality": locality.from_labels(labels),
                             "serviceAccount": pspec.get("serviceAccountName") or "default"})
         return out
 

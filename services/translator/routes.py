@@ -154,6 +154,17 @@ def retry_policy(retries: dict | None) -> rc.RetryPolicy | None:
     return out
 
 
+def set_timeout(action: rc.RouteAction, timeout: float) -> None:
+    """Istio's setTimeout. Once a route has `max_stream_duration`, Envoy's router uses the "new" timeouts and
+    no longer enforces `timeout` itself, so a non-zero timeout must also be the stream's max duration (else
+    the route never times out); `grpc_timeout_header_max` caps a gRPC client's own deadline at the same value.
+    Zero means no timeout: only the gRPC header cap (0 = the client's deadline, unbounded) is written."""
+    pb.set_duration(action.timeout, timeout)
+    pb.set_duration(action.max_stream_duration.grpc_timeout_header_max, timeout)
+    if timeout:
+        pb.set_duration(action.max_stream_duration.max_stream_duration, timeout)
+
+
 def _header_ops(headers: dict | None) -> tuple[list, list, list, list]:
     """(request adds, request removes, response adds, response removes); each add list sorted by key."""
     req = (headers or {}).get("request") or {}
@@ -385,9 +396,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
         rp = retry_policy(rule.get("retries"))
         if rp is not None:
             action.retry_policy.CopyFrom(rp)
-        timeout = duration(rule.get("timeout"), 0.0) or 0.0
-        pb.set_duration(action.timeout, timeout)
-        pb.set_duration(action.max_stream_duration.grpc_timeout_header_max, timeout)
+        set_timeout(action, duration(rule.get("timeout"), 0.0) or 0.0)
         rewrite = rule.get("rewrite")
         if rewrite:
             if rewrite.get("uri"):

@@ -6,7 +6,7 @@
   namespace, Sidecar scope, the labels VirtualService rules test): memoised on the push context, so proxies
   with the same view get the **same Python object**;
 * endpoints layer — the ClusterLoadAssignments the outbound EDS clusters need (memoised the same way; they
-  never depend on the proxy);
+  depend on the proxy only through its locality, and only for clusters locality load balancing applies to);
 * own layer — the sidecar's inbound clusters, InboundPassthroughClusterIpv4 and `virtualInbound` (replicas
   of one workload, which have identical inbound sides, share it too).
 
@@ -17,6 +17,7 @@ per object identity; every RDS name a listener uses and every EDS cluster's assi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
@@ -76,12 +77,17 @@ def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[
     return layer, needs
 
 
-def _endpoint_layer(push: PushContext, needs: list) -> Layer:
-    key = ("eds-layer", frozenset((n.cluster_name, service_id(n.service), endpoints._labels_key(n.labels))
-                                  for n in needs))
+def _needs_key(needs: list) -> frozenset:
+    return frozenset((n.cluster_name, service_id(n.service), endpoints._labels_key(n.labels)) for n in needs)
+
+
+def _endpoint_layer(push: PushContext, needs: list, where: tuple | None = None, proxy: Proxy | None = None,
+                    needs_key: frozenset | None = None) -> Layer:
+    """Shared by every proxy with the same needs (and, where locality LB applies, the same locality)."""
+    key = ("eds-layer", needs_key if needs_key is not None else _needs_key(needs), where)
     layer = push.cache.get(key)
     if layer is None:
-        layer = {ENDPOINT: endpoints.load_assignments(push, needs)}
+        layer = {ENDPOINT: endpoints.load_assignments(push, needs, proxy if where else None)}
         push.cache[key] = layer
     return layer
 
@@ -99,16 +105,21 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
         if carried is not None:  # the previous revision's layer, still valid (see carry_over)
             layer, old_needs = carried
             by_id = _services_by_id(push)
-            needs = [clusters.EdsNeed(n.cluster_name, by_id[service_id(n.service)], n.port, n.labels)
-                     for n in old_needs]
+            needs = [dataclasses.replace(n, service=by_id[service_id(n.service)]) for n in old_needs]
         elif view.is_router:
             layer, needs = _router_outbound(push, view, proxy)
         else:
             layer, needs = _sidecar_outbound(push, view)
-        hit = (layer, _endpoint_layer(push, needs))
+        local = [n for n in needs if n.locality_lb]  # assignments that depend on the proxy's locality
+        needs_key = _needs_key(needs)
+        hit = (layer, _endpoint_layer(push, needs, needs_key=needs_key), needs,
+               endpoints.failover_keys(local) if local else None, needs_key)
         push.cache[("layers", key)] = hit
-        push.cache[("needs", key)] = needs
-    return hit
+    layer, shared, needs, keys, needs_key = hit
+    where = endpoints.locality_signature(keys, proxy) if keys is not None else None
+    if where is None:
+        return layer, shared
+    return layer, _endpoint_layer(push, needs, where, proxy, needs_key)
 
 
 def _services_by_id(push: PushContext) -> dict[tuple, object]:
@@ -158,9 +169,7 @@ def carry_over(old: PushContext, new: PushContext, changed: set[tuple]) -> None:
         # allocate a different object at the same address. Router views hold gateway ids, inbound layers
         # under security policies hold policy ids: those are rebuilt.
         if tag == "layers" and k[1][0] != "router":
-            needs = old.cache.get(("needs", k[1]))
-            if needs is not None:
-                new.cache[("carried", k[1])] = (v[0], needs)
+            new.cache[("carried", k[1])] = (v[0], v[2])  # the outbound layer and its EDS needs
         elif (tag == "eds" and k[2] not in changed) or (tag == "own-layer" and k[1][0] != "router"
                                                          and not any(k[4])):
             new.cache[k] = v

@@ -116,6 +116,13 @@ def _load_kind_modules() -> None:
     from . import istio, kube  # noqa: F401
 
 
+def schema_for(kind: str) -> object | None:
+    """The structural schema of a whole object of `kind` (for the registry's OpenAPI), or None."""
+    _load_kind_modules()  # all of them: importing one module alone would leave the others unregistered
+    # validators made from a structural schema carry it (kube.py's and istio.py's _make_validator)
+    return getattr(VALIDATORS.get(kind), "schema", None)
+
+
 def validate_object(obj: dict) -> list[FieldError]:
     """All errors of one (normalised) object; empty when it is valid."""
     if not VALIDATORS:

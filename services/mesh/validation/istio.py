@@ -86,6 +86,7 @@ def _make_validator(kind: str) -> Callable[[dict], list[FieldError]]:
         return errs.items
 
     validate.__name__ = f"validate_{kind.lower()}"
+    validate.schema = schema  # type: ignore[attr-defined] - published as the registry's OpenAPI (schema_for)
     return validate
 
 

@@ -450,6 +450,7 @@ def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callabl
         rules(obj, errs)
         return errs.items
 
+    validate.schema = schema  # type: ignore[attr-defined] - published as the registry's OpenAPI (schema_for)
     return validate
 
 
