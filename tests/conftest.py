@@ -68,3 +68,18 @@ def grpc_server(add_servicer, servicer):
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def _netns_unavailable() -> str | None:
+    from mizzen.services.sidecar.netns import unavailable_reason
+
+    return unavailable_reason()
+
+
+# The marks of a module whose tests run pods in network namespaces (real interception, Envoy as uid 1337).
+NETNS_E2E = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(not is_root(), reason="needs root: network namespaces, iptables, processes as uid 1337"),
+    pytest.mark.skipif(is_root() and _netns_unavailable() is not None, reason=str(_netns_unavailable())),
+]

@@ -29,16 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from mizzen.services.demo.echo import tcp_call
-from mizzen.services.sidecar.netns import unavailable_reason
-from tests.conftest import is_root
+from tests.conftest import NETNS_E2E
 from tests.test_e2e_support import E2E, ECHO, TLS_MODE_LABEL, endpoints, eventually, mizzen, service
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.skipif(not is_root(), reason="needs root: network namespaces, iptables, processes as uid 1337"),
-    pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
-]
+pytestmark = NETNS_E2E
 
 SRV_IP, TCP_IP, JWKS_IP = "10.96.7.1", "10.96.7.2", "10.96.7.3"
 SLEEP_ID = "spiffe://cluster.local/ns/default/sa/sleep"

@@ -4,19 +4,11 @@ intercepting with `mizzen iptables`), exactly as `mizzen apply` does."""
 
 from __future__ import annotations
 
-import pytest
-
-from mizzen.services.sidecar.netns import unavailable_reason
-from tests.conftest import is_root
+from tests.conftest import NETNS_E2E
 from tests.test_e2e_support import E2E, call, endpoints, eventually, served_by, service
 from tests.test_kubectl import Kubectl
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.skipif(not is_root(), reason="needs root: network namespaces, iptables, processes as uid 1337"),
-    pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
-]
+pytestmark = NETNS_E2E
 
 WEB_IP, B_IP, C_IP = "10.96.7.1", "10.96.7.2", "10.96.7.3"
 VS = """\

@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from mizzen.services.sidecar.netns import unavailable_reason
-from tests.conftest import is_root
+from tests.conftest import NETNS_E2E
 from tests.test_e2e_support import (
     E2E,
     TLS_MODE_LABEL,
@@ -30,12 +29,7 @@ from tests.test_e2e_support import (
     service,
 )
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.skipif(not is_root(), reason="needs root: network namespaces, iptables, processes as uid 1337"),
-    pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
-]
+pytestmark = NETNS_E2E
 
 SERVER_IP = "10.96.9.1"
 PLAIN_IP = "10.96.9.2"

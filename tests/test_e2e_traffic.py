@@ -19,8 +19,7 @@ import uuid
 
 import pytest
 
-from mizzen.services.sidecar.netns import unavailable_reason
-from tests.conftest import is_root
+from tests.conftest import NETNS_E2E
 from tests.test_e2e_support import (
     E2E,
     TLS_MODE_LABEL,
@@ -32,12 +31,7 @@ from tests.test_e2e_support import (
     service,
 )
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.skipif(not is_root(), reason="needs root: network namespaces, iptables, processes as uid 1337"),
-    pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
-]
+pytestmark = NETNS_E2E
 
 # per API: (the service that gets a second endpoint and loses the first, the service added then deleted)
 CLUSTER_IPS = {"sotw": ("10.96.1.1", "10.96.2.1"), "delta": ("10.96.1.2", "10.96.2.2")}

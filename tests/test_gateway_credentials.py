@@ -340,3 +340,18 @@ def test_secrets_are_validated_and_never_shown(rig, tmp_path):
     logs = "".join(p.read_text(errors="replace") for p in rig.stack.log_dir.glob("*.log"))
     assert "PRIVATE KEY" not in logs and b64(b"-----BEGIN")[:12] not in logs
 
+
+
+def test_proxy_config_secret_lists_the_gateway_credentials(rig):
+    """`mizzen proxy-config secret --admin` on the live gateway: istioctl's rows for the credentials."""
+    eventually(lambda: "kubernetes://mutual-cred-cacert" in rig.secrets(), what="credentials active")
+    out = subprocess.run([sys.executable, "-m", "mizzen", "proxy-config", "secret", "--admin",
+                          f"127.0.0.1:{rig.admin}"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:] if line.strip()}
+    assert out.stdout.splitlines()[0].split()[:3] == ["RESOURCE", "NAME", "TYPE"]
+    for name in ("kubernetes://simple-cred", "kubernetes://mutual-cred"):
+        assert rows[name][1:5] == ["Cert", "Chain", "ACTIVE", "true"], rows[name]
+    assert rows["kubernetes://mutual-cred-cacert"][1:4] == ["CA", "ACTIVE", "true"]
+    ca_serial = format(rig.client_ca[1].serial_number, "x")
+    assert rows["kubernetes://mutual-cred-cacert"][4] == ca_serial

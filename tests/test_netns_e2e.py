@@ -21,15 +21,10 @@ import urllib.request
 
 import pytest
 
-from mizzen.services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, PodNetwork, unavailable_reason
-from tests.conftest import is_root
+from mizzen.services.sidecar.netns import REPO_ROOT, SEED_IPTABLES_FLAGS, PodNetwork
+from tests.conftest import NETNS_E2E
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.skipif(not is_root(), reason="needs root: network namespaces, iptables, processes as uid 1337"),
-    pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
-]
+pytestmark = NETNS_E2E
 
 for _module in ("mizzen.services.sidecar.bootstrap", "mizzen.services.translator.snapshot", "mizzen.services.xds_gateway.server",
                 "mizzen.services.registry.app", "mizzen.services.mesh.stack"):

@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mizzen.services.sidecar.netns import unavailable_reason
-from tests.conftest import is_root
+from tests.conftest import NETNS_E2E
 from tests.test_e2e_support import (
     APP_UID,
     E2E,
@@ -31,12 +30,7 @@ from tests.test_e2e_support import (
     service,
 )
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.skipif(not is_root(), reason="needs root: network namespaces, iptables, processes as uid 1337"),
-    pytest.mark.skipif(is_root() and unavailable_reason() is not None, reason=str(unavailable_reason())),
-]
+pytestmark = NETNS_E2E
 
 PORT = 8080
 
