@@ -19,6 +19,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from mizzen.services.cli.http import apply_objects
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
+from .test_xds_support import eventually as _eventually
+
 TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -147,19 +149,8 @@ def new_client(port: int | list[int], node_id: str, ack: bool = True, keepalive:
 
 
 async def eventually(check, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if asyncio.iscoroutine(last):
-                last = await last
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001 - keep polling until the deadline
-            last = e
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    """test_xds_support.eventually with this module's longer default budget and shorter poll interval."""
+    return await _eventually(check, timeout, interval, what)
 
 
 def metrics(port: int) -> dict[str, float]:
