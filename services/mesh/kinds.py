@@ -42,6 +42,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Endpoints", "", ("v1",), "endpoints"),
     Kind("Pod", "", ("v1",), "pods"),
     Kind("Secret", "", ("v1",), "secrets"),  # gateway credentials (credentialName); values never printed
+    Kind("ConfigMap", "", ("v1",), "configmaps"),  # istio-system/istio key `mesh`: the mesh config
     Kind("EndpointSlice", "discovery.k8s.io", ("v1",), "endpointslices"),
     Kind("ServiceEntry", _NET, _NET_VERSIONS, "serviceentries"),
     Kind("WorkloadEntry", _NET, _NET_VERSIONS, "workloadentries"),
@@ -65,6 +66,7 @@ ALIASES: dict[str, str] = {
     "ep": "Endpoints", "endpoint": "Endpoints",
     "po": "Pod", "pod": "Pod",
     "secret": "Secret",
+    "cm": "ConfigMap", "configmap": "ConfigMap",
     "endpointslice": "EndpointSlice",
     "se": "ServiceEntry", "serviceentry": "ServiceEntry",
     "we": "WorkloadEntry", "workloadentry": "WorkloadEntry",
@@ -120,7 +122,7 @@ MESH_GROUP_SUFFIX = "istio.io"
 # Service). Mizzen does not model them: an apply skips and reports them. A core-group (`v1`) kind outside
 # this list is treated as a typo, as kubectl would fail on it.
 KUBERNETES_BUILTIN = frozenset({
-    "Binding", "ComponentStatus", "ConfigMap", "Event", "LimitRange", "Node", "PersistentVolume",
+    "Binding", "ComponentStatus", "Event", "LimitRange", "Node", "PersistentVolume",
     "PersistentVolumeClaim", "PodTemplate", "ReplicationController", "ResourceQuota", "ServiceAccount",
     "ControllerRevision", "DaemonSet", "Deployment", "ReplicaSet", "StatefulSet", "CronJob", "Job",
     "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress", "IngressClass", "NetworkPolicy",

@@ -15,6 +15,7 @@ import binascii
 import re
 from collections.abc import Callable
 
+from .. import meshconfig, settings
 from ..errors import FieldError
 from . import register
 from .common import (
@@ -441,6 +442,41 @@ def check_secret(obj: dict, errs: Errs) -> None:
             errs.add(key("data", required), "Required value")
 
 
+CONFIG_MAP = Obj({
+    "apiVersion": Str(), "kind": Str(), "metadata": Opaque(),
+    "data": Map(Str()), "binaryData": Map(Str()), "immutable": Bool(),
+})
+
+
+def check_config_map(obj: dict, errs: Errs) -> None:
+    """Kubernetes' ValidateConfigMap (key names, a key in both maps, 1 MiB in all); for the root namespace's
+    `istio` ConfigMap, the `mesh` key as MeshConfig YAML (istiod's mesh config input)."""
+    data = obj.get("data") or {}
+    binary = obj.get("binaryData") or {}
+    size = 0
+    for fld, values in (("data", data), ("binaryData", binary)):
+        for k, v in values.items():
+            at = key(fld, k)
+            if len(k) > 253 or not _SECRET_KEY.fullmatch(k):
+                errs.add(at, invalid(k, "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"))
+            if fld == "binaryData":
+                if k in data:
+                    errs.add(at, invalid(k, "duplicate of key present in data"))
+                try:
+                    size += len(base64.b64decode(v, validate=True))
+                except (binascii.Error, ValueError):
+                    errs.add(at, "illegal base64 data")
+            else:
+                size += len(k) + len(v.encode())
+    if size > 1 << 20:
+        errs.add("data", "Too long: must have at most 1048576 bytes")
+    meta = obj.get("metadata") or {}
+    if meta.get("name") == meshconfig.MESH_CONFIGMAP and meta.get("namespace") == settings.ROOT_NAMESPACE:
+        if meshconfig.MESH_KEY in data:
+            _, problems = meshconfig.load(data[meshconfig.MESH_KEY])
+            errs.items.extend(problems)
+
+
 def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callable[[dict], list[FieldError]]:
     def validate(obj: dict) -> list[FieldError]:
         structural = check(obj, schema)
@@ -460,3 +496,4 @@ register("Endpoints")(_make_validator(ENDPOINTS, check_endpoints))
 register("EndpointSlice")(_make_validator(ENDPOINT_SLICE, check_endpoint_slice))
 register("Pod")(_make_validator(POD, check_pod))
 register("Secret")(_make_validator(SECRET, check_secret))
+register("ConfigMap")(_make_validator(CONFIG_MAP, check_config_map))
