@@ -256,3 +256,84 @@ def test_proxy_config_listener_prints_istioctl_rbac_lines():
     # without policies the table is istioctl's alone
     plain = build_snapshot(PushContext.from_resources(_mesh()), Proxy.for_pod(_mesh()[0], push))
     assert "RBAC" not in tables.listener_table(configdump.snapshot_dump(plain.merged()))
+
+
+# --- CUSTOM (ext_authz), against istiod's golden files (builder_test.go's mesh configs) ----------------------------
+from mizzen.services.translator import extauthz  # noqa: E402
+
+_EXT = "my-custom-ext-authz.foo.svc.cluster.local"
+MESH_GRPC_NO_NS = {"name": "default", "envoyExtAuthzGrpc": {
+    "service": _EXT, "port": 9000, "failOpen": True, "statusOnError": "403"}}
+MESH_GRPC = {"name": "default", "envoyExtAuthzGrpc": {
+    "service": f"foo/{_EXT}", "port": 9000, "timeout": "2ms", "failOpen": True, "statusOnError": "403",
+    "includeRequestBodyInCheck": {"maxRequestBytes": 4096, "allowPartialMessage": True}}}
+MESH_HTTP = {"name": "default", "envoyExtAuthzHttp": {
+    "service": f"foo/{_EXT}", "port": 9000, "timeout": "10s", "failOpen": True, "statusOnError": "403",
+    "pathPrefix": "/check", "includeRequestHeadersInCheck": ["x-custom-id", "x-prefix-*", "*-suffix"],
+    "includeHeadersInCheck": ["should-not-include-when-IncludeRequestHeadersInCheck-is-set"],
+    "includeAdditionalHeadersInCheck": {"x-header-1": "value-1", "x-header-2": "value-2"},
+    "includeRequestBodyInCheck": {"maxRequestBytes": 2048, "allowPartialMessage": True, "packAsBytes": True},
+    "headersToUpstreamOnAllow": ["Authorization", "x-prefix-*", "*-suffix"],
+    "headersToDownstreamOnDeny": ["Set-cookie", "x-prefix-*", "*-suffix"],
+    "headersToDownstreamOnAllow": ["Set-cookie", "x-prefix-*", "*-suffix"]}}
+# istiod's meshConfigInvalid (port 999999, pathPrefix "check", statusOnError 999): the registry refuses it at
+# apply; a provider naming no known service is the same "bad provider" path at push time.
+MESH_BAD = {"name": "default", "envoyExtAuthzHttp": {"service": "foo/my-custom-ext-authz", "port": 9000}}
+CUSTOM_HTTP_CASES = {
+    "custom-grpc-provider-no-namespace": (MESH_GRPC_NO_NS, "custom-simple-http-in.yaml"),
+    "custom-grpc-provider": (MESH_GRPC, "custom-simple-http-in.yaml"),
+    "custom-http-provider": (MESH_HTTP, "custom-simple-http-in.yaml"),
+    "custom-bad-multiple-providers": (MESH_HTTP, "custom-bad-multiple-providers-in.yaml"),
+}
+
+
+def _mesh_configmap(*providers: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {"mesh": yaml.safe_dump({"extensionProviders": list(providers)})}}
+
+
+def _custom_push(path: Path, provider: dict) -> tuple[PushContext, list]:
+    objs = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    for i, o in enumerate(objs):
+        o["metadata"]["creationTimestamp"] = f"2020-01-01T00:00:{i:02d}Z"
+    ext_svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "my-custom-ext-authz", "namespace": "foo"},
+               "spec": {"ports": [{"name": "grpc", "port": 9000}]}}
+    push = PushContext.from_resources([*objs, ext_svc, _mesh_configmap(provider)])
+    return push, security.select(push.security.authorization, "istio-system", "foo", HTTPBIN)
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM_HTTP_CASES))
+def test_custom_http_filters_match_istiod(name: str):
+    provider, inp = CUSTOM_HTTP_CASES[name]
+    push, pols = _custom_push(DATA / "http" / inp, provider)
+    got = [json_format.MessageToDict(f) for f in extauthz.http_filters(push, pols)]
+    want = [_golden(DATA / "http" / f"{name}-out{i}.yaml", hcm_pb.HttpFilter) for i in (1, 2)]
+    assert got == want
+    assert bool(push.errors) == (name == "custom-bad-multiple-providers")
+
+
+def test_custom_bad_provider_denies_and_is_reported():
+    push, pols = _custom_push(DATA / "http" / "custom-simple-http-in.yaml", MESH_BAD)
+    got = [json_format.MessageToDict(f) for f in extauthz.http_filters(push, pols)]
+    assert got == [_golden(DATA / "http" / "custom-bad-out.yaml", hcm_pb.HttpFilter)]
+    assert any("could not find service foo/my-custom-ext-authz" in e and "httpbin-1" in e for e in push.errors)
+    push, pols = _custom_push(DATA / "http" / "custom-simple-http-in.yaml", {**MESH_HTTP, "name": "other"})
+    assert [json_format.MessageToDict(f) for f in extauthz.http_filters(push, pols)] == got
+    assert any("available providers are ['other'] but found 'default'" in e for e in push.errors)
+
+
+def test_custom_tcp_filters_match_istiod():
+    push, pols = _custom_push(DATA / "tcp" / "custom-both-http-tcp-in.yaml", MESH_GRPC)
+    got = [json_format.MessageToDict(f) for f in extauthz.tcp_filters(push, pols)]
+    assert got == [_golden(DATA / "tcp" / f"custom-both-http-tcp-out{i}.yaml", lc.Filter) for i in (1, 2)]
+    push, pols = _custom_push(DATA / "tcp" / "custom-only-http-in.yaml", MESH_HTTP)
+    assert extauthz.tcp_filters(push, pols) == []  # HTTP providers do not apply to TCP chains
+    assert push.errors == []
+
+
+def test_custom_filters_come_first_and_mesh_defaults_without_configmap():
+    push, pols = _custom_push(DATA / "http" / "deny-and-allow-in.yaml", MESH_HTTP)
+    assert extauthz.http_filters(push, pols) == []  # no CUSTOM policy, no ext_authz
+    push, pols = _custom_push(DATA / "http" / "custom-simple-http-in.yaml", MESH_HTTP)
+    assert push.mesh.extension_providers["default"]["type"] == "http"
+    assert PushContext.from_resources([]).mesh.extension_providers == {}

@@ -1,7 +1,7 @@
 """AuthorizationPolicy → Envoy RBAC filters, as istiod's pilot/pkg/security/authz (builder, model, matcher).
 
-One RBAC filter per action, in Istio's order: AUDIT (action LOG), DENY, ALLOW (CUSTOM is not translated:
-Mizzen has no ext_authz providers). Each policy rule becomes one RBAC policy named
+One RBAC filter per action, in Istio's order: AUDIT (action LOG), DENY, ALLOW (CUSTOM comes before them all:
+extauthz.py, a shadow RBAC filter plus ext_authz). Each policy rule becomes one RBAC policy named
 `ns[<namespace>]-policy[<name>]-rule[<index>]`, so Envoy's `response_code_details` reads
 `rbac_access_denied_matched_policy[ns[…]-policy[…]-rule[…]]` exactly as under istiod. A policy with no rules is a
 policy that never matches (an ALLOW with no rules denies everything). `istio.io/dry-run: "true"` policies become

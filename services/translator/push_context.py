@@ -11,10 +11,11 @@ sees, which DestinationRule applies, which mTLS mode a workload has) and memoise
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mizzen.services.mesh import locality, settings
+from mizzen.services.mesh import locality, meshconfig, settings
 from mizzen.services.mesh.duration import DurationError, parse_duration
 
 from . import protocol, security
@@ -70,6 +71,26 @@ class MeshConfig:
     default_service_export_to: tuple[str, ...] = ("*",)
     default_virtual_service_export_to: tuple[str, ...] = ("*",)
     default_destination_rule_export_to: tuple[str, ...] = ("*",)
+    # meshConfig.extensionProviders (ext_authz ones): name → {"type": "http"|"grpc", **provider fields}
+    extension_providers: dict = field(default_factory=dict)
+
+
+def mesh_from_resources(by_kind: dict[str, list[dict]], base: MeshConfig | None = None) -> MeshConfig:
+    """istiod's mesh config input: ConfigMap `istio` in the root namespace, key `mesh` (defaults when absent or
+    unreadable; the registry refuses a bad one at apply)."""
+    base = base or MeshConfig()
+    for cm in by_kind.get("ConfigMap", []):
+        meta = cm.get("metadata") or {}
+        if meta.get("name") != meshconfig.MESH_CONFIGMAP or meta.get("namespace") != base.root_namespace:
+            continue
+        text = (cm.get("data") or {}).get(meshconfig.MESH_KEY)
+        if text is None:
+            continue
+        doc, errs = meshconfig.load(text)
+        if errs:
+            continue
+        return dataclasses.replace(base, extension_providers=meshconfig.extension_providers(doc))
+    return base
 
 
 def _created(obj: dict) -> tuple:
@@ -213,11 +234,13 @@ class PushContext:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_resources(cls, objects: Iterable[dict], mesh: MeshConfig | None = None, revision: int = 0) -> PushContext:
-        push = cls(mesh, revision)
         by_kind: dict[str, list[dict]] = {}
         for o in objects:
             if isinstance(o, dict) and isinstance(o.get("metadata"), dict):
                 by_kind.setdefault(o.get("kind", ""), []).append(o)
+        if mesh is None:
+            mesh = mesh_from_resources(by_kind)
+        push = cls(mesh, revision)
         for objs in by_kind.values():
             objs.sort(key=_created)
         for ns in by_kind.get("Namespace", []):

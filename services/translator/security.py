@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import authn, authz
+from . import authn, authz, extauthz
 from .model import Config
 
 AUTHORIZATION_POLICY = "AuthorizationPolicy"
@@ -113,6 +113,7 @@ def inbound_filters(push, proxy) -> tuple[list, list]:
     jwt = authn.jwt_filter(push, an, clear_route_cache=proxy.is_router)
     if jwt is not None:
         http.append(jwt)
-    http += authz.http_rbac_filters(az)
-    hit = push.cache[key] = (http, authz.tcp_rbac_filters(az))
+    # istiod's order: CUSTOM (shadow RBAC + ext_authz), then AUDIT, DENY, ALLOW
+    http += extauthz.http_filters(push, az) + authz.http_rbac_filters(az)
+    hit = push.cache[key] = (http, extauthz.tcp_filters(push, az) + authz.tcp_rbac_filters(az))
     return hit

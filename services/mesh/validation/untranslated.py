@@ -34,8 +34,6 @@ UNTRANSLATED: dict[str, tuple[str, ...]] = {
         "ingress.tls.tlsCertificates", "ingress.tls.verifyCertificateSpki", "ingress.tls.verifyCertificateHash",
         "ingress.tls.insecureSkipVerify", "connectionPool.tcp.maxConnectionDuration", "inboundConnectionPool",
     ),
-    # CUSTOM action: no ext_authz providers in Mizzen (such a policy has a provider; it is not enforced).
-    "AuthorizationPolicy": ("provider",),
 }
 
 _INDEX = re.compile(r"\[[^\]]*\]")
