@@ -443,3 +443,122 @@ def test_bad_policy_is_refused_whole_naming_file_document_and_field(mesh: Mesh, 
     assert "spec.rules[0].from[0].source.ipBlocks[0]: bad CIDR range (10.0.0.0/33)" in r.stderr, r.stderr
     listed = mizzen("get", "authorizationpolicies", "-A", "--server", mesh.env.server, check=False)
     assert "would-be-fine" not in listed.stdout and "bad-cidr" not in listed.stdout
+
+
+# --- CUSTOM: a real ext_authz HTTP server -------------------------------------------------------------------------
+EXT_IP = "10.96.7.4"
+EXT_HOST = "ext-authz.default.svc.cluster.local"
+# The ext_authz server: allows a check that carries `x-ext-authz: allow` (and tells the upstream so through
+# `x-ext-authz-check-result`), denies every other with 403; appends each check it sees to a JSON-lines file.
+EXT_AUTHZ_SERVER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOG = sys.argv[2]
+
+
+class Check(BaseHTTPRequestHandler):
+    def _check(self):
+        allowed = self.headers.get("x-ext-authz") == "allow"
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"method": self.command, "path": self.path,
+                                "x-ext-authz": self.headers.get("x-ext-authz")}) + "\n")
+        self.send_response(200 if allowed else 403)
+        self.send_header("x-ext-authz-check-result", "allowed" if allowed else "denied")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _check
+
+    def log_message(self, *args):
+        pass
+
+
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Check).serve_forever()
+'''
+
+
+def _mesh_config(providers: list[dict]) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {"mesh": yaml.safe_dump({"extensionProviders": providers})}}
+
+
+class ExtAuthz:
+    """The ext_authz server in a pod of its own (no sidecar), behind Service ext-authz:8000."""
+
+    def __init__(self, mesh: Mesh):
+        env = mesh.env
+        env.register([service("ext-authz", EXT_IP, port=8000, target_port=8000, app="ext-authz")])
+        self.pod = env.add_pod("ext-authz", {"app": "ext-authz"})
+        script = self.pod.work_dir / "ext_authz.py"
+        script.write_text(EXT_AUTHZ_SERVER)
+        self.log = self.pod.work_dir / "checks.jsonl"
+        self.log.touch()
+        self.pod.start_app([sys.executable, str(script), "8000", str(self.log)], name="ext-authz", wait_ports=[8000])
+        env.register([endpoints("ext-authz", [self.pod], port=8000)])
+        eventually(lambda: mesh.srv.cluster_hosts(f"outbound|8000||{EXT_HOST}") == {f"{self.pod.ip}:8000"}, 60,
+                   what="srv sees ext-authz")
+
+    def seen(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def ext_authz(mesh: Mesh) -> ExtAuthz:
+    return ExtAuthz(mesh)
+
+
+def test_custom_action_sends_only_matching_requests_to_the_ext_authz_server(mesh: Mesh, ext_authz: ExtAuthz):
+    config = _mesh_config([{"name": "ext-http", "envoyExtAuthzHttp": {
+        "service": EXT_HOST, "port": 8000, "timeout": "5s",
+        "includeRequestHeadersInCheck": ["x-ext-authz"],
+        "headersToUpstreamOnAllow": ["x-ext-authz-check-result"],
+        "headersToDownstreamOnDeny": ["x-ext-authz-check-result"]}}])
+    custom = policy("ext", {**SRV, "action": "CUSTOM", "provider": {"name": "ext-http"},
+                            "rules": [{"to": [{"operation": {"paths": ["/custom/*"]}}]}]})
+    deny = policy("deny-secret", {**SRV, "action": "DENY",
+                                  "rules": [{"to": [{"operation": {"paths": ["/custom/secret"]}}]}]})
+    mesh.apply(config, custom, deny, expect=["envoy.filters.http.ext_authz",
+                                             "istio-ext-authz-ext-http-ns[default]-policy[ext]-rule[0]",
+                                             "policy[deny-secret]-rule[0]"])
+    try:
+        allow = {"x-ext-authz": "allow"}
+        ok = mesh.get(mesh.sleep_pod, "/custom/a", headers=allow)
+        assert ok["status"] == 200, ok
+        # the provider's headersToUpstreamOnAllow reached the app
+        assert ok["body"]["headers"].get("x-ext-authz-check-result") == "allowed"
+        denied = mesh.get(mesh.sleep_pod, "/custom/b")
+        assert denied["status"] == 403, denied
+        assert mesh.get(mesh.sleep_pod, "/other", headers=allow)["status"] == 200
+        assert mesh.get(mesh.sleep_pod, "/other")["status"] == 200  # not a CUSTOM path: never checked
+        # CUSTOM allowed it, DENY still refuses it
+        secret = mesh.get(mesh.sleep_pod, "/custom/secret", headers=allow)
+        assert secret["status"] == 403 and secret["body"] == "RBAC: access denied", secret
+        entry = mesh.srv_log(path="/custom/secret", response_code=403)
+        assert entry["response_code_details"] == \
+            "rbac_access_denied_matched_policy[ns[default]-policy[deny-secret]-rule[0]]"
+        seen = ext_authz.seen()
+        assert [(c["path"], c["x-ext-authz"]) for c in seen] == [
+            ("/custom/a", "allow"), ("/custom/b", None), ("/custom/secret", "allow")]
+        entry = mesh.srv_log(path="/custom/b", response_code=403)
+        assert entry["response_code_details"] == "ext_authz_denied"
+    finally:
+        mesh.delete(custom, deny, gone=["envoy.filters.http.ext_authz", "policy[deny-secret]"])
+        mesh.env.delete(config)
+
+
+def test_custom_action_with_unknown_provider_denies_matching_requests(mesh: Mesh, ext_authz: ExtAuthz):
+    custom = policy("ext-unknown", {**SRV, "action": "CUSTOM", "provider": {"name": "nobody"},
+                                    "rules": [{"to": [{"operation": {"paths": ["/custom/*"]}}]}]})
+    before = len(ext_authz.seen())
+    mesh.apply(custom, expect=["istio-ext-authz-nobody-ns[default]-policy[ext-unknown]-rule[0]"
+                               "-deny-due-to-bad-CUSTOM-action"])
+    try:
+        assert mesh.get(mesh.sleep_pod, "/custom/a", headers={"x-ext-authz": "allow"})["status"] == 403
+        assert mesh.get(mesh.sleep_pod, "/other")["status"] == 200
+        entry = mesh.srv_log(path="/custom/a", response_code=403)
+        assert entry["response_code_details"] == ("rbac_access_denied_matched_policy[istio-ext-authz-nobody-"
+                                                  "ns[default]-policy[ext-unknown]-rule[0]-deny-due-to-bad-CUSTOM-action]")
+        assert len(ext_authz.seen()) == before
+    finally:
+        mesh.delete(custom, gone=["policy[ext-unknown]"])

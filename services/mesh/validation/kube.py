@@ -471,10 +471,9 @@ def check_config_map(obj: dict, errs: Errs) -> None:
     if size > 1 << 20:
         errs.add("data", "Too long: must have at most 1048576 bytes")
     meta = obj.get("metadata") or {}
-    if meta.get("name") == meshconfig.MESH_CONFIGMAP and meta.get("namespace") == settings.ROOT_NAMESPACE:
-        if meshconfig.MESH_KEY in data:
-            _, problems = meshconfig.load(data[meshconfig.MESH_KEY])
-            errs.items.extend(problems)
+    if (meta.get("name") == meshconfig.MESH_CONFIGMAP and meta.get("namespace") == settings.ROOT_NAMESPACE
+            and meshconfig.MESH_KEY in data):
+        errs.items.extend(meshconfig.load(data[meshconfig.MESH_KEY])[1])
 
 
 def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callable[[dict], list[FieldError]]:
