@@ -36,8 +36,9 @@ log = logging.getLogger("mizzen.registry.kube")
 SOURCE_ANNOTATION = "mizzen.io/source"
 SOURCE = "kubernetes"
 # Every kind Mizzen models (a kind added to kinds.KINDS is ingested too), but Endpoints (EndpointSlices carry the
-# same addresses, as istiod reads them) and Secret (a cluster's Secrets are not copied wholesale into Redis).
-DEFAULT_KINDS = tuple(k.kind for k in KINDS if k.kind not in ("Endpoints", "Secret"))
+# same addresses, as istiod reads them), Secret and ConfigMap (a cluster's Secrets and ConfigMaps are not copied
+# wholesale into Redis; the mesh config ConfigMap is applied with `mizzen apply` for now).
+DEFAULT_KINDS = tuple(k.kind for k in KINDS if k.kind not in ("Endpoints", "Secret", "ConfigMap"))
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Istio's analyzer code for a configuration the control plane refused (IST0xxx messages in status).
 INVALID_CODE = {"code": "IST0106", "name": "SchemaValidationError"}
