@@ -478,6 +478,36 @@ ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Check).serve_forever()
 '''
 
 
+# The gRPC one (envoy.service.auth.v3.Authorization): allows a connection whose peer is the `sleep` identity.
+EXT_AUTHZ_GRPC_SERVER = r'''
+import json, sys
+from concurrent import futures
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2 as pb, external_auth_pb2_grpc as rpc
+
+LOG, ALLOWED = sys.argv[2], sys.argv[3]
+
+
+class Authz(rpc.AuthorizationServicer):
+    def Check(self, request, context):
+        principal = request.attributes.source.principal
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"grpc": True, "principal": principal,
+                                "port": request.attributes.destination.address.socket_address.port_value}) + "\n")
+        return pb.CheckResponse(status={"code": 0 if principal == ALLOWED else 7})
+
+
+server = grpc.server(futures.ThreadPoolExecutor(4))
+rpc.add_AuthorizationServicer_to_server(Authz(), server)
+server.add_insecure_port(f"0.0.0.0:{sys.argv[1]}")
+server.start()
+server.wait_for_termination()
+'''
+EXT_GRPC_IP = "10.96.7.5"
+EXT_GRPC_HOST = "ext-authz-grpc.default.svc.cluster.local"
+
+
 def _mesh_config(providers: list[dict]) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio", "namespace": "istio-system"},
             "data": {"mesh": yaml.safe_dump({"extensionProviders": providers})}}
@@ -495,9 +525,17 @@ class ExtAuthz:
         self.log = self.pod.work_dir / "checks.jsonl"
         self.log.touch()
         self.pod.start_app([sys.executable, str(script), "8000", str(self.log)], name="ext-authz", wait_ports=[8000])
-        env.register([endpoints("ext-authz", [self.pod], port=8000)])
-        eventually(lambda: mesh.srv.cluster_hosts(f"outbound|8000||{EXT_HOST}") == {f"{self.pod.ip}:8000"}, 60,
-                   what="srv sees ext-authz")
+        grpc_script = self.pod.work_dir / "ext_authz_grpc.py"
+        grpc_script.write_text(EXT_AUTHZ_GRPC_SERVER)
+        self.pod.start_app([sys.executable, str(grpc_script), "9191", str(self.log), SLEEP_ID],
+                           name="ext-authz-grpc", wait_ports=[9191])
+        env.register([service("ext-authz-grpc", EXT_GRPC_IP, port=9191, target_port=9191, port_name="grpc",
+                              app="ext-authz"),
+                      endpoints("ext-authz", [self.pod], port=8000),
+                      endpoints("ext-authz-grpc", [self.pod], port=9191, port_name="grpc")])
+        eventually(lambda: mesh.srv.cluster_hosts(f"outbound|8000||{EXT_HOST}") == {f"{self.pod.ip}:8000"}
+                   and mesh.srv.cluster_hosts(f"outbound|9191||{EXT_GRPC_HOST}") == {f"{self.pod.ip}:9191"}, 60,
+                   what="srv sees ext-authz and ext-authz-grpc")
 
     def seen(self) -> list[dict]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
@@ -537,7 +575,7 @@ def test_custom_action_sends_only_matching_requests_to_the_ext_authz_server(mesh
         entry = mesh.srv_log(path="/custom/secret", response_code=403)
         assert entry["response_code_details"] == \
             "rbac_access_denied_matched_policy[ns[default]-policy[deny-secret]-rule[0]]"
-        seen = ext_authz.seen()
+        seen = [c for c in ext_authz.seen() if not c.get("grpc")]
         assert [(c["path"], c["x-ext-authz"]) for c in seen] == [
             ("/custom/a", "allow"), ("/custom/b", None), ("/custom/secret", "allow")]
         entry = mesh.srv_log(path="/custom/b", response_code=403)
@@ -562,3 +600,27 @@ def test_custom_action_with_unknown_provider_denies_matching_requests(mesh: Mesh
         assert len(ext_authz.seen()) == before
     finally:
         mesh.delete(custom, gone=["policy[ext-unknown]"])
+
+
+def test_custom_grpc_provider_checks_tcp_connections(mesh: Mesh, ext_authz: ExtAuthz):
+    """TCP chains: network ext_authz with a gRPC provider, only for connections the CUSTOM rule names (port 9000);
+    the server allows the `sleep` identity it sees in the check."""
+    config = _mesh_config([{"name": "ext-grpc", "envoyExtAuthzGrpc": {
+        "service": f"default/{EXT_GRPC_HOST}", "port": 9191, "timeout": "5s"}}])
+    custom = policy("ext-tcp", {**SRV, "action": "CUSTOM", "provider": {"name": "ext-grpc"},
+                                "rules": [{"to": [{"operation": {"ports": ["9000"]}}]}]})
+    mesh.apply(config, custom, expect=["envoy.filters.network.ext_authz",
+                                       "istio-ext-authz-ext-grpc-ns[default]-policy[ext-tcp]-rule[0]"])
+    try:
+        ok = mesh.tcp(mesh.sleep_pod)
+        assert ok["reply"] is not None and ok["reply"]["name"] == "srv", ok
+        refused = mesh.tcp(mesh.other_pod)
+        assert refused["reply"] is None, refused
+        # HTTP on 8080 is not named by the rule: never checked, still served
+        assert mesh.get(mesh.other_pod, "/http")["status"] == 200
+        checks = [c for c in ext_authz.seen() if c.get("grpc")]
+        assert [c["principal"] for c in checks] == [SLEEP_ID, OTHER_ID], checks
+        assert {c["port"] for c in checks} == {9000}
+    finally:
+        mesh.delete(custom, gone=["envoy.filters.network.ext_authz"])
+        mesh.env.delete(config)
