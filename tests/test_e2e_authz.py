@@ -624,3 +624,21 @@ def test_custom_grpc_provider_checks_tcp_connections(mesh: Mesh, ext_authz: ExtA
     finally:
         mesh.delete(custom, gone=["envoy.filters.network.ext_authz"])
         mesh.env.delete(config)
+
+
+def test_bad_mesh_config_is_refused_naming_file_document_and_field(mesh: Mesh, tmp_path):
+    f = tmp_path / "mesh.yaml"
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mesh-config-test"}}
+    bad = _mesh_config([{"name": "ext", "envoyExtAuthzHttp": {"service": EXT_HOST, "port": 99999}}])
+    bad["data"]["mesh"] += "# secret-looking-value-42\n"
+    f.write_text(yaml.safe_dump_all([ns, bad]))
+    r = mizzen("apply", "-f", str(f), "--server", mesh.env.server, check=False)
+    assert r.returncode == 1
+    assert f"{f}, document 1" in r.stderr and "ConfigMap istio-system/istio" in r.stderr, r.stderr
+    assert ("data[mesh].extensionProviders[0].envoyExtAuthzHttp.port: port must be in the range [1, 65535], "
+            "found: 99999") in r.stderr, r.stderr
+    assert "secret-looking-value-42" not in r.stderr + r.stdout  # the data is never echoed
+    listed = mizzen("get", "namespaces", "--server", mesh.env.server, check=False)
+    assert "mesh-config-test" not in listed.stdout  # nothing of that apply stored
+    cms = mizzen("get", "cm", "-n", "istio-system", "--server", mesh.env.server, check=False)
+    assert cms.returncode == 0 and "istio" not in cms.stdout, cms
