@@ -258,7 +258,8 @@ def test_proxy_config_listener_prints_istioctl_rbac_lines():
     assert "RBAC" not in tables.listener_table(configdump.snapshot_dump(plain.merged()))
 
 
-# --- CUSTOM (ext_authz), against istiod's golden files (builder_test.go's mesh configs) ----------------------------
+# --- CUSTOM (ext_authz), against istiod's golden files (custom-*, copied from istio/istio 86c9f01f
+# pilot/pkg/security/authz/builder/testdata) with builder_test.go's mesh configs ------------------------------
 from mizzen.services.translator import extauthz  # noqa: E402
 
 _EXT = "my-custom-ext-authz.foo.svc.cluster.local"
