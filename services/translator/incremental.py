@@ -127,7 +127,7 @@ def carry_routing(old: PushContext, new: PushContext) -> None:
     (snapshot.outbound_layers keeps the parts whose inputs are unchanged), every endpoint assignment (endpoints
     did not change; locality-dependent ones read DestinationRule settings and are rebuilt) and the inbound
     layers whose services' DestinationRules are unchanged."""
-    for k, v in old.cache.items():
+    for k, v in list(old.cache.items()):  # computing inputs memoises into old.cache
         if not isinstance(k, tuple):
             continue
         tag = k[0]
