@@ -17,6 +17,8 @@ only under the same selectors. Gateways (router views) are always rebuilt: their
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .endpoints import service_id
@@ -24,6 +26,10 @@ from .model import Config, Service
 from .push_context import ProxyView, PushContext
 
 ROUTING_KINDS = frozenset({"VirtualService", "DestinationRule"})
+# Memo entries whose keys name everything they depend on (content, never ids): valid in any push context with
+# the same services and endpoints, so a routing build may take them from the previous one (see `unit`).
+UNIT_TAGS = frozenset({"vs-routes", "default-route", "vhost"})
+PREVIOUS_UNITS = "previous-units"
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,35 @@ def outbound_inputs(push: PushContext, view: ProxyView) -> OutboundInputs:
     return hit
 
 
+def route_env(push: PushContext, view: ProxyView) -> bytes:
+    """A digest of what a sidecar view's routes read besides the VirtualServices themselves (selectors,
+    services, consistent-hash parts of the rules): part of the key of every route unit memoised for it."""
+    key = ("route-env", view.key)
+    hit = push.cache.get(key)
+    if hit is None:
+        r = outbound_inputs(push, view).routes
+        env = (r[0], r[1], r[2], r[4])  # all but the VirtualServices
+        hit = push.cache[key] = hashlib.blake2b(repr(env).encode(), digest_size=16).digest()
+    return hit
+
+
+def vs_key(push: PushContext, vs: Config) -> tuple:
+    """A VirtualService by content, for memo keys."""
+    return _vs_fp(push, vs)
+
+
+def unit(push: PushContext, key: tuple, make: Callable[[], object]) -> object:
+    """push.cache[key], else the previous push context's entry under the same content key, else make()."""
+    hit = push.cache.get(key)
+    if hit is None:
+        previous = push.cache.get(PREVIOUS_UNITS)
+        hit = previous.get(key) if previous else None
+        if hit is None:
+            hit = make()
+        push.cache[key] = hit
+    return hit
+
+
 class _ServiceRef:
     """Enough of a service for a DestinationRule lookup (its identity from a cache key)."""
 
@@ -127,6 +162,8 @@ def carry_routing(old: PushContext, new: PushContext) -> None:
     (snapshot.outbound_layers keeps the parts whose inputs are unchanged), every endpoint assignment (endpoints
     did not change; locality-dependent ones read DestinationRule settings and are rebuilt) and the inbound
     layers whose services' DestinationRules are unchanged."""
+    # only the units the previous build used move on (unit() copies what it finds), so nothing piles up
+    new.cache[PREVIOUS_UNITS] = {k: v for k, v in old.cache.items() if isinstance(k, tuple) and k[0] in UNIT_TAGS}
     for k, v in list(old.cache.items()):  # computing inputs memoises into old.cache
         if not isinstance(k, tuple):
             continue
