@@ -95,28 +95,39 @@ def serialized(push: PushContext, ids: list[str]) -> dict[str, list]:
     return out
 
 
-def mutate(objs: list[dict], rng: random.Random, step: int) -> bool:
-    """Change one thing; True if only Endpoints changed."""
+def mutate(objs: list[dict], rng: random.Random, step: int) -> set[str]:
+    """Change one thing; the kinds changed (what the translator learns from the change event's keys)."""
     eps = [o for o in objs if o["kind"] == "Endpoints"]
     roll = rng.random()
-    if roll < 0.8:
+    if roll < 0.65:
         target = rng.choice(eps)
         i = int(target["metadata"]["name"][1:])
         ns = target["metadata"]["namespace"]
         pods = rng.choice([[0, 1], [0], [1], [0, 1], []])  # [] drops the service account: a full rebuild
         extra = [f"10.2.{step % 250}.{k + 1}" for k in range(rng.randint(0, 2))]
         objs[objs.index(target)] = endpoints(target["metadata"]["name"], ns, i, pods, extra)
-        return True
-    if roll < 0.9:  # a DestinationRule change: not endpoint-only
+        return {"Endpoints"}
+    if roll < 0.75:  # a DestinationRule change: not endpoint-only
         dr = next(o for o in objs if o["kind"] == "DestinationRule")
         dr["spec"] = copy.deepcopy(dr["spec"])
         dr["spec"]["trafficPolicy"] = {"connectionPool": {"tcp": {"maxConnections": step + 1}}}
-        return False
-    # a Pod relabelled: endpoint labels change through targetRef, not endpoint-only
-    pod = rng.choice([o for o in objs if o["kind"] == "Pod"])
+        return {"DestinationRule"}
+    # a Pod relabelled: its endpoints' labels (subsets, locality) change through targetRef, and so do the
+    # proxy's own labels (Service selection, sourceLabels, policy selectors)
+    pod = rng.choice([o for o in objs if o["kind"] == "Pod" and o["metadata"]["name"] != "ingress-0"])
     pod["metadata"] = copy.deepcopy(pod["metadata"])
-    pod["metadata"]["labels"]["version"] = rng.choice(["v1", "v2", "v3"])
-    return False
+    labels = pod["metadata"]["labels"]
+    what = rng.choice(["version", "version", "zone", "app", "team"])
+    if what == "version":
+        labels["version"] = rng.choice(["v1", "v2", "v3"])
+    elif what == "zone":
+        labels["topology.kubernetes.io/region"] = "r1"
+        labels["topology.kubernetes.io/zone"] = rng.choice(["z1", "z2"])
+    elif what == "app":  # out of (or back into) its Service's selector
+        labels["app"] = rng.choice([labels["app"], "stray"])
+    else:
+        labels["team"] = rng.choice(["x", "y"])
+    return {"Pod"}
 
 
 def test_random_change_sequences_match_full_rebuild():
@@ -127,19 +138,20 @@ def test_random_change_sequences_match_full_rebuild():
         old = PushContext.from_resources(objs, revision=1)
         serialized(old, ids)
         incremental_steps = 0
+        pod_steps = 0
         for step in range(25):
-            endpoint_only = mutate(objs, rng, step)
+            kinds = mutate(objs, rng, step)
             new = PushContext.from_resources(copy.deepcopy(objs), revision=step + 2)
-            changed = endpoint_only_changes(old, new) if endpoint_only else None
-            if changed is not None:
-                carry_over(old, new, changed)
-                incremental_steps += 1
+            kind = reuse_previous(old, new, kinds)
+            incremental_steps += kind == "endpoints"
+            pod_steps += kind == "endpoints" and kinds == {"Pod"}
             got = serialized(new, ids)
             want = serialized(PushContext.from_resources(copy.deepcopy(objs), revision=step + 2), ids)
             for node_id in ids:
-                assert got[node_id] == want[node_id], f"seed {seed} step {step}: {node_id} differs"
+                assert got[node_id] == want[node_id], f"seed {seed} step {step} ({kinds}, {kind}): {node_id} differs"
             old = new
         assert incremental_steps >= 6  # the sequence really exercised the incremental path
+        assert pod_steps >= 1  # Pod relabels too
 
 
 def test_endpoint_change_reuses_layers_and_scopes_eds():
@@ -249,7 +261,7 @@ def mutate_routing(objs: list[dict], rng: random.Random, step: int) -> set[str]:
     """Change one thing (mostly VirtualServices and DestinationRules); the kinds changed."""
     roll = rng.random()
     if roll < 0.1:  # an endpoint change, or a Pod relabel / DR policy tweak (those build `full`)
-        return {"Endpoints"} if mutate(objs, rng, step) else {"Pod", DR}
+        return mutate(objs, rng, step)
     kind = VS if roll < 0.6 else DR
     mine = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] != "via-gw"]
     action = rng.choice(["create", "update", "delete"]) if mine else "create"

@@ -30,6 +30,10 @@ from .push_context import ProxyView, PushContext
 
 Layer = dict[str, dict[str, object]]
 ENDPOINT_KINDS = frozenset({"Endpoints", "EndpointSlice"})
+# A Pod reaches the mesh through its endpoints (labels, locality, service account via targetRef) and through the
+# proxy it runs (its labels pick Services, Sidecars, policies); views and inbound layers are keyed by what the
+# labels decide, so the endpoints path holds when endpoint_only_changes accepts the endpoint side.
+POD_KINDS = ENDPOINT_KINDS | {"Pod"}
 
 
 @dataclass
@@ -214,7 +218,7 @@ def carry_over(old: PushContext, new: PushContext, changed: set[tuple]) -> None:
 
 def reuse_previous(old: PushContext, new: PushContext, kinds: set[str]) -> str:
     """Seed `new` with what `old` built that changes of these kinds leave valid; the build kind that results."""
-    if kinds <= ENDPOINT_KINDS:
+    if kinds <= POD_KINDS:
         changed = endpoint_only_changes(old, new)
         if changed is not None:
             carry_over(old, new, changed)
