@@ -21,14 +21,13 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .endpoints import service_id
-from .model import Config, Service
+from .model import Config, Service, service_id
 from .push_context import ProxyView, PushContext
 
 ROUTING_KINDS = frozenset({"VirtualService", "DestinationRule"})
 # Memo entries whose keys name everything they depend on (content, never ids): valid in any push context with
 # the same services and endpoints, so a routing build may take them from the previous one (see `unit`).
-UNIT_TAGS = frozenset({"vs-routes", "default-route", "vhost"})
+UNIT_TAGS = frozenset({"cds", "vs-routes", "default-route", "vhost"})
 PREVIOUS_UNITS = "previous-units"
 
 
@@ -116,6 +115,11 @@ def route_env(push: PushContext, view: ProxyView) -> bytes:
 def vs_key(push: PushContext, vs: Config) -> tuple:
     """A VirtualService by content, for memo keys."""
     return _vs_fp(push, vs)
+
+
+def dr_key(push: PushContext, dr: Config | None) -> tuple | None:
+    """A DestinationRule by content, for memo keys."""
+    return _dr_fp(push, dr)
 
 
 def unit(push: PushContext, key: tuple, make: Callable[[], object]) -> object:

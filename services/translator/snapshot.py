@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 from . import clusters, endpoints, envoyfilter, grpcgen, incremental, listeners, routes, secrets, security
-from .endpoints import service_id
-from .model import CLIENT_SIDE_LB, KUBERNETES, Endpoint
+from .model import CLIENT_SIDE_LB, KUBERNETES, Endpoint, service_id
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
