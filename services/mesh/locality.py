@@ -1,5 +1,5 @@
-"""Localities as Istio writes them: `region/zone/subzone`, from a workload's labels, and Istio's matching rules
-(used by the translator for endpoint and proxy localities, and by validation for the label names)."""
+"""Localities as Istio writes them: `region/zone/subzone`, from a workload's (or its Node's) labels, and Istio's
+matching rules (used by the translator for endpoint and proxy localities, and by validation for the label names)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 SUBZONE_LABEL = "topology.istio.io/subzone"
 ISTIO_LOCALITY_LABEL = "istio-locality"  # Istio's pod label: region.zone.subzone (dots: label values allow no '/')
 TOPOLOGY_LABELS = (REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL)
+# The labels Kubernetes set on Nodes before the topology.kubernetes.io ones (istiod still reads them, second).
+BETA_REGION_LABEL = "failure-domain.beta.kubernetes.io/region"
+BETA_ZONE_LABEL = "failure-domain.beta.kubernetes.io/zone"
 
 
 def split(locality: str) -> tuple[str, str, str]:
@@ -25,6 +28,37 @@ def from_labels(labels: Mapping[str, str]) -> str:
     else:
         region, zone, subzone = (labels.get(k, "") for k in TOPOLOGY_LABELS)
     return f"{region}/{zone}/{subzone}".rstrip("/")
+
+
+def from_node_labels(labels: Mapping[str, str]) -> str:
+    """A Kubernetes Node's locality, as istiod's getPodLocality reads it: the topology region and zone labels
+    (else their failure-domain.beta predecessors) and `topology.istio.io/subzone`; "" if none is set."""
+    region = labels.get(REGION_LABEL) or labels.get(BETA_REGION_LABEL) or ""
+    zone = labels.get(ZONE_LABEL) or labels.get(BETA_ZONE_LABEL) or ""
+    subzone = labels.get(SUBZONE_LABEL) or ""
+    return f"{region}/{zone}/{subzone}".rstrip("/") if region or zone or subzone else ""
+
+
+def pod_locality(pod_labels: Mapping[str, str], node_labels: Mapping[str, str] | None) -> str:
+    """A Pod's locality: its `istio-locality` label, else its Node's topology labels (istiod's order); a Pod
+    whose Node is unknown or unlabelled falls back to its own topology labels (Mizzen describes pods without
+    Nodes, e.g. outside Kubernetes, and labels them so)."""
+    if pod_labels.get(ISTIO_LOCALITY_LABEL):
+        return from_labels(pod_labels)
+    return from_node_labels(node_labels or {}) or from_labels(pod_labels)
+
+
+def from_node(locality: Mapping[str, str] | None) -> str:
+    """An Envoy node.locality (`region`, `zone`, `sub_zone`/`subZone` as JSON gives it) as `region/zone/subzone`."""
+    locality = locality or {}
+    parts = (locality.get("region") or "", locality.get("zone") or "",
+             locality.get("sub_zone") or locality.get("subZone") or "")
+    return "/".join(parts).rstrip("/") if any(parts) else ""
+
+
+def as_node(locality: str) -> dict[str, str]:
+    """`region/zone/subzone` as an Envoy node.locality (bootstrap JSON), the empty parts left out."""
+    return {k: v for k, v in zip(("region", "zone", "sub_zone"), split(locality), strict=True) if v}
 
 
 def as_labels(locality: str) -> dict[str, str]:
