@@ -586,7 +586,9 @@ def test_nodes_are_cluster_scoped(kubectl, tmp_path, stack):
     assert k.ok("get", "node", "worker-1", "-o", "jsonpath={.metadata.labels.topology\\.kubernetes\\.io/zone}") == "z2"
     cli = subprocess.run([sys.executable, "-m", "mizzen.services.cli.main", "get", "nodes", "--server",
                           stack.registry_url], capture_output=True, text=True, timeout=60)
-    assert cli.returncode == 0 and "worker-1" in cli.stdout, cli.stderr
+    assert cli.returncode == 0, cli.stderr
+    header, row = cli.stdout.splitlines()[:2]
+    assert header.split() == ["NAME", "ROLES", "LOCALITY", "AGE"] and row.split()[:3] == ["worker-1", "worker", "r1/z2"]
     bad = tmp_path / "bad-node.yaml"
     bad.write_text(NODE.format(name="worker-2", zone="z1").replace("10.244.1.0/24", "not-a-cidr"))
     p = k("apply", "-f", str(bad))

@@ -97,6 +97,12 @@ def lookup(name: str) -> Kind | None:
     return BY_KIND[alias] if alias else None
 
 
+def node_roles(labels: dict) -> str:
+    """kubectl's ROLES of a Node: its `node-role.kubernetes.io/<role>` labels."""
+    prefix = "node-role.kubernetes.io/"
+    return ",".join(sorted(k[len(prefix):] for k in labels if k.startswith(prefix) and k != prefix)) or "<none>"
+
+
 def kind_for_api_version(api_version: str, kind: str) -> Kind | None:
     k = BY_KIND.get(kind)
     if k is None:

@@ -184,16 +184,10 @@ COLUMNS: dict[str, list[tuple[str, str, Callable[[dict], object]]]] = {
                                                       for p in _dig(o, "spec", "ports") or []) or "<none>")],
     "Pod": [("IP", "string", lambda o: _dig(o, "status", "podIP") or "<none>")],
     # kubectl's Status and Version come from the kubelet's status, which the registry does not keep.
-    "Node": [("Roles", "string", lambda o: _node_roles(o)),
+    "Node": [("Roles", "string", lambda o: kinds.node_roles(_dig(o, "metadata", "labels") or {})),
              ("Locality", "string", lambda o: locality.from_node_labels(_dig(o, "metadata", "labels") or {})
               or "<none>")],
 }
-
-
-def _node_roles(node: dict) -> str:
-    prefix = "node-role.kubernetes.io/"
-    roles = sorted(k[len(prefix):] for k in _dig(node, "metadata", "labels") or {} if k.startswith(prefix))
-    return ",".join(r for r in roles if r) or "<none>"
 
 
 def table(kind: Kind, objects: list[dict], list_meta: dict | None) -> dict:
