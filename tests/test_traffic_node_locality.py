@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from mizzen.services.mesh import locality as loc
+from tests.scale_support import metrics
 from tests.test_e2e_support import eventually
 from tests.traffic_harness import GATEWAY, NS, TrafficMesh, destination_rule, outbound, virtual_service
 
@@ -78,6 +79,12 @@ def test_traffic_follows_the_nodes(mesh):
     settles_on("node-a-web", {a.address: 0, b.address: 1, c.address: 2}, "the gateway in r1/z1, its Node's")
     assert mesh.host_statuses(outbound(HOST))[c.address]["locality"] == {"region": "r2", "zone": "z3"}
 
+    def builds() -> tuple[float, float]:
+        m = metrics(mesh.stack.http_ports["translator"])
+        return (m.get('mizzen_translator_builds_total{kind="endpoints"}', 0.0),
+                m.get('mizzen_translator_builds_total{kind="full"}', 0.0))
+
+    before = builds()
     # 2. node-gw relabelled to r1/z2: the proxy's own locality follows its Node
     mesh.apply(node("node-gw", "r1", "z2"))
     settles_on("node-b-web", {b.address: 0, a.address: 1, c.address: 2}, "the gateway moved to r1/z2")
@@ -86,6 +93,8 @@ def test_traffic_follows_the_nodes(mesh):
     mesh.apply(node("node-b", "r2", "z9"))
     settles_on("node-a-web", {a.address: 0, b.address: 1, c.address: 1}, "node-b moved to r2/z9")
     assert mesh.host_statuses(outbound(HOST))[b.address]["locality"] == {"region": "r2", "zone": "z9"}
+    endpoint_builds, full_builds = builds()
+    assert endpoint_builds >= before[0] + 2 and full_builds == before[1]  # Node relabels: endpoints-only builds
 
     # 4. the gateway's Pod deleted: the registry knows no locality for it, so Envoy's node.locality (r2/z3) counts
     mesh.delete(gateway_pod)
