@@ -238,3 +238,14 @@ def test_kubectl_get_nodes_columns(labels, roles, where):
     t = table(kinds.BY_KIND["Node"], [node("node-a", **labels)], None)
     assert [c["name"] for c in t["columnDefinitions"]] == ["Name", "Roles", "Locality", "Age"]
     assert t["rows"][0]["cells"][:3] == ["node-a", roles, where]
+
+
+def test_failover_priority_sees_the_nodes_topology_labels():
+    """failoverPriority compares labels; istiod adds the locality's topology labels to endpoint and proxy labels,
+    so a Node's zone counts though no pod carries it."""
+    nodes = [node("node-client", **zone("r1", "z2")), node("node-a", **zone("r1", "z1")),
+             node("node-b", **zone("r2", "z2"))]
+    objs = mesh(nodes, [pod("a", "10.0.0.1", "node-a"), pod("b", "10.0.0.2", "node-b")])
+    objs[-1]["spec"]["trafficPolicy"]["loadBalancer"] = {"localityLbSetting": {"failoverPriority": [loc.ZONE_LABEL]}}
+    got = assignment(PushContext.from_resources(objs))
+    assert {addr: prio for addr, (_, prio) in got.items()} == {"10.0.0.2": 0, "10.0.0.1": 1}  # same zone first
