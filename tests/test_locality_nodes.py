@@ -84,6 +84,32 @@ def test_pod_locality_order():
     assert loc.pod_locality({}, {}) == ""
 
 
+def test_locality_labels():
+    """istiod's GetLocalityLabel: `topology.istio.io/locality` first, then `istio-locality`; dots for slashes."""
+    assert loc.from_locality_label({loc.LOCALITY_LABEL: "r1.z1.s1", loc.ISTIO_LOCALITY_LABEL: "r2.z2"}) == "r1/z1/s1"
+    assert loc.from_locality_label({loc.ISTIO_LOCALITY_LABEL: "r2.z2"}) == "r2/z2"
+    assert loc.from_locality_label(zone("r1", "z1")) == ""  # topology labels are no locality label
+    assert loc.pod_locality({loc.LOCALITY_LABEL: "r3.z3"}, zone("r1", "z1")) == "r3/z3"
+
+
+def test_workload_entry_locality_label_when_no_locality_field():
+    objs = [{"apiVersion": "networking.istio.io/v1beta1", "kind": "WorkloadEntry",
+             "metadata": {"name": name, "namespace": "default", "labels": {"app": "vm", **labels}},
+             "spec": {"address": addr, **spec}}
+            for name, addr, labels, spec in (
+                ("vm-1", "10.0.0.1", {loc.ISTIO_LOCALITY_LABEL: "r1.z1"}, {}),
+                ("vm-2", "10.0.0.2", {loc.ISTIO_LOCALITY_LABEL: "r1.z1"}, {"locality": "r2/z2"}),  # the field wins
+                ("vm-3", "10.0.0.3", zone("r3", "z3"), {}))]  # topology labels alone: no locality (istiod)
+    objs.append({"apiVersion": "networking.istio.io/v1beta1", "kind": "ServiceEntry",
+                 "metadata": {"name": "vms", "namespace": "default"},
+                 "spec": {"hosts": ["vm.example"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                          "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                          "workloadSelector": {"labels": {"app": "vm"}}}})
+    (svc,) = [s for s in PushContext.from_resources(objs).services if s.hostname == "vm.example"]
+    assert {e.address: e.locality for e in svc.endpoints[80]} == {"10.0.0.1": "r1/z1", "10.0.0.2": "r2/z2",
+                                                                  "10.0.0.3": ""}
+
+
 def test_node_labels_and_their_beta_predecessors():
     assert loc.from_node_labels({loc.BETA_REGION_LABEL: "old-r", loc.BETA_ZONE_LABEL: "old-z"}) == "old-r/old-z"
     assert loc.from_node_labels({loc.BETA_REGION_LABEL: "old-r", **zone("r1", "z1")}) == "r1/z1"  # GA first

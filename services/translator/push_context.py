@@ -453,7 +453,8 @@ class PushContext:
                     eps.append(Endpoint(w.get("address", ""), target, sp.name, labels,
                                         tls_mode=labels.get(TLS_MODE_LABEL, "disabled"),
                                         service_account=w.get("serviceAccount") or "",
-                                        locality=w.get("locality") or "", weight=int(w.get("weight") or 0),
+                                        locality=w.get("locality") or locality.from_locality_label(labels),
+                                        weight=int(w.get("weight") or 0),
                                         network=w.get("network") or "", workload=w.get("_name", ""),
                                         namespace=ns))
                 if not workloads and resolution in (DNS_LB, DNS_ROUND_ROBIN_LB) and not host.startswith("*"):
