@@ -11,6 +11,7 @@ Every change goes through `mizzen apply`; the agent and its Envoy are never rest
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -192,3 +193,72 @@ def test_no_key_material_in_the_agent_log(mesh: Mesh) -> None:
     for key in (mesh.client_pem.key.decode(), (mesh.dir / "client-key.pem").read_text()):
         assert key.splitlines()[1] not in log
     assert "PRIVATE KEY" not in log
+
+
+# --- a Gateway server with certificate files ----------------------------------------------------------------
+GW_PORT = 8443  # above 1024: the gateway's Envoy runs as uid 1337
+GW_HOST = "gw.example"
+WEB_IP = "10.96.12.3"
+
+
+def tls_get(ip: str, port: int, sni: str, ca_file: str) -> dict:
+    """GET / over TLS (runs inside a pod): the server's certificate checked against ca_file for `sni`."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca_file)
+    try:
+        with socket.create_connection((ip, port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=sni) as s:
+            serial = s.getpeercert()["serialNumber"]
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    head, _, body = data.partition(b"\r\n\r\n")
+    return {"status": int(head.split()[1]), "serial": int(serial, 16), "body": body.decode(errors="replace")}
+
+
+def test_gateway_terminates_tls_with_certificate_files(mesh: Mesh) -> None:
+    env, d = mesh.env, mesh.dir
+    web = env.add_pod("web", {"app": "web"}, app_port=8080)
+    env.register([service("web", WEB_IP), endpoints("web", [web])])
+    first = leaf(mesh.ca_a, "gateway", dns=[GW_HOST])
+    first.write(d / "gw.pem", d / "gw-key.pem")
+    gw_pod = env.add_pod("gw", {"istio": "ingressgateway"})
+    gw = env.start_agent(gw_pod, iptables=False, agent_flags=["--router", "--file-poll", str(POLL)])
+    gateway = {"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+               "metadata": {"name": "edge", "namespace": "default"},
+               "spec": {"selector": {"istio": "ingressgateway"}, "servers": [{
+                   "port": {"number": GW_PORT, "name": "https", "protocol": "HTTPS"}, "hosts": [GW_HOST],
+                   "tls": {"mode": "SIMPLE", "serverCertificate": str(d / "gw.pem"),
+                           "privateKey": str(d / "gw-key.pem")}}]}}
+    vs = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+          "metadata": {"name": "edge", "namespace": "default"},
+          "spec": {"hosts": [GW_HOST], "gateways": ["edge"], "http": [{"route": [{"destination": {
+              "host": fqdn("web"), "port": {"number": 80}}}]}]}}
+    env.apply(gateway, vs)
+    eventually(gw.agent_ready, 60, what="the gateway's agent ready")
+    client = mesh.tls  # a pod without a sidecar
+
+    def via_gateway() -> dict:
+        return client.call(tls_get, gw_pod.ip, GW_PORT, GW_HOST, str(d / "ca-a.pem"), timeout=20)
+
+    res = eventually(lambda: (r := via_gateway()).get("status") == 200 and r, 60, 0.3,
+                     what="a TLS client through the gateway")
+    assert res["serial"] == first.serial and json.loads(res["body"])["name"] == "web"
+    name = f"file-cert:{d / 'gw.pem'}~{d / 'gw-key.pem'}"
+    assert gw.agent_certs()["files"][name]["error"] is None
+
+    # rotate the gateway's certificate files: new handshakes get the new certificate, nothing restarts
+    pid = gw.proc.pid
+    second = leaf(mesh.ca_a, "gateway-2", dns=[GW_HOST])
+    second.write(d / "gw.pem", d / "gw-key.pem")
+    res = eventually(lambda: (r := via_gateway()).get("serial") == second.serial and r, 30, 0.3,
+                     what="the gateway serving the rotated certificate")
+    assert res["status"] == 200
+    assert gw.proc.alive() and gw.proc.pid == pid
+    # a client trusting only ca-b refuses the gateway's certificate
+    refused = client.call(tls_get, gw_pod.ip, GW_PORT, GW_HOST, str(d / "ca-b.pem"), timeout=20)
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.get("error", ""), refused
