@@ -256,3 +256,12 @@ def test_rotation_is_pushed_on_the_open_delta_stream(tmp_path: Path) -> None:
             call.close()
 
     asyncio.run(main())
+
+
+def test_agent_refuses_a_non_positive_file_poll(capsys: pytest.CaptureFixture) -> None:
+    from mizzen.services.sidecar import agent
+
+    with pytest.raises(SystemExit) as e:
+        agent.main(["--pod", "p", "-n", "default", "--ip", "127.0.0.1", "--file-poll", "0"])
+    assert e.value.code == 2
+    assert "--file-poll: want a positive number of seconds, not 0.0" in capsys.readouterr().err
