@@ -128,6 +128,17 @@ def test_file_secrets_are_served_as_envoy_expects(tmp_path: Path) -> None:
             resp = await stub.FetchSecrets(sotw_request([f.root_name]))
             assert unpack(resp)[f.root_name].validation_context.trusted_ca.inline_bytes == f.ca.pem
 
+            # a bundle with text and a stray key: only the certificates are served
+            other = authority("files-ca-2")
+            version = files.store.version(f.root_name)
+            atomic_write(f.ca_path, b"# our CAs\n" + f.ca.pem + f.client.key + b"\n" + other.pem)
+            for _ in range(50):  # the next poll
+                if files.store.version(f.root_name) != version:
+                    break
+                await asyncio.sleep(POLL / 2)
+            resp = await stub.FetchSecrets(sotw_request([f.root_name]))
+            assert unpack(resp)[f.root_name].validation_context.trusted_ca.inline_bytes == f.ca.pem + other.pem
+
     asyncio.run(main())
 
 

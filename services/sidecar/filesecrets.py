@@ -6,7 +6,8 @@ caCertificates paths. The agent reads the files when a stream first asks for suc
 
 - `file-cert:<chain>~<key>` → `tls_certificate` (chain and key inline); the chain must hold at least one PEM
   certificate, the key must be a PEM private key and match the chain's first certificate;
-- `file-root:<ca>` → `validation_context.trusted_ca` (the PEM certificates of the file, inline).
+- `file-root:<ca>` → `validation_context.trusted_ca` (the file's certificates, inline: other PEM blocks and
+  text are left out); every certificate block must parse.
 
 A name that is malformed or whose files are missing or invalid is not served (Envoy keeps waiting for it, as
 with istio-agent, whose SDS returns an error for it): the error names the resource and the file, is logged
@@ -109,9 +110,11 @@ def load(ref: FileRef) -> secret_pb2.Secret:
     """Read and check the files; the Secret Envoy gets (raises FileSecretError)."""
     chain = _read(ref, ref.chain, "certificate" if ref.key else "CA certificates")
     if ref.key is None:
-        _certificates(ref, ref.chain, chain, "CA certificates")
+        # only the certificates (as istio-agent): other PEM blocks or text in a bundle never reach Envoy
+        roots = b"".join(c.public_bytes(serialization.Encoding.PEM)
+                         for c in _certificates(ref, ref.chain, chain, "CA certificates"))
         return secret_pb2.Secret(name=ref.name, validation_context=common_pb2.CertificateValidationContext(
-            trusted_ca=base_pb2.DataSource(inline_bytes=chain)))
+            trusted_ca=base_pb2.DataSource(inline_bytes=roots)))
     leaf = _certificates(ref, ref.chain, chain, "certificate")[0]
     key_pem = _read(ref, ref.key, "private key")
     try:
