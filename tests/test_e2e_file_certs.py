@@ -201,12 +201,15 @@ GW_HOST = "gw.example"
 WEB_IP = "10.96.12.3"
 
 
-def tls_get(ip: str, port: int, sni: str, ca_file: str) -> dict:
-    """GET / over TLS (runs inside a pod): the server's certificate checked against ca_file for `sni`."""
+def tls_get(ip: str, port: int, sni: str, ca_file: str, client: tuple[str, str] | None = None) -> dict:
+    """GET / over TLS (runs inside a pod): the server's certificate checked against ca_file for `sni`;
+    `client` = (certificate file, key file) to present."""
     import socket
     import ssl
 
     ctx = ssl.create_default_context(cafile=ca_file)
+    if client:
+        ctx.load_cert_chain(*client)
     try:
         with socket.create_connection((ip, port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=sni) as s:
             serial = s.getpeercert()["serialNumber"]
@@ -262,3 +265,14 @@ def test_gateway_terminates_tls_with_certificate_files(mesh: Mesh) -> None:
     # a client trusting only ca-b refuses the gateway's certificate
     refused = client.call(tls_get, gw_pod.ip, GW_PORT, GW_HOST, str(d / "ca-b.pem"), timeout=20)
     assert "CERTIFICATE_VERIFY_FAILED" in refused.get("error", ""), refused
+
+    # MUTUAL: the gateway checks client certificates against its caCertificates file
+    server = gateway["spec"]["servers"][0]
+    server["tls"].update(mode="MUTUAL", caCertificates=str(d / "clients.pem"))
+    env.apply(gateway)
+    with_cert = (str(d / "client.pem"), str(d / "client-key.pem"))
+    eventually(lambda: "error" in via_gateway(), 30, 0.3, what="the gateway requiring a client certificate")
+    res = client.call(tls_get, gw_pod.ip, GW_PORT, GW_HOST, str(d / "ca-a.pem"), with_cert, timeout=20)
+    assert res.get("status") == 200, res
+    assert gw.agent_certs()["files"][f"file-root:{d / 'clients.pem'}"]["error"] is None
+    assert gw.proc.alive() and gw.proc.pid == pid
