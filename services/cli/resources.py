@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from ..mesh import kinds, settings
+from ..mesh import kinds, locality, settings
 from ..mesh.errors import DocumentError
 from ..mesh.kinds import object_key
 from ..mesh.yamlio import Document, load_paths
@@ -98,6 +98,9 @@ def _columns(kind: str, obj: dict) -> list[tuple[str, str]]:
                 ("PORT(S)", ports or "<none>")]
     if kind == "Pod":
         return [("IP", (obj.get("status") or {}).get("podIP", "<none>"))]
+    if kind == "Node":  # kubectl's STATUS and VERSION are the kubelet's status, which is not kept
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return [("ROLES", kinds.node_roles(labels)), ("LOCALITY", locality.from_node_labels(labels) or "<none>")]
     if kind == "VirtualService":
         return [("GATEWAYS", json.dumps(spec.get("gateways", [])).replace(" ", "")),
                 ("HOSTS", json.dumps(spec.get("hosts", [])).replace(" ", ""))]

@@ -27,7 +27,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from ..mesh import kinds, openapi
+from ..mesh import kinds, locality, openapi
 from ..mesh.errors import ApplyError
 from ..mesh.kinds import Kind, object_key
 from ..mesh.patches import (
@@ -183,6 +183,10 @@ COLUMNS: dict[str, list[tuple[str, str, Callable[[dict], object]]]] = {
                 ("Ports", "string", lambda o: ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}"
                                                       for p in _dig(o, "spec", "ports") or []) or "<none>")],
     "Pod": [("IP", "string", lambda o: _dig(o, "status", "podIP") or "<none>")],
+    # kubectl's Status and Version come from the kubelet's status, which the registry does not keep.
+    "Node": [("Roles", "string", lambda o: kinds.node_roles(_dig(o, "metadata", "labels") or {})),
+             ("Locality", "string", lambda o: locality.from_node_labels(_dig(o, "metadata", "labels") or {})
+              or "<none>")],
 }
 
 

@@ -28,7 +28,9 @@ from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
 Layer = dict[str, dict[str, object]]
-ENDPOINT_KINDS = frozenset({"Endpoints", "EndpointSlice"})
+# Kinds whose changes may reach no further than EDS (endpoint_only_changes checks, else a full build). A Node's
+# labels are its pods' locality: endpoint localities, and the proxies' own (recomputed every build).
+ENDPOINT_KINDS = frozenset({"Endpoints", "EndpointSlice", "Node"})
 # A Pod reaches the mesh through its endpoints (labels, locality, service account via targetRef) and through the
 # proxy it runs (its labels pick Services, Sidecars, policies); views and inbound layers are keyed by what the
 # labels decide, so the endpoints path holds when endpoint_only_changes accepts the endpoint side.
@@ -176,7 +178,7 @@ def _endpoints_of(service) -> dict[int, list[tuple]]:
 
 def endpoint_only_changes(old: PushContext, new: PushContext) -> set[tuple] | None:
     """The services (by service_id) whose endpoints differ between two push contexts built from inputs that
-    differ only in Endpoints/EndpointSlices; None when the difference reaches further than EDS (a headless
+    differ only in Endpoints/EndpointSlices/Nodes; None when the difference reaches further than EDS (a headless
     service's endpoints make listeners, endpoint service accounts make cluster SANs, a ServiceEntry's
     endpoints live in its cluster), which then needs a full rebuild."""
     if (len(old.services) != len(new.services) or old.headless_ips != new.headless_ips
