@@ -13,7 +13,9 @@ such objects all the same; Mizzen reports every finding as a warning for the sam
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from .. import settings
 from ..errors import FieldError
@@ -76,27 +78,84 @@ def analyze(applied: list[dict], stored: list[dict], root_namespace: str = setti
     after: dict[Ident, dict] = dict(old)
     for o in applied:
         after[ident(o)] = _as_stored(o, old.get(ident(o)), now)
-    by_kind: dict[str, list[dict]] = {}
-    for o in after.values():
-        by_kind.setdefault(o.get("kind", ""), []).append(o)
-    for objs in by_kind.values():
-        objs.sort(key=_created)
+    cfg = _Config(after.values(), root_namespace)
     out: dict[Ident, list[Finding]] = {}
     for o in applied:
         key = ident(o)
         obj = after[key]
         found: list[Finding] = []
         if key[0] == "AuthorizationPolicy":
-            found += _authz_workloads(obj, by_kind, root_namespace)
-            found += _authz_namespaces(obj, by_kind)
-            found += _authz_allow_all(obj, by_kind, root_namespace)
+            found += _authz_workloads(obj, cfg)
+            found += _authz_namespaces(obj, cfg)
+            found += _authz_allow_all(obj, cfg)
         elif key[0] == "VirtualService":
-            found += _vs_conflicts(obj, by_kind.get("VirtualService", []))
+            found += _vs_conflicts(obj, cfg)
         elif key[0] == "DestinationRule":
-            found += _dr_merges(obj, by_kind.get("DestinationRule", []))
+            found += _dr_merges(obj, cfg)
         if found:
             out[key] = found
     return out
+
+
+class _Config:
+    """The config after the apply, each kind in istiod's creation order, with the indexes the checks share (built
+    on first use, once per apply: a bulk apply stays linear in the config's size)."""
+
+    def __init__(self, objects: Iterable[dict], root: str):
+        self.root = root
+        self.by_kind: dict[str, list[dict]] = {}
+        for o in objects:
+            self.by_kind.setdefault(o.get("kind", ""), []).append(o)
+        for objs in self.by_kind.values():
+            objs.sort(key=_created)
+
+    def of(self, kind: str) -> list[dict]:
+        return self.by_kind.get(kind, [])
+
+    @cached_property
+    def workloads(self) -> dict[str, list[dict]]:
+        """namespace → labels of every workload a policy can select: Pods, and WorkloadEntries (VMs run proxies
+        too; Istio's analyzer looks at Pods only and so warns wrongly for a VM-only selector)."""
+        out: dict[str, list[dict]] = {}
+        for o in self.of("Pod"):
+            meta = o.get("metadata") or {}
+            out.setdefault(meta.get("namespace") or "", []).append(meta.get("labels") or {})
+        for o in self.of("WorkloadEntry"):
+            ns = (o.get("metadata") or {}).get("namespace") or ""
+            out.setdefault(ns, []).append((o.get("spec") or {}).get("labels") or {})
+        return out
+
+    @cached_property
+    def namespaces(self) -> set[str]:
+        """Namespace objects, and the namespaces workloads and Services live in: Mizzen does not require a
+        Namespace object before objects in it (Kubernetes does), so those count as existing too."""
+        out = {(o.get("metadata") or {}).get("name") or "" for o in self.of("Namespace")}
+        out |= {(o.get("metadata") or {}).get("namespace") or "" for o in self.of("Service")}
+        out |= set(self.workloads)
+        return out - {""}
+
+    @cached_property
+    def allow_all(self) -> list[dict]:
+        return [o for o in self.of("AuthorizationPolicy") if _allows_all(o.get("spec") or {})]
+
+    @cached_property
+    def vs_bindings(self) -> dict[tuple[str, str], list[dict]]:
+        """(gateway, fqdn host) → the VirtualServices binding it, oldest first."""
+        out: dict[tuple[str, str], list[dict]] = {}
+        for vs in self.of("VirtualService"):
+            for binding in _vs_bindings(vs):
+                out.setdefault(binding, []).append(vs)
+        return out
+
+    @cached_property
+    def dr_hosts(self) -> dict[tuple[str, str], list[dict]]:
+        """(namespace, fqdn host) → the DestinationRules without workloadSelector istiod merges, oldest first."""
+        out: dict[tuple[str, str], list[dict]] = {}
+        for d in self.of("DestinationRule"):
+            spec, ns = d.get("spec") or {}, ident(d)[1]
+            if not spec.get("workloadSelector"):
+                out.setdefault((ns, _fqdn(spec.get("host") or "", ns)), []).append(d)
+        return out
 
 
 def _as_stored(obj: dict, old: dict | None, now: str) -> dict:
@@ -124,17 +183,6 @@ def _targets_gateway(spec: dict) -> bool:
     return bool(spec.get("targetRef") or spec.get("targetRefs"))
 
 
-def _workloads(by_kind: dict[str, list[dict]]) -> list[tuple[str, dict]]:
-    """(namespace, labels) of every workload a policy can select: Pods, and WorkloadEntries (VMs run proxies
-    too; Istio's analyzer looks at Pods only and so warns wrongly for a VM-only selector)."""
-    out = []
-    for o in by_kind.get("Pod", []):
-        out.append(((o.get("metadata") or {}).get("namespace") or "", (o.get("metadata") or {}).get("labels") or {}))
-    for o in by_kind.get("WorkloadEntry", []):
-        out.append(((o.get("metadata") or {}).get("namespace") or "", (o.get("spec") or {}).get("labels") or {}))
-    return out
-
-
 def _selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -144,7 +192,7 @@ def _selector_text(selector: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
-def _authz_workloads(obj: dict, by_kind: dict[str, list[dict]], root: str) -> list[Finding]:
+def _authz_workloads(obj: dict, cfg: _Config) -> list[Finding]:
     """IST0127 as Istio's AuthorizationPolicies analyzer: a selector no workload matches, or a namespace-wide
     policy in a namespace without workloads (a mesh-wide one, in the root namespace, is always in use)."""
     spec = obj.get("spec") or {}
@@ -152,17 +200,17 @@ def _authz_workloads(obj: dict, by_kind: dict[str, list[dict]], root: str) -> li
         return []
     ns = ident(obj)[1]
     selector = (spec.get("selector") or {}).get("matchLabels") or {}
-    workloads = _workloads(by_kind)
     template = "No matching workloads for this resource with the following labels: "
-    if ns == root:
-        if selector and not any(_selects(selector, labels) for _, labels in workloads):
+    if ns == cfg.root:
+        if selector and not any(_selects(selector, labels) for ls in cfg.workloads.values() for labels in ls):
             return [_finding(NO_MATCHING_WORKLOADS, "spec.selector.matchLabels", template + _selector_text(selector))]
         return []
     if not selector:
-        if not any(wns == ns for wns, _ in workloads):
-            return [_finding(NO_MATCHING_WORKLOADS, "metadata.namespace", template + f"(none: no workload in namespace {ns!r})")]
+        if not cfg.workloads.get(ns):
+            return [_finding(NO_MATCHING_WORKLOADS, "metadata.namespace",
+                             template + f"(none: no workload in namespace {ns!r})")]
         return []
-    if not any(wns == ns and _selects(selector, labels) for wns, labels in workloads):
+    if not any(_selects(selector, labels) for labels in cfg.workloads.get(ns, [])):
         return [_finding(NO_MATCHING_WORKLOADS, "spec.selector.matchLabels",
                          template + _selector_text(selector) + f" (in namespace {ns!r})")]
     return []
@@ -179,18 +227,9 @@ def _namespace_matches(ns: str, pattern: str) -> bool:
     return ns.lower() == pattern.lower()
 
 
-def _known_namespaces(by_kind: dict[str, list[dict]]) -> set[str]:
-    """Namespace objects, and the namespaces workloads and Services live in: Mizzen does not require a
-    Namespace object before objects in it (Kubernetes does), so those count as existing too."""
-    out = {(o.get("metadata") or {}).get("name") or "" for o in by_kind.get("Namespace", [])}
-    for kind in ("Pod", "WorkloadEntry", "Service"):
-        out |= {(o.get("metadata") or {}).get("namespace") or "" for o in by_kind.get(kind, [])}
-    return out - {""}
-
-
-def _authz_namespaces(obj: dict, by_kind: dict[str, list[dict]]) -> list[Finding]:
+def _authz_namespaces(obj: dict, cfg: _Config) -> list[Finding]:
     """IST0101 for each `from.source.namespaces` / `notNamespaces` entry that names no namespace."""
-    known = _known_namespaces(by_kind)
+    known = cfg.namespaces
     out = []
     for i, rule in enumerate((obj.get("spec") or {}).get("rules") or []):
         for j, frm in enumerate(rule.get("from") or []):
@@ -215,29 +254,31 @@ def _scope(obj: dict, root: str) -> tuple[str, dict]:
     return ("*" if ns == root else ns, (obj.get("spec") or {}).get("selector", {}).get("matchLabels") or {})
 
 
-def _overlap(a: dict, b: dict, workloads: list[tuple[str, dict]], root: str) -> list[str] | None:
+def _overlap(a: dict, b: dict, cfg: _Config) -> list[str] | None:
     """Whether two policies apply to a common workload: None if not, else the shared workloads' labels (an empty
     list when both have the same scope and no workload exists yet)."""
-    (ans, asel), (bns, bsel) = _scope(a, root), _scope(b, root)
-    shared = [_selector_text(labels) or "{}" for wns, labels in workloads
-              if ans in ("*", wns) and bns in ("*", wns) and _selects(asel, labels) and _selects(bsel, labels)]
+    (ans, asel), (bns, bsel) = _scope(a, cfg.root), _scope(b, cfg.root)
+    if "*" not in (ans, bns) and ans != bns:
+        return None
+    where = [ans] if ans != "*" else [bns] if bns != "*" else list(cfg.workloads)
+    shared = [_selector_text(labels) or "{}" for ns in where for labels in cfg.workloads.get(ns, [])
+              if _selects(asel, labels) and _selects(bsel, labels)]
     if shared:
         return shared
     return [] if (ans, asel) == (bns, bsel) else None
 
 
-def _authz_allow_all(obj: dict, by_kind: dict[str, list[dict]], root: str) -> list[Finding]:
+def _authz_allow_all(obj: dict, cfg: _Config) -> list[Finding]:
     """MZN0002: a second ALLOW-all policy for the same workloads adds nothing (ALLOW policies are OR'ed)."""
     spec = obj.get("spec") or {}
     if not _allows_all(spec):
         return []
-    workloads = _workloads(by_kind)
     out = []
     rule = next(i for i, r in enumerate(spec.get("rules") or []) if not r)
-    for other in by_kind.get("AuthorizationPolicy", []):
-        if ident(other) == ident(obj) or not _allows_all(other.get("spec") or {}):
+    for other in cfg.allow_all:
+        if ident(other) == ident(obj):
             continue
-        shared = _overlap(obj, other, workloads, root)
+        shared = _overlap(obj, other, cfg)
         if shared is None:
             continue
         where = f"workloads {{{'; '.join(sorted(set(shared))[:3])}}}" if shared else "the same workloads"
@@ -279,25 +320,21 @@ def _vs_bindings(vs: dict) -> dict[tuple[str, str], int]:
     return out
 
 
-def _vs_conflicts(obj: dict, all_vs: list[dict]) -> list[Finding]:
+def _vs_conflicts(obj: dict, cfg: _Config) -> list[Finding]:
     """Two VirtualServices with the same host on the mesh gateway: istiod builds the host's routes from the
     oldest (creation time, then name) and ignores the other (IST0109). On a named gateway istiod merges their
     routes instead, the oldest's first (MZN0003: order-dependent, so still worth a warning)."""
     if (obj.get("spec") or {}).get("delegate") or not (obj.get("spec") or {}).get("hosts"):
         return []
-    mine = _vs_bindings(obj)
     scopes = _export_scopes(obj.get("spec") or {}, ident(obj)[1])
     out = []
-    for other in all_vs:
-        if ident(other) == ident(obj):
-            continue
-        other_scopes = _export_scopes(other.get("spec") or {}, ident(other)[1])
-        if not ("*" in scopes or "*" in other_scopes or scopes & other_scopes):
-            continue  # exported to disjoint namespaces: no proxy sees both
-        theirs = _vs_bindings(other)
-        for (gw, host), i in mine.items():
-            if (gw, host) not in theirs:
+    for (gw, host), i in _vs_bindings(obj).items():
+        for other in cfg.vs_bindings.get((gw, host), []):
+            if ident(other) == ident(obj):
                 continue
+            other_scopes = _export_scopes(other.get("spec") or {}, ident(other)[1])
+            if not ("*" in scopes or "*" in other_scopes or scopes & other_scopes):
+                continue  # exported to disjoint namespaces: no proxy sees both
             older, newer = (obj, other) if _older(obj, other) else (other, obj)
             names = ",".join(sorted(f"{_ref(v)}" for v in (obj, other)))
             if gw == MESH_GATEWAY:
@@ -315,15 +352,14 @@ def _vs_conflicts(obj: dict, all_vs: list[dict]) -> list[Finding]:
 
 
 # ----------------------------------------------------------------------------------------- DestinationRule
-def _dr_merges(obj: dict, all_dr: list[dict]) -> list[Finding]:
+def _dr_merges(obj: dict, cfg: _Config) -> list[Finding]:
     """Two DestinationRules for one host in one namespace (without workload selectors) are merged by istiod,
     oldest first: the first top-level trafficPolicy wins, later subsets are added unless the name is taken."""
     spec, ns = obj.get("spec") or {}, ident(obj)[1]
     if spec.get("workloadSelector"):
         return []
     host = _fqdn(spec.get("host") or "", ns)
-    same = [d for d in all_dr if ident(d)[1] == ns and not (d.get("spec") or {}).get("workloadSelector")
-            and _fqdn((d.get("spec") or {}).get("host") or "", ns) == host]
+    same = cfg.dr_hosts.get((ns, host), [])
     if len(same) < 2:
         return []
     others = ", ".join(_ref(d) for d in same if ident(d) != ident(obj))
