@@ -20,11 +20,16 @@ def split(locality: str) -> tuple[str, str, str]:
 
 def from_labels(labels: Mapping[str, str]) -> str:
     """A workload's locality from its labels: `istio-locality` wins, else the topology labels; "" if none."""
-    if labels.get(ISTIO_LOCALITY_LABEL):
-        region, zone, subzone = (labels[ISTIO_LOCALITY_LABEL].split(".") + ["", "", ""])[:3]
+    istio = labels.get(ISTIO_LOCALITY_LABEL)
+    if istio:
+        region, zone, subzone = (istio.split(".") + ["", "", ""])[:3]
     else:
-        region, zone, subzone = (labels.get(k, "") for k in TOPOLOGY_LABELS)
-    return f"{region}/{zone}/{subzone}".rstrip("/")
+        region = labels.get(REGION_LABEL)
+        zone = labels.get(ZONE_LABEL)
+        subzone = labels.get(SUBZONE_LABEL)
+        if not (region or zone or subzone):
+            return ""  # the common case; called for every endpoint of every push
+    return f"{region or ''}/{zone or ''}/{subzone or ''}".rstrip("/")
 
 
 def as_labels(locality: str) -> dict[str, str]:
