@@ -596,3 +596,20 @@ def test_nodes_are_cluster_scoped(kubectl, tmp_path, stack):
     p = k("get", "node", "worker-2")
     assert p.returncode == 1 and 'nodes "worker-2" not found' in p.stderr
     assert 'node "worker-1" deleted' in k.ok("delete", "-f", str(f))
+
+
+def test_analysis_findings_come_back_as_warning_headers(kubectl, tmp_path):
+    k = kubectl("conflict-ns")
+    k.ok("apply", "-f", "-", stdin=VS.format(ns="conflict-ns", w1=50, w2=50))
+    second = VS.format(ns="conflict-ns", w1=10, w2=90).replace("name: web\n", "name: web-two\n")
+    p = k("apply", "-f", "-", stdin=second)
+    assert p.returncode == 0 and "virtualservice.networking.istio.io/web-two created" in p.stdout, p.stderr
+    assert ("Warning: spec.hosts[0]: [IST0109] The VirtualServices conflict-ns/web,conflict-ns/web-two associated "
+            "with mesh gateway define the same host web.conflict-ns.svc.cluster.local") in p.stderr
+    # web is older (or as old, and sorts first by name): it serves the host
+    assert "The oldest, conflict-ns/web, serves the host; conflict-ns/web-two's routes for it are ignored." in p.stderr
+    import yaml
+
+    msg = yaml.safe_load(k.ok("get", "vs", "web-two", "-o", "yaml"))["status"]["validationMessages"]
+    assert [m["type"]["code"] for m in msg] == ["IST0109"]
+    k.ok("delete", "vs", "web", "web-two")

@@ -22,12 +22,15 @@ def _server_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _print_documents(label: str, details: list[dict]) -> None:
-    """One stderr line per field of each document: `<label>: <file>, document N: Kind ns/name: field: message`."""
+    """One stderr line per field of each document: `<label>: <file>, document N: Kind ns/name: field: message`
+    (`field: [IST0109] message` for an analysis finding)."""
     for d in details:
         what = f"{d.get('kind') or '?'} {d['namespace'] + '/' if d.get('namespace') else ''}{d.get('name') or '?'}"
         for err in d.get("errors", []):
             field = f"{err['field']}: " if err.get("field") else ""
-            print(f"{label}: {d['source']}, document {d['document']}: {what}: {field}{err['message']}", file=sys.stderr)
+            code = f"[{err['code']}] " if err.get("code") else ""  # an analysis finding's message type
+            print(f"{label}: {d['source']}, document {d['document']}: {what}: {field}{code}{err['message']}",
+                  file=sys.stderr)
 
 
 def _report_failure(e: RegistryError) -> int:

@@ -37,8 +37,10 @@ def from_labels(labels: Mapping[str, str]) -> str:
     named = from_locality_label(labels)
     if named:
         return named
-    region, zone, subzone = (labels.get(k, "") for k in TOPOLOGY_LABELS)
-    return f"{region}/{zone}/{subzone}".rstrip("/")
+    region, zone, subzone = labels.get(REGION_LABEL), labels.get(ZONE_LABEL), labels.get(SUBZONE_LABEL)
+    if not (region or zone or subzone):
+        return ""  # the common case; asked for every endpoint of every push
+    return f"{region or ''}/{zone or ''}/{subzone or ''}".rstrip("/")
 
 
 def from_node_labels(labels: Mapping[str, str]) -> str:

@@ -91,7 +91,8 @@ def add_warnings(resp: web.Response, warnings: list[dict]) -> None:
     """Stored-with-a-warning fields as `Warning: 299` headers, which kubectl and client-go print."""
     for w in warnings:
         for e in w.get("errors") or []:
-            text = f"{e['field']}: {e['message']}" if e.get("field") else e["message"]
+            text = (f"[{e['code']}] " if e.get("code") else "") + e["message"]
+            text = f"{e['field']}: {text}" if e.get("field") else text
             resp.headers.add("Warning", '299 - "' + text.replace('"', "'").replace("\n", " ") + '"')
 
 

@@ -933,7 +933,21 @@ class PushContext:
     def endpoint_mtls_disabled(self, endpoint) -> bool:
         """Whether the endpoint's workload refuses mTLS on that port (PeerAuthentication DISABLE, workload- or
         port-level included): auto mTLS then talks plaintext to it (Istio's EDS mtlsChecker)."""
+        if not self._may_disable(endpoint.namespace):
+            return False
         return self.mtls_mode(endpoint.namespace, endpoint.labels or {}, endpoint.port) == "DISABLE"
+
+    def _may_disable(self, namespace: str) -> bool:
+        """Whether any PeerAuthentication that can apply in `namespace` says DISABLE (at any level); asked for
+        every endpoint of every cluster, and almost always no."""
+        index = self.cache.get("pa-disable")
+        if index is None:
+            index = self.cache["pa-disable"] = {
+                ns for ns, pas in self.peer_authentications.items()
+                if any("DISABLE" in (str((pa.spec.get("mtls") or {}).get("mode")),
+                                     *(str((v or {}).get("mode")) for v in (pa.spec.get("portLevelMtls") or {}).values()))
+                       for pa in pas)}
+        return namespace in index or self.mesh.root_namespace in index
 
     def service_mtls_mode(self, service: Service) -> str:
         """Best-effort mTLS mode of a destination service, for auto mTLS (Istio's BestEffortInferServiceMTLSMode)."""

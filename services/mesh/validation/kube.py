@@ -36,6 +36,8 @@ from .common import (
     label_value_errors,
     qualified_name_errors,
 )
+from .destinationrule import check_locality_lb
+from .istio_schema import LOCALITY_LB_SETTING
 from .schema import Bool, Int32, IntOrStr, List, Map, Obj, Opaque, Str, check, child, index, key
 
 PROTOCOLS = ("SCTP", "TCP", "UDP")
@@ -518,7 +520,20 @@ def check_config_map(obj: dict, errs: Errs) -> None:
     meta = obj.get("metadata") or {}
     if (meta.get("name") == meshconfig.MESH_CONFIGMAP and meta.get("namespace") == settings.ROOT_NAMESPACE
             and meshconfig.MESH_KEY in data):
-        errs.items.extend(meshconfig.load(data[meshconfig.MESH_KEY])[1])
+        doc, mesh_errs = meshconfig.load(data[meshconfig.MESH_KEY])
+        errs.items.extend(mesh_errs)
+        if not mesh_errs and "localityLbSetting" in doc:
+            _check_mesh_locality(doc["localityLbSetting"], errs)
+
+
+def _check_mesh_locality(lb: object, errs: Errs) -> None:
+    """ValidateMeshConfig's ValidateLocalityLbSetting: the mesh-wide default obeys a DestinationRule's rules."""
+    at = f"{meshconfig.ROOT}.localityLbSetting"
+    shape = check(lb, LOCALITY_LB_SETTING, at)
+    if shape:
+        errs.items.extend(shape)
+        return
+    check_locality_lb(lb, at, errs)
 
 
 def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callable[[dict], list[FieldError]]:
