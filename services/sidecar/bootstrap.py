@@ -300,7 +300,7 @@ def zipkin_tracer_config(cluster: str = "zipkin") -> dict:
     }
 
 
-def _stats_config(extra_prefixes: Sequence[str], all_stats: bool) -> dict:
+def stats_config(extra_prefixes: Sequence[str] = (), all_stats: bool = False) -> dict:
     # Tag extraction for Envoy's own stat names, so Prometheus sees `cluster_name`, `listener_address`, …
     # as labels (the same tag names and stat-name shapes pilot-agent configures).
     ip_or_port = r"(?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*)"
@@ -558,7 +558,7 @@ def build_bootstrap(
     bootstrap: dict[str, Any] = {
         "node": node,
         "layered_runtime": _runtime(),
-        "stats_config": _stats_config(stats_inclusion_prefixes, all_stats),
+        "stats_config": stats_config(stats_inclusion_prefixes, all_stats),
         "admin": {"address": _socket_address(localhost, admin_port)},
         "overload_manager": _overload_manager(),
         "dynamic_resources": {
