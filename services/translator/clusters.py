@@ -316,20 +316,17 @@ def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None,
         if mode == "DISABLE":
             return
         if mode == "ISTIO_MUTUAL":
-            ctx = tls.istio_mutual_upstream(tls_cfg.get("sni") or sni, list(tls_cfg.get("subjectAltNames") or sans),
-                                            http.h2)
-        else:
-            ctx = tls.user_upstream(tls_cfg, http.h2, is_sidecar)
-            if ctx is None:
-                return
-        c.transport_socket.CopyFrom(tls.tls_socket(ctx))
+            c.transport_socket.CopyFrom(tls.istio_mutual_socket(tls_cfg.get("sni") or sni,
+                                                                 tls_cfg.get("subjectAltNames") or sans, http.h2))
+            return
+        ctx = tls.user_upstream(tls_cfg, http.h2, is_sidecar)
+        if ctx is not None:
+            c.transport_socket.CopyFrom(tls.tls_socket(ctx))
         return
     if not auto_ok or c.type == Cluster.ORIGINAL_DST:
         return
-    ctx = tls.istio_mutual_upstream(sni, sans, http.h2)
-    m = c.transport_socket_matches.add(name="tlsMode-istio")
-    m.match.CopyFrom(_MATCH_ISTIO)
-    m.transport_socket.CopyFrom(tls.tls_socket(ctx))
+    c.transport_socket_matches.add(name="tlsMode-istio", match=_MATCH_ISTIO,
+                                   transport_socket=tls.istio_mutual_socket(sni, sans, http.h2))
     c.transport_socket_matches.append(_MATCH_DISABLED)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import any_pb2
 
 from . import pb
 
@@ -69,6 +70,40 @@ def istio_mutual_upstream(sni: str, sans: list[str], h2: bool) -> tls_pb2.Upstre
     ctx.sni = sni
     _san_matchers(ctx.common_tls_context.combined_validation_context.default_validation_context, sans)
     return ctx
+
+
+# Serialised UpstreamTlsContext minus its SNI, per (SANs, h2): every ISTIO_MUTUAL cluster of a service shares
+# it. Fully determined by its key, so it never goes stale; cleared if a huge mesh makes it grow.
+_ISTIO_MUTUAL_BYTES: dict[tuple[tuple[str, ...], bool], bytes] = {}
+_UPSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
+_SNI_FIELD = tls_pb2.UpstreamTlsContext(sni="x").SerializeToString()[:1]  # the tag byte of `sni`
+
+
+def istio_mutual_socket(sni: str, sans: list[str], h2: bool) -> pb.base_pb2.TransportSocket:
+    """tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster: the serialised
+    context is the SNI-less one's bytes followed by the SNI field (`sni` has the highest set field number, and
+    serialisation is in field-number order, so appending it yields the same bytes as serialising it)."""
+    key = (tuple(sans), h2)
+    head = _ISTIO_MUTUAL_BYTES.get(key)
+    if head is None:
+        if len(_ISTIO_MUTUAL_BYTES) > 10_000:
+            _ISTIO_MUTUAL_BYTES.clear()
+        head = _ISTIO_MUTUAL_BYTES[key] = istio_mutual_upstream("", sans, h2).SerializeToString(deterministic=True)
+    value = head
+    if sni:
+        raw = sni.encode()
+        value = head + _SNI_FIELD + _varint(len(raw)) + raw
+    return pb.base_pb2.TransportSocket(name=pb.TLS_SOCKET, typed_config=any_pb2.Any(type_url=_UPSTREAM_TLS_URL,
+                                                                                    value=value))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def user_upstream(tls: dict, h2: bool, is_sidecar: bool) -> tls_pb2.UpstreamTlsContext | None:
