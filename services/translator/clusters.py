@@ -316,8 +316,8 @@ def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None,
         if mode == "DISABLE":
             return
         if mode == "ISTIO_MUTUAL":
-            c.transport_socket.CopyFrom(tls.istio_mutual_socket(tls_cfg.get("sni") or sni,
-                                                                 tls_cfg.get("subjectAltNames") or sans, http.h2))
+            tls.set_istio_mutual_socket(c.transport_socket, tls_cfg.get("sni") or sni,
+                                        tls_cfg.get("subjectAltNames") or sans, http.h2)
             return
         ctx = tls.user_upstream(tls_cfg, http.h2, is_sidecar)
         if ctx is not None:
@@ -325,8 +325,8 @@ def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None,
         return
     if not auto_ok or c.type == Cluster.ORIGINAL_DST:
         return
-    c.transport_socket_matches.add(name="tlsMode-istio", match=_MATCH_ISTIO,
-                                   transport_socket=tls.istio_mutual_socket(sni, sans, http.h2))
+    m = c.transport_socket_matches.add(name="tlsMode-istio", match=_MATCH_ISTIO)
+    tls.set_istio_mutual_socket(m.transport_socket, sni, sans, http.h2)
     c.transport_socket_matches.append(_MATCH_DISABLED)
 
 
@@ -355,12 +355,25 @@ def discovery_type(service: Service, is_sidecar: bool) -> int:
     return Cluster.EDS
 
 
+# The unnamed start of every cluster per (type, connect timeout): copying it is cheaper than setting each field.
+_NEW_CLUSTER: dict[tuple[int, float], Cluster] = {}
+
+
 def _new_cluster(push: PushContext, name: str, ctype: int) -> Cluster:
-    c = Cluster(name=name, type=ctype)
-    pb.set_duration(c.connect_timeout, push.mesh.connect_timeout)
-    _default_thresholds(c)
-    if ctype == Cluster.ORIGINAL_DST:
-        c.lb_policy = Cluster.CLUSTER_PROVIDED
+    key = (ctype, push.mesh.connect_timeout)
+    base = _NEW_CLUSTER.get(key)
+    if base is None:
+        base = Cluster(type=ctype)
+        pb.set_duration(base.connect_timeout, push.mesh.connect_timeout)
+        _default_thresholds(base)
+        if ctype == Cluster.ORIGINAL_DST:
+            base.lb_policy = Cluster.CLUSTER_PROVIDED
+        if len(_NEW_CLUSTER) > 1_000:
+            _NEW_CLUSTER.clear()
+        _NEW_CLUSTER[key] = base
+    c = Cluster()
+    c.CopyFrom(base)
+    c.name = name
     return c
 
 
@@ -401,20 +414,20 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
                and push.service_mtls_mode(service) not in ("DISABLE", "UNKNOWN"))
     meta_path = dr.meta_path if dr else None
 
-    def build(cluster_name: str, subset: dict | None, base_type: int) -> Cluster | None:
+    def build(cluster_name: str, subset: dict | None, base_type: int) -> tuple[Cluster | None, _Http, dict]:
         labels = subset.get("labels") if subset else None
         c = _new_cluster(push, cluster_name, base_type)
+        http = _Http()
         if base_type in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
             cla = dns_load_assignment(cluster_name, service, port.port, labels)
             if cla is None:
-                return None
+                return None, http, {}
             c.dns_lookup_family = Cluster.V4_ONLY
             # Envoy 1.40 deprecates dns_refresh_rate/respect_dns_ttl on Cluster (1.7 set both); its default
             # refresh (5s) is 1.7's mesh default, so the field is written only for another mesh value.
             if push.mesh.dns_refresh_rate != ENVOY_DNS_REFRESH:
                 pb.set_duration(c.dns_refresh_rate, push.mesh.dns_refresh_rate)
             c.load_assignment.CopyFrom(cla)
-        http = _Http()
         _set_upstream_protocol(http, port, is_sidecar and not sni_dnat)
         policy = effective_policy(dr, port.port, subset)
         pool = policy.get("connectionPool")
@@ -422,24 +435,28 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         _apply_connection_pool(push, c, http, pool)
         _apply_outlier(c, policy.get("outlierDetection"))
         _apply_load_balancer(c, policy.get("loadBalancer"))
+        http.apply(c)
+        finish(c, subset, http, policy)
+        return c, http, policy
+
+    def finish(c: Cluster, subset: dict | None, http: _Http, policy: dict) -> None:
+        """The parts that depend on the cluster's name and subset (SNI, EDS service name, metadata, needs)."""
         loc_lb = _apply_locality(c, locality_setting(push, policy.get("loadBalancer")))
         if not sni_dnat:
             subset_name = subset.get("name", "") if subset else ""
             _apply_tls(push, c, http, policy.get("tls"),
                        sni=dns_srv_subset_key(subset_name, service.hostname, port.port),
                        sans=service.service_accounts, auto_ok=auto_ok, is_sidecar=is_sidecar)
-        http.apply(c)
         if c.type == Cluster.EDS:
             _eds_config(c)
-            needs.append(EdsNeed(cluster_name, service, port.port, labels, loc_lb))
+            needs.append(EdsNeed(c.name, service, port.port, subset.get("labels") if subset else None, loc_lb))
         if meta_path:
             md = {"config": meta_path}
             if subset is not None:
                 md["subset"] = subset.get("name", "")
             c.metadata.CopyFrom(pb.istio_metadata(md))
-        return c
 
-    default = build(name, None, ctype)
+    default, http, policy = build(name, None, ctype)
     if default is None:
         return clusters, needs
     clusters.append(default)
@@ -448,7 +465,16 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
             sname = subset.get("name") or ""
             sub_name = (dns_srv_subset_key(sname, service.hostname, port.port) if sni_dnat
                         else subset_key("outbound", sname, service.hostname, port.port))
-            sc = build(sub_name, subset, default.type)
+            if default.type == Cluster.EDS and not subset.get("trafficPolicy"):
+                # Same policy as the default: its cluster with the name-dependent parts redone.
+                sc = Cluster()
+                sc.CopyFrom(default)
+                sc.name = sub_name
+                sc.ClearField("transport_socket")
+                sc.ClearField("transport_socket_matches")
+                finish(sc, subset, http, policy)
+            else:
+                sc, _, _ = build(sub_name, subset, default.type)
             if sc is not None:
                 clusters.append(sc)
     return clusters, needs

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2
 
 from . import pb
 
@@ -79,22 +78,24 @@ _UPSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPT
 _SNI_FIELD = tls_pb2.UpstreamTlsContext(sni="x").SerializeToString()[:1]  # the tag byte of `sni`
 
 
-def istio_mutual_socket(sni: str, sans: list[str], h2: bool) -> pb.base_pb2.TransportSocket:
-    """tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster: the serialised
-    context is the SNI-less one's bytes followed by the SNI field (`sni` has the highest set field number, and
-    serialisation is in field-number order, so appending it yields the same bytes as serialising it)."""
+def set_istio_mutual_socket(ts: pb.base_pb2.TransportSocket, sni: str, sans: list[str], h2: bool) -> None:
+    """Sets `ts` to tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster:
+    the serialised context is the SNI-less one's bytes followed by the SNI field (`sni` has the highest set
+    field number, and serialisation is in field-number order, so appending it gives the same bytes)."""
     key = (tuple(sans), h2)
     head = _ISTIO_MUTUAL_BYTES.get(key)
     if head is None:
         if len(_ISTIO_MUTUAL_BYTES) > 10_000:
             _ISTIO_MUTUAL_BYTES.clear()
         head = _ISTIO_MUTUAL_BYTES[key] = istio_mutual_upstream("", sans, h2).SerializeToString(deterministic=True)
-    value = head
+    ts.name = pb.TLS_SOCKET
+    typed = ts.typed_config
+    typed.type_url = _UPSTREAM_TLS_URL
     if sni:
         raw = sni.encode()
-        value = head + _SNI_FIELD + _varint(len(raw)) + raw
-    return pb.base_pb2.TransportSocket(name=pb.TLS_SOCKET, typed_config=any_pb2.Any(type_url=_UPSTREAM_TLS_URL,
-                                                                                    value=value))
+        typed.value = head + _SNI_FIELD + _varint(len(raw)) + raw
+    else:
+        typed.value = head
 
 
 def _varint(n: int) -> bytes:
