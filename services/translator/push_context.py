@@ -379,23 +379,24 @@ class PushContext:
         node = (pod.get("spec") or {}).get("nodeName")
         return locality.pod_locality(pod["metadata"].get("labels") or {}, self.node_labels.get(node) if node else None)
 
-    def _pod_endpoint(self, ip: str, port: int, port_name: str, target_ref: dict | None, ns: str) -> Endpoint:
+    def _pod_fields(self, target_ref: dict | None, ns: str) -> dict:
+        """The Endpoint fields that come from the address's Pod (computed once per address, not per port)."""
         pod = None
         if target_ref and target_ref.get("kind", "Pod") == "Pod" and target_ref.get("name"):
             pod = self.pods.get((target_ref.get("namespace") or ns, target_ref["name"]))
         if pod is None:
-            return Endpoint(ip, port, port_name, {}, namespace=ns)
+            return {"labels": {}, "namespace": ns}
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         spec = pod.get("spec") or {}
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-        return Endpoint(ip, port, port_name, labels, tls_mode=labels.get(TLS_MODE_LABEL, "disabled"),
-                        service_account=sa, workload=meta["name"], namespace=meta.get("namespace") or ns,
-                        locality=self.pod_locality(pod))
+        return {"labels": labels, "tls_mode": labels.get(TLS_MODE_LABEL, "disabled"), "service_account": sa,
+                "workload": meta["name"], "namespace": meta.get("namespace") or ns, "locality": self.pod_locality(pod)}
 
     def _kube_endpoints(self, svc: Service, obj: dict) -> None:
         for subset in obj.get("subsets") or []:
             ports = subset.get("ports") or []
+            addrs = None
             for sp in svc.ports:
                 if sp.protocol == protocol.UDP:
                     continue
@@ -406,13 +407,15 @@ class PushContext:
                     continue
                 target = int(match[0].get("port", 0))
                 eps = svc.endpoints.setdefault(sp.port, [])
-                for addr in subset.get("addresses") or []:
-                    eps.append(self._pod_endpoint(addr.get("ip", ""), target, sp.name, addr.get("targetRef"),
-                                                  svc.namespace))
+                if addrs is None:
+                    addrs = [(a.get("ip", ""), self._pod_fields(a.get("targetRef"), svc.namespace))
+                             for a in subset.get("addresses") or []]
+                eps.extend(Endpoint(ip, target, sp.name, **fields) for ip, fields in addrs)
 
     def _slice_endpoints(self, svc: Service, slices: list[dict]) -> None:
         for s in slices:
             ports = s.get("ports") or []
+            addrs = None
             for sp in svc.ports:
                 if sp.protocol == protocol.UDP:
                     continue
@@ -421,11 +424,11 @@ class PushContext:
                     continue
                 target = int(match[0].get("port", 0))
                 eps = svc.endpoints.setdefault(sp.port, [])
-                for e in s.get("endpoints") or []:
-                    if (e.get("conditions") or {}).get("ready") is False:
-                        continue
-                    for ip in e.get("addresses") or []:
-                        eps.append(self._pod_endpoint(ip, target, sp.name, e.get("targetRef"), svc.namespace))
+                if addrs is None:
+                    addrs = [(ip, self._pod_fields(e.get("targetRef"), svc.namespace))
+                             for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready") is not False
+                             for ip in e.get("addresses") or []]
+                eps.extend(Endpoint(ip, target, sp.name, **fields) for ip, fields in addrs)
 
     def _service_entry(self, obj: dict) -> list[Service]:
         meta = obj["metadata"]
