@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from mizzen.services.translator import protocol as P
 from mizzen.services.translator.model import CLIENT_SIDE_LB, DNS_LB, PASSTHROUGH, host_matches
 from mizzen.services.translator.proxy import NodeIdError, Proxy
-from tests.translator_helpers import FEATURES, SEED_MESH, SEED_PROXY, load, push_of
+from tests.translator_helpers import FEATURES, SEED_MESH, SEED_PROXY, load, push_of, yaml_objects
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +193,33 @@ def test_virtual_service_names_resolved(features):
     assert vs.spec["http"][0]["route"][0]["destination"]["host"] == "reviews.shop.svc.cluster.local"
     gw_vs = next(v for v in features.virtual_services if v.name == "shop-public")
     assert gw_vs.gateways == ["edge/public"]
+
+
+def test_virtual_service_resolution_leaves_input_objects_alone():
+    text = """
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: r, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{gateways: [public], uri: {prefix: /a}}]
+    route: [{destination: {host: reviews, subset: v1}, headers: {request: {set: {x: "1"}}}}]
+    mirror: {host: ratings}
+    mirrors: [{destination: {host: ratings}}]
+  tcp:
+  - route: [{destination: {host: db}}]
+"""
+    objs = yaml_objects(text)
+    before = copy.deepcopy(objs)
+    vs = push_of(objs).virtual_services[0]
+    assert objs == before  # resolved on copies: a later push reads the same objects again
+    http = vs.spec["http"][0]
+    assert http["route"][0]["destination"] == {"host": "reviews.shop.svc.cluster.local", "subset": "v1"}
+    assert http["mirror"]["host"] == "ratings.shop.svc.cluster.local"
+    assert http["mirrors"][0]["destination"]["host"] == "ratings.shop.svc.cluster.local"
+    assert http["match"][0]["gateways"] == ["shop/public"]
+    assert vs.spec["tcp"][0]["route"][0]["destination"]["host"] == "db.shop.svc.cluster.local"
 
 
 def test_delegate_virtual_service_is_merged_into_its_root(features):

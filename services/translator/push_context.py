@@ -514,13 +514,11 @@ class PushContext:
         for obj in objs:
             try:
                 c = self._config(obj)
-                spec = copy.deepcopy(c.spec)
-                c.spec = spec
+                spec = c.spec = self._resolved_vs_spec(c.spec, c.namespace)
                 c.export_to = _export_set(spec.get("exportTo"), c.namespace)
                 c.hosts = [resolve_short_name(h, c.namespace, suffix) for h in spec.get("hosts") or []]
                 c.gateways = [resolve_gateway_name(g, c.namespace) for g in spec.get("gateways") or []] or \
                     [MESH_GATEWAY]
-                self._resolve_vs_destinations(spec, c.namespace)
             except MALFORMED as e:
                 self.report(self.describe(obj), e)
                 continue
@@ -533,24 +531,50 @@ class PushContext:
                 c.spec["http"] = self._merge_delegates(c)
         self.virtual_services = roots
 
-    def _resolve_vs_destinations(self, spec: dict, ns: str) -> None:
+    def _resolved_vs_spec(self, spec: dict, ns: str) -> dict:
+        """The spec with short destination hosts and match gateways made fully qualified. Only the dicts and lists
+        on the way to what changes are copied (the input objects stay untouched; the rest is shared, and nothing
+        downstream mutates a spec)."""
         suffix = self.mesh.domain_suffix
 
-        def fix(dest: dict | None) -> None:
-            if isinstance(dest, dict) and dest.get("host"):
-                dest["host"] = resolve_short_name(dest["host"], ns, suffix)
+        def dest(d: dict | None) -> dict | None:
+            if isinstance(d, dict) and d.get("host"):
+                d = dict(d)
+                d["host"] = resolve_short_name(d["host"], ns, suffix)
+            return d
 
+        def with_dest(r: dict) -> dict:
+            d = r.get("destination")
+            if isinstance(d, dict) and d.get("host"):
+                r = dict(r)
+                r["destination"] = dest(d)
+            return r
+
+        def match(m: dict) -> dict:
+            if m.get("gateways"):
+                m = dict(m)
+                m["gateways"] = [resolve_gateway_name(g, ns) for g in m["gateways"]]
+            return m
+
+        out = dict(spec)
         for section in ("http", "tcp", "tls"):
-            for rule in spec.get(section) or []:
-                for r in rule.get("route") or []:
-                    fix(r.get("destination"))
+            rules = spec.get(section)
+            if not rules:
+                continue
+            out[section] = new_rules = []
+            for rule in rules:
+                rule = dict(rule)
+                if rule.get("route"):
+                    rule["route"] = [with_dest(r) for r in rule["route"]]
                 if section == "http":
-                    fix(rule.get("mirror"))
-                    for m in rule.get("mirrors") or []:
-                        fix(m.get("destination"))
-                for m in rule.get("match") or []:
-                    if m.get("gateways"):
-                        m["gateways"] = [resolve_gateway_name(g, ns) for g in m["gateways"]]
+                    if "mirror" in rule:
+                        rule["mirror"] = dest(rule["mirror"])
+                    if rule.get("mirrors"):
+                        rule["mirrors"] = [with_dest(m) for m in rule["mirrors"]]
+                if rule.get("match"):
+                    rule["match"] = [match(m) for m in rule["match"]]
+                new_rules.append(rule)
+        return out
 
     def _merge_delegates(self, root: Config) -> list[dict]:
         out: list[dict] = []
