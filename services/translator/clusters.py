@@ -403,80 +403,94 @@ def _h2_upgrade(push: PushContext, http: _Http, port: Port, pool: dict | None) -
         http.h2 = True
 
 
+@dataclass(eq=False, slots=True)
+class _Skeleton:
+    """A cluster without what depends on its name or subset name (SNI, EDS service name, metadata): the
+    default cluster and every subset with the same policy are copies of one skeleton."""
+
+    cluster: Cluster
+    http: _Http
+    policy: dict
+    loc_lb: dict | None
+
+
+def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
+              ctype: int, is_sidecar: bool, sni_dnat: bool, dns_name: str) -> _Skeleton | None:
+    """None for a DNS cluster without endpoints (its inline assignment, named `dns_name`, is part of it)."""
+    c = _new_cluster(push, "", ctype)
+    if ctype in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
+        cla = dns_load_assignment(dns_name, service, port.port, subset.get("labels") if subset else None)
+        if cla is None:
+            return None
+        c.dns_lookup_family = Cluster.V4_ONLY
+        # Envoy 1.40 deprecates dns_refresh_rate/respect_dns_ttl on Cluster (1.7 set both); its default
+        # refresh (5s) is 1.7's mesh default, so the field is written only for another mesh value.
+        if push.mesh.dns_refresh_rate != ENVOY_DNS_REFRESH:
+            pb.set_duration(c.dns_refresh_rate, push.mesh.dns_refresh_rate)
+        c.load_assignment.CopyFrom(cla)
+    http = _Http()
+    _set_upstream_protocol(http, port, is_sidecar and not sni_dnat)
+    policy = effective_policy(dr, port.port, subset)
+    pool = policy.get("connectionPool")
+    _h2_upgrade(push, http, port, pool)
+    _apply_connection_pool(push, c, http, pool)
+    _apply_outlier(c, policy.get("outlierDetection"))
+    _apply_load_balancer(c, policy.get("loadBalancer"))
+    loc_lb = _apply_locality(c, locality_setting(push, policy.get("loadBalancer")))
+    http.apply(c)
+    return _Skeleton(c, http, policy, loc_lb)
+
+
 def _service_clusters(push: PushContext, service: Service, port: Port, dr: Config | None, is_sidecar: bool,
                       sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
     ctype = discovery_type(service, is_sidecar)
-    name = (dns_srv_subset_key("", service.hostname, port.port) if sni_dnat
-            else subset_key("outbound", "", service.hostname, port.port))
     clusters: list[Cluster] = []
     needs: list[EdsNeed] = []
     auto_ok = (push.mesh.enable_auto_mtls and not service.mesh_external and not sni_dnat
                and push.service_mtls_mode(service) not in ("DISABLE", "UNKNOWN"))
     meta_path = dr.meta_path if dr else None
 
-    def build(cluster_name: str, subset: dict | None, base_type: int) -> tuple[Cluster | None, _Http, dict]:
-        labels = subset.get("labels") if subset else None
-        c = _new_cluster(push, cluster_name, base_type)
-        http = _Http()
-        if base_type in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
-            cla = dns_load_assignment(cluster_name, service, port.port, labels)
-            if cla is None:
-                return None, http, {}
-            c.dns_lookup_family = Cluster.V4_ONLY
-            # Envoy 1.40 deprecates dns_refresh_rate/respect_dns_ttl on Cluster (1.7 set both); its default
-            # refresh (5s) is 1.7's mesh default, so the field is written only for another mesh value.
-            if push.mesh.dns_refresh_rate != ENVOY_DNS_REFRESH:
-                pb.set_duration(c.dns_refresh_rate, push.mesh.dns_refresh_rate)
-            c.load_assignment.CopyFrom(cla)
-        _set_upstream_protocol(http, port, is_sidecar and not sni_dnat)
-        policy = effective_policy(dr, port.port, subset)
-        pool = policy.get("connectionPool")
-        _h2_upgrade(push, http, port, pool)
-        _apply_connection_pool(push, c, http, pool)
-        _apply_outlier(c, policy.get("outlierDetection"))
-        _apply_load_balancer(c, policy.get("loadBalancer"))
-        http.apply(c)
-        finish(c, subset, http, policy)
-        return c, http, policy
+    def cluster_name(subset_name: str) -> str:
+        return (dns_srv_subset_key(subset_name, service.hostname, port.port) if sni_dnat
+                else subset_key("outbound", subset_name, service.hostname, port.port))
 
-    def finish(c: Cluster, subset: dict | None, http: _Http, policy: dict) -> None:
-        """The parts that depend on the cluster's name and subset (SNI, EDS service name, metadata, needs)."""
-        loc_lb = _apply_locality(c, locality_setting(push, policy.get("loadBalancer")))
+    def named(sk: _Skeleton, name: str, subset: dict | None) -> Cluster:
+        c = Cluster()
+        c.CopyFrom(sk.cluster)
+        c.name = name
         if not sni_dnat:
-            subset_name = subset.get("name", "") if subset else ""
-            _apply_tls(push, c, http, policy.get("tls"),
-                       sni=dns_srv_subset_key(subset_name, service.hostname, port.port),
+            _apply_tls(push, c, sk.http, sk.policy.get("tls"),
+                       sni=dns_srv_subset_key(subset.get("name", "") if subset else "", service.hostname, port.port),
                        sans=service.service_accounts, auto_ok=auto_ok, is_sidecar=is_sidecar)
         if c.type == Cluster.EDS:
             _eds_config(c)
-            needs.append(EdsNeed(c.name, service, port.port, subset.get("labels") if subset else None, loc_lb))
+            needs.append(EdsNeed(name, service, port.port, subset.get("labels") if subset else None, sk.loc_lb))
         if meta_path:
             md = {"config": meta_path}
             if subset is not None:
                 md["subset"] = subset.get("name", "")
             c.metadata.CopyFrom(pb.istio_metadata(md))
+        return c
 
-    default, http, policy = build(name, None, ctype)
+    name = cluster_name("")
+    if dr is None and ctype == Cluster.EDS:
+        # Without a DestinationRule the skeleton depends only on these (the mesh config is the push's).
+        key = ("cds-skeleton", port.protocol, is_sidecar, sni_dnat)
+        default = push.cache.get(key)
+        if default is None:
+            default = push.cache[key] = _skeleton(push, service, port, None, None, ctype, is_sidecar, sni_dnat, "")
+    else:
+        default = _skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, name)
     if default is None:
         return clusters, needs
-    clusters.append(default)
-    if dr is not None:
-        for subset in dr.spec.get("subsets") or []:
-            sname = subset.get("name") or ""
-            sub_name = (dns_srv_subset_key(sname, service.hostname, port.port) if sni_dnat
-                        else subset_key("outbound", sname, service.hostname, port.port))
-            if default.type == Cluster.EDS and not subset.get("trafficPolicy"):
-                # Same policy as the default: its cluster with the name-dependent parts redone.
-                sc = Cluster()
-                sc.CopyFrom(default)
-                sc.name = sub_name
-                sc.ClearField("transport_socket")
-                sc.ClearField("transport_socket_matches")
-                finish(sc, subset, http, policy)
-            else:
-                sc, _, _ = build(sub_name, subset, default.type)
-            if sc is not None:
-                clusters.append(sc)
+    clusters.append(named(default, name, None))
+    for subset in (dr.spec.get("subsets") or []) if dr is not None else ():
+        sub_name = cluster_name(subset.get("name") or "")
+        sk: _Skeleton | None = default
+        if default.cluster.type != Cluster.EDS or subset.get("trafficPolicy"):
+            sk = _skeleton(push, service, port, dr, subset, default.cluster.type, is_sidecar, sni_dnat, sub_name)
+        if sk is not None:
+            clusters.append(named(sk, sub_name, subset))
     return clusters, needs
 
 
