@@ -308,36 +308,44 @@ _MATCH_ISTIO = struct_pb2.Struct()
 _MATCH_ISTIO.update({"tlsMode": "istio"})
 
 
-def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None, *, sni: str, sans: list[str],
-               auto_ok: bool, is_sidecar: bool) -> None:
-    """DR tls, or auto mTLS (transport_socket_matches on the endpoint's tlsMode) when the DR has none."""
+@dataclass(frozen=True, slots=True)
+class _MutualTls:
+    """An ISTIO_MUTUAL socket still to be written per cluster (its SNI names the cluster's subset)."""
+
+    on_match: bool  # auto mTLS: the socket of transport_socket_matches[0]; else the cluster's transport_socket
+    sni: str  # the DR's own SNI; "" for the cluster's
+    sans: list[str] | None  # the DR's own SANs; None for the service's accounts
+    h2: bool
+
+    def apply(self, c: Cluster, cluster_sni: str, service_sans: list[str]) -> None:
+        ts = c.transport_socket_matches[0].transport_socket if self.on_match else c.transport_socket
+        tls.set_istio_mutual_socket(ts, self.sni or cluster_sni, self.sans or service_sans, self.h2)
+
+
+def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None, *, auto_ok: bool,
+               is_sidecar: bool) -> _MutualTls | None:
+    """DR tls, or auto mTLS (transport_socket_matches on the endpoint's tlsMode) when the DR has none. An
+    ISTIO_MUTUAL socket is left to the returned _MutualTls (the rest is the same for every subset)."""
     if tls_cfg:
         mode = tls_cfg.get("mode") or "DISABLE"
         if mode == "DISABLE":
-            return
+            return None
         if mode == "ISTIO_MUTUAL":
-            tls.set_istio_mutual_socket(c.transport_socket, tls_cfg.get("sni") or sni,
-                                        tls_cfg.get("subjectAltNames") or sans, http.h2)
-            return
+            return _MutualTls(False, tls_cfg.get("sni") or "", tls_cfg.get("subjectAltNames") or None, http.h2)
         ctx = tls.user_upstream(tls_cfg, http.h2, is_sidecar)
         if ctx is not None:
             c.transport_socket.CopyFrom(tls.tls_socket(ctx))
-        return
+        return None
     if not auto_ok or c.type == Cluster.ORIGINAL_DST:
-        return
-    m = c.transport_socket_matches.add(name="tlsMode-istio", match=_MATCH_ISTIO)
-    tls.set_istio_mutual_socket(m.transport_socket, sni, sans, http.h2)
+        return None
+    c.transport_socket_matches.add(name="tlsMode-istio", match=_MATCH_ISTIO)
     c.transport_socket_matches.append(_MATCH_DISABLED)
+    return _MutualTls(True, "", None, http.h2)
 
 
 # The plaintext fallback of auto mTLS: the same on every cluster, built once.
 _MATCH_DISABLED = Cluster.TransportSocketMatch(name="tlsMode-disabled", match=struct_pb2.Struct(),
                                                transport_socket=pb.raw_buffer_socket())
-
-
-def _eds_config(c: Cluster) -> None:
-    c.eds_cluster_config.service_name = c.name
-    c.eds_cluster_config.eds_config.CopyFrom(_ADS)
 
 
 _ADS = pb.ads_config_source()
@@ -409,13 +417,12 @@ class _Skeleton:
     default cluster and every subset with the same policy are copies of one skeleton."""
 
     cluster: Cluster
-    http: _Http
-    policy: dict
     loc_lb: dict | None
+    mutual: _MutualTls | None
 
 
 def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
-              ctype: int, is_sidecar: bool, sni_dnat: bool, dns_name: str) -> _Skeleton | None:
+              ctype: int, is_sidecar: bool, sni_dnat: bool, auto_ok: bool, dns_name: str) -> _Skeleton | None:
     """None for a DNS cluster without endpoints (its inline assignment, named `dns_name`, is part of it)."""
     c = _new_cluster(push, "", ctype)
     if ctype in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
@@ -438,7 +445,12 @@ def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None
     _apply_load_balancer(c, policy.get("loadBalancer"))
     loc_lb = _apply_locality(c, locality_setting(push, policy.get("loadBalancer")))
     http.apply(c)
-    return _Skeleton(c, http, policy, loc_lb)
+    mutual = None
+    if not sni_dnat:
+        mutual = _apply_tls(push, c, http, policy.get("tls"), auto_ok=auto_ok, is_sidecar=is_sidecar)
+    if c.type == Cluster.EDS:
+        c.eds_cluster_config.eds_config.CopyFrom(_ADS)
+    return _Skeleton(c, loc_lb, mutual)
 
 
 def _service_clusters(push: PushContext, service: Service, port: Port, dr: Config | None, is_sidecar: bool,
@@ -458,12 +470,11 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         c = Cluster()
         c.CopyFrom(sk.cluster)
         c.name = name
-        if not sni_dnat:
-            _apply_tls(push, c, sk.http, sk.policy.get("tls"),
-                       sni=dns_srv_subset_key(subset.get("name", "") if subset else "", service.hostname, port.port),
-                       sans=service.service_accounts, auto_ok=auto_ok, is_sidecar=is_sidecar)
+        if sk.mutual is not None:
+            sk.mutual.apply(c, dns_srv_subset_key(subset.get("name", "") if subset else "", service.hostname,
+                                                  port.port), service.service_accounts)
         if c.type == Cluster.EDS:
-            _eds_config(c)
+            c.eds_cluster_config.service_name = name
             needs.append(EdsNeed(name, service, port.port, subset.get("labels") if subset else None, sk.loc_lb))
         if meta_path:
             md = {"config": meta_path}
@@ -475,12 +486,13 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
     name = cluster_name("")
     if dr is None and ctype == Cluster.EDS:
         # Without a DestinationRule the skeleton depends only on these (the mesh config is the push's).
-        key = ("cds-skeleton", port.protocol, is_sidecar, sni_dnat)
+        key = ("cds-skeleton", port.protocol, is_sidecar, sni_dnat, auto_ok)
         default = push.cache.get(key)
         if default is None:
-            default = push.cache[key] = _skeleton(push, service, port, None, None, ctype, is_sidecar, sni_dnat, "")
+            default = push.cache[key] = _skeleton(push, service, port, None, None, ctype, is_sidecar, sni_dnat,
+                                                  auto_ok, "")
     else:
-        default = _skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, name)
+        default = _skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, auto_ok, name)
     if default is None:
         return clusters, needs
     clusters.append(named(default, name, None))
@@ -488,7 +500,8 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         sub_name = cluster_name(subset.get("name") or "")
         sk: _Skeleton | None = default
         if default.cluster.type != Cluster.EDS or subset.get("trafficPolicy"):
-            sk = _skeleton(push, service, port, dr, subset, default.cluster.type, is_sidecar, sni_dnat, sub_name)
+            sk = _skeleton(push, service, port, dr, subset, default.cluster.type, is_sidecar, sni_dnat, auto_ok,
+                           sub_name)
         if sk is not None:
             clusters.append(named(sk, sub_name, subset))
     return clusters, needs
