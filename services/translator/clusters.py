@@ -317,12 +317,9 @@ class _MutualTls:
     sans: list[str] | None  # the DR's own SANs; None for the service's accounts
     h2: bool
 
-    def wire(self, cluster_sni: str, service_sans: list[str]) -> bytes:
-        """The cluster's TLS fields: the socket, or auto mTLS's two transport_socket_matches around it."""
-        socket = tls.istio_mutual_socket_bytes(self.sni or cluster_sni, self.sans or service_sans, self.h2)
-        if not self.on_match:
-            return pb.wire_field(_TRANSPORT_SOCKET, socket)
-        return pb.wire_field(_MATCHES, _ISTIO_MATCH_HEAD + pb.wire_field(_MATCH_SOCKET, socket)) + _DISABLED_MATCH
+    def apply(self, c: Cluster, cluster_sni: str, service_sans: list[str]) -> None:
+        ts = c.transport_socket_matches[0].transport_socket if self.on_match else c.transport_socket
+        tls.set_istio_mutual_socket(ts, self.sni or cluster_sni, self.sans or service_sans, self.h2)
 
 
 def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None, *, auto_ok: bool,
@@ -341,6 +338,8 @@ def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None,
         return None
     if not auto_ok or c.type == Cluster.ORIGINAL_DST:
         return None
+    c.transport_socket_matches.add(name="tlsMode-istio", match=_MATCH_ISTIO)
+    c.transport_socket_matches.append(_MATCH_DISABLED)
     return _MutualTls(True, "", None, http.h2)
 
 
@@ -350,17 +349,6 @@ _MATCH_DISABLED = Cluster.TransportSocketMatch(name="tlsMode-disabled", match=st
 
 
 _ADS = pb.ads_config_source()
-# Wire tags and constant fields of the per-cluster part of an outbound cluster (see _service_clusters).
-_NAME = pb.field_tag(Cluster, "name")
-_EDS_CLUSTER_CONFIG = pb.field_tag(Cluster, "eds_cluster_config")
-_SERVICE_NAME = pb.field_tag(Cluster.EdsClusterConfig, "service_name")
-_METADATA = pb.field_tag(Cluster, "metadata")
-_TRANSPORT_SOCKET = pb.field_tag(Cluster, "transport_socket")
-_MATCHES = pb.field_tag(Cluster, "transport_socket_matches")
-_MATCH_SOCKET = pb.field_tag(Cluster.TransportSocketMatch, "transport_socket")
-_ISTIO_MATCH_HEAD = Cluster.TransportSocketMatch(name="tlsMode-istio", match=_MATCH_ISTIO).SerializeToString(
-    deterministic=True)
-_DISABLED_MATCH = pb.wire_field(_MATCHES, _MATCH_DISABLED.SerializeToString(deterministic=True))
 
 
 # ---------------------------------------------------------------------------------------------- outbound
@@ -431,7 +419,6 @@ class _Skeleton:
     cluster: Cluster
     loc_lb: dict | None
     mutual: _MutualTls | None
-    wire: bytes  # the cluster serialised
 
 
 def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
@@ -463,7 +450,7 @@ def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None
         mutual = _apply_tls(push, c, http, policy.get("tls"), auto_ok=auto_ok, is_sidecar=is_sidecar)
     if c.type == Cluster.EDS:
         c.eds_cluster_config.eds_config.CopyFrom(_ADS)
-    return _Skeleton(c, loc_lb, mutual, c.SerializeToString())
+    return _Skeleton(c, loc_lb, mutual)
 
 
 def _service_clusters(push: PushContext, service: Service, port: Port, dr: Config | None, is_sidecar: bool,
@@ -480,22 +467,21 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
                 else subset_key("outbound", subset_name, service.hostname, port.port))
 
     def named(sk: _Skeleton, name: str, subset: dict | None) -> Cluster:
-        """The skeleton and the fields naming the cluster, parsed as one message (cheaper than copying it and
-        setting them; pb.wire_field says why the result is the same)."""
-        raw = name.encode()
-        wire = [sk.wire, pb.wire_field(_NAME, raw)]
+        c = Cluster()
+        c.CopyFrom(sk.cluster)
+        c.name = name
         if sk.mutual is not None:
-            wire.append(sk.mutual.wire(dns_srv_subset_key(subset.get("name", "") if subset else "",
-                                                          service.hostname, port.port), service.service_accounts))
-        if sk.cluster.type == Cluster.EDS:
-            wire.append(pb.wire_field(_EDS_CLUSTER_CONFIG, pb.wire_field(_SERVICE_NAME, raw)))
+            sk.mutual.apply(c, dns_srv_subset_key(subset.get("name", "") if subset else "", service.hostname,
+                                                  port.port), service.service_accounts)
+        if c.type == Cluster.EDS:
+            c.eds_cluster_config.service_name = name
             needs.append(EdsNeed(name, service, port.port, subset.get("labels") if subset else None, sk.loc_lb))
         if meta_path:
             md = {"config": meta_path}
             if subset is not None:
                 md["subset"] = subset.get("name", "")
-            wire.append(pb.wire_field(_METADATA, pb.istio_metadata_bytes(md)))
-        return Cluster.FromString(b"".join(wire))
+            c.metadata.CopyFrom(pb.istio_metadata(md))
+        return c
 
     name = cluster_name("")
     if dr is None and ctype == Cluster.EDS:

@@ -117,42 +117,6 @@ def istio_metadata(values: dict) -> base_pb2.Metadata:
     return md
 
 
-def istio_metadata_bytes(values: dict) -> bytes:
-    """istio_metadata(values), serialised (for messages assembled from wire fields)."""
-    key = tuple(sorted(values.items()))
-    raw = _MD_BYTES.get(key)
-    if raw is None:
-        if len(_MD_BYTES) > 100_000:
-            _MD_BYTES.clear()
-        raw = _MD_BYTES[key] = istio_metadata(values).SerializeToString(deterministic=True)
-    return raw
-
-
-_MD_BYTES: dict[tuple, bytes] = {}
-
-
-# ---- wire fields: a message can be assembled as bytes and parsed once, which costs less than setting its
-# fields from Python one by one. Parsing appends repeated elements in stream order and merges a repeated
-# occurrence of a singular message field into the earlier one; serialisation is in field-number order, so the
-# parsed message serialises exactly as the one built field by field.
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def field_tag(message_type, name: str) -> bytes:
-    """The tag of a length-delimited field (string, bytes, message) of `message_type`, by name."""
-    return varint(message_type.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
-
-
-def wire_field(tag: bytes, payload: bytes) -> bytes:
-    return tag + varint(len(payload)) + payload
-
-
 def raw_buffer_socket() -> base_pb2.TransportSocket:
     return base_pb2.TransportSocket(name=RAW_BUFFER_SOCKET, typed_config=pack(raw_buffer_pb2.RawBuffer()))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2
 
 from . import pb
 
@@ -76,10 +75,11 @@ def istio_mutual_upstream(sni: str, sans: list[str], h2: bool) -> tls_pb2.Upstre
 # it. Fully determined by its key, so it never goes stale; cleared if a huge mesh makes it grow.
 _ISTIO_MUTUAL_BYTES: dict[tuple[tuple[str, ...], bool], bytes] = {}
 _UPSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
+_SNI_FIELD = tls_pb2.UpstreamTlsContext(sni="x").SerializeToString()[:1]  # the tag byte of `sni`
 
 
-def istio_mutual_socket_bytes(sni: str, sans: list[str], h2: bool) -> bytes:
-    """tls_socket(istio_mutual_upstream(...)) serialised, without building and packing a context per cluster:
+def set_istio_mutual_socket(ts: pb.base_pb2.TransportSocket, sni: str, sans: list[str], h2: bool) -> None:
+    """Sets `ts` to tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster:
     the serialised context is the SNI-less one's bytes followed by the SNI field (`sni` has the highest set
     field number, and serialisation is in field-number order, so appending it gives the same bytes)."""
     key = (tuple(sans), h2)
@@ -88,15 +88,23 @@ def istio_mutual_socket_bytes(sni: str, sans: list[str], h2: bool) -> bytes:
         if len(_ISTIO_MUTUAL_BYTES) > 10_000:
             _ISTIO_MUTUAL_BYTES.clear()
         head = _ISTIO_MUTUAL_BYTES[key] = istio_mutual_upstream("", sans, h2).SerializeToString(deterministic=True)
-    value = pb.wire_field(_SNI_FIELD, sni.encode()) if sni else b""
-    return _TLS_SOCKET_NAME + pb.wire_field(_TYPED_CONFIG, _UPSTREAM_TLS_URL_FIELD + pb.wire_field(_ANY_VALUE, head + value))
+    ts.name = pb.TLS_SOCKET
+    typed = ts.typed_config
+    typed.type_url = _UPSTREAM_TLS_URL
+    if sni:
+        raw = sni.encode()
+        typed.value = head + _SNI_FIELD + _varint(len(raw)) + raw
+    else:
+        typed.value = head
 
 
-_SNI_FIELD = pb.field_tag(tls_pb2.UpstreamTlsContext, "sni")
-_TLS_SOCKET_NAME = pb.wire_field(pb.field_tag(pb.base_pb2.TransportSocket, "name"), pb.TLS_SOCKET.encode())
-_TYPED_CONFIG = pb.field_tag(pb.base_pb2.TransportSocket, "typed_config")
-_UPSTREAM_TLS_URL_FIELD = pb.wire_field(pb.field_tag(any_pb2.Any, "type_url"), _UPSTREAM_TLS_URL.encode())
-_ANY_VALUE = pb.field_tag(any_pb2.Any, "value")
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def user_upstream(tls: dict, h2: bool, is_sidecar: bool) -> tls_pb2.UpstreamTlsContext | None:
