@@ -8,8 +8,10 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from google.protobuf import wrappers_pb2
 
 TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
+_WEIGHT_1 = wrappers_pb2.UInt32Value(value=1)
 
 _TLS_MODE_MD: dict[str, base_pb2.Metadata] = {}
 
@@ -55,18 +57,21 @@ def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
         if prio:
             lle.priority = prio
         total = 0
+        add = lle.lb_endpoints.add
         for e in eps:
-            lb = lle.lb_endpoints.add()
-            sa = lb.endpoint.address.socket_address
-            sa.address = e.address
-            sa.port_value = e.port
             w = e.weight or 1
-            lb.load_balancing_weight.value = w
             total += w
+            # Message-valued keyword arguments are copied in C: cheaper than setting each field from Python.
+            weight = _WEIGHT_1 if w == 1 else wrappers_pb2.UInt32Value(value=w)
             if tls_metadata:
                 mode = e.tls_mode or "disabled"
                 if mode == "istio" and mtls_disabled is not None and mtls_disabled(e):
                     mode = "disabled"
-                lb.metadata.CopyFrom(tls_mode_metadata(mode))
+                lb = add(load_balancing_weight=weight, metadata=tls_mode_metadata(mode))
+            else:
+                lb = add(load_balancing_weight=weight)
+            sa = lb.endpoint.address.socket_address
+            sa.address = e.address
+            sa.port_value = e.port
         lle.load_balancing_weight.value = total
     return cla
