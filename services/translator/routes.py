@@ -184,6 +184,21 @@ def _header_ops(headers: dict | None) -> tuple[list, list, list, list]:
     return adds(req), list(req.get("remove") or []), adds(resp), list(resp.get("remove") or [])
 
 
+def _add_header_ops(msg, headers: dict | None) -> None:
+    """Writes a VirtualService `headers` block onto a Route or ClusterWeight (most rules have none)."""
+    if not headers:
+        return
+    req_add, req_rm, resp_add, resp_rm = _header_ops(headers)
+    _copy_header_ops(msg, req_add, req_rm, resp_add, resp_rm)
+
+
+def _copy_header_ops(msg, req_add, req_rm, resp_add, resp_rm) -> None:
+    for field, values in ((msg.request_headers_to_add, req_add), (msg.request_headers_to_remove, req_rm),
+                          (msg.response_headers_to_add, resp_add), (msg.response_headers_to_remove, resp_rm)):
+        if values:
+            field.extend(values)
+
+
 def _fractional(pct: float) -> percent_pb2.FractionalPercent:
     return percent_pb2.FractionalPercent(numerator=int(round(pct * 10000)),
                                          denominator=percent_pb2.FractionalPercent.MILLION)
@@ -358,11 +373,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
     if m is not None and m.get("name"):
         name = f"{name}.{m['name']}"
     out.name = name
-    req_add, req_rm, resp_add, resp_rm = _header_ops(rule.get("headers"))
-    out.request_headers_to_add.extend(req_add)
-    out.request_headers_to_remove.extend(req_rm)
-    out.response_headers_to_add.extend(resp_add)
-    out.response_headers_to_remove.extend(resp_rm)
+    _add_header_ops(out, rule.get("headers"))
     redirect = rule.get("redirect")
     if redirect is not None:
         code = int(redirect.get("redirectCode") or 0)
@@ -438,11 +449,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
             cw = rc.WeightedCluster.ClusterWeight(
                 name=destination_cluster(dest, registry.get(dest.get("host", "")), port))
             cw.weight.value = weight
-            a, r, ra, rr_ = _header_ops(d.get("headers"))
-            cw.request_headers_to_add.extend(a)
-            cw.request_headers_to_remove.extend(r)
-            cw.response_headers_to_add.extend(ra)
-            cw.response_headers_to_remove.extend(rr_)
+            _add_header_ops(cw, d.get("headers"))
             weighted.append(cw)
             hp = hash_policy(destination_hash(push, view, dest, port))
             if hp is not None:
@@ -450,10 +457,8 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
         if len(weighted) == 1:
             w = weighted[0]
             action.cluster = w.name
-            out.request_headers_to_add.extend(w.request_headers_to_add)
-            out.request_headers_to_remove.extend(w.request_headers_to_remove)
-            out.response_headers_to_add.extend(w.response_headers_to_add)
-            out.response_headers_to_remove.extend(w.response_headers_to_remove)
+            _copy_header_ops(out, w.request_headers_to_add, w.request_headers_to_remove,
+                             w.response_headers_to_add, w.response_headers_to_remove)
         elif weighted:
             action.weighted_clusters.clusters.extend(weighted)
         else:
