@@ -527,15 +527,24 @@ def _catch_all_routes_last(vhost: rc.VirtualHost) -> None:
 
 
 def default_route(cluster: str, operation: str, retry: bool = True) -> rc.Route:
-    r = rc.Route(name=DEFAULT_ROUTE_NAME, match=rc.RouteMatch(prefix="/"))
+    r = rc.Route()
+    r.CopyFrom(_DEFAULT_ROUTES[retry])  # one copy instead of building the common part field by field
     r.decorator.operation = operation
+    r.route.cluster = cluster
+    return r
+
+
+def _default_route_base(retry: bool) -> rc.Route:
+    r = rc.Route(name=DEFAULT_ROUTE_NAME, match=rc.RouteMatch(prefix="/"))
     a = r.route
-    a.cluster = cluster
     a.timeout.CopyFrom(_ZERO)
     a.max_stream_duration.grpc_timeout_header_max.CopyFrom(_ZERO)
     if retry:
         a.retry_policy.CopyFrom(_DEFAULT_RETRY)
     return r
+
+
+_DEFAULT_ROUTES = {retry: _default_route_base(retry) for retry in (False, True)}
 
 
 # ---------------------------------------------------------------------------------------------- domains
