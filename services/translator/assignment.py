@@ -35,6 +35,20 @@ def set_locality(loc: base_pb2.Locality, label: str) -> None:
         loc.sub_zone = parts[2]
 
 
+_LOCALITIES: dict[str, base_pb2.Locality] = {}
+
+
+def _locality(label: str) -> base_pb2.Locality:
+    """A Locality per label, built once (callers pass it as a keyword argument, which copies it)."""
+    loc = _LOCALITIES.get(label)
+    if loc is None:
+        if len(_LOCALITIES) > 10_000:
+            _LOCALITIES.clear()
+        loc = _LOCALITIES[label] = base_pb2.Locality()
+        set_locality(loc, label)
+    return loc
+
+
 def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
                      tls_metadata: bool,
                      mtls_disabled: Callable[[Any], bool] | None = None,
@@ -51,9 +65,7 @@ def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
             continue
         groups.setdefault((e.locality, priority(e) if priority else 0), []).append(e)
     for (locality, prio), eps in groups.items():
-        lle = cla.endpoints.add()
-        if locality:
-            set_locality(lle.locality, locality)
+        lle = cla.endpoints.add(locality=_locality(locality)) if locality else cla.endpoints.add()
         if prio:
             lle.priority = prio
         total = 0
