@@ -11,8 +11,10 @@ Parts (the full run; --quick runs small sizes of each, in under 2 minutes, as a 
                bytes and gateway CPU per push, gateway memory per connected proxy
   apply        `mizzen apply` of N ServiceEntries until a real Envoy holds all their clusters and routes
                (registry, translator, gateway, Envoy as processes)
+  ca           certauth: CSR signings/s per core of certauth CPU over gRPC/TLS (P-256), the CA core's own
+               floor in-process, and the time for N agents (own key, CSR, token, TLS connection, all released
+               at once) to get their first certificate (bench/ca.py)
   logsink      access-log lines/s per core (bench/logsink.py)
-CA signings/s and SDS first-certificate times join when certauth lands.
 
 Figures are measured, never asserted. The machine is usually shared: compare runs from one machine, and read
 single runs as indications.
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import translate, xds_push  # noqa: E402
+from bench import ca, translate, xds_push  # noqa: E402
 
 T0 = time.monotonic()
 
@@ -216,7 +218,12 @@ def bench_push(cases: list[dict], procs_n: int, timeout: float) -> list[dict]:
 
 # ---------------------------------------------------------------- apply → Envoy
 def _envoy_bootstrap(node: str, admin: int, xds_port: int) -> dict:
+    from mizzen.services.sidecar.bootstrap import stats_config
+
     return {
+        # the stats a Mizzen (and Istio) sidecar keeps: without the inclusion list Envoy makes ~100 counters per
+        # cluster and its own CDS apply of 1,000 clusters takes several times longer
+        "stats_config": stats_config(),
         "node": {"id": node, "cluster": "bench.default", "metadata": {"ISTIO_VERSION": "1.7.0"}},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "dynamic_resources": {
@@ -307,6 +314,26 @@ def bench_apply(counts: list[int]) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- certauth
+def bench_ca(plan: dict) -> list[dict]:
+    """One P-256 certauth process, real load processes and agents (bench/ca.py); per core = signed / certauth's
+    own CPU seconds, so the load processes sharing the machine do not count against it."""
+    progress(f"ca: floor, {plan['seconds']} s of signing over gRPC, {plan['agents']} agents' first certificates")
+    args = argparse.Namespace(seconds=plan["seconds"], clients=plan["clients"], concurrency=plan["concurrency"],
+                              agents=plan["agents"])
+    try:
+        f = ca.floor("ec", plan["floor_seconds"])
+        with tempfile.TemporaryDirectory(prefix="mizzen-bench-ca-") as tmp:
+            g = ca.grpc_throughput("ec", Path(tmp), args)
+    except Exception as e:  # noqa: BLE001 - a failed part is reported in the table, the others still run
+        return [{"key": "P-256", "error": f"{type(e).__name__}: {e}"[:300]}]
+    a = g.get("agents") or {}
+    return [{"key": "P-256", "floor_per_s": round(f["sign_csr"]), "grpc_per_core": round(g["per_core"]),
+             "grpc_wall_per_s": round(g["wall_rate"]), "errors": g["errors"], "agents": a.get("n"),
+             "agents_all_s": round(a["all_done"], 3) if a else None, "agents_p50_s": round(a["p50"], 3) if a else None,
+             "agent_errors": a.get("errors")}]
+
+
 # ---------------------------------------------------------------- logsink
 def bench_logsink(lines: int) -> list[dict]:
     progress(f"logsink: {lines:,} HTTP access-log lines")
@@ -383,6 +410,11 @@ def report(res: dict) -> str:
         table("Apply → Envoy", res.get("apply", []),
               [("ServiceEntries", "service_entries"), ("apply call s", "apply_call_s"),
                ("until Envoy holds all s", "until_envoy_s")]),
+        table("certauth (signings per core of certauth CPU; agents' first certificates)", res.get("ca", []),
+              [("CA key", "key"), ("core floor /s", "floor_per_s"), ("gRPC /s/core", "grpc_per_core"),
+               ("gRPC /s wall", "grpc_wall_per_s"), ("errors", "errors"), ("agents", "agents"),
+               ("all certified s", "agents_all_s"), ("p50 s", "agents_p50_s"), ("agent errors", "agent_errors"),
+               ("error", "error")]),
         table("Logsink", res.get("logsink", []), [("lines", "lines"), ("lines/s per core", "lines_per_s_per_core"),
                                                   ("error", "error")]),
         table("Goals (reported, not asserted)", res.get("goals", []),
@@ -402,7 +434,8 @@ def compare(prev: dict, cur: dict) -> str:
                                                           "endpoint_change_cpu_s")),
              ("push", lambda r: (r.get("kind"), r.get("api"), r.get("workers"), r.get("S"), r.get("N")),
               ("p99", "cpu_per_push_ms", "rss_per_stream_kb")),
-             ("apply", lambda r: (r["service_entries"],), ("until_envoy_s",))]
+             ("apply", lambda r: (r["service_entries"],), ("until_envoy_s",)),
+             ("ca", lambda r: (r["key"],), ("agents_all_s",))]
     for section, key, fields in specs:
         old = idx(prev.get(section, []), key)
         for r in cur.get(section, []):
@@ -488,7 +521,8 @@ def plan(quick: bool) -> dict:
                          {"kind": "full", "api": "delta", "services": 100, "proxies": 50, "workers": 1},
                          {"kind": "endpoint", "api": "delta", "services": 100, "proxies": 50, "workers": 1},
                          {"kind": "full", "api": "sotw", "services": 100, "proxies": 50, "workers": 2}],
-                "apply": [100], "logsink": 0}
+                "apply": [100], "logsink": 0,
+                "ca": {"floor_seconds": 0.5, "seconds": 1.5, "clients": 1, "concurrency": 16, "agents": 50}}
     push = []
     for api in ("sotw", "delta"):
         for s in (100, 1000):
@@ -497,7 +531,8 @@ def plan(quick: bool) -> dict:
         push.append({"kind": "endpoint", "api": api, "services": 1000, "proxies": 2000, "workers": 1})
         push.append({"kind": "full", "api": api, "services": 1000, "proxies": 2000, "workers": 2})
     push.append({"kind": "full", "api": "delta", "services": 100, "proxies": 10000, "workers": 2})
-    return {"translation": [100, 1000, 5000, 10000], "push": push, "apply": [1000], "logsink": 200_000}
+    return {"translation": [100, 1000, 5000, 10000], "push": push, "apply": [1000], "logsink": 200_000,
+            "ca": {"floor_seconds": 3.0, "seconds": 8.0, "clients": 2, "concurrency": 64, "agents": 1000}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,13 +540,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes (CI smoke test)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for results and plots")
-    ap.add_argument("--only", default="", help="comma-separated parts: translation,push,apply,logsink")
+    ap.add_argument("--only", default="", help="comma-separated parts: translation,push,apply,ca,logsink")
     ap.add_argument("--procs", type=int, default=2, help="client processes for the push cases")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a push case may take")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = set(filter(None, args.only.split(","))) or {"translation", "push", "apply", "logsink"}
+    parts = set(filter(None, args.only.split(","))) or {"translation", "push", "apply", "ca", "logsink"}
     p = plan(args.quick)
     now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
@@ -528,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["kib_per_push"] = round(r["bytes_per_push"] / 1024, 1)
     if "apply" in parts:
         res["apply"] = bench_apply(p["apply"])
+    if "ca" in parts:
+        res["ca"] = bench_ca(p["ca"])
     if "logsink" in parts and p["logsink"]:
         res["logsink"] = bench_logsink(p["logsink"])
     res["goals"] = goals_report(res)

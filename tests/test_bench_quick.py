@@ -37,6 +37,10 @@ def test_bench_quick_runs_and_reports(tmp_path):
         assert row["converged"] == row["N"], row
         assert row["bytes_per_push"] > 0, row  # every case really pushed
     assert res["apply"][0]["until_envoy_s"] is not None  # the real Envoy got all ServiceEntries
+    ca_row = res["ca"][0]
+    assert "error" not in ca_row, ca_row
+    assert ca_row["grpc_per_core"] > 0 and ca_row["errors"] == 0  # real signings over gRPC/TLS
+    assert ca_row["agents"] == 50 and ca_row["agent_errors"] == 0  # every agent got its certificate
     for png in res["plots"]:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| services | one proxy |" in r.stdout and "Goals (reported, not asserted)" in r.stdout

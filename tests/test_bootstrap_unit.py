@@ -360,3 +360,24 @@ def test_xds_over_tls_with_sds_roots_and_a_token():
     plain = build_bootstrap("p", "ns", "10.0.0.1")
     assert "initial_metadata" not in json.dumps(plain) and "transport_socket" not in json.dumps(
         next(c for c in plain["static_resources"]["clusters"] if c["name"] == "xds-grpc"))
+
+
+def test_cli_locality_flag_env_and_label_precedence(monkeypatch, capsys):
+    """node.locality: the pod's labels (istio-locality, topology.*) as pilot-agent's label, else --locality /
+    MIZZEN_LOCALITY (pilot-agent's platform locality); a malformed one is refused naming the flag."""
+    base = ["--pod", "p", "--namespace", "d", "--ip", "10.0.0.1"]
+
+    def node_locality(*args: str) -> dict | None:
+        assert cli.main([*base, *args]) == 0
+        return json.loads(capsys.readouterr().out)["node"].get("locality")
+
+    assert node_locality("--locality", "r1/z1/s1") == {"region": "r1", "zone": "z1", "sub_zone": "s1"}
+    assert node_locality("--locality", "r1/z1", "-l", "istio-locality=r9.z9") == {"region": "r9", "zone": "z9"}
+    assert node_locality("--locality", "r1", "-l", "topology.kubernetes.io/zone=z7") == {"zone": "z7"}
+    monkeypatch.setenv("MIZZEN_LOCALITY", "r2/z2")
+    assert node_locality() == {"region": "r2", "zone": "z2"}
+    monkeypatch.delenv("MIZZEN_LOCALITY")
+    assert node_locality() is None
+    for bad in ("r1/z1/s1/x", "r 1/z1"):
+        assert cli.main([*base, "--locality", bad]) == 2
+        assert f"--locality wants REGION[/ZONE[/SUBZONE]] (label values), got {bad!r}" in capsys.readouterr().err

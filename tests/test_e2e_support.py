@@ -288,6 +288,10 @@ class E2E:
     def apply(self, *objects: dict) -> str:
         return mizzen("apply", "-f", str(self._yaml(list(objects))), "--server", self.server).stdout
 
+    def mizzen_apply(self, *objects: dict) -> subprocess.CompletedProcess:
+        """`mizzen apply` of the objects, with its warnings (stderr)."""
+        return mizzen("apply", "-f", str(self._yaml(list(objects))), "--server", self.server)
+
     def delete(self, *objects: dict) -> str:
         return mizzen("delete", "-f", str(self._yaml(list(objects))), "--server", self.server).stdout
 

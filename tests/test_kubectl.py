@@ -557,3 +557,59 @@ def test_each_kubectl_write_is_one_revision_and_one_event(kubectl, tmp_path, sta
     assert [e["keys"] for e in events] == [[key], [key], [key]]
     revs = [e["revision"] for e in events]
     assert revs == sorted(revs) and len(set(revs)) == 3
+
+
+NODE = """\
+apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+  labels: {{topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: {zone}, node-role.kubernetes.io/worker: ""}}
+spec: {{podCIDR: 10.244.1.0/24}}
+"""
+
+
+def test_nodes_are_cluster_scoped(kubectl, tmp_path, stack):
+    """Nodes (their topology labels are their pods' locality): kubectl apply / get / label / delete at
+    /api/v1/nodes, whatever the context's namespace; `mizzen get nodes` shows the same; a bad one is refused."""
+    k = kubectl("node-ns")
+    rows = {line.split()[0]: line.split() for line in k.ok("api-resources", "--no-headers").splitlines()}
+    assert rows["nodes"][1:] == ["no", "v1", "false", "Node"]
+    f = tmp_path / "node.yaml"
+    f.write_text(NODE.format(name="worker-1", zone="z1"))
+    assert k.ok("apply", "-f", str(f)).strip() == "node/worker-1 created"
+    assert request("GET", stack.registry_url + "/api/v1/nodes/worker-1")["metadata"]["name"] == "worker-1"
+    table = k.ok("get", "nodes").splitlines()
+    assert table[0].split() == ["NAME", "ROLES", "LOCALITY", "AGE"]
+    assert table[1].split()[:3] == ["worker-1", "worker", "r1/z1"]
+    k.ok("label", "no", "worker-1", "topology.kubernetes.io/zone=z2", "--overwrite")
+    assert k.ok("get", "node", "worker-1", "-o", "jsonpath={.metadata.labels.topology\\.kubernetes\\.io/zone}") == "z2"
+    cli = subprocess.run([sys.executable, "-m", "mizzen.services.cli.main", "get", "nodes", "--server",
+                          stack.registry_url], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    header, row = cli.stdout.splitlines()[:2]
+    assert header.split() == ["NAME", "ROLES", "LOCALITY", "AGE"] and row.split()[:3] == ["worker-1", "worker", "r1/z2"]
+    bad = tmp_path / "bad-node.yaml"
+    bad.write_text(NODE.format(name="worker-2", zone="z1").replace("10.244.1.0/24", "not-a-cidr"))
+    p = k("apply", "-f", str(bad))
+    assert p.returncode != 0 and 'spec.podCIDR: Invalid value: "not-a-cidr": must be a valid CIDR' in p.stderr
+    p = k("get", "node", "worker-2")
+    assert p.returncode == 1 and 'nodes "worker-2" not found' in p.stderr
+    assert 'node "worker-1" deleted' in k.ok("delete", "-f", str(f))
+
+
+def test_analysis_findings_come_back_as_warning_headers(kubectl, tmp_path):
+    k = kubectl("conflict-ns")
+    k.ok("apply", "-f", "-", stdin=VS.format(ns="conflict-ns", w1=50, w2=50))
+    second = VS.format(ns="conflict-ns", w1=10, w2=90).replace("name: web\n", "name: web-two\n")
+    p = k("apply", "-f", "-", stdin=second)
+    assert p.returncode == 0 and "virtualservice.networking.istio.io/web-two created" in p.stdout, p.stderr
+    assert ("Warning: spec.hosts[0]: [IST0109] The VirtualServices conflict-ns/web,conflict-ns/web-two associated "
+            "with mesh gateway define the same host web.conflict-ns.svc.cluster.local") in p.stderr
+    # web is older (or as old, and sorts first by name): it serves the host
+    assert "The oldest, conflict-ns/web, serves the host; conflict-ns/web-two's routes for it are ignored." in p.stderr
+    import yaml
+
+    msg = yaml.safe_load(k.ok("get", "vs", "web-two", "-o", "yaml"))["status"]["validationMessages"]
+    assert [m["type"]["code"] for m in msg] == ["IST0109"]
+    k.ok("delete", "vs", "web", "web-two")

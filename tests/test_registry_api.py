@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import nats
 import pytest
@@ -233,3 +234,80 @@ def test_apply_stores_current_istio_fields_it_does_not_translate_and_warns_namin
     f.write_text(UNTRANSLATED_DR.replace("insecureSkipVerify", "insecureSkipVerfy"))
     r = mizzen("apply", "-f", str(f), server=stack.registry_url)
     assert r.returncode == 1 and 'spec.trafficPolicy.tls.insecureSkipVerfy: unknown field "insecureSkipVerfy"' in r.stderr
+
+
+ANALYSED = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: web, image: web}]}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: shop}
+spec:
+  selector: {matchLabels: {app: wbe}}
+  rules: [{from: [{source: {namespaces: [shop, frontent]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-old, namespace: shop}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web}}]}]
+"""
+SECOND = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-all, namespace: shop}
+spec: {rules: [{}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a-web-new, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  http: [{route: [{destination: {host: web}}]}]
+"""
+
+
+def test_apply_prints_analysis_warnings_and_stores_the_objects(stack, tmp_path):
+    f = tmp_path / "first.yaml"
+    f.write_text(ANALYSED)
+    r = mizzen("apply", "-f", str(f), server=stack.registry_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        f"warning: {f}, document 2: AuthorizationPolicy shop/typo: spec.selector.matchLabels: [IST0127] No matching "
+        "workloads for this resource with the following labels: app=wbe (in namespace 'shop')",
+        f"warning: {f}, document 2: AuthorizationPolicy shop/typo: spec.rules[0].from[0].source.namespaces[1]: "
+        '[IST0101] Referenced namespace not found: "frontent"']
+    time.sleep(1.1)  # creation times have whole seconds: the second apply is younger even though `a-…` sorts first
+    g = tmp_path / "second.yaml"
+    g.write_text(SECOND)
+    r = mizzen("apply", "-f", str(g), server=stack.registry_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["authorizationpolicy.security.istio.io/allow-all created",
+                                     "virtualservice.networking.istio.io/a-web-new created"]
+    assert r.stderr.splitlines() == [
+        f"warning: {g}, document 0: AuthorizationPolicy shop/allow-all: spec.rules[0]: [MZN0002] a second ALLOW-all "
+        "policy: AuthorizationPolicy shop/allow-web already allows every request to workloads {app=web}; this "
+        "empty rule adds nothing",
+        f"warning: {g}, document 1: VirtualService shop/a-web-new: spec.hosts[0]: [IST0109] The VirtualServices "
+        "shop/a-web-new,shop/web-old associated with mesh gateway define the same host web.shop.svc.cluster.local "
+        "which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a "
+        "single resource. The oldest, shop/web-old, serves the host; shop/a-web-new's routes for it are ignored."]
+    # stored, with the findings in status.validationMessages as Istio's analysis writes them
+    vs = request("GET", stack.registry_url + "/apis/networking.istio.io/v1/namespaces/shop/virtualservices/a-web-new")
+    msg = vs["status"]["validationMessages"]
+    assert [(m["type"], m["level"]) for m in msg] == [
+        ({"code": "IST0109", "name": "ConflictingMeshGatewayVirtualServiceHosts"}, "WARNING")]
+    assert msg[0]["description"].startswith("spec.hosts[0]: The VirtualServices shop/a-web-new,shop/web-old")
+    assert revision(stack) == 2

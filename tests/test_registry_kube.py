@@ -297,3 +297,53 @@ def test_unusable_kubeconfig_stops_the_registry_naming_it(tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert p.returncode != 0 and "mizzen registry: cannot use --kubeconfig" in p.stderr and named in p.stderr, \
             p.stderr
+
+
+def kube_node(zone: str, heartbeat: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "worker-1", "labels": {"topology.kubernetes.io/region": "r1",
+                                                        "topology.kubernetes.io/zone": zone}},
+            "spec": {"podCIDR": "10.244.1.0/24"},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]}}
+
+
+async def test_nodes_are_ingested_without_their_status(kube, tmp_path):
+    """Nodes are listed and watched (their labels are their pods' locality); their status, which the kubelet
+    rewrites all the time, is dropped, so a heartbeat is no change at all."""
+    await kube.put(kube_node("z1", "2026-01-01T00:00:00Z"))
+    stack = Stack(tmp_path)
+
+    async def get_node() -> dict | None:
+        try:
+            return await asyncio.to_thread(request, "GET", f"{stack.registry_url}/api/v1/nodes/worker-1")
+        except RegistryError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def revision() -> int:
+        return (await asyncio.to_thread(request, "GET", stack.registry_url + "/version"))["revision"]
+
+    try:
+        await asyncio.to_thread(stack.start_infra)
+        await asyncio.to_thread(stack.start_service, "registry", True, ["--kube-api", f"http://127.0.0.1:{kube.port}"])
+        node = await eventually(get_node)
+        assert "status" not in node and node["metadata"]["annotations"]["mizzen.io/source"] == "kubernetes"
+        rev = await revision()
+        await kube.put(kube_node("z1", "2026-01-01T00:00:10Z"))  # a heartbeat only
+        await kube.put(kube_node("z2", "2026-01-01T00:00:20Z"))  # relabelled (and a heartbeat)
+
+        async def relabelled():
+            n = await get_node()
+            return n and n["metadata"]["labels"]["topology.kubernetes.io/zone"] == "z2"
+
+        await eventually(relabelled)
+        assert await revision() == rev + 1  # the relabel is the one change
+        await kube.delete("Node", "", "worker-1")
+
+        async def gone():
+            return await get_node() is None
+
+        await eventually(gone)
+    finally:
+        await asyncio.to_thread(stack.stop)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from mizzen.services.cli.http import apply_objects
 from tests.test_e2e_support import eventually
 from tests.traffic_harness import (
     TrafficMesh,
@@ -437,3 +438,36 @@ def test_gateway_errors_eject_only_on_502_503_504(mesh: TrafficMesh, field: str)
     assert "failed_outlier_check" not in health[e500.address], health
     got = mesh.spread(host, 30)
     assert set(got) == {good.name, "500"} and got["500"] >= 5, got
+
+
+# ------------------------------------------------------------------------------------------ conflicts
+def test_two_virtual_services_for_one_host_merge_oldest_first(mesh: TrafficMesh):
+    """istiod's rule for a gateway: routes of every VirtualService of the host, the oldest's first, catch-alls
+    last. The younger one is named `a-…` so that name order alone would pick it: creation time decides."""
+    host = "conflict.traffic.test"
+    old_up, new_up = mesh.upstream("conflict-old"), mesh.upstream("conflict-new")
+    mesh.apply(service_entry("conflict-old", "old.conflict.traffic.test", [old_up]),
+               service_entry("conflict-new", "new.conflict.traffic.test", [new_up]))
+    older = virtual_service("z-conflict-older", host, [
+        {"name": "old-all", "route": [{"destination": {"host": "old.conflict.traffic.test"}}]}])
+    mesh.apply(older)
+    mesh.wait_vs(older)
+    time.sleep(1.1)  # creation times have whole seconds
+    newer = virtual_service("a-conflict-newer", host, [
+        {"name": "new-only", "match": [{"uri": {"prefix": "/new"}}],
+         "route": [{"destination": {"host": "new.conflict.traffic.test"}}]},
+        {"name": "new-all", "route": [{"destination": {"host": "new.conflict.traffic.test"}}]}])
+    result = apply_objects(mesh.stack.registry_url, [newer])
+    [warning] = result["warnings"]
+    assert [(e["field"], e["code"]) for e in warning["errors"]] == [("spec.hosts[0]", "MZN0003")]
+    assert "routes are merged, default/z-conflict-older's (the oldest) first" in warning["errors"][0]["message"]
+    mesh.wait_vs(newer)
+    assert [r["name"] for r in mesh.route_for(host)] == ["new-only", "old-all", "new-all"]
+    mesh.wait_hosts(outbound("old.conflict.traffic.test"), [old_up])
+    mesh.wait_hosts(outbound("new.conflict.traffic.test"), [new_up])
+    assert mesh.spread(host, 4) == {"conflict-old": 4}  # the older catch-all serves
+    assert mesh.spread(host, 4, path="/new/x") == {"conflict-new": 4}  # the younger one's specific route too
+    # the older one goes: the younger takes the host over
+    mesh.delete(older)
+    mesh.wait_routes(host, lambda rs: [r["name"] for r in rs] == ["new-only", "new-all"], what="only newer's routes")
+    assert mesh.spread(host, 4) == {"conflict-new": 4}

@@ -219,3 +219,38 @@ def test_sidecar_egress_hosts_scope_what_the_client_reaches(mesh):
         mesh.env.delete(scope)
     eventually(lambda: mesh.car.serves(b_cluster, {f"{mesh.pods['g2'].ip}:{PORT}"}), what="st-scope-b back")
     assert served_by(get(mesh, "10.96.7.6")) == "g2"
+
+
+def test_sidecar_oldest_virtual_service_takes_a_host(mesh):
+    """istiod's rule on the mesh gateway: of two VirtualServices for one host the oldest (creation time, then
+    name) builds its routes and the other's are ignored; delete the oldest and the other takes over. The
+    younger one is named `a-…`, so name order alone would pick it."""
+    setup(mesh, "st-own-a", "10.96.7.7", ["g1"])
+    setup(mesh, "st-own-b", "10.96.7.8", ["g2"])
+    setup(mesh, "st-own", "10.96.7.9", ["g3"])
+
+    def to(name: str, hosts: list[str], target: str) -> dict:
+        return {"apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"hosts": hosts, "http": [{"route": [{"destination": {"host": target}}],
+                                                   "headers": {"response": {"set": {"x-vs": name}}}}]}}
+
+    older = to("z-own-older", ["st-own"], "st-own-a")
+    mesh.env.apply(older)
+    eventually(lambda: served_by(get(mesh, "10.96.7.9")) == "g1", what="st-own routed to st-own-a")
+    time.sleep(1.1)  # creation times have whole seconds
+    # the younger one also takes st-own-b (no conflict there): its header on st-own-b proves it has arrived
+    newer = to("a-own-newer", ["st-own", "st-own-b"], "st-own-b")
+    res = mesh.env.mizzen_apply(newer)
+    assert ("spec.hosts[0]: [IST0109] The VirtualServices default/a-own-newer,default/z-own-older associated with "
+            "mesh gateway define the same host st-own.default.svc.cluster.local") in res.stderr
+    assert "The oldest, default/z-own-older, serves the host" in res.stderr
+    eventually(lambda: get(mesh, "10.96.7.8").get("headers", {}).get("x-vs") == "a-own-newer",
+               what="the younger VirtualService in the client's Envoy")
+    for _ in range(5):
+        r = get(mesh, "10.96.7.9")
+        assert (served_by(r), r["headers"].get("x-vs")) == ("g1", "z-own-older"), r
+    mesh.env.delete(older)
+    eventually(lambda: served_by(r := get(mesh, "10.96.7.9")) == "g2" and r["headers"].get("x-vs") == "a-own-newer",
+               what="the younger VirtualService taking st-own over")
+    mesh.env.delete(newer)

@@ -268,3 +268,67 @@ def test_unknown_route_name_is_empty():
     view = push.view(Proxy.from_node_id(SEED_PROXY, push))
     rcfg = routes.sidecar_route_config(push, view, "not-a-port")
     assert (rcfg.name, len(rcfg.virtual_hosts)) == ("not-a-port", 0)
+
+
+CONFLICTS = """
+apiVersion: v1
+kind: Pod
+metadata: {name: ingress-1, namespace: edge, labels: {istio: ingress}}
+status: {podIP: 10.3.0.10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.5.1, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.5.2, ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: public, namespace: edge}
+spec:
+  selector: {istio: ingress}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*/shop.example.com"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: z-older, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  hosts: [shop.example.com, web]
+  gateways: [edge/public, mesh]
+  http:
+  - match: [{uri: {prefix: /old}}]
+    route: [{destination: {host: web}}]
+  - route: [{destination: {host: web}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a-newer, namespace: shop, creationTimestamp: "2026-01-01T00:00:01Z"}
+spec:
+  hosts: [shop.example.com, web]
+  gateways: [edge/public, mesh]
+  http:
+  - match: [{uri: {prefix: /new}}]
+    route: [{destination: {host: api}}]
+  - route: [{destination: {host: api}}]
+"""
+
+
+def test_virtual_services_sharing_a_host_on_a_gateway_are_merged_catch_alls_last():
+    push = push_of(CONFLICTS)
+    [vh] = snapshot_of(push, INGRESS)[ROUTE]["http.80"].virtual_hosts
+    web, api = "outbound|80||web.shop.svc.cluster.local", "outbound|80||api.shop.svc.cluster.local"
+    # the older one's routes first, the newer one's specific route next, the catch-alls (older first) last
+    assert [(r.match.prefix, r.route.cluster) for r in vh.routes] == [
+        ("/old", web), ("/new", api), ("/", web), ("/", api)]
+
+
+def test_virtual_services_sharing_a_host_on_the_mesh_gateway_the_oldest_takes_it():
+    push = push_of(CONFLICTS)
+    vh = vhost(snapshot_of(push, FRONTEND_V1)[ROUTE]["80"], "web.shop.svc.cluster.local:80")
+    # by creation time, not name: z-older's routes only
+    assert [(r.match.prefix, r.route.cluster) for r in vh.routes] == [
+        ("/old", "outbound|80||web.shop.svc.cluster.local"), ("/", "outbound|80||web.shop.svc.cluster.local")]

@@ -130,6 +130,7 @@ def outbound(host: str, port: int = 80, subset: str = "") -> str:
 class TrafficMesh:
     work: Path
     gateway_labels: dict[str, str] = field(default_factory=dict)  # e.g. the gateway's locality labels
+    bootstrap_flags: list[str] = field(default_factory=list)  # more `mizzen bootstrap` flags (e.g. --locality)
     stack: Stack = field(init=False)
     envoy: procs.Proc | None = field(init=False, default=None)
     sds: SdsServer | None = field(init=False, default=None)
@@ -162,7 +163,7 @@ class TrafficMesh:
                "--health-port", str(procs.free_port()), "--prometheus-port", str(procs.free_port()),
                "--agent-port", str(procs.free_port()), "--listen-address", "127.0.0.1", "--zipkin", "",
                "--sds-path", str(self.work / "sds.sock"), "--initial-fetch-timeout", "5s",
-               "--access-log", str(self.access_log), "-o", str(boot))
+               "--access-log", str(self.access_log), *self.bootstrap_flags, "-o", str(boot))
         argv = envoy_command(str(boot), concurrency=1, log_level="warning", flush_interval_ms=100, drain_seconds=1)
         self.envoy = procs.spawn("envoy-gateway", argv, self.stack.log_dir)
         eventually(lambda: self._listening(), 60, 0.1, what="the gateway Envoy listening on the Gateway's port")

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 
 from mizzen.services.mesh import settings
+from mizzen.services.mesh.validation.common import label_value_errors
 from mizzen.services.sidecar import bootstrap as bs
 from mizzen.services.sidecar.grpc_bootstrap import build_grpc_bootstrap
 
@@ -34,6 +35,14 @@ def _labels(values: list[str]) -> dict[str, str]:
                 raise argparse.ArgumentTypeError(f"--label wants KEY=VALUE, got {pair!r}")
             out[key] = value
     return out
+
+
+def _locality(value: str) -> str:
+    """`region[/zone[/subzone]]`, each part a label value (node labels hold them), or ""."""
+    parts = value.split("/") if value else []
+    if len(parts) > 3 or any(label_value_errors(p) for p in parts):
+        raise argparse.ArgumentTypeError(f"--locality wants REGION[/ZONE[/SUBZONE]] (label values), got {value!r}")
+    return value
 
 
 def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
@@ -53,6 +62,13 @@ def build_parser(prog: str = "mizzen bootstrap") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--label", "-l", action="append", default=[], metavar="KEY=VALUE", help="pod label (repeatable)"
+    )
+    p.add_argument(
+        "--locality",
+        default=os.environ.get("MIZZEN_LOCALITY", ""),
+        metavar="REGION/ZONE/SUBZONE",
+        help="node.locality when the labels give none (istio-locality, topology.*) (env MIZZEN_LOCALITY); "
+        "the control plane prefers the locality of the pod's Node",
     )
     p.add_argument(
         "--cluster-id", default="Kubernetes", help="node metadata CLUSTER_ID (default %(default)s)"
@@ -135,6 +151,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> dict:
         xds_root_cert=args.xds_root_cert,
         initial_fetch_timeout=args.initial_fetch_timeout,
         all_stats=args.all_stats,
+        locality=_locality(args.locality),
     )
     kwargs.update(overrides)
     return bs.build_bootstrap(args.pod, args.namespace, args.ip, **kwargs)

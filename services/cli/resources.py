@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from ..mesh import kinds, settings
+from ..mesh import kinds, locality, settings
 from ..mesh.errors import DocumentError
 from ..mesh.kinds import object_key
 from ..mesh.yamlio import Document, load_paths
@@ -22,12 +22,15 @@ def _server_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _print_documents(label: str, details: list[dict]) -> None:
-    """One stderr line per field of each document: `<label>: <file>, document N: Kind ns/name: field: message`."""
+    """One stderr line per field of each document: `<label>: <file>, document N: Kind ns/name: field: message`
+    (`field: [IST0109] message` for an analysis finding)."""
     for d in details:
         what = f"{d.get('kind') or '?'} {d['namespace'] + '/' if d.get('namespace') else ''}{d.get('name') or '?'}"
         for err in d.get("errors", []):
             field = f"{err['field']}: " if err.get("field") else ""
-            print(f"{label}: {d['source']}, document {d['document']}: {what}: {field}{err['message']}", file=sys.stderr)
+            code = f"[{err['code']}] " if err.get("code") else ""  # an analysis finding's message type
+            print(f"{label}: {d['source']}, document {d['document']}: {what}: {field}{code}{err['message']}",
+                  file=sys.stderr)
 
 
 def _report_failure(e: RegistryError) -> int:
@@ -98,6 +101,9 @@ def _columns(kind: str, obj: dict) -> list[tuple[str, str]]:
                 ("PORT(S)", ports or "<none>")]
     if kind == "Pod":
         return [("IP", (obj.get("status") or {}).get("podIP", "<none>"))]
+    if kind == "Node":  # kubectl's STATUS and VERSION are the kubelet's status, which is not kept
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return [("ROLES", kinds.node_roles(labels)), ("LOCALITY", locality.from_node_labels(labels) or "<none>")]
     if kind == "VirtualService":
         return [("GATEWAYS", json.dumps(spec.get("gateways", [])).replace(" ", "")),
                 ("HOSTS", json.dumps(spec.get("hosts", [])).replace(" ", ""))]

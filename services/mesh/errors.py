@@ -35,8 +35,15 @@ class DocumentError:
             "kind": self.kind,
             "namespace": self.namespace,
             "name": self.name,
-            "errors": [{"field": e.path, "message": e.message} for e in self.errors],
+            "errors": [_field_json(e) for e in self.errors],
         }
+
+
+def _field_json(e: FieldError) -> dict:
+    out = {"field": e.path, "message": e.message}
+    if code := getattr(e, "code", ""):  # an analysis finding (validation/analysis.py) names its message type
+        out["code"] = code
+    return out
 
 
 class ApplyError(Exception):

@@ -38,6 +38,7 @@ _NET_VERSIONS = ("v1alpha3", "v1beta1", "v1")
 
 KINDS: tuple[Kind, ...] = (
     Kind("Namespace", "", ("v1",), "namespaces", namespaced=False),
+    Kind("Node", "", ("v1",), "nodes", namespaced=False),  # its topology labels are its pods' locality
     Kind("Service", "", ("v1",), "services"),
     Kind("Endpoints", "", ("v1",), "endpoints"),
     Kind("Pod", "", ("v1",), "pods"),
@@ -62,6 +63,7 @@ BY_PLURAL: dict[str, Kind] = {k.plural: k for k in KINDS}
 # Short names and singulars accepted by `mizzen get`, as kubectl does.
 ALIASES: dict[str, str] = {
     "ns": "Namespace", "namespace": "Namespace",
+    "no": "Node", "node": "Node",
     "svc": "Service", "service": "Service",
     "ep": "Endpoints", "endpoint": "Endpoints",
     "po": "Pod", "pod": "Pod",
@@ -95,6 +97,12 @@ def lookup(name: str) -> Kind | None:
     return BY_KIND[alias] if alias else None
 
 
+def node_roles(labels: dict) -> str:
+    """kubectl's ROLES of a Node: its `node-role.kubernetes.io/<role>` labels."""
+    prefix = "node-role.kubernetes.io/"
+    return ",".join(sorted(k[len(prefix):] for k in labels if k.startswith(prefix) and k != prefix)) or "<none>"
+
+
 def kind_for_api_version(api_version: str, kind: str) -> Kind | None:
     k = BY_KIND.get(kind)
     if k is None:
@@ -122,7 +130,7 @@ MESH_GROUP_SUFFIX = "istio.io"
 # Service). Mizzen does not model them: an apply skips and reports them. A core-group (`v1`) kind outside
 # this list is treated as a typo, as kubectl would fail on it.
 KUBERNETES_BUILTIN = frozenset({
-    "Binding", "ComponentStatus", "Event", "LimitRange", "Node", "PersistentVolume",
+    "Binding", "ComponentStatus", "Event", "LimitRange", "PersistentVolume",
     "PersistentVolumeClaim", "PodTemplate", "ReplicationController", "ResourceQuota", "ServiceAccount",
     "ControllerRevision", "DaemonSet", "Deployment", "ReplicaSet", "StatefulSet", "CronJob", "Job",
     "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress", "IngressClass", "NetworkPolicy",

@@ -21,7 +21,7 @@ from ..mesh.bus import CONFIG_CHANGED, Bus
 from ..mesh.errors import ApplyError, DocumentError, FieldError
 from ..mesh.snapstore import SnapshotStore
 from ..mesh.store import ConfigStore, Conflict, key_of
-from ..mesh.validation import check_documents
+from ..mesh.validation import analysis, check_documents
 from ..mesh.yamlio import Document
 
 log = logging.getLogger("mizzen.registry")
@@ -83,7 +83,37 @@ def _record_warnings(objects: list[dict], warnings: list[DocumentError]) -> None
         if w is None or not str(obj.get("apiVersion", "")).split("/")[0].endswith("istio.io"):
             continue
         obj["status"] = {"validationMessages": [
-            {"type": UNTRANSLATED_MESSAGE, "level": "WARNING", "description": str(e)} for e in w.errors]}
+            {"type": _message_type(e), "level": "WARNING", "description": str(e)} for e in w.errors]}
+
+
+def _message_type(e: FieldError) -> dict:
+    if isinstance(e, analysis.Finding):
+        return {"code": e.code, "name": e.type_name}
+    return UNTRANSLATED_MESSAGE
+
+
+def _add_findings(docs: list[Document | DocumentError], skipped: list[dict], objects: list[dict],
+                  findings: dict[tuple[str, str, str], list[analysis.Finding]],
+                  warnings: list[DocumentError]) -> None:
+    """Hang each object's analysis findings on the document that carried it, beside its other warnings.
+
+    check_documents returns the objects of an error-free apply in document order, less the skipped documents,
+    which is how an object finds its document here."""
+    if not findings:
+        return
+    gone = {(s["source"], s["document"]) for s in skipped}
+    carried = [d for d in docs if isinstance(d, Document) and (d.source, d.index) not in gone]
+    by_ident = {(w.kind, w.namespace, w.name): w for w in warnings}
+    for obj, doc in zip(objects, carried, strict=True):
+        ident = analysis.ident(obj)
+        if ident not in findings:
+            continue
+        w = by_ident.get(ident)
+        if w is None:
+            w = by_ident[ident] = DocumentError(doc.source, doc.index, *ident)
+            warnings.append(w)
+        w.errors.extend(findings[ident])
+    warnings.sort(key=lambda w: (w.source, w.index))
 
 
 class RegistryAPI:
@@ -102,6 +132,7 @@ class RegistryAPI:
         if errors:
             self.metrics.rejected.inc()
             raise ApplyError(errors)
+        _add_findings(docs, skipped, objects, await self.analyze(objects), warnings)
         if warnings:
             _record_warnings(objects, warnings)
         result = await self.apply_valid(objects, expect)
@@ -110,6 +141,14 @@ class RegistryAPI:
         if warnings:
             result["warnings"] = [w.to_json() for w in warnings]
         return result
+
+    async def analyze(self, objects: list[dict]) -> dict[tuple[str, str, str], list[analysis.Finding]]:
+        """istioctl-analyze-like findings for the applied objects against the stored config (never an error)."""
+        needed = analysis.needed_kinds(objects)
+        if not needed:
+            return {}
+        _, stored = await self.store.snapshot()
+        return analysis.analyze(objects, [o for o in stored if o.get("kind") in needed])
 
     async def apply_valid(self, objects: list[dict], expect: dict[str, str | None] | None = None) -> dict:
         """Store objects check_documents already accepted: skip the unchanged, commit the rest, announce.

@@ -82,7 +82,8 @@ async def api_client(kube_api: str = "", token: str | None = None, kubeconfig: s
 
 
 def normalise(obj: dict, kind: Kind) -> dict:
-    """What the mesh needs of an API object: drop managedFields and (but for Pods) status; tag the source."""
+    """What the mesh needs of an API object: drop managedFields and (but for Pods) status; tag the source.
+    (A Node's status is the kubelet's heartbeat: dropping it makes a heartbeat no change at all.)"""
     obj = dict(obj)
     obj["kind"] = kind.kind
     obj.setdefault("apiVersion", kind.api_version())

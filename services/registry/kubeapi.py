@@ -27,7 +27,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from ..mesh import kinds, openapi
+from ..mesh import kinds, locality, openapi
 from ..mesh.errors import ApplyError
 from ..mesh.kinds import Kind, object_key
 from ..mesh.patches import (
@@ -91,7 +91,8 @@ def add_warnings(resp: web.Response, warnings: list[dict]) -> None:
     """Stored-with-a-warning fields as `Warning: 299` headers, which kubectl and client-go print."""
     for w in warnings:
         for e in w.get("errors") or []:
-            text = f"{e['field']}: {e['message']}" if e.get("field") else e["message"]
+            text = (f"[{e['code']}] " if e.get("code") else "") + e["message"]
+            text = f"{e['field']}: {text}" if e.get("field") else text
             resp.headers.add("Warning", '299 - "' + text.replace('"', "'").replace("\n", " ") + '"')
 
 
@@ -183,6 +184,10 @@ COLUMNS: dict[str, list[tuple[str, str, Callable[[dict], object]]]] = {
                 ("Ports", "string", lambda o: ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}"
                                                       for p in _dig(o, "spec", "ports") or []) or "<none>")],
     "Pod": [("IP", "string", lambda o: _dig(o, "status", "podIP") or "<none>")],
+    # kubectl's Status and Version come from the kubelet's status, which the registry does not keep.
+    "Node": [("Roles", "string", lambda o: kinds.node_roles(_dig(o, "metadata", "labels") or {})),
+             ("Locality", "string", lambda o: locality.from_node_labels(_dig(o, "metadata", "labels") or {})
+              or "<none>")],
 }
 
 

@@ -8,7 +8,8 @@ What it does, in order:
    not logged, only handed to Envoy over the SDS unix socket) and a CSR for
    `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, and gets it signed by certauth with the pod's token;
 2. serves Envoy's SDS (`sds.py`) on the unix socket the bootstrap's `sds-grpc` cluster names: `default`
-   (chain + key) and `ROOTCA` (certauth's trust bundle);
+   (chain + key) and `ROOTCA` (certauth's trust bundle), and the file certificates DestinationRules and
+   Gateway servers name (`file-cert:` / `file-root:`, `filesecrets.py`), re-read every `--file-poll` seconds;
 3. writes the sidecar bootstrap (the same flags as `mizzen bootstrap`) and runs Envoy on it (as
    `--proxy-uid` when it runs as root), talking xDS over TLS to the gateway's 15012 with the token unless
    `--xds-plaintext`;
@@ -42,7 +43,7 @@ from cryptography.hazmat.primitives import hashes
 from mizzen.services.mesh import settings
 
 from . import bootstrap as bs
-from . import sds
+from . import filesecrets, sds
 
 log = logging.getLogger("mizzen.agent")
 
@@ -264,6 +265,9 @@ def build_parser(prog: str = "mizzen agent") -> argparse.ArgumentParser:
     g.add_argument("--grace-ratio", type=float, default=0.5, help="renew when this share of the lifetime is left")
     g.add_argument("--jitter", type=float, default=0.05, help="± random share added to --grace-ratio")
     g.add_argument("--root-poll", type=float, default=30.0, help="seconds between trust-bundle polls")
+    g.add_argument("--file-poll", type=float, default=filesecrets.DEFAULT_POLL_SECONDS,
+                   help="seconds between re-reads of the file certificates Envoy asked for "
+                        "(file-cert:/file-root: SDS names)")
     g.add_argument("--xds-plaintext", action="store_true",
                    help="plaintext xDS (the gateway's 15010) instead of TLS with the token")
     g.add_argument("--xds-san", action="append", default=[],
@@ -293,6 +297,7 @@ class Agent:
     def __init__(self, args: argparse.Namespace, core: AgentCore, bootstrap: dict, work_dir: Path):
         self.args, self.core, self.bootstrap, self.work_dir = args, core, bootstrap, work_dir
         self.servicer: sds.SdsServicer | None = None
+        self.files = filesecrets.FileSecrets(core.store, args.file_poll)
         self._session = None
         self.envoy: asyncio.subprocess.Process | None = None
 
@@ -325,6 +330,8 @@ class Agent:
                 body.update(serial=format(c.serial, "x"), not_before=c.not_before.isoformat(),
                             not_after=c.not_after.isoformat(),
                             root_sha256=root.fingerprint(hashes.SHA256()).hex())
+            body["files"] = {n: {"version": self.core.store.version(n), "error": self.files.errors.get(n)}
+                             for n in sorted(self.files.watched)}
             return web.json_response(body)
 
         app = web.Application()
@@ -349,9 +356,10 @@ class Agent:
         sds_path = Path(self.args.sds_path)
         if not sds_path.is_absolute():
             sds_path = self.work_dir / sds_path
-        server, self.servicer = await sds.serve(self.core.store, sds_path)
+        server, self.servicer = await sds.serve(self.core.store, sds_path, resolver=self.files)
         health = None
         core_task: asyncio.Task | None = None
+        files_task = asyncio.create_task(self.files.run(stop))
         try:
             health = await self._health()
             await self.core.start(stop)
@@ -400,10 +408,11 @@ class Agent:
                     self.envoy.kill()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.envoy.wait(), 5)
-            if core_task is not None:
-                core_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await core_task
+            for task in (core_task, files_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             if self._session is not None:
                 await self._session.close()
             if health is not None:
@@ -430,6 +439,8 @@ def main(argv: list[str] | None = None, command: str = "agent") -> int:
     parser = build_parser(f"mizzen {command}")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli_bootstrap.check_required(parser, args)
+    if args.file_poll <= 0:
+        parser.error(f"--file-poll: want a positive number of seconds, not {args.file_poll}")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = _token_reader(args)

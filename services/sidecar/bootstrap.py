@@ -4,7 +4,9 @@ What is in it, and where each piece comes from (Istio 1.7–1.9, `tools/packagin
 and `pkg/bootstrap/config.go`; the seed's "bootstrap 配置" section):
 
 - `node`: id `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` (`router~…` for gateways), cluster
-  `<app label or workload>.<ns>`, locality from the pod's topology labels, and Istio's node metadata keys.
+  `<app label or workload>.<ns>`, locality from the pod's labels (`istio-locality`, else the topology ones; as
+  pilot-agent, which reads `istio-locality`) else the one given (pilot-agent asks the cloud platform), and
+  Istio's node metadata keys.
 - `admin` on 127.0.0.1:<admin_port>.
 - static clusters `prometheus_stats` (the admin), `agent` (127.0.0.1:15020), `sds-grpc` (unix pipe),
   `xds-grpc` (STRICT_DNS to the control plane), `zipkin` (STRICT_DNS).
@@ -26,6 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mizzen.services.mesh import locality as loc
 from mizzen.services.mesh import settings
 from mizzen.services.mesh.accesslog import (  # noqa: F401 - re-exported for callers of the bootstrap module
     ACCESS_LOG_FIELDS,
@@ -133,17 +136,6 @@ def workload_name(pod: str) -> str:
         if m:
             return m.group("name")
     return pod
-
-
-def _locality(labels: Mapping[str, str]) -> dict[str, str]:
-    region = labels.get("topology.kubernetes.io/region", "")
-    zone = labels.get("topology.kubernetes.io/zone", "")
-    subzone = labels.get("topology.istio.io/subzone", "")
-    if labels.get("istio-locality"):  # Istio's label: region.zone.subzone
-        parts = (labels["istio-locality"].split(".") + ["", "", ""])[:3]
-        region, zone, subzone = parts
-    out = {"region": region, "zone": zone, "sub_zone": subzone}
-    return {k: v for k, v in out.items() if v}
 
 
 def _split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -308,7 +300,7 @@ def zipkin_tracer_config(cluster: str = "zipkin") -> dict:
     }
 
 
-def _stats_config(extra_prefixes: Sequence[str], all_stats: bool) -> dict:
+def stats_config(extra_prefixes: Sequence[str] = (), all_stats: bool = False) -> dict:
     # Tag extraction for Envoy's own stat names, so Prometheus sees `cluster_name`, `listener_address`, …
     # as labels (the same tag names and stat-name shapes pilot-agent configures).
     ip_or_port = r"(?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*)"
@@ -444,6 +436,7 @@ def build_bootstrap(
     log_static_listeners: bool = False,
     pod_ports: Sequence[Mapping[str, Any]] = (),
     extra_metadata: Mapping[str, Any] | None = None,
+    locality: str = "",
 ) -> dict:
     """The whole Envoy v3 bootstrap for one proxy, as a JSON-able dict.
 
@@ -456,7 +449,9 @@ def build_bootstrap(
     serves) instead of the `xds_root_cert` file; `xds_token` is sent as `authorization: Bearer <token>` on
     the ADS stream (the xDS gateway's TLS port wants it).
     `initial_fetch_timeout` (a duration like "1s") bounds how long Envoy waits for the first CDS/LDS before
-    it goes live anyway (Envoy's default is 15 s)."""
+    it goes live anyway (Envoy's default is 15 s).
+    `locality` (`region/zone/subzone`) is node.locality when the labels name none; the control plane prefers
+    what its registry knows (the Pod's Node) and uses node.locality only without that."""
     if health not in HEALTH_MODES:
         raise ValueError(f"health must be one of {', '.join(HEALTH_MODES)}, got {health!r}")
     if not pod or not namespace or not ip:
@@ -516,9 +511,9 @@ def build_bootstrap(
         "cluster": service_cluster,
         "metadata": metadata,
     }
-    locality = _locality(labels)
-    if locality:
-        node["locality"] = locality
+    node_locality = loc.as_node(loc.from_labels(labels) or locality)
+    if node_locality:
+        node["locality"] = node_locality
 
     clusters = [
         _static_cluster("prometheus_stats", _socket_address(localhost, admin_port)),
@@ -563,7 +558,7 @@ def build_bootstrap(
     bootstrap: dict[str, Any] = {
         "node": node,
         "layered_runtime": _runtime(),
-        "stats_config": _stats_config(stats_inclusion_prefixes, all_stats),
+        "stats_config": stats_config(stats_inclusion_prefixes, all_stats),
         "admin": {"address": _socket_address(localhost, admin_port)},
         "overload_manager": _overload_manager(),
         "dynamic_resources": {

@@ -18,7 +18,8 @@ once: a renewal or a root change reaches Envoy on the connection it already has,
 - `FetchSecrets` (unary) answers the names asked for.
 
 Names the store does not hold yet are simply not answered: Envoy waits (Istio's SDS config has no initial
-fetch timeout), and the secret goes out as soon as it is `set()`. The servicer records which versions Envoy
+fetch timeout), and the secret goes out as soon as it is `set()`. A `resolver` (the agent's file secrets,
+`filesecrets.py`) is told every name a stream asks for, so it can load secrets on demand. The servicer records which versions Envoy
 ACKed, so the agent (and tests) can tell when a secret is in use. Nothing here logs key material.
 """
 
@@ -31,9 +32,10 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -59,6 +61,14 @@ def root_secret(roots_pem: bytes) -> secret_pb2.Secret:
     """`ROOTCA`: every trusted root (both during a root rotation's overlap)."""
     return secret_pb2.Secret(name=ROOT_SECRET, validation_context=common_pb2.CertificateValidationContext(
         trusted_ca=base_pb2.DataSource(inline_bytes=roots_pem)))
+
+
+class Resolver(Protocol):
+    """Loads secrets on demand into the store (file secrets); `errors` says why a name is not served."""
+
+    errors: dict[str, str]
+
+    def want(self, names: Iterable[str]) -> None: ...
 
 
 @dataclass
@@ -126,8 +136,9 @@ class _Stream:
 
 
 class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
-    def __init__(self, store: SecretStore, history: int = 1000) -> None:
+    def __init__(self, store: SecretStore, history: int = 1000, resolver: Resolver | None = None) -> None:
         self.store = store
+        self.resolver = resolver
         self.events: deque[SdsEvent] = deque(maxlen=history)
         self.acked: dict[str, str] = {}  # name → the latest version some stream ACKed
         self.streams = 0
@@ -162,6 +173,10 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
             async with cond:
                 cond.notify_all()
 
+    def _want(self, names: Iterable[str]) -> None:
+        if self.resolver is not None:
+            self.resolver.want(names)
+
     def _next_stream(self) -> _Stream:
         self.streams += 1
         return _Stream(self.streams)
@@ -192,6 +207,7 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     await self._record(SdsEvent(st.id, "REQUEST", tuple(sorted(names)), {}))
                 if names != st.names:
                     st.names, st.names_changed = names, True
+                    self._want(names)
                 wake.set()
 
         reader = asyncio.create_task(read())
@@ -259,6 +275,7 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     await self._record(SdsEvent(st.id, "REQUEST", names, {}))
                 first = False
                 st.names |= set(req.resource_names_subscribe)
+                self._want(req.resource_names_subscribe)
                 st.names -= set(req.resource_names_unsubscribe)
                 for n in req.resource_names_unsubscribe:
                     st.sent.pop(n, None)
@@ -297,9 +314,13 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
 
     async def FetchSecrets(self, request: discovery_pb2.DiscoveryRequest,  # noqa: N802 - gRPC name
                            context: grpc.aio.ServicerContext) -> discovery_pb2.DiscoveryResponse:
+        self._want(request.resource_names)
         known = {n: v for n in request.resource_names if (v := self.store.version(n)) is not None}
         if not known:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no secret named {list(request.resource_names)}")
+            errors = self.resolver.errors if self.resolver is not None else {}
+            why = [errors[n] for n in request.resource_names if n in errors]
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                "; ".join(why) or f"no secret named {list(request.resource_names)}")
         resp = discovery_pb2.DiscoveryResponse(type_url=SECRET_TYPE, nonce=uuid.uuid4().hex,
                                                version_info=max(known.values(), key=_counter))
         for n in known:
@@ -311,13 +332,14 @@ def _counter(version: str) -> int:
     return int(version.rsplit("/", 1)[-1])
 
 
-async def serve(store: SecretStore, socket_path: Path) -> tuple[grpc.aio.Server, SdsServicer]:
+async def serve(store: SecretStore, socket_path: Path,
+                resolver: Resolver | None = None) -> tuple[grpc.aio.Server, SdsServicer]:
     """Start an SDS server on a unix socket (mode 0660 would do when Envoy shares the agent's uid; 0666
     because in tests the agent may run as root and Envoy as 1337). The socket's directory is made."""
     socket_path = Path(socket_path).absolute()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
-    servicer = SdsServicer(store)
+    servicer = SdsServicer(store, resolver=resolver)
     server = grpc.aio.server()
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(f"unix:{socket_path}") == 0:

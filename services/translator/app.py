@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..mesh import settings, tracing
+from ..mesh import locality, settings, tracing
 from ..mesh.bus import CONFIG_CHANGED, PROXY_CONNECTED, Bus, snapshot_subject
 from ..mesh.service import health_routes, serve_http
 from ..mesh.snapstore import CONNECTED, PROXY_NODE, PreparedLayer, SnapshotStore, prepare_layer
@@ -117,7 +117,9 @@ def serialize_layers(layers: list[dict], cache: dict[int, PreparedLayer]) -> lis
     return out
 
 
-ENDPOINT_KINDS = frozenset({"Endpoints", "EndpointSlice"})
+# Kinds whose changes may reach no further than EDS (endpoint_only_changes checks, else a full build). A Node's
+# labels are its pods' locality: endpoint localities, and the proxies' own (recomputed every build).
+ENDPOINT_KINDS = frozenset({"Endpoints", "EndpointSlice", "Node"})
 
 
 def _kind_of(key: str) -> str:
@@ -131,7 +133,7 @@ class Translator:
     `debounce_max` seconds after the first event of a burst, whichever is first. Everything that arrived meanwhile
     is merged into one change set (changed config keys, new proxies), so each proxy is built and pushed at most
     once per coalesced change. The change set decides the cost: new proxies only → just their layers (the
-    shared ones come from the last push context); Endpoints only → the previous layers carried over and only
+    shared ones come from the last push context); Endpoints (or Nodes) only → the old layers carried over and only
     the changed assignments built; anything else → a full rebuild."""
 
     def __init__(self, store: ConfigStore, snapshots: SnapshotStore, bus: Bus, metrics: Metrics,
@@ -205,12 +207,18 @@ class Translator:
         self.new_proxies.add(proxy)
         self._event()
 
-    async def node_metadata(self, node_ids: list[str]) -> dict[str, dict]:
-        """The node metadata each proxy last connected with (access-log path, labels, interception mode…)."""
+    async def node_info(self, node_ids: list[str]) -> dict[str, tuple[dict, str]]:
+        """What each proxy last connected with: its node metadata (access-log path, labels, interception
+        mode…) and its node.locality as `region/zone/subzone`."""
         if not node_ids:
             return {}
         docs = await self.store.r.mget([PROXY_NODE + n for n in node_ids])
-        return {n: orjson.loads(d).get("metadata") or {} for n, d in zip(node_ids, docs, strict=True) if d}
+        out = {}
+        for n, d in zip(node_ids, docs, strict=True):
+            if d:
+                doc = orjson.loads(d)
+                out[n] = (doc.get("metadata") or {}, locality.from_node(doc.get("locality")))
+        return out
 
     def _mine(self, node_ids) -> list[str]:
         if self.membership is None:
@@ -261,11 +269,12 @@ class Translator:
 
     async def _store(self, push: PushContext, node_ids: list[str], t0: float, kind: str, remove: bool,
                      all_ids: set[str] | None = None, span=tracing.NOOP) -> None:
-        metadata = await self.node_metadata(node_ids)
+        nodes = await self.node_info(node_ids)
         self.serializer.begin(keep=kind != "full")
         items = []
         for node_id in node_ids:
-            proxy = Proxy.from_node_id(node_id, push, metadata=metadata.get(node_id))
+            metadata, node_locality = nodes.get(node_id, ({}, ""))
+            proxy = Proxy.from_node_id(node_id, push, metadata=metadata, node_locality=node_locality)
             items.append((node_id, self.serializer.layers(build_snapshot(push, proxy).layers)))
         self.serializer.end(partial=kind == "proxies")
         t1 = time.perf_counter()

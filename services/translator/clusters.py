@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
-from google.protobuf import struct_pb2
+from google.protobuf import any_pb2, struct_pb2
 
 from . import pb, protocol, tls
 from .assignment import build_assignment
@@ -112,6 +112,15 @@ class _Http:
     def apply(self, c: Cluster) -> None:
         if not (self.h2 or self.downstream or self.idle is not None or self.max_requests):
             return
+        key = (self.h2, self.downstream, self.idle, self.max_requests, self.h2_keepalive, self.max_streams)
+        packed = _HTTP_OPTIONS.get(key)
+        if packed is None:
+            if len(_HTTP_OPTIONS) > 10_000:
+                _HTTP_OPTIONS.clear()
+            packed = _HTTP_OPTIONS[key] = self._packed()
+        c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(packed)
+
+    def _packed(self) -> any_pb2.Any:
         opts = hpo.HttpProtocolOptions()
         h2 = protocol_pb2.Http2ProtocolOptions()
         h2.max_concurrent_streams.value = self.max_streams or H2_MAX_CONCURRENT_STREAMS
@@ -130,7 +139,11 @@ class _Http:
             pb.set_duration(opts.common_http_protocol_options.idle_timeout, self.idle)
         if self.max_requests:
             opts.common_http_protocol_options.max_requests_per_connection.value = self.max_requests
-        c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(opts, deterministic=True)
+        return pb.pack(opts)
+
+
+# Few distinct settings across a mesh: each packed once per process.
+_HTTP_OPTIONS: dict[tuple, any_pb2.Any] = {}  # keyed by few values; cleared if config makes it grow
 
 
 def _default_thresholds(c: Cluster) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:
@@ -317,9 +330,12 @@ def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None,
     m = c.transport_socket_matches.add(name="tlsMode-istio")
     m.match.CopyFrom(_MATCH_ISTIO)
     m.transport_socket.CopyFrom(tls.tls_socket(ctx))
-    d = c.transport_socket_matches.add(name="tlsMode-disabled")
-    d.match.SetInParent()
-    d.transport_socket.CopyFrom(pb.raw_buffer_socket())
+    c.transport_socket_matches.append(_MATCH_DISABLED)
+
+
+# The plaintext fallback of auto mTLS: the same on every cluster, built once.
+_MATCH_DISABLED = Cluster.TransportSocketMatch(name="tlsMode-disabled", match=struct_pb2.Struct(),
+                                               transport_socket=pb.raw_buffer_socket())
 
 
 def _eds_config(c: Cluster) -> None:

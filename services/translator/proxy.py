@@ -25,7 +25,7 @@ class Proxy:
     labels: dict = field(default_factory=dict)
     dns_domain: str = ""
     metadata: dict = field(default_factory=dict)  # node metadata (e.g. ACCESS_LOG path, INTERCEPTION_MODE)
-    locality: str = ""  # `region/zone/subzone`: Envoy's node.locality, else from the workload's labels
+    locality: str = ""  # `region/zone/subzone`: the registry's (Pod, Node), else Envoy's node.locality
 
     @property
     def locality_parts(self) -> tuple[str, str, str]:
@@ -57,14 +57,20 @@ class Proxy:
         return cls(ptype, ip, pod, ns or "default", node_id, {}, domain or f"{ns}.svc.cluster.local")
 
     @classmethod
-    def from_node_id(cls, node_id: str, push=None, metadata: dict | None = None) -> Proxy:
-        """Parse a node id and fill the labels from the registry's Pod (by name, else by IP)."""
+    def from_node_id(cls, node_id: str, push=None, metadata: dict | None = None, node_locality: str = "") -> Proxy:
+        """Parse a node id and fill the labels from the registry's Pod (by name, else by IP).
+
+        The locality follows istiod: what the registry knows (the Pod's `istio-locality` label, else its Node's
+        topology labels; else the topology labels the proxy announces), and only without that the
+        `node_locality` Envoy sent (its bootstrap's node.locality, `region/zone/subzone`)."""
         proxy = cls.parse_node_id(node_id)
         proxy.metadata = dict(metadata or {})
+        registry = ""
         if push is not None:
             pod = push.pods.get((proxy.namespace, proxy.pod)) or push.pods_by_ip.get(proxy.ip)
             if pod is not None:
                 proxy.labels = dict(pod["metadata"].get("labels") or {})
+                registry = push.pod_locality(pod)
                 # Istio's proxyless pods (`inject.istio.io/templates: grpc-agent`) are gRPC clients before
                 # they connect: build their first snapshot in gRPC shapes, not a sidecar's.
                 templates = (pod["metadata"].get("annotations") or {}).get(INJECT_TEMPLATES, "")
@@ -72,9 +78,7 @@ class Proxy:
                     proxy.metadata["GENERATOR"] = "grpc"
         if isinstance(proxy.metadata.get("LABELS"), dict):
             proxy.labels.update(proxy.metadata["LABELS"])
-        # The bootstrap writes node.locality from these same labels (topology.* / istio-locality), so the labels
-        # give the locality the proxy announces.
-        proxy.locality = loc.from_labels(proxy.labels)
+        proxy.locality = registry or loc.from_labels(proxy.labels) or node_locality
         return proxy
 
     @classmethod

@@ -219,6 +219,7 @@ class PushContext:
         self.envoy_filters: dict[str, list[Config]] = {}  # namespace → EnvoyFilters (envoyfilter.py orders them)
         self.secrets: dict[tuple[str, str], dict] = {}  # (namespace, name) → Secret (gateway credentials)
         self.namespaces: dict[str, dict] = {}
+        self.node_labels: dict[str, dict] = {}  # Kubernetes Node name → its labels (its pods' locality)
         # headless services' endpoint IPs: a proxy with one of these IPs gets its own outbound layer.
         self.headless_ips: set[str] = set()
         # Builders memoise here (layers, per-service protos); lives as long as this revision.
@@ -245,6 +246,8 @@ class PushContext:
             objs.sort(key=_created)
         for ns in by_kind.get("Namespace", []):
             push.namespaces[ns["metadata"]["name"]] = ns
+        for node in by_kind.get("Node", []):
+            push.node_labels[node["metadata"]["name"]] = node["metadata"].get("labels") or {}
         for pod in by_kind.get("Pod", []):
             meta = pod["metadata"]
             push.pods[(meta.get("namespace", "default"), meta["name"])] = pod
@@ -371,6 +374,11 @@ class PushContext:
                     svc.endpoints[p.port] = [Endpoint(external_name, p.port, p.name, dict(labels), namespace=ns)]
         return svc
 
+    def pod_locality(self, pod: dict) -> str:
+        """istiod's getPodLocality: the `istio-locality` label, else the labels of the Node in spec.nodeName."""
+        node = (pod.get("spec") or {}).get("nodeName")
+        return locality.pod_locality(pod["metadata"].get("labels") or {}, self.node_labels.get(node) if node else None)
+
     def _pod_endpoint(self, ip: str, port: int, port_name: str, target_ref: dict | None, ns: str) -> Endpoint:
         pod = None
         if target_ref and target_ref.get("kind", "Pod") == "Pod" and target_ref.get("name"):
@@ -383,7 +391,7 @@ class PushContext:
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
         return Endpoint(ip, port, port_name, labels, tls_mode=labels.get(TLS_MODE_LABEL, "disabled"),
                         service_account=sa, workload=meta["name"], namespace=meta.get("namespace") or ns,
-                        locality=locality.from_labels(labels))
+                        locality=self.pod_locality(pod))
 
     def _kube_endpoints(self, svc: Service, obj: dict) -> None:
         for subset in obj.get("subsets") or []:
@@ -445,7 +453,8 @@ class PushContext:
                     eps.append(Endpoint(w.get("address", ""), target, sp.name, labels,
                                         tls_mode=labels.get(TLS_MODE_LABEL, "disabled"),
                                         service_account=w.get("serviceAccount") or "",
-                                        locality=w.get("locality") or "", weight=int(w.get("weight") or 0),
+                                        locality=w.get("locality") or locality.from_locality_label(labels),
+                                        weight=int(w.get("weight") or 0),
                                         network=w.get("network") or "", workload=w.get("_name", ""),
                                         namespace=ns))
                 if not workloads and resolution in (DNS_LB, DNS_ROUND_ROBIN_LB) and not host.startswith("*"):
@@ -480,7 +489,7 @@ class PushContext:
             ip = (pod.get("status") or {}).get("podIP")
             if ip and labels_match(selector, labels):
                 pspec = pod.get("spec") or {}
-                out.append({"address": ip, "labels": labels, "_name": pname, "locality": locality.from_labels(labels),
+                out.append({"address": ip, "labels": labels, "_name": pname, "locality": self.pod_locality(pod),
                             "serviceAccount": pspec.get("serviceAccountName") or "default"})
         return out
 
@@ -924,7 +933,21 @@ class PushContext:
     def endpoint_mtls_disabled(self, endpoint) -> bool:
         """Whether the endpoint's workload refuses mTLS on that port (PeerAuthentication DISABLE, workload- or
         port-level included): auto mTLS then talks plaintext to it (Istio's EDS mtlsChecker)."""
+        if not self._may_disable(endpoint.namespace):
+            return False
         return self.mtls_mode(endpoint.namespace, endpoint.labels or {}, endpoint.port) == "DISABLE"
+
+    def _may_disable(self, namespace: str) -> bool:
+        """Whether any PeerAuthentication that can apply in `namespace` says DISABLE (at any level); asked for
+        every endpoint of every cluster, and almost always no."""
+        index = self.cache.get("pa-disable")
+        if index is None:
+            index = self.cache["pa-disable"] = {
+                ns for ns, pas in self.peer_authentications.items()
+                if any("DISABLE" in (str((pa.spec.get("mtls") or {}).get("mode")),
+                                     *(str((v or {}).get("mode")) for v in (pa.spec.get("portLevelMtls") or {}).values()))
+                       for pa in pas)}
+        return namespace in index or self.mesh.root_namespace in index
 
     def service_mtls_mode(self, service: Service) -> str:
         """Best-effort mTLS mode of a destination service, for auto mTLS (Istio's BestEffortInferServiceMTLSMode)."""

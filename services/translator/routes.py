@@ -502,6 +502,25 @@ def _routes_for_virtual_service(push: PushContext, view: ProxyView, vs: Config, 
     return out
 
 
+def _is_catch_all_route(r: rc.Route) -> bool:
+    """istiod's IsCatchAllRoute: `/` prefix (or `.*` regex) with no header, query or metadata match."""
+    m = r.match
+    which = m.WhichOneof("path_specifier")
+    path = (which == "prefix" and m.prefix == "/") or (which == "path_separated_prefix" and
+                                                        m.path_separated_prefix == "/") \
+        or (which == "safe_regex" and m.safe_regex.regex == ".*")
+    return path and not m.headers and not m.query_parameters and not m.dynamic_metadata
+
+
+def _catch_all_routes_last(vhost: rc.VirtualHost) -> None:
+    """istiod's SortVHostRoutes (gateways only): stable, catch-all routes after all others."""
+    routes = list(vhost.routes)
+    ordered = [r for r in routes if not _is_catch_all_route(r)] + [r for r in routes if _is_catch_all_route(r)]
+    if ordered != routes:
+        del vhost.routes[:]
+        vhost.routes.extend(ordered)
+
+
 def default_route(cluster: str, operation: str, retry: bool = True) -> rc.Route:
     r = rc.Route(name=DEFAULT_ROUTE_NAME, match=rc.RouteMatch(prefix="/"))
     r.decorator.operation = operation
@@ -691,10 +710,16 @@ def inbound_route_config(cluster_name: str, service_port: int, hostname: str) ->
 # ---------------------------------------------------------------------------------------------- gateway RDS
 def gateway_route_config(push: PushContext, view: ProxyView, route_name: str, servers: list[tuple[Config, dict]],
                          port: int) -> RouteConfiguration:
-    """`http.<port>`: one vhost per VirtualService host that a server on the port exposes."""
+    """`http.<port>`: one vhost per VirtualService host that a server on the port exposes.
+
+    VirtualServices sharing a host on the gateway are merged as istiod does: their routes in creation order (the
+    oldest's first), then every catch-all route moved to the end so that one VirtualService's `/` cannot hide
+    another's more specific routes. (On the mesh gateway the oldest VirtualService takes the host instead:
+    outbound_virtual_hosts.)"""
     rcfg = RouteConfiguration(name=route_name)
     rcfg.validate_clusters.value = False
     vhosts: dict[str, rc.VirtualHost] = {}
+    merged: set[tuple[str, str, str]] = set()  # (vhost, VirtualService namespace, name) already in
     registry = {s.hostname: s for s in view.scope.services}
     https_redirect = False
     for gw, server in servers:
@@ -721,13 +746,18 @@ def gateway_route_config(push: PushContext, view: ProxyView, route_name: str, se
                 continue
             for h in matched:
                 name = f"{h}:{port}"
-                if name in vhosts:
-                    continue
-                vhost = rc.VirtualHost(name=name, domains=[h, f"{h}:{port}"])
+                if (name, vs.namespace, vs.name) in merged:
+                    continue  # the same VirtualService through a second server on the port: its routes are in
+                merged.add((name, vs.namespace, vs.name))
+                vhost = vhosts.get(name)
+                if vhost is None:
+                    vhost = vhosts[name] = rc.VirtualHost(name=name, domains=[h, f"{h}:{port}"])
+                # a second VirtualService for the host adds its routes after the older ones' (istiod's merge)
                 vhost.routes.extend(routes)
                 if https_redirect:
                     vhost.require_tls = rc.VirtualHost.ALL
-                vhosts[name] = vhost
+    for vhost in vhosts.values():
+        _catch_all_routes_last(vhost)
     if not vhosts:
         vh = rc.VirtualHost(name=f"blackhole:{port}", domains=["*"])
         if https_redirect:

@@ -136,7 +136,7 @@ def _endpoints_of(service) -> dict[int, list[tuple]]:
 
 def endpoint_only_changes(old: PushContext, new: PushContext) -> set[tuple] | None:
     """The services (by service_id) whose endpoints differ between two push contexts built from inputs that
-    differ only in Endpoints/EndpointSlices; None when the difference reaches further than EDS (a headless
+    differ only in Endpoints/EndpointSlices/Nodes; None when the difference reaches further than EDS (a headless
     service's endpoints make listeners, endpoint service accounts make cluster SANs, a ServiceEntry's
     endpoints live in its cluster), which then needs a full rebuild."""
     if (len(old.services) != len(new.services) or old.headless_ips != new.headless_ips

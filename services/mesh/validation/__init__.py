@@ -4,7 +4,7 @@
 kind checks, metadata) and runs the kind's validator. Per-kind rules live in the modules beside this one and
 register themselves in `VALIDATORS`:
 
-- `kube.py`: Namespace, Service, Endpoints, EndpointSlice, Pod (Kubernetes' own rules and wording);
+- `kube.py`: Namespace, Node, Service, Endpoints, EndpointSlice, Pod (Kubernetes' own rules and wording);
 - `istio.py` with `istio_schema.py` (the structural schema of every Istio kind) and one module per kind
   (`virtualservice.py`, `destinationrule.py`, `gateway.py`, `sidecar.py`, `serviceentry.py`);
 - `schema.py` (the structural checker) and `common.py` (hosts, ports, labels, IPs, regexes, exportTo).

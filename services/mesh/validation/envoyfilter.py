@@ -7,6 +7,7 @@ import re
 
 from ..xds_json import XdsValueError, parse
 from .common import Errs, check_workload_selector
+from .security import check_target_ref_patterns
 
 _LISTENER_CLASS = ("LISTENER", "FILTER_CHAIN", "NETWORK_FILTER", "HTTP_FILTER")
 _ROUTE_CLASS = ("ROUTE_CONFIGURATION", "VIRTUAL_HOST", "HTTP_ROUTE")
@@ -20,6 +21,13 @@ def check_envoy_filter(obj: dict, errs: Errs) -> None:
     selector = spec.get("workloadSelector")
     if selector is not None:
         check_workload_selector(selector.get("labels", {}), "spec.workloadSelector.labels", errs)
+    # the CRD's CEL rules (the webhook has none for targetRefs)
+    if selector is not None and "targetRefs" in spec:
+        errs.add("spec", "only one of targetRefs or workloadSelector can be set")
+    for i, ref in enumerate(spec.get("targetRefs") or []):
+        if ref.get("namespace"):
+            errs.add(f"spec.targetRefs[{i}].namespace", "cross namespace referencing is not currently supported")
+        check_target_ref_patterns(ref, f"spec.targetRefs[{i}]", errs)
     for i, cp in enumerate(spec.get("configPatches") or []):
         at = f"spec.configPatches[{i}]"
         match = cp.get("match") or {}

@@ -217,6 +217,14 @@ OUTLIER_DETECTION = Obj({
 
 _FAILOVER = List(Obj({"from": Str(), "to": Str()}))
 
+# also MeshConfig.localityLbSetting (the mesh-wide default), validated by the same rules
+LOCALITY_LB_SETTING = Obj({
+    "distribute": List(Obj({"from": Str(), "to": Map(UInt32())})),
+    "failover": _FAILOVER,
+    "failoverPriority": List(Str()),
+    "enabled": Bool(),
+})
+
 LOAD_BALANCER = Obj(
     {
         "simple": Str(enum=("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")),
@@ -240,12 +248,7 @@ LOAD_BALANCER = Obj(
             },
             oneof=(("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName"), ("ringHash", "maglev")),
         ),
-        "localityLbSetting": Obj({
-            "distribute": List(Obj({"from": Str(), "to": Map(UInt32())})),
-            "failover": _FAILOVER,
-            "failoverPriority": List(Str()),
-            "enabled": Bool(),
-        }),
+        "localityLbSetting": LOCALITY_LB_SETTING,
         "zoneAwareLbSetting": Obj({
             "enabled": Bool(),
             "failover": _FAILOVER,
@@ -479,7 +482,7 @@ EF_CONTEXTS = ("ANY", "SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY", "WAYPOIN
 EF_OPERATIONS = ("INVALID", "MERGE", "ADD", "REMOVE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST", "REPLACE")
 ENVOY_FILTER = Obj({
     "workloadSelector": Obj({"labels": Map(Str(), max_props=256)}),
-    "targetRefs": List(Obj({"group": Str(), "kind": Str(), "name": Str(), "namespace": Str()})),
+    "targetRefs": List(POLICY_TARGET_REFERENCE, max_items=16),
     "configPatches": List(Obj({
         "applyTo": Str(enum=EF_APPLY_TO),
         "match": Obj({

@@ -1,4 +1,4 @@
-"""Validators for the Kubernetes kinds (Namespace, Service, Endpoints, EndpointSlice, Pod, Secret).
+"""Validators for the Kubernetes kinds (Namespace, Node, Service, Endpoints, EndpointSlice, Pod, Secret).
 
 The fields the mesh reads are checked the way the Kubernetes API server checks them (`pkg/apis/core/validation`,
 `pkg/apis/discovery/validation`, with their error wording); parts of a Pod the mesh never reads (volumes, probes,
@@ -33,8 +33,11 @@ from .common import (
     k8s_label_errors,
     k8s_port_error,
     k8s_subdomain_errors,
+    label_value_errors,
     qualified_name_errors,
 )
+from .destinationrule import check_locality_lb
+from .istio_schema import LOCALITY_LB_SETTING
 from .schema import Bool, Int32, IntOrStr, List, Map, Obj, Opaque, Str, check, child, index, key
 
 PROTOCOLS = ("SCTP", "TCP", "UDP")
@@ -51,6 +54,17 @@ NAMESPACE = Obj({
     "apiVersion": Str(), "kind": Str(), "metadata": Opaque(),
     "spec": Obj({"finalizers": List(Str())}),
     "status": Opaque(),
+})
+
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+NODE = Obj({
+    "apiVersion": Str(), "kind": Str(), "metadata": Opaque(),
+    "spec": Obj({
+        "podCIDR": Str(), "podCIDRs": List(Str()), "providerID": Str(), "unschedulable": Bool(),
+        "taints": List(Obj({"key": Str(), "value": Str(), "effect": Str(enum=TAINT_EFFECTS), "timeAdded": Str()})),
+        "configSource": Opaque(), "externalID": Str(),
+    }),
+    "status": Opaque(),  # the kubelet's; the mesh reads only a Node's labels
 })
 
 SERVICE_PORT = Obj({
@@ -175,6 +189,39 @@ def _invalid_all(errs: Errs, path: str, value: object, messages: list[str]) -> N
 def check_namespace(obj: dict, errs: Errs) -> None:
     name = obj["metadata"]["name"]
     _invalid_all(errs, "metadata.name", name, k8s_label_errors(name))
+
+
+def check_node(obj: dict, errs: Errs) -> None:
+    """Kubernetes' ValidateNode for the fields a Node spec may carry (the name is a DNS subdomain, checked
+    with the metadata). Its labels (the topology ones give its pods' locality) are checked with the metadata."""
+    spec = obj.get("spec", {})
+    cidrs = spec.get("podCIDRs", [])
+    for i, cidr in enumerate(cidrs):
+        if "/" not in cidr or ip_subnet_error(cidr):
+            errs.add(index("spec.podCIDRs", i), invalid(cidr, "must be a valid CIDR"))
+    if len(cidrs) > 2:
+        errs.add("spec.podCIDRs", invalid(cidrs, "may specify no more than one CIDR for each IP family"))
+    pod_cidr = spec.get("podCIDR", "")
+    if pod_cidr and ("/" not in pod_cidr or ip_subnet_error(pod_cidr)):
+        errs.add("spec.podCIDR", invalid(pod_cidr, "must be a valid CIDR"))
+    if pod_cidr and cidrs and cidrs[0] != pod_cidr:
+        errs.add("spec.podCIDRs[0]", invalid(cidrs[0], "must be the same as spec.podCIDR"))
+    seen: set[tuple[str, str]] = set()
+    for i, taint in enumerate(spec.get("taints", [])):
+        at = index("spec.taints", i)
+        name = taint.get("key", "")
+        if not name:
+            errs.add(child(at, "key"), "Required value")
+        else:
+            _invalid_all(errs, child(at, "key"), name, qualified_name_errors(name))
+        if taint.get("value"):
+            _invalid_all(errs, child(at, "value"), taint["value"], label_value_errors(taint["value"]))
+        effect = taint.get("effect", "")
+        if not effect:
+            errs.add(child(at, "effect"), "Required value")
+        elif (name, effect) in seen:
+            errs.add(at, f'Duplicate value: "{name}:{effect}": taints must be unique by key and effect pair')
+        seen.add((name, effect))
 
 
 def check_service(obj: dict, errs: Errs) -> None:
@@ -473,7 +520,20 @@ def check_config_map(obj: dict, errs: Errs) -> None:
     meta = obj.get("metadata") or {}
     if (meta.get("name") == meshconfig.MESH_CONFIGMAP and meta.get("namespace") == settings.ROOT_NAMESPACE
             and meshconfig.MESH_KEY in data):
-        errs.items.extend(meshconfig.load(data[meshconfig.MESH_KEY])[1])
+        doc, mesh_errs = meshconfig.load(data[meshconfig.MESH_KEY])
+        errs.items.extend(mesh_errs)
+        if not mesh_errs and "localityLbSetting" in doc:
+            _check_mesh_locality(doc["localityLbSetting"], errs)
+
+
+def _check_mesh_locality(lb: object, errs: Errs) -> None:
+    """ValidateMeshConfig's ValidateLocalityLbSetting: the mesh-wide default obeys a DestinationRule's rules."""
+    at = f"{meshconfig.ROOT}.localityLbSetting"
+    shape = check(lb, LOCALITY_LB_SETTING, at)
+    if shape:
+        errs.items.extend(shape)
+        return
+    check_locality_lb(lb, at, errs)
 
 
 def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callable[[dict], list[FieldError]]:
@@ -490,6 +550,7 @@ def _make_validator(schema: Obj, rules: Callable[[dict, Errs], None]) -> Callabl
 
 
 register("Namespace")(_make_validator(NAMESPACE, check_namespace))
+register("Node")(_make_validator(NODE, check_node))
 register("Service")(_make_validator(SERVICE, check_service))
 register("Endpoints")(_make_validator(ENDPOINTS, check_endpoints))
 register("EndpointSlice")(_make_validator(ENDPOINT_SLICE, check_endpoint_slice))

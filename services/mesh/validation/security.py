@@ -185,6 +185,15 @@ def attribute_error(key: str, values: list[str]) -> str | None:
     return f"unknown attribute: {key}"
 
 
+def check_target_ref_patterns(ref: dict, path: str, errs: Errs) -> None:
+    """The CRD's patterns of a PolicyTargetReference's group and kind (every kind that has targetRefs)."""
+    group, kind = ref.get("group", ""), ref.get("kind", "")
+    if not _GROUP_RE.match(group):
+        errs.add(child(path, "group"), f'Invalid value: "{group}": should match the pattern of a DNS subdomain')
+    if not _KIND_RE.match(kind):
+        errs.add(child(path, "kind"), f'Invalid value: "{kind}": should start with a letter, letters/digits/dashes')
+
+
 def _check_target_ref(ref: dict, path: str, errs: Errs) -> None:
     """validatePolicyTargetReference plus the CRD's patterns."""
     name, ns = ref.get("name", ""), ref.get("namespace", "")
@@ -194,10 +203,7 @@ def _check_target_ref(ref: dict, path: str, errs: Errs) -> None:
     if ns:
         errs.add(child(path, "namespace"),
                  "targetRef namespace must not be set; cross namespace referencing is not supported")
-    if not _GROUP_RE.match(group):
-        errs.add(child(path, "group"), f'Invalid value: "{group}": should match the pattern of a DNS subdomain')
-    if not _KIND_RE.match(kind):
-        errs.add(child(path, "kind"), f'Invalid value: "{kind}": should start with a letter, letters/digits/dashes')
+    check_target_ref_patterns(ref, path, errs)
     if ((group or "core"), kind) not in _TARGET_KINDS:
         errs.add(child(path, "kind"), f"targetRef must be to one of {_TARGET_KINDS_TEXT} but was {group}/{kind}")
 
