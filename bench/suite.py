@@ -144,6 +144,26 @@ def _incremental(old, objs: list[dict], pods: list[str], ser) -> bool:
     return True
 
 
+def _routing(old, objs: list[dict], pods: list[str], ser) -> bool:
+    from mizzen.services.translator.push_context import PushContext
+    from mizzen.services.translator.snapshot import reuse_previous
+
+    push = PushContext.from_resources(objs, revision=3)
+    if reuse_previous(old, push, {"VirtualService"}) != "routing":
+        return False
+    _build_all(push, pods, ser, "routing")
+    return True
+
+
+def vs_weight_change(objs: list[dict]) -> list[dict]:
+    """svc-0's VirtualService with its split turned around (90/10 → 0/100)."""
+    vs = next(o for o in objs if o["kind"] == "VirtualService" and o["metadata"]["name"] == "svc-0")
+    changed = json.loads(json.dumps(vs))
+    split = changed["spec"]["http"][-1]["route"]
+    split[0]["weight"], split[1]["weight"] = 0, 100
+    return [changed if o is vs else o for o in objs]
+
+
 def bench_translation(sizes: list[int]) -> list[dict]:
     from mizzen.services.translator.app import LayerSerializer
 
@@ -162,9 +182,12 @@ def bench_translation(sizes: list[int]) -> list[dict]:
         changed_ep["subsets"][0]["addresses"].append({"ip": "10.250.0.1"})
         objs2 = [changed_ep if o is ep else o for o in objs]
         t_inc, ok = _cpu(_incremental, push1, objs2, pods, ser)
+        push1 = _full(objs, pods, ser)  # a fresh baseline for the VirtualService change
+        t_vs, vs_ok = _cpu(_routing, push1, vs_weight_change(objs), pods, ser)
         rows.append({"services": n, "pods": len(pods), "one_proxy_cpu_s": round(t_one, 4),
                      "every_pod_full_cpu_s": round(t_full, 4),
-                     "endpoint_change_cpu_s": round(t_inc, 4) if ok else None})
+                     "endpoint_change_cpu_s": round(t_inc, 4) if ok else None,
+                     "vs_change_cpu_s": round(t_vs, 4) if vs_ok else None})
         del push1
     return rows
 
@@ -400,7 +423,8 @@ def report(res: dict) -> str:
     parts = [
         table("Translation (CPU seconds, one core)", res.get("translation", []),
               [("services", "services"), ("one proxy", "one_proxy_cpu_s"), ("pods", "pods"),
-               ("every pod, full", "every_pod_full_cpu_s"), ("one endpoint change", "endpoint_change_cpu_s")]),
+               ("every pod, full", "every_pod_full_cpu_s"), ("one endpoint change", "endpoint_change_cpu_s"),
+               ("one VirtualService change", "vs_change_cpu_s")]),
         table("Push (S services → N streams; seconds from the first snapshot write to each stream's ACK)",
               res.get("push", []),
               [("change", "kind"), ("api", "api"), ("workers", "workers"), ("S", "S"), ("N", "N"),
@@ -431,7 +455,7 @@ def compare(prev: dict, cur: dict) -> str:
         return {key(r): r for r in rows}
 
     specs = [("translation", lambda r: (r["services"],), ("one_proxy_cpu_s", "every_pod_full_cpu_s",
-                                                          "endpoint_change_cpu_s")),
+                                                          "endpoint_change_cpu_s", "vs_change_cpu_s")),
              ("push", lambda r: (r.get("kind"), r.get("api"), r.get("workers"), r.get("S"), r.get("N")),
               ("p99", "cpu_per_push_ms", "rss_per_stream_kb")),
              ("apply", lambda r: (r["service_entries"],), ("until_envoy_s",)),

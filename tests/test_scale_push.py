@@ -8,10 +8,12 @@ import asyncio
 import random
 
 import redis.asyncio as aioredis
+from envoy.config.cluster.v3 import cluster_pb2
 
 from mizzen.services.mesh.snapstore import PROXY_NODE, SnapshotStore
 from mizzen.services.mesh.stack import Stack
 from mizzen.services.mesh.store import ConfigStore
+from mizzen.services.mesh.xds_types import CLUSTER, ROUTE
 from mizzen.services.translator.proxy import Proxy
 from mizzen.services.translator.push_context import PushContext
 from mizzen.services.translator.snapshot import build_snapshot
@@ -118,6 +120,73 @@ def test_endpoint_change_is_incremental_identical_and_pushed_only_where_seen(tmp
         finally:
             await a.stop()
             await b.stop()
+
+    with Stack(tmp_path) as stack:
+        stack.start()
+        asyncio.run(run(stack))
+
+
+def test_virtual_service_change_is_routing_only_identical_and_pushed_only_where_seen(tmp_path):
+    """A VirtualService change builds `routing`: RDS goes to the proxies that see its host and nothing else to
+    anyone; a DestinationRule policy change reaches only the clusters of those proxies. Stored snapshots stay
+    byte-identical to a full rebuild."""
+    async def run(stack: Stack):
+        apply(stack.registry_url, mesh())
+        gw_http, tr_http = stack.http_ports["xds-gateway"], stack.http_ports["translator"]
+        a0 = await new_client(stack.xds_port, node_id("s0-0", "a", pod_ip(0, 0))).start()
+        a1 = await new_client(stack.xds_port, node_id("s1-0", "a", pod_ip(1, 0))).start()
+        b = await new_client(stack.xds_port, node_id("s3-0", "b", pod_ip(3, 0))).start()
+        clients = (a0, a1, b)
+        try:
+            await eventually(lambda: all(len(c.versions) == 4 for c in clients), what="clients synced")
+            await asyncio.sleep(1.5)  # let every initial push and ACK settle
+
+            async def change(objs: list[dict], seen) -> tuple[dict, dict]:
+                before, b_before = pushes(gw_http), dict(b.responses)
+                routing = metrics(tr_http).get('mizzen_translator_builds_total{kind="routing"}', 0.0)
+                rev = apply(stack.registry_url, objs)
+                await eventually(lambda: metrics(tr_http)["mizzen_translator_revision"] >= rev, what="built")
+                await eventually(lambda: all(seen(c) for c in (a0, a1)), what="a's proxies got the change")
+                await asyncio.sleep(1.5)  # anything else would have arrived by now
+                after = pushes(gw_http)
+                assert b.responses == b_before  # b's Sidecar hides a's services: nothing pushed to it
+                assert metrics(tr_http)['mizzen_translator_builds_total{kind="routing"}'] == routing + 1
+                assert await stored_equals_full_rebuild(stack.redis_url) >= 3
+                return {k: after[k] - before[k] for k in after}
+
+            vs = {"apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService",
+                  "metadata": {"name": "s2", "namespace": "a"},
+                  "spec": {"hosts": ["s2"], "http": [{"match": [{"headers": {"x-to": {"exact": "to-s1"}}}],
+                                                      "route": [{"destination": {"host": "s1"}}]},
+                                                     {"route": [{"destination": {"host": "s2"}}]}]}}
+            def routes_say(text: bytes):
+                return lambda c: any(text in v for v in c.resources[ROUTE].values())
+
+            diff = await change([vs], routes_say(b"to-s1"))
+            assert diff == {"CDS": 0, "EDS": 0, "LDS": 0, "RDS": 2}, diff  # a0 and a1, once each
+
+            vs["spec"]["http"][0] = {"match": [{"headers": {"x-to": {"exact": "to-s0"}}}],
+                                     "route": [{"destination": {"host": "s0"}}]}
+            diff = await change([vs], routes_say(b"to-s0"))
+            assert diff == {"CDS": 0, "EDS": 0, "LDS": 0, "RDS": 2}, diff
+
+            dr = {"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule",
+                  "metadata": {"name": "s2", "namespace": "a"},
+                  "spec": {"host": "s2", "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 77}}}}}
+
+            def limited(c) -> bool:
+                raw = c.resources[CLUSTER].get("outbound|80||s2.a.svc.cluster.local")
+                if raw is None:
+                    return False
+                t = cluster_pb2.Cluster.FromString(raw).circuit_breakers.thresholds
+                return bool(t) and t[0].max_connections.value == 77
+
+            diff = await change([dr], limited)
+            # a replaced EDS cluster gets its endpoints again (Envoy re-warms it): EDS follows CDS, same two
+            assert diff == {"CDS": 2, "EDS": 2, "LDS": 0, "RDS": 0}, diff
+        finally:
+            for c in clients:
+                await c.stop()
 
     with Stack(tmp_path) as stack:
         stack.start()

@@ -27,7 +27,7 @@ from .proxies import pod_node_ids
 from .proxy import Proxy
 from .push_context import PushContext
 from .shards import Membership
-from .snapshot import build_snapshot, carry_over, endpoint_only_changes
+from .snapshot import build_snapshot, reuse_previous
 
 log = logging.getLogger("mizzen.translator")
 
@@ -35,7 +35,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.builds = Counter("mizzen_translator_builds", "Builds by kind (full, endpoints, proxies)", ["kind"],
+        self.builds = Counter("mizzen_translator_builds", "Builds by kind (full, endpoints, routing, proxies)", ["kind"],
                               registry=r)
         self.build_seconds = Histogram("mizzen_translator_build_seconds", "Time to build and store snapshots",
                                        ["kind"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
@@ -117,11 +117,6 @@ def serialize_layers(layers: list[dict], cache: dict[int, PreparedLayer]) -> lis
     return out
 
 
-# Kinds whose changes may reach no further than EDS (endpoint_only_changes checks, else a full build). A Node's
-# labels are its pods' locality: endpoint localities, and the proxies' own (recomputed every build).
-ENDPOINT_KINDS = frozenset({"Endpoints", "EndpointSlice", "Node"})
-
-
 def _kind_of(key: str) -> str:
     return key.split("/", 1)[0]
 
@@ -133,8 +128,9 @@ class Translator:
     `debounce_max` seconds after the first event of a burst, whichever is first. Everything that arrived meanwhile
     is merged into one change set (changed config keys, new proxies), so each proxy is built and pushed at most
     once per coalesced change. The change set decides the cost: new proxies only → just their layers (the
-    shared ones come from the last push context); Endpoints (or Nodes) only → the old layers carried over and only
-    the changed assignments built; anything else → a full rebuild."""
+    shared ones come from the last push context); Endpoints (or Nodes, Pods) only → the previous layers carried
+    over and only the changed assignments built; VirtualServices/DestinationRules only → the parts of each
+    outbound layer they reach rebuilt (`routing`); anything else → a full rebuild (snapshot.reuse_previous)."""
 
     def __init__(self, store: ConfigStore, snapshots: SnapshotStore, bus: Bus, metrics: Metrics,
                  debounce: float = 0.1, debounce_max: float = 1.0, membership: Membership | None = None):
@@ -256,12 +252,8 @@ class Translator:
         connected = [p.decode() for p in await self.store.r.smembers(CONNECTED)]
         push = PushContext.from_resources(objects, revision=revision)
         kind = "full"
-        if (not full and keys is not None and self.push is not None
-                and all(_kind_of(k) in ENDPOINT_KINDS for k in keys)):
-            changed = endpoint_only_changes(self.push, push)
-            if changed is not None:
-                carry_over(self.push, push, changed)
-                kind = "endpoints"
+        if not full and keys and self.push is not None:
+            kind = reuse_previous(self.push, push, {_kind_of(k) for k in keys})
         all_ids = set(pod_node_ids(objects)) | set(connected)
         self.push = push
         self.built = set()

@@ -15,9 +15,9 @@ from envoy.config.core.v3 import address_pb2, protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 from google.protobuf import any_pb2, struct_pb2
 
-from . import pb, protocol, tls
+from . import incremental, pb, protocol, tls
 from .assignment import build_assignment
-from .model import ALIAS, DNS_LB, DNS_ROUND_ROBIN_LB, PASSTHROUGH, Config, Port, Service
+from .model import ALIAS, DNS_LB, DNS_ROUND_ROBIN_LB, PASSTHROUGH, Config, Port, Service, service_id
 from .push_context import MALFORMED, PushContext, SidecarScope, duration
 
 Cluster = cluster_pb2.Cluster
@@ -460,19 +460,22 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
 def service_port_clusters(push: PushContext, service: Service, port: Port, dr: Config | None,
                           is_sidecar: bool, sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
     """Memoised: the clusters of one service port under one DR (shared by every scope that sees them)."""
-    key = ("cds", id(service), port.port, id(dr) if dr else 0, is_sidecar, sni_dnat)
-    hit = push.cache.get(key)
-    if hit is None:
+    # Keyed by content (a Sidecar-trimmed copy of a service keeps its identity but not all its ports), so a
+    # routing build can take the clusters of services whose rule did not change from the previous push.
+    key = ("cds", service_id(service), tuple((p.name, p.port, p.protocol) for p in service.ports), port.port,
+           incremental.dr_key(push, dr), is_sidecar, sni_dnat)
+
+    def make() -> tuple[list[Cluster], list[EdsNeed]]:
         try:
-            hit = _service_clusters(push, service, port, dr, is_sidecar, sni_dnat)
+            return _service_clusters(push, service, port, dr, is_sidecar, sni_dnat)
         except MALFORMED as e:
             if dr is None:
                 raise
             # A DestinationRule we cannot read must not take the service down: build it without the rule.
             push.report(f"DestinationRule {dr.namespace}/{dr.name} for {service.hostname}:{port.port}", e)
-            hit = _service_clusters(push, service, port, None, is_sidecar, sni_dnat)
-        push.cache[key] = hit
-    return hit
+            return _service_clusters(push, service, port, None, is_sidecar, sni_dnat)
+
+    return incremental.unit(push, key, make)
 
 
 def blackhole_cluster(push: PushContext) -> Cluster:

@@ -16,6 +16,7 @@ from mizzen.services.mesh import locality as loc
 
 from .assignment import build_assignment
 from .clusters import EdsNeed
+from .model import service_id
 from .push_context import PushContext
 
 ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
@@ -23,12 +24,6 @@ ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
 
 def _labels_key(labels: dict | None) -> tuple:
     return tuple(sorted(labels.items())) if labels else ()
-
-
-def service_id(service) -> tuple:
-    """A service's identity that survives a new push context (so memoised results can be carried over to the
-    next revision when only other services' endpoints changed); unique within a push."""
-    return (service.kind, service.namespace, service.name, service.hostname)
 
 
 def _base(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:

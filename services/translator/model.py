@@ -181,3 +181,9 @@ class ServiceInstance:
     def inbound_port(self) -> int:
         """The port inbound traffic is addressed to (the chain's destination_port)."""
         return self.listen_port if self.listen_port is not None else self.endpoint_port
+
+
+def service_id(service) -> tuple:
+    """A service's identity that survives a new push context (so memoised results can be carried over to the
+    next revision when only other services' endpoints changed); unique within a push."""
+    return (service.kind, service.namespace, service.name, service.hostname)

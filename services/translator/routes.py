@@ -17,7 +17,7 @@ from envoy.extensions.retry.priority.previous_priorities.v3 import previous_prio
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 
-from . import pb, protocol
+from . import incremental, pb, protocol
 from .clusters import parse_subset_key, subset_key
 from .model import PASSTHROUGH, UNSPECIFIED_IP, Config, Service, host_matches, is_ip
 from .push_context import MALFORMED, MESH_GATEWAY, ProxyView, PushContext, duration
@@ -593,6 +593,20 @@ def _is_http_or_sniffed(p) -> bool:
     return protocol.is_http(p.protocol) or protocol.is_auto(p.protocol)
 
 
+def _default_service_route(push: PushContext, view: ProxyView, svc: Service, port: int) -> rc.Route:
+    """The route of a service no VirtualService covers, with its DestinationRule's consistent hash."""
+    r = default_route(subset_key("outbound", "", svc.hostname, port), f"{svc.hostname}:{port}/*")
+    dr = push.destination_rule(view.namespace, svc)
+    if dr is not None:
+        tp = dr.spec.get("trafficPolicy") or {}
+        ch = _port_level_hash(tp, port) if _port_level_hash(tp, port) else \
+            (tp.get("loadBalancer") or {}).get("consistentHash")
+        hp = hash_policy(ch)
+        if hp is not None:
+            r.route.hash_policy.append(hp)
+    return r
+
+
 def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> list[rc.VirtualHost]:
     """All virtual hosts of listener port `port` (Istio's buildSidecarOutboundVirtualHosts), memoised."""
     key = ("vhosts", view.key, port)
@@ -603,11 +617,12 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
     if listener is None:
         push.cache[key] = []
         return []
+    env = incremental.route_env(push, view)  # with the VirtualService, what a memoised route unit depends on
     registry: dict[str, Service] = {}
     for svc in listener.services:
         if svc.port_by_number(port) is not None and svc.hostname not in registry:
             registry[svc.hostname] = svc
-    wrappers = []  # (vs hosts not in registry, services, routes)
+    wrappers = []  # (vs hosts not in registry, services, routes, the routes' memo key)
     gateways = {MESH_GATEWAY}
     covered: set[str] = set()
     for vs in listener.virtual_services:
@@ -627,10 +642,12 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
         services = [s for s in services if _is_http_or_sniffed(s.port_by_number(port))]
         if not services and port != 80:
             continue  # non-registry hosts only get vhosts on port 80 (istiod's "gross hack")
-        routes = routes_for_virtual_service(push, view, vs, registry, port, gateways)
+        unit_key = ("vs-routes", view.key, env, incremental.vs_key(push, vs), port)
+        routes = incremental.unit(push, unit_key,
+                                  lambda vs=vs: routes_for_virtual_service(push, view, vs, registry, port, gateways))
         if not routes:
             continue
-        wrappers.append((hosts, services, routes))
+        wrappers.append((hosts, services, routes, unit_key))
         covered.update(s.hostname for s in services)
     for name, svc in registry.items():
         if name in covered or svc.resolution == "Alias":
@@ -638,20 +655,21 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
         p = svc.port_by_number(port)
         if not _is_http_or_sniffed(p):
             continue
-        r = default_route(subset_key("outbound", "", svc.hostname, port), f"{svc.hostname}:{port}/*")
-        dr = push.destination_rule(view.namespace, svc)
-        if dr is not None:
-            tp = dr.spec.get("trafficPolicy") or {}
-            ch = _port_level_hash(tp, port) if _port_level_hash(tp, port) else \
-                (tp.get("loadBalancer") or {}).get("consistentHash")
-            hp = hash_policy(ch)
-            if hp is not None:
-                r.route.hash_policy.append(hp)
-        wrappers.append(([], [svc], [r]))
+        unit_key = ("default-route", view.key, env, svc.hostname, svc.namespace, port)
+        r = incremental.unit(push, unit_key, lambda svc=svc: _default_service_route(push, view, svc, port))
+        wrappers.append(([], [svc], [r], unit_key))
     vhosts: list[rc.VirtualHost] = []
     names: set[str] = set()
     used_domains: set[str] = set()
-    for hosts, services, routes in wrappers:
+
+    def vhost(name: str, domains: list[str], routes: list[rc.Route], unit_key: tuple) -> rc.VirtualHost:
+        def make() -> rc.VirtualHost:
+            vh = rc.VirtualHost(name=name, domains=domains, include_request_attempt_count=True)
+            vh.routes.extend(routes)
+            return vh
+        return incremental.unit(push, ("vhost", unit_key, name, tuple(domains)), make)
+
+    for hosts, services, routes, unit_key in wrappers:
         for h in hosts:
             name = f"{h}:{port}"
             if name in names:
@@ -659,9 +677,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in (h, name) if d not in used_domains]
             used_domains.update(domains)
-            vh = rc.VirtualHost(name=name, domains=domains, include_request_attempt_count=True)
-            vh.routes.extend(routes)
-            vhosts.append(vh)
+            vhosts.append(vhost(name, domains, routes, unit_key))
         for svc in services:
             name = f"{svc.hostname}:{port}"
             if name in names:
@@ -669,9 +685,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in vhost_domains(svc, port, view.dns_domain) if d not in used_domains]
             used_domains.update(domains)
-            vh = rc.VirtualHost(name=name, domains=domains, include_request_attempt_count=True)
-            vh.routes.extend(routes)
-            vhosts.append(vh)
+            vhosts.append(vhost(name, domains, routes, unit_key))
     vhosts.sort(key=lambda v: v.name)
     push.cache[key] = vhosts
     return vhosts

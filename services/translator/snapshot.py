@@ -22,13 +22,19 @@ from dataclasses import dataclass, field
 
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
-from . import clusters, endpoints, envoyfilter, grpcgen, listeners, routes, secrets, security
-from .endpoints import service_id
-from .model import CLIENT_SIDE_LB, KUBERNETES, Endpoint
+from . import clusters, endpoints, envoyfilter, grpcgen, incremental, listeners, routes, secrets, security
+from .model import CLIENT_SIDE_LB, KUBERNETES, Endpoint, service_id
 from .proxy import Proxy
 from .push_context import ProxyView, PushContext
 
 Layer = dict[str, dict[str, object]]
+# Kinds whose changes may reach no further than EDS (endpoint_only_changes checks, else a full build). A Node's
+# labels are its pods' locality: endpoint localities, and the proxies' own (recomputed every build).
+ENDPOINT_KINDS = frozenset({"Endpoints", "EndpointSlice", "Node"})
+# A Pod reaches the mesh through its endpoints (labels, locality, service account via targetRef) and through the
+# proxy it runs (its labels pick Services, Sidecars, policies); views and inbound layers are keyed by what the
+# labels decide, so the endpoints path holds when endpoint_only_changes accepts the endpoint side.
+POD_KINDS = ENDPOINT_KINDS | {"Pod"}
 
 
 @dataclass
@@ -102,10 +108,12 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
     hit = push.cache.get(("layers", key))
     if hit is None:
         carried = push.cache.get(("carried", key))
+        routed = push.cache.get(("routed", key))
         if carried is not None:  # the previous revision's layer, still valid (see carry_over)
             layer, old_needs = carried
-            by_id = _services_by_id(push)
-            needs = [dataclasses.replace(n, service=by_id[service_id(n.service)]) for n in old_needs]
+            needs = _rebind(push, old_needs)
+        elif routed is not None:  # after a VirtualService/DestinationRule change (see incremental.carry_routing)
+            layer, needs = _sidecar_outbound_reusing(push, view, *routed)
         elif view.is_router:
             layer, needs = _router_outbound(push, view, proxy)
         else:
@@ -120,6 +128,40 @@ def outbound_layers(push: PushContext, proxy: Proxy) -> tuple[Layer, Layer]:
     if where is None:
         return layer, shared
     return layer, _endpoint_layer(push, needs, where, proxy, needs_key)
+
+
+def _rebind(push: PushContext, old_needs: list) -> list:
+    """EDS needs of a carried layer, pointing at this push's (equal) services."""
+    by_id = _services_by_id(push)
+    return [dataclasses.replace(n, service=by_id[service_id(n.service)]) for n in old_needs]
+
+
+def _sidecar_outbound_reusing(push: PushContext, view: ProxyView, old: Layer, old_needs: list,
+                              was: incremental.OutboundInputs) -> tuple[Layer, list]:
+    """A sidecar's outbound layer keeping each part (clusters, listeners, routes) of the previous revision's
+    layer whose inputs did not change; the same layer object when none did."""
+    now = incremental.outbound_inputs(push, view)
+    if now == was:
+        return old, _rebind(push, old_needs)
+    if now.clusters == was.clusters:
+        cds, needs = old[CLUSTER], _rebind(push, old_needs)
+    else:
+        built, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=True)
+        cds = _by_name(built)
+    if now.listeners == was.listeners:
+        lds, rds_names = old[LISTENER], list(old[ROUTE])
+    else:
+        built_lds, rds_names = listeners.outbound_listeners(push, view)
+        built_lds.append(listeners.virtual_outbound_listener(push, view))
+        lds = _by_name(built_lds)
+    if now.routes == was.routes:  # route configurations are named after what they hold: keep those still named
+        old_rds = old[ROUTE]
+        rds = {n: old_rds[n] if n in old_rds else routes.sidecar_route_config(push, view, n) for n in rds_names}
+        if list(old_rds) == rds_names:
+            rds = old_rds
+    else:
+        rds = _by_name(routes.sidecar_route_config(push, view, name) for name in rds_names)
+    return {CLUSTER: cds, LISTENER: lds, ROUTE: rds}, needs
 
 
 def _services_by_id(push: PushContext) -> dict[tuple, object]:
@@ -173,6 +215,19 @@ def carry_over(old: PushContext, new: PushContext, changed: set[tuple]) -> None:
         elif (tag == "eds" and k[2] not in changed) or (tag == "own-layer" and k[1][0] != "router"
                                                          and not any(k[4])):
             new.cache[k] = v
+
+
+def reuse_previous(old: PushContext, new: PushContext, kinds: set[str]) -> str:
+    """Seed `new` with what `old` built that changes of these kinds leave valid; the build kind that results."""
+    if kinds <= POD_KINDS:
+        changed = endpoint_only_changes(old, new)
+        if changed is not None:
+            carry_over(old, new, changed)
+            return "endpoints"
+    elif kinds <= incremental.ROUTING_KINDS and incremental.routing_only_changes(old, new):
+        incremental.carry_routing(old, new)
+        return "routing"
+    return "full"
 
 
 def proxy_layer(push: PushContext, proxy: Proxy) -> Layer:
