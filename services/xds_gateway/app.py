@@ -40,7 +40,7 @@ class Options:
     push_slots: int = 64
     slot_lease: float = 1.0
     reuse_port: bool = False
-    max_pending_streams: int = 20_000  # streams queued for admission in a storm (server.admission_options)
+    max_pending_streams: int = 20_000  # streams queued for admission in a storm (mesh/grpcserver.py)
     tls: TlsOptions | None = None  # also serve xDS over TLS (certificate from certauth, tokens checked)
 
 
