@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import multiprocessing as mp
 import os
@@ -162,11 +163,16 @@ def _own_rss() -> int:
 
 
 def client_process(port: int, proxies: list[str], eds_names: list[str], rds_names: list[str], conn,
-                   api: str = "sotw") -> None:
-    asyncio.run(_client_main(port, proxies, eds_names, rds_names, conn, api))
+                   api: str = "sotw", gateway_down: bool = False, per_connection: int = 1) -> None:
+    """N Envoy-like streams in this process. `gateway_down`: nothing listens yet; once every stream has failed to
+    connect (and is retrying) it says ("started", codes), so the gateway the caller starts next meets them all.
+    `per_connection`: streams sharing one HTTP/2 connection (1, as Envoy: its own connection each; more costs
+    this process less CPU per stream, so one machine can simulate more of them)."""
+    asyncio.run(_client_main(port, proxies, eds_names, rds_names, conn, api, gateway_down, per_connection))
 
 
-async def _client_main(port, proxies, eds_names, rds_names, conn, api) -> None:
+async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_down=False,
+                       per_connection=1) -> None:
     import grpc
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -178,26 +184,47 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api) -> None:
     acked: dict[str, dict[str, tuple[str, float]]] = {p: {} for p in proxies}
     synced = asyncio.Event()
     remaining = {"n": len(proxies)}
-    channels, calls, errors = [], [], []
+    channels, calls, errors = {}, [], []
+    codes: collections.Counter = collections.Counter()  # failed stream attempts by gRPC status (or exception)
+    failed: set[str] = set()
 
-    async def stream(proxy: str) -> None:
+    shared: dict[int, grpc.aio.Channel] = {}
+    # a shared connection that failed reconnects by itself: retry soon, as the streams on it do
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
+               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
+
+    def channel(i: int, proxy: str) -> grpc.aio.Channel:
+        if per_connection == 1:
+            ch = channels[proxy] = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+            return ch
+        g = i // per_connection
+        if g not in shared:
+            shared[g] = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+        return shared[g]
+
+    async def stream(i: int, proxy: str) -> None:
         """One Envoy-like ADS stream; reconnects (as Envoy does) if the stream fails."""
-        for attempt in range(50):
+        for attempt in range(100):
             try:
-                await one_stream(proxy)
+                await one_stream(i, proxy)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - count it and retry, as Envoy would
+                code = e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
+                codes[code] += 1
                 dbg = e.debug_error_string() if hasattr(e, "debug_error_string") else ""
                 errors.append(f"{type(e).__name__} after {time.time() - t0:.1f}s, {len(acked[proxy])} types "
-                              f"acked: {e.code() if hasattr(e, 'code') else e} {dbg}"[:300])
-                await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
+                              f"acked: {code} {dbg}"[:300])
+                del errors[:-100]  # a sample is enough; `codes` counts them all
+                failed.add(proxy)
+                if proxy in channels:
+                    await channels.pop(proxy).close()  # a failed attempt's channel would keep reconnecting
+                await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
 
-    async def one_stream(proxy: str) -> None:
-        ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
-            ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)])
-        channels.append(ch)
+    async def one_stream(i: int, proxy: str) -> None:
+        ch = channel(i, proxy)
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
         delta = api == "delta"
         call = stub.DeltaAggregatedResources() if delta else stub.StreamAggregatedResources()
@@ -233,9 +260,13 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api) -> None:
                     synced.set()
 
     t0 = time.time()
-    tasks = [asyncio.create_task(stream(p)) for p in proxies]
+    tasks = [asyncio.create_task(stream(i, p)) for i, p in enumerate(proxies)]
+    if gateway_down:
+        while len(failed) < len(proxies):
+            await asyncio.sleep(0.05)
+        conn.send(("started", dict(codes)))
     await synced.wait()
-    conn.send(("synced", time.time() - t0, errors))
+    conn.send(("synced", time.time() - t0, errors, dict(codes)))
     loop = asyncio.get_running_loop()
     while True:
         msg = await loop.run_in_executor(None, conn.recv)
@@ -248,13 +279,13 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api) -> None:
             await asyncio.sleep(0.05)
         done = {p: max(acked[p][t][1] for t in expect[p]) for p in proxies
                 if all(acked[p].get(t, ("",))[0] == v for t, v in expect[p].items())}
-        conn.send(("converged", done, _own_rss()))
+        conn.send(("converged", done, _own_rss(), dict(codes)))
     for c in calls:
         c.cancel()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for ch in channels:
+    for ch in [*channels.values(), *shared.values()]:
         await ch.close()
     conn.send(("stopped",))
 

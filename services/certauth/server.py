@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mizzen.services.mesh.grpcserver import admission_options
 from mizzen.services.mesh.proto_gen.istio.v1.auth import ca_pb2
 from mizzen.services.mesh.proto_gen.mizzen.v1 import trust_pb2
 from mizzen.services.mesh.service import health_routes, serve_http
@@ -242,8 +243,9 @@ async def run_certauth(opts: Options, stop: asyncio.Event) -> None:
     svc = CertAuth(opts, registry)
     # SO_REUSEPORT only when asked: by default a second certauth on a taken port fails instead of silently
     # sharing the port with an unrelated CA
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if opts.reuse_port else 0),
-                                      ("grpc.max_receive_message_length", 1 << 20)])
+    # admission_options: 10,000 agents renewing at once queue for the CA instead of being cancelled
+    server = grpc.aio.server(options=admission_options() + [("grpc.so_reuseport", 1 if opts.reuse_port else 0),
+                                                            ("grpc.max_receive_message_length", 1 << 20)])
     server.add_generic_rpc_handlers(svc.handlers())
     try:
         bound = server.add_secure_port(f"{opts.host}:{opts.port}", svc.credentials())

@@ -40,6 +40,9 @@ def parser(prog: str = "mizzen xds-gateway") -> argparse.ArgumentParser:
                    help="config pushes building and sending at once (bounds memory during a mass push)")
     p.add_argument("--slot-lease", type=float, default=float(env("MIZZEN_XDS_SLOT_LEASE", "1")),
                    help="seconds a push keeps its slot before a client that does not read loses it")
+    p.add_argument("--max-pending-streams", type=int, default=int(env("MIZZEN_XDS_MAX_PENDING_STREAMS", "20000")),
+                   help="new streams queued for admission during a connection storm before gRPC refuses more "
+                        "(default 20000; gRPC's own 1000 cancels streams of a reconnect storm)")
     p.add_argument("--tls-port", type=int, default=int(env("MIZZEN_XDS_TLS_PORT", "0")),
                    help="also serve xDS over TLS here (Istio's 15012; $MIZZEN_XDS_TLS_PORT; 0: off); needs "
                         "--token-file and certauth")
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None, command: str = "xds-gateway") -> int:
         host=args.host, port=args.port, http_host=args.http_host, http_port=args.http_port,
         nats_url=settings.nats_url(args.nats_url), redis_url=settings.redis_url(args.redis_url),
         replica=replica, resync_interval=args.resync_interval, status_ttl=args.status_ttl, grace=args.grace,
-        push_slots=args.push_slots, slot_lease=args.slot_lease, reuse_port=args.reuse_port, tls=tls)
+        push_slots=args.push_slots, slot_lease=args.slot_lease, reuse_port=args.reuse_port, tls=tls,
+        max_pending_streams=args.max_pending_streams)
     run_service(lambda stop: run_gateway(opts, stop), name="mizzen-xds-gateway")
     return 0
 

@@ -40,6 +40,7 @@ class Options:
     push_slots: int = 64
     slot_lease: float = 1.0
     reuse_port: bool = False
+    max_pending_streams: int = 20_000  # streams queued for admission in a storm (mesh/grpcserver.py)
     tls: TlsOptions | None = None  # also serve xDS over TLS (certificate from certauth, tokens checked)
 
 
@@ -101,7 +102,8 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
             return
         tls = (opts.tls.port, serving_cert.credentials(), serving_cert.tokens)
         log.info("xds over TLS", extra={"port": opts.tls.port, "identity": serving_cert.identity})
-    server, port = make_server(gw, opts.host, opts.port, tls, reuse_port=opts.reuse_port)
+    server, port = make_server(gw, opts.host, opts.port, tls, reuse_port=opts.reuse_port,
+                               max_pending=opts.max_pending_streams)
     await server.start()
     state["serving"] = True
     log.info("xds gateway serving", extra={"addr": f"{opts.host}:{port}", "replica": opts.replica})

@@ -29,6 +29,8 @@ class Metrics:
         self.unauthenticated = Counter("mizzen_xds_unauthenticated",
                                        "streams on the TLS port refused for a missing or bad token", registry=r)
         self.stale_nonces = Counter("mizzen_xds_stale_nonces", "requests ignored for a stale nonce", registry=r)
+        self.streams = Counter("mizzen_xds_streams", "ADS streams the gateway took (each reconnect is one more)",
+                               ["api"], registry=r)
         self.connected = Gauge("mizzen_xds_connected_proxies", "streams open on this replica", ["api"], registry=r)
         self.queue_depth = Gauge("mizzen_xds_queue_depth",
                                  "proxies whose snapshot must be re-read plus streams with a push pending",

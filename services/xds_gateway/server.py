@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from mizzen.services.mesh.grpcserver import admission_options
+
 from .delta import DeltaStream
 from .snapshot_api import snapshot_handler
 from .sotw import SotwStream
@@ -46,11 +48,12 @@ def ads_handler(gw: Gateway, token_check: TokenCheck | None = None) -> grpc.Gene
 
 
 def make_server(gw: Gateway, host: str, port: int, tls: tuple[int, grpc.ServerCredentials, TokenCheck] | None = None,
-                reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+                reuse_port: bool = False, max_pending: int = 20_000) -> tuple[grpc.aio.Server, int]:
     """The ADS server on host:port (plaintext) and, with `tls` (port, credentials, token check), on a TLS port.
     `reuse_port`: several worker processes share the ports (SO_REUSEPORT; the kernel spreads new connections
-    over them); off, a second gateway on a taken port fails."""
-    server = grpc.aio.server(options=[
+    over them); off, a second gateway on a taken port fails. `max_pending`: new streams queued for admission
+    before gRPC refuses more (see admission_options)."""
+    server = grpc.aio.server(options=admission_options(max_pending) + [
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.max_concurrent_streams", 100_000),
         ("grpc.keepalive_time_ms", 30_000),

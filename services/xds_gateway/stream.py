@@ -268,6 +268,7 @@ class Stream:
     # ---- the stream's loop ----
     async def run(self, request_iterator) -> None:
         self.gw.streams.add(self)
+        self.gw.metrics.streams.labels(self.api).inc()
         self.gw.metrics.connected.labels(self.api).inc()
         reader = asyncio.create_task(self._read(request_iterator))
         try:

@@ -17,6 +17,8 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from mizzen.services.mesh.grpcserver import admission_options
+
 from ..flags import ALS_FIELDS
 from ..identity import Source
 from ..parse import BadLine, record_from_dict
@@ -178,7 +180,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
 
 
 async def start_als_server(address: str, pipeline: Pipeline, shipper) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    # every Envoy of a restarted mesh reopens its log stream at once: queue them (admission_options)
+    server = grpc.aio.server(options=admission_options() + [("grpc.max_receive_message_length", 64 << 20)])
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogService(pipeline, shipper), server)
     port = server.add_insecure_port(address)
     if port == 0:
