@@ -421,7 +421,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         gc.cancel()
         hb.cancel()
         with contextlib.suppress(Exception):
-            await membership.leave()  # hand our share over at once, not after the heartbeat TTL
+            # hand our share over at once, not after the heartbeat TTL; with Redis away the retrying client would
+            # hold the shutdown for many seconds, and the TTL hands the share over anyway
+            await asyncio.wait_for(membership.leave(), timeout=1.0)
         await runner.cleanup()
         await bus.close()
         await redis.aclose()
