@@ -128,7 +128,7 @@ def test_mizzen_up_demo_runs_and_the_control_plane_traces_itself(venv, tmp_path)
     otlp = SyncOTLPReceiver()
     ports = {flag: procs.free_port() for flag in ("--registry-port", "--xds-port", "--xds-tls-port", "--ca-port",
                                                    "--gateway-port")}
-    argv = [str(venv.parent / "mizzen"), "up", "--demo", "--for", "25", "--data-dir", str(tmp_path / "data"),
+    argv = [str(venv.parent / "mizzen"), "up", "--demo", "--for", "15", "--data-dir", str(tmp_path / "data"),
             "--otlp-endpoint", otlp.endpoint, *(x for kv in ports.items() for x in (kv[0], str(kv[1])))]
     env = dict(CLEAN_ENV, PYTHONUNBUFFERED="1", MIZZEN_TRACING="otlp", MIZZEN_TRACE_ENDPOINT=otlp.endpoint)
     env.pop("MIZZEN_SERVER", None)

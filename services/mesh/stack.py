@@ -206,8 +206,12 @@ class Stack:
 
     def start(self, services: tuple[str, ...] = ("registry", "translator", "xds-gateway")) -> Stack:
         self.start_infra()
+        # all at once, then wait for each: every service copes with the others arriving in any order (it must
+        # survive their restarts anyway), and their Python start-ups overlap instead of adding up
         for s in services:
-            self.start_service(s)
+            self.start_service(s, wait=False)
+        for s in services:
+            self.wait_ready(s)
         return self
 
     def stop(self) -> None:
