@@ -30,7 +30,9 @@ def parser(prog: str = "mizzen xds-gateway") -> argparse.ArgumentParser:
     p.add_argument("--resync-interval", type=float, default=float(env("MIZZEN_XDS_RESYNC", "5")),
                    help="seconds between re-reads of watched manifests (covers missed NATS events)")
     p.add_argument("--status-ttl", type=float, default=float(env("MIZZEN_XDS_STATUS_TTL", "30")))
-    p.add_argument("--grace", type=float, default=5.0, help="seconds streams get to finish on SIGTERM")
+    # ADS streams never end by themselves: the grace only lets a push in flight finish before they are cancelled
+    # (and their proxies reconnect elsewhere), so a long one is only a delay
+    p.add_argument("--grace", type=float, default=1.0, help="seconds a push in flight gets to finish on SIGTERM")
     p.add_argument("--workers", type=int, default=int(env("MIZZEN_XDS_WORKERS", "1")),
                    help="worker processes sharing the gRPC port (SO_REUSEPORT); 0: one per core. Worker i serves "
                         "/metrics on --http-port + i and is replica <replica-id>-w<i>")

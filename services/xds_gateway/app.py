@@ -36,7 +36,7 @@ class Options:
     replica: str
     resync_interval: float = 5.0
     status_ttl: float = 30.0
-    grace: float = 5.0
+    grace: float = 1.0
     push_slots: int = 64
     slot_lease: float = 1.0
     reuse_port: bool = False
