@@ -12,6 +12,8 @@ from __future__ import annotations
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
+from mizzen.services.mesh.otlp_wire import varint
+
 from . import pb
 
 SDS_DEFAULT = "default"
@@ -93,18 +95,9 @@ def set_istio_mutual_socket(ts: pb.base_pb2.TransportSocket, sni: str, sans: lis
     typed.type_url = _UPSTREAM_TLS_URL
     if sni:
         raw = sni.encode()
-        typed.value = head + _SNI_FIELD + _varint(len(raw)) + raw
+        typed.value = head + _SNI_FIELD + varint(len(raw)) + raw
     else:
         typed.value = head
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def user_upstream(tls: dict, h2: bool, is_sidecar: bool) -> tls_pb2.UpstreamTlsContext | None:
