@@ -34,9 +34,10 @@ def from_locality_label(labels: Mapping[str, str]) -> str:
 
 def from_labels(labels: Mapping[str, str]) -> str:
     """A workload's locality from its labels: its locality label wins, else the topology labels; "" if none."""
-    named = from_locality_label(labels)
-    if named:
-        return named
+    return from_locality_label(labels) or _from_topology_labels(labels)
+
+
+def _from_topology_labels(labels: Mapping[str, str]) -> str:
     region, zone, subzone = labels.get(REGION_LABEL), labels.get(ZONE_LABEL), labels.get(SUBZONE_LABEL)
     if not (region or zone or subzone):
         return ""  # the common case; asked for every endpoint of every push
@@ -56,7 +57,8 @@ def pod_locality(pod_labels: Mapping[str, str], node_labels: Mapping[str, str] |
     """A Pod's locality: its locality label, else its Node's topology labels (istiod's order); a Pod whose Node
     is unknown or unlabelled falls back to its own topology labels (Mizzen describes pods without Nodes, e.g.
     outside Kubernetes, and labels them so)."""
-    return from_locality_label(pod_labels) or from_node_labels(node_labels or {}) or from_labels(pod_labels)
+    return (from_locality_label(pod_labels) or from_node_labels(node_labels or {})
+            or _from_topology_labels(pod_labels))
 
 
 def from_node(locality: Mapping[str, str] | None) -> str:
