@@ -204,8 +204,9 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_d
         return shared[g]
 
     async def stream(i: int, proxy: str) -> None:
-        """One Envoy-like ADS stream; reconnects (as Envoy does) if the stream fails."""
-        for attempt in range(100):
+        """One Envoy-like ADS stream; reconnects (as Envoy does) if the stream fails: for about 15 minutes, longer
+        than any caller waits, so a slow machine shows up as a late stream, never as one that stopped trying."""
+        for attempt in range(1000):
             try:
                 await one_stream(i, proxy)
                 return

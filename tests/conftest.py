@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,34 @@ ensure_current()
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED_MESH = FIXTURES / "seed-mesh"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _share_the_machine(request):
+    """Under pytest-xdist (the suite's default: workers take whole test files), a module marked `exclusive` runs
+    alone on the machine; the others share it. Exclusive modules simulate thousands of clients or measure
+    throughput: beside them other tests' timing bounds and free ports are not safe, nor are their own figures.
+
+    A readers-writer lock over two files: `gate` keeps new readers out while a writer waits (no starvation), and
+    `run` is held shared by every running module and exclusively by an exclusive one. Module scope, so a
+    module's own fixtures (stacks, pods, Envoys) start and stop under the lock too."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run_id:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"mizzen-pytest-{run_id}"
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.run", "a") as run:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if exclusive:
+            fcntl.flock(run, fcntl.LOCK_EX)  # waits for the running modules to end; new ones wait at the gate
+        else:
+            fcntl.flock(run, fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(run, fcntl.LOCK_UN)
 
 
 @pytest.fixture

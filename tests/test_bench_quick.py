@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.exclusive  # simulated clients by the thousand: the machine to itself (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -19,7 +19,7 @@ from tests.logsink_data.receiver import Receiver
 from tests.logsink_data.service import LogsinkProc
 from tests.test_logsink_file import A_PROXY, B_PROXY, pair
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.exclusive]  # throughput under load
 
 PARTITIONS = 8
 

@@ -276,3 +276,22 @@ def test_agent_refuses_a_non_positive_file_poll(capsys: pytest.CaptureFixture) -
         agent.main(["--pod", "p", "-n", "default", "--ip", "127.0.0.1", "--file-poll", "0"])
     assert e.value.code == 2
     assert "--file-poll: want a positive number of seconds, not 0.0" in capsys.readouterr().err
+
+
+async def test_socket_under_a_deep_work_dir_is_served(tmp_path, monkeypatch):
+    """A socket path longer than a socket address holds (107 bytes; a deep `--work-dir`, or pytest-xdist's
+    tmp paths) is still served; the client connects by the relative path, as Envoy's bootstrap names it."""
+    deep = tmp_path / ("w" * 60) / "etc/istio/proxy"
+    files = Files(tmp_path)
+    store = sds.SecretStore()
+    server, _ = await sds.serve(store, deep / "SDS", resolver=filesecrets.FileSecrets(store, POLL))
+    assert len(str(deep / "SDS")) > sds.UNIX_PATH_MAX and (deep / "SDS").is_socket()
+    monkeypatch.chdir(deep.parents[2])
+    channel = grpc.aio.insecure_channel("unix:./etc/istio/proxy/SDS")
+    try:
+        resp = await sds_pb2_grpc.SecretDiscoveryServiceStub(channel).FetchSecrets(
+            discovery_pb2.DiscoveryRequest(resource_names=[files.root_name]), timeout=10)
+        assert unpack(resp)[files.root_name].validation_context.trusted_ca.inline_bytes == files.ca.pem
+    finally:
+        await channel.close()
+        await server.stop(0)

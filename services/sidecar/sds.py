@@ -332,6 +332,9 @@ def _counter(version: str) -> int:
     return int(version.rsplit("/", 1)[-1])
 
 
+UNIX_PATH_MAX = 107  # sockaddr_un.sun_path, less its NUL
+
+
 async def serve(store: SecretStore, socket_path: Path,
                 resolver: Resolver | None = None) -> tuple[grpc.aio.Server, SdsServicer]:
     """Start an SDS server on a unix socket (mode 0660 would do when Envoy shares the agent's uid; 0666
@@ -342,8 +345,19 @@ async def serve(store: SecretStore, socket_path: Path,
     servicer = SdsServicer(store, resolver=resolver)
     server = grpc.aio.server()
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(servicer, server)
-    if server.add_insecure_port(f"unix:{socket_path}") == 0:
-        raise OSError(f"cannot listen on unix:{socket_path}")
-    await server.start()
+    # a socket address holds 107 bytes of path; Envoy connects by the relative ./etc/istio/proxy/SDS, but the
+    # agent's absolute path under a deep --work-dir may be longer: bind it through its directory's fd link
+    dir_fd = None
+    address = str(socket_path)
+    if len(os.fsencode(address)) > UNIX_PATH_MAX:
+        dir_fd = os.open(socket_path.parent, os.O_PATH | os.O_DIRECTORY)
+        address = f"/proc/self/fd/{dir_fd}/{socket_path.name}"
+    try:
+        if server.add_insecure_port(f"unix:{address}") == 0:
+            raise OSError(f"cannot listen on unix:{socket_path}")
+        await server.start()
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)  # the listening socket is bound; the link was only for the name
     os.chmod(socket_path, 0o666)
     return server, servicer
