@@ -344,6 +344,7 @@ _REVISIONS = itertools.count(1)
 
 def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> dict:
     port, http, pid = stack["port"], stack["http"], stack["pid"]
+    per_connection = getattr(args, "per_connection", 1)
     # revisions only grow (the store keeps a newer snapshot over an older one), also across cases
     rev1, rev2 = next(_REVISIONS), next(_REVISIONS)
     asyncio.run(write_snapshots(stack["redis"], None, layers_v1, clients, rev1))
@@ -356,8 +357,8 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
     t_connect = time.time()
     for part in parts:
         a, b = ctx.Pipe()
-        proc = ctx.Process(target=client_process, args=(port, part, layers_v1[2], layers_v1[3], b, args.api),
-                           daemon=True)
+        proc = ctx.Process(target=client_process, args=(port, part, layers_v1[2], layers_v1[3], b, args.api,
+                                                        False, per_connection), daemon=True)
         proc.start()
         workers.append((proc, a))
     try:
@@ -389,7 +390,8 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
         lat = [t - t0 for t in done.values()]
         own = [t - written_at[p] for p, t in done.items()]
         return {
-            "S": services, "N": clients, "connect_s": connect_s, "write_s": written,
+            "S": services, "N": clients, "streams_per_connection": per_connection,
+            "connect_s": connect_s, "write_s": written,
             "converged": len(done), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "max": max(lat) if lat else float("nan"),
             "own_p50": pct(own, 0.5), "own_p99": pct(own, 0.99), "own_max": max(own) if own else float("nan"),
             "bytes_per_push": (bytes1 - bytes0) / clients, "cpu_per_push_ms": (cpu2 - cpu1) / clients * 1000,
