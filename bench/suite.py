@@ -270,11 +270,14 @@ def _admin(port: int, path: str) -> str:
         return r.read().decode()
 
 
-def _envoy_counts(admin: int) -> tuple[int, int]:
-    """(dynamic clusters, virtual hosts in route config 80) Envoy holds."""
+def _envoy_counts(admin: int, min_clusters: int = 0) -> tuple[int, int]:
+    """(dynamic clusters, virtual hosts in route config 80) Envoy holds; routes are not read (0) while fewer
+    than `min_clusters` are active: a config dump on every poll would slow the Envoy being measured."""
     stats = _admin(admin, "/stats?filter=cluster_manager.active_clusters")
     m = re.search(r"cluster_manager\.active_clusters: (\d+)", stats)
     clusters = int(m.group(1)) if m else 0
+    if clusters < min_clusters:
+        return clusters, 0
     dump = json.loads(_admin(admin, "/config_dump?resource=dynamic_route_configs"))
     vhosts = 0
     for cfg in dump.get("configs", []):
@@ -325,7 +328,7 @@ def bench_apply(counts: list[int]) -> list[dict]:
                 t_done = None
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline:
-                    clusters, vhosts = _envoy_counts(admin)
+                    clusters, vhosts = _envoy_counts(admin, base + n)
                     if clusters >= base + n and vhosts >= n:
                         t_done = time.monotonic() - t0
                         break

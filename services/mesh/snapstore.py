@@ -156,16 +156,12 @@ class SnapshotStore:
         present = await probe.execute() if hashes else []
         missing = [distinct[h] for h, n in zip(hashes, present, strict=True) if not n]
         if missing:
-            pipe = self.r.pipeline(transaction=False)
-            for lay in missing:
-                for t, res in lay.resources.items():
-                    for name, data in res.items():
-                        pipe.set(RES + lay.index[t][name], data, nx=True)
-            await pipe.execute()
-            pipe = self.r.pipeline(transaction=False)
-            for lay in missing:
-                pipe.set(LAYER + lay.hash, lay.body, nx=True)
-            await pipe.execute()
+            # keys are content hashes, so writing one that exists rewrites the same bytes: MSET in chunks
+            # instead of a SET NX per resource (4,000 commands for 1,000 services cost the client ~0.1 s)
+            res = {RES + lay.index[t][name]: data
+                   for lay in missing for t, named in lay.resources.items() for name, data in named.items()}
+            await self._mset(res)
+            await self._mset({LAYER + lay.hash: lay.body for lay in missing})
         olds = await self.r.mget([MANIFEST + proxy for proxy, _ in prepared_items]) if prepared_items else []
         out: list[tuple[Manifest, bool]] = []
         async with self.r.pipeline(transaction=True) as tx:
@@ -191,6 +187,15 @@ class SnapshotStore:
             if len(tx):
                 await tx.execute()
         return out
+
+    async def _mset(self, values: dict[str, bytes], chunk: int = 1000) -> None:
+        if not values:
+            return
+        items = list(values.items())
+        pipe = self.r.pipeline(transaction=False)
+        for i in range(0, len(items), chunk):
+            pipe.mset(dict(items[i:i + chunk]))
+        await pipe.execute()
 
     def _versions(self, prepared: list[PreparedLayer]) -> dict[str, str]:
         """Per-type versions of the merged layers (later layers override earlier ones), memoised per layer set.

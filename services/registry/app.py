@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..mesh import settings, tracing
+from ..mesh import settings, tracing, validation
 from ..mesh.bus import Bus
 from ..mesh.service import health_routes, serve_http
 from ..mesh.snapstore import SnapshotStore
@@ -64,6 +64,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     store = ConfigStore(redis)
     metrics = Metrics()
     api = RegistryAPI(store, bus, SnapshotStore(redis), metrics)
+    validation.load_validators()
     ready = {"ok": False}
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[tracing.middleware()])
     api.routes(app)

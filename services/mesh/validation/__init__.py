@@ -111,14 +111,15 @@ def _check_metadata(obj: dict, namespaced: bool) -> list[FieldError]:
     return errs.items
 
 
-def _load_kind_modules() -> None:
-    # Importing the modules registers their validators.
+def load_validators() -> None:
+    """Import every kind's validator (importing registers them). Lazy for the CLI; a service calls it at start
+    so its first apply does not pay the imports (about 0.1 s, half of applying 1,000 ServiceEntries)."""
     from . import istio, kube  # noqa: F401
 
 
 def schema_for(kind: str) -> object | None:
     """The structural schema of a whole object of `kind` (for the registry's OpenAPI), or None."""
-    _load_kind_modules()  # all of them: importing one module alone would leave the others unregistered
+    load_validators()  # all of them: importing one module alone would leave the others unregistered
     # validators made from a structural schema carry it (kube.py's and istio.py's _make_validator)
     return getattr(VALIDATORS.get(kind), "schema", None)
 
@@ -126,7 +127,7 @@ def schema_for(kind: str) -> object | None:
 def validate_object(obj: dict) -> list[FieldError]:
     """All errors of one (normalised) object; empty when it is valid."""
     if not VALIDATORS:
-        _load_kind_modules()
+        load_validators()
     fn = VALIDATORS.get(obj.get("kind", ""))
     return fn(obj) if fn else []
 
