@@ -9,19 +9,9 @@ tests/test_xds_wire.py).
 
 from __future__ import annotations
 
+from mizzen.services.mesh.otlp_wire import varint
+
 LEN = 2  # wire type for strings, bytes and embedded messages
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def field(number: int, payload: bytes) -> bytes:
