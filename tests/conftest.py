@@ -20,6 +20,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SEED_MESH = FIXTURES / "seed-mesh"
 
 
+def pytest_configure(config):
+    """An xdist worker takes free ports from its own range below the kernel's ephemeral ports (32768+), so a
+    port one test picked cannot be picked by another worker, or become some connection's local port, before
+    its service binds it (services/mesh/procs.py; a stack once failed to start on that race)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and not os.environ.get(procs.PORT_RANGE_ENV):
+        k = int(worker[2:])
+        size = min(3000, 12000 // max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1))
+        lo = 20000 + k * size
+        os.environ[procs.PORT_RANGE_ENV] = f"{lo}-{lo + size - 1}"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _share_the_machine(request):
     """Under pytest-xdist (the suite's default: workers take whole test files), a module marked `exclusive` runs

@@ -61,14 +61,59 @@ def redis_binary() -> str:
         return str(found[0])
 
 
+# MIZZEN_PORT_RANGE=LO-HI: free ports come from LO…HI, handed out in turn by a counter that every process
+# with the same range shares (a locked file), instead of the kernel's pick from the ephemeral range. Parallel
+# test workers each get their own range: a port picked here and bound a moment later by the service cannot
+# meanwhile be picked by another worker, nor taken as the local port of some outgoing connection.
+PORT_RANGE_ENV = "MIZZEN_PORT_RANGE"
+
+
+def _bindable(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports_from_range(spec: str, n: int, host: str) -> int:
+    import fcntl
+    import tempfile
+
+    lo, hi = (int(x) for x in spec.split("-"))
+    with open(Path(tempfile.gettempdir()) / f"mizzen-ports-{lo}-{hi}", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read().strip()
+        cur = int(text) if text else lo
+        for _ in range(hi - lo + 1):
+            if cur < lo or cur + n - 1 > hi:
+                cur = lo
+            if all(_bindable(host, q) for q in range(cur, cur + n)):
+                f.seek(0)
+                f.truncate()
+                f.write(str(cur + n))
+                return cur
+            cur += 1
+    raise OSError(f"no run of {n} free ports in {PORT_RANGE_ENV}={spec}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    spec = os.environ.get(PORT_RANGE_ENV)
+    if spec:
+        return _ports_from_range(spec, 1, host)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def free_port_run(n: int, host: str = "127.0.0.1") -> int:
     """A port p such that p … p+n-1 are all free now (gateway workers serve /metrics on consecutive ports)."""
+    spec = os.environ.get(PORT_RANGE_ENV)
+    if spec:
+        return _ports_from_range(spec, n, host)
     for _ in range(100):
         p = free_port(host)
         try:
