@@ -153,7 +153,7 @@ class SnapshotStore:
         between proxies (a raw layer is prepared here, on every call)."""
         prepared_items = [(proxy, [lay if isinstance(lay, PreparedLayer) else prepare_layer(lay) for lay in layers])
                           for proxy, layers in items]
-        # Write each distinct layer that Redis lacks: its resources first, then the layer, so a stored layer
+        # Write each distinct layer Redis may lack: its resources first, then the layer, so a stored layer
         # always has its resources (garbage collection deletes unreferenced layers with their resources).
         distinct = {lay.hash: lay for _proxy, prepared in prepared_items for lay in prepared}
         # A small layer (a proxy's own few resources) is written again rather than asked about: one EXISTS per
