@@ -356,7 +356,7 @@ _REVISIONS = itertools.count(1)
 
 def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> dict:
     port, http, pid = stack["port"], stack["http"], stack["pid"]
-    per_connection = getattr(args, "per_connection", 1)
+    per_connection = args.per_connection
     # revisions only grow (the store keeps a newer snapshot over an older one), also across cases
     rev1, rev2 = next(_REVISIONS), next(_REVISIONS)
     asyncio.run(write_snapshots(stack["redis"], None, layers_v1, clients, rev1))
@@ -472,6 +472,8 @@ def main() -> int:
     ap.add_argument("--api", choices=("sotw", "delta"), default="sotw", help="StreamAggregatedResources or "
                     "DeltaAggregatedResources")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--per-connection", type=int, default=1,
+                    help="ADS streams sharing one client HTTP/2 connection (1: one each, as Envoy)")
     ap.add_argument("--no-memo-layers", action="store_true",
                     help="hand SnapshotStore.put the raw shared layer, so it re-hashes it for every proxy")
     ap.add_argument("--nats-url")

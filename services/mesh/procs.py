@@ -68,9 +68,12 @@ def redis_binary() -> str:
 PORT_RANGE_ENV = "MIZZEN_PORT_RANGE"
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError:
@@ -104,7 +107,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     spec = os.environ.get(PORT_RANGE_ENV)
     if spec:
         return _ports_from_range(spec, 1, host)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -116,13 +119,8 @@ def free_port_run(n: int, host: str = "127.0.0.1") -> int:
         return _ports_from_range(spec, n, host)
     for _ in range(100):
         p = free_port(host)
-        try:
-            for q in range(p + 1, p + n):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind((host, q))
+        if all(_bindable(host, q) for q in range(p + 1, p + n)):
             return p
-        except OSError:
-            continue
     raise OSError(f"no run of {n} free ports found")
 
 
