@@ -205,6 +205,8 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_d
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                ("grpc.max_reconnect_backoff_ms", 1000)]
+    import json as _j
+    options += [tuple(x) for x in _j.loads(os.environ.get("XP_OPTS", "[]"))]
 
     def channel(i: int, proxy: str) -> grpc.aio.Channel:
         if per_connection == 1:
@@ -354,57 +356,87 @@ def pct(values: list[float], q: float) -> float:
 _REVISIONS = itertools.count(1)
 
 
+class Clients:
+    """The simulated proxies of one case, in --procs client processes."""
+
+    def __init__(self, args, port: int, proxies: list[str], eds_names: list[str], rds_names: list[str]):
+        self.parts = [proxies[i::args.procs] for i in range(args.procs)]
+        self.timeout = args.timeout
+        self.workers = []
+        ctx = mp.get_context("spawn")
+        for part in self.parts:
+            a, b = ctx.Pipe()
+            proc = ctx.Process(target=client_process, args=(port, part, eds_names, rds_names, b, args.api,
+                                                            False, args.per_connection), daemon=True)
+            proc.start()
+            self.workers.append((proc, a))
+
+    def synced(self) -> None:
+        """Wait until every stream holds its first config."""
+        for _proc, a in self.workers:
+            if not a.poll(self.timeout):
+                raise TimeoutError("clients did not sync")
+            msg = a.recv()
+            if msg[2]:
+                print(f"  client stream errors (retried): {len(msg[2])}, e.g. {msg[2][0]}", flush=True)
+
+    def converged(self, expect: dict[str, dict[str, str]]) -> tuple[dict[str, float], int]:
+        """({proxy: time it ACKed the last of `expect`'s versions}, clients' RSS)."""
+        deadline = time.time() + self.timeout
+        for (_proc, a), part in zip(self.workers, self.parts, strict=True):
+            a.send(("expect", {p: expect[p] for p in part}, deadline))
+        done: dict[str, float] = {}
+        rss = 0
+        for _proc, a in self.workers:
+            msg = a.recv()
+            done.update(msg[1])
+            rss += msg[2] if len(msg) > 2 else 0
+        return done, rss
+
+    def stop(self) -> None:
+        for _proc, a in self.workers:
+            try:
+                a.send(("stop",))
+            except OSError:
+                pass
+        for proc, _a in self.workers:
+            proc.join(20)
+            if proc.is_alive():
+                proc.kill()
+
+
+def latencies(services: int, clients: int, per_connection: int, t0: float, done: dict[str, float]) -> dict:
+    lat = [t - t0 for t in done.values()]
+    return {"S": services, "N": clients, "streams_per_connection": per_connection, "converged": len(done),
+            "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "max": max(lat) if lat else float("nan")}
+
+
 def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> dict:
     port, http, pid = stack["port"], stack["http"], stack["pid"]
-    per_connection = args.per_connection
     # revisions only grow (the store keeps a newer snapshot over an older one), also across cases
     rev1, rev2 = next(_REVISIONS), next(_REVISIONS)
     asyncio.run(write_snapshots(stack["redis"], None, layers_v1, clients, rev1))
     time.sleep(0.5)
     cpu0, rss0 = gateway_stats(pid)
-    proxies = [proxy_id(i) for i in range(clients)]
-    ctx = mp.get_context("spawn")
-    parts = [proxies[i::args.procs] for i in range(args.procs)]
-    workers = []
     t_connect = time.time()
-    for part in parts:
-        a, b = ctx.Pipe()
-        proc = ctx.Process(target=client_process, args=(port, part, layers_v1[2], layers_v1[3], b, args.api,
-                                                        False, per_connection), daemon=True)
-        proc.start()
-        workers.append((proc, a))
+    group = Clients(args, port, [proxy_id(i) for i in range(clients)], layers_v1[2], layers_v1[3])
     try:
-        for _proc, a in workers:
-            if not a.poll(args.timeout):
-                raise TimeoutError("clients did not sync")
-            msg = a.recv()
-            if msg[2]:
-                print(f"  client stream errors (retried): {len(msg[2])}, e.g. {msg[2][0]}", flush=True)
+        group.synced()
         connect_s = time.time() - t_connect
         time.sleep(0.5)
         cpu1, rss1 = gateway_stats(pid)
         bytes0 = metric_sum(http, "mizzen_xds_push_bytes_total")
-
+        print(f"  {clients} streams connected in {connect_s:.1f}s; pushing", flush=True)
         t0 = time.time()
         expect, written_at = asyncio.run(write_snapshots(stack["redis"], stack["nats"], layers_v2, clients, rev2))
         written = time.time() - t0
-        deadline = time.time() + args.timeout
-        for (_proc, a), part in zip(workers, parts, strict=True):
-            a.send(("expect", {p: expect[p] for p in part}, deadline))
-        done: dict[str, float] = {}
-        clients_rss = 0
-        for _proc, a in workers:
-            msg = a.recv()
-            done.update(msg[1])
-            clients_rss += msg[2] if len(msg) > 2 else 0
+        done, clients_rss = group.converged(expect)
         cpu2, rss2 = gateway_stats(pid)
         bytes1 = metric_sum(http, "mizzen_xds_push_bytes_total")
-        lat = [t - t0 for t in done.values()]
         own = [t - written_at[p] for p, t in done.items()]
         return {
-            "S": services, "N": clients, "streams_per_connection": per_connection,
+            **latencies(services, clients, args.per_connection, t0, done),
             "connect_s": connect_s, "write_s": written,
-            "converged": len(done), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "max": max(lat) if lat else float("nan"),
             "own_p50": pct(own, 0.5), "own_p99": pct(own, 0.99), "own_max": max(own) if own else float("nan"),
             "bytes_per_push": (bytes1 - bytes0) / clients, "cpu_per_push_ms": (cpu2 - cpu1) / clients * 1000,
             "cpu_push_s": cpu2 - cpu1, "cpu_connect_s": cpu1 - cpu0,
@@ -412,19 +444,42 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
             "clients_rss_mb": clients_rss / 2**20,
         }
     finally:
-        for _proc, a in workers:
-            try:
-                a.send(("stop",))
-            except OSError:
-                pass
-        for proc, _a in workers:
-            proc.join(20)
-            if proc.is_alive():
-                proc.kill()
+        group.stop()
         # let the gateway notice the closed streams before the next case
         end = time.time() + 20
         while time.time() < end and metric_sum(http, "mizzen_xds_connected_proxies") > 0:
             time.sleep(0.2)
+
+
+def run_floor_case(args, tmp: Path, services: int, clients: int, layers_v1) -> dict:
+    """The same case against bench/xds_floor.py: gRPC fan-out of the same bytes and nothing else."""
+    from mizzen.services.mesh import procs
+
+    port = procs.free_port()
+    floor = procs.spawn("xds-floor", [sys.executable, str(Path(__file__).with_name("xds_floor.py")),
+                                      "--port", str(port), "--services", str(services), "--api", args.api],
+                        tmp / "logs")
+    group = None
+    try:
+        procs.wait_port("127.0.0.1", port, timeout=120, proc=floor.popen)
+        t_connect = time.time()
+        proxies = [proxy_id(i) for i in range(clients)]
+        group = Clients(args, port, proxies, layers_v1[2], layers_v1[3])
+        group.synced()
+        connect_s = time.time() - t_connect
+        time.sleep(0.5)
+        cpu1, _ = proc_stats(floor.pid)
+        t0 = time.time()
+        os.kill(floor.pid, signal.SIGUSR1)  # generation 2 of every type to every stream
+        done, clients_rss = group.converged({p: {t: "g2" for t in TYPES} for p in proxies})
+        cpu2, rss = proc_stats(floor.pid)
+        return {**latencies(services, clients, args.per_connection, t0, done), "connect_s": connect_s,
+                "cpu_per_push_ms": (cpu2 - cpu1) / clients * 1000, "cpu_push_s": cpu2 - cpu1,
+                "rss_mb": rss / 2**20, "clients_rss_mb": clients_rss / 2**20}
+    finally:
+        if group is not None:
+            group.stop()
+        floor.stop()
 
 
 def start_stack(tmp: Path, workers: int = 1) -> tuple[dict, list]:
@@ -476,6 +531,8 @@ def main() -> int:
                     help="ADS streams sharing one client HTTP/2 connection (1: one each, as Envoy)")
     ap.add_argument("--no-memo-layers", action="store_true",
                     help="hand SnapshotStore.put the raw shared layer, so it re-hashes it for every proxy")
+    ap.add_argument("--floor", action="store_true",
+                    help="after each case, the same case against bench/xds_floor.py (gRPC fan-out alone)")
     ap.add_argument("--nats-url")
     ap.add_argument("--redis-url")
     ap.add_argument("--xds", help="HOST:PORT of a running gateway (with --gateway-http and --gateway-pid)")
@@ -509,6 +566,13 @@ def main() -> int:
                       f"{row['bytes_per_push'] / 1024:8.1f} KiB/push  cpu {row['cpu_per_push_ms']:6.2f} ms/push "
                       f"({row['cpu_push_s']:.1f}s)  rss {row['rss_mb']:7.1f} MiB "
                       f"({row['rss_per_stream_kb']:.1f} KiB/stream)", flush=True)
+                if args.floor:
+                    f = run_floor_case(args, tmp, s, n, v1)
+                    row["floor"] = f
+                    print(f"{args.api} S={s:>5} N={n:>5}  floor: connect {f['connect_s']:6.2f}s  push p50 "
+                          f"{f['p50']:6.2f}s p99 {f['p99']:6.2f}s ({f['converged']}/{n} converged)  cpu "
+                          f"{f['cpu_per_push_ms']:6.2f} ms/push; gateway p99 / floor p99 = "
+                          f"{row['p99'] / f['p99']:.2f}", flush=True)
     finally:
         for p in owned:
             p.stop()

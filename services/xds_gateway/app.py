@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from mizzen.services.mesh.bus import Bus
-from mizzen.services.mesh.service import health_routes, serve_http
+from mizzen.services.mesh.service import health_routes, relax_gc, serve_http
 from mizzen.services.mesh.store import connect as connect_redis
 
 from .cache import SnapshotCache
@@ -105,6 +105,7 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
     server, port = make_server(gw, opts.host, opts.port, tls, reuse_port=opts.reuse_port,
                                max_pending=opts.max_pending_streams)
     await server.start()
+    relax_gc()
     state["serving"] = True
     log.info("xds gateway serving", extra={"addr": f"{opts.host}:{port}", "replica": opts.replica})
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -164,8 +165,8 @@ class DeltaStream(Stream):
             to_send, removed, entries = await self._diff(sub, desired)
             held = False
             if t == ENDPOINT and (again := self.take_eds_resend()):
-                sending = {n for n, _h in to_send}
-                extra = [(n, h) for n, h in desired.entries.items() if n in again and n not in sending]
+                again.difference_update(map(itemgetter(0), to_send))
+                extra = [(n, desired.entries[n]) for n in again if n in desired.entries]
                 if extra:
                     to_send, entries = [*to_send, *extra], None
             if t == ENDPOINT and desired.synthesized and to_send:
@@ -191,9 +192,13 @@ class DeltaStream(Stream):
             msg = wire.delta_response(desired.version, t, nonce, entries, removed, self.gw.replica)
             await self.send(msg)
             if t == CLUSTER:
-                before = sub.holdings()
-                self.clusters_added([n for n, _h in to_send if n not in before])
-                self.clusters_changed([n for n, h in to_send if before.get(n, h) != h])
+                # to_send holds names whose content differs from what the client has (or that moved between
+                # layers: then one EDS response more than needed): those it had changed, the others are new.
+                # Set operations on the holdings' keys, not a Python loop per name.
+                before = sub.holdings().keys()
+                sent = set(map(itemgetter(0), to_send))
+                self.clusters_added(list(sent - before))
+                self.clusters_changed(list(sent & before))
             if held:
                 has = sub.own_has()
                 has.update(to_send)

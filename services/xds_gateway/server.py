@@ -47,13 +47,9 @@ def ads_handler(gw: Gateway, token_check: TokenCheck | None = None) -> grpc.Gene
     })
 
 
-def make_server(gw: Gateway, host: str, port: int, tls: tuple[int, grpc.ServerCredentials, TokenCheck] | None = None,
-                reuse_port: bool = False, max_pending: int = 20_000) -> tuple[grpc.aio.Server, int]:
-    """The ADS server on host:port (plaintext) and, with `tls` (port, credentials, token check), on a TLS port.
-    `reuse_port`: several worker processes share the ports (SO_REUSEPORT; the kernel spreads new connections
-    over them); off, a second gateway on a taken port fails. `max_pending`: new streams queued for admission
-    before gRPC refuses more (see admission_options)."""
-    server = grpc.aio.server(options=admission_options(max_pending) + [
+def server_options(max_pending: int = 20_000, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """gRPC options of the ADS server (bench/xds_floor.py serves with the same ones)."""
+    return admission_options(max_pending) + [
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.max_concurrent_streams", 100_000),
         ("grpc.keepalive_time_ms", 30_000),
@@ -64,7 +60,16 @@ def make_server(gw: Gateway, host: str, port: int, tls: tuple[int, grpc.ServerCr
         # connection keepalive); gRPC's default would answer such pings with GOAWAY "too_many_pings"
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
-    ])
+    ]
+
+
+def make_server(gw: Gateway, host: str, port: int, tls: tuple[int, grpc.ServerCredentials, TokenCheck] | None = None,
+                reuse_port: bool = False, max_pending: int = 20_000) -> tuple[grpc.aio.Server, int]:
+    """The ADS server on host:port (plaintext) and, with `tls` (port, credentials, token check), on a TLS port.
+    `reuse_port`: several worker processes share the ports (SO_REUSEPORT; the kernel spreads new connections
+    over them); off, a second gateway on a taken port fails. `max_pending`: new streams queued for admission
+    before gRPC refuses more (see admission_options)."""
+    server = grpc.aio.server(options=server_options(max_pending, reuse_port))
     # the snapshot API shares the port and the snapshot cache with ADS
     server.add_generic_rpc_handlers((ads_handler(gw, tls[2] if tls else None), snapshot_handler(gw.cache)))
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -132,9 +132,10 @@ class Stream:
             self.trace.sent(t, nonce, version)
         if not st.pending_since:
             st.pending_since = since
-        self.gw.metrics.pushes.labels(short(t), self.api).inc()
-        self.gw.metrics.push_bytes.labels(short(t)).inc(size)
-        self.gw.metrics.resources_sent.labels(short(t)).inc(count)
+        m = self.gw.metrics
+        m.child(m.pushes, short(t), self.api).inc()
+        m.child(m.push_bytes, short(t)).inc(size)
+        m.child(m.resources_sent, short(t)).inc(count)
         self.changed()
 
     def record_ack(self, t: str, nonce: str, version: str) -> None:
@@ -143,10 +144,11 @@ class Stream:
         if self.trace is not None:
             self.trace.answered(t, nonce, None)
         st.error = st.error_nonce = ""
+        m = self.gw.metrics
         if st.pending_since:
-            self.gw.metrics.push_latency.labels(short(t)).observe(max(0.0, time.monotonic() - st.pending_since))
+            m.child(m.push_latency, short(t)).observe(max(0.0, time.monotonic() - st.pending_since))
             st.pending_since = 0.0
-        self.gw.metrics.acks.labels(short(t)).inc()
+        m.child(m.acks, short(t)).inc()
         self.changed()
 
     def record_nack(self, t: str, nonce: str, message: str) -> None:
@@ -195,14 +197,13 @@ class Stream:
         holds its CDS ACK meanwhile, so without a fresh EDS response the new version never becomes active and
         the old one keeps serving. Their assignments go right after the CDS response, as istiod pushes EDS with
         every CDS: Envoy registers the new versions' EDS watches while it processes CDS, before it reads EDS."""
-        eds = self.view.resources(ENDPOINT) if self.view is not None else None
-        if eds is not None and names:
-            self.eds_resend.update(n for n in names if n in eds.entries)
+        self.eds_resend.update(names)  # filtered to EDS clusters when taken (set operations, not a loop per name)
 
     def take_eds_resend(self) -> set[str]:
         """The endpoint assignments to send again now."""
         names, self.eds_resend = self.eds_resend, set()
-        return names
+        eds = self.view.resources(ENDPOINT) if self.view is not None else None
+        return names.intersection(eds.entries) if names and eds is not None else set()
 
     def endpoints_acked(self) -> set[str] | frozenset[str]:
         """Names of the endpoint assignments Envoy has ACKed (and nothing newer is outstanding)."""
