@@ -120,6 +120,25 @@ class ResourceSet:
     def __len__(self) -> int:
         return self._len
 
+    def present(self, names: set[str]) -> set[str]:
+        """Those of `names` this set has, looked up part by part (a proxy's composite map is not merged)."""
+        out: set[str] = set()
+        for p in self.parts or (self,):
+            out |= p.names.intersection(names)
+        return out
+
+    def lookup(self, names: Iterable[str]) -> list[tuple[str, str]]:
+        """(name, hash) of those of `names` this set has, part by part."""
+        parts = self.parts or (self,)
+        out = []
+        for n in names:
+            for p in parts:
+                h = p.entries.get(n)
+                if h is not None:
+                    out.append((n, h))
+                    break
+        return out
+
     def __repr__(self) -> str:
         return f"ResourceSet({self.type_url.rsplit('.', 1)[-1]}, {len(self)} res, v={self.version})"
 
@@ -153,6 +172,74 @@ def empty_load_assignment(name: str) -> bytes:
     return wire.string_field(1, name)
 
 
+@dataclass(slots=True)
+class PartDiff:
+    """One layer's share of a delta response: what changed between two versions of the layer."""
+
+    send: list[tuple[str, str]]  # (name, content hash) to send
+    removed: list[str]
+    body: bytes | None  # the encoded discovery.v3.Resource entries of `send` (None: not encoded yet)
+    added: frozenset[str]  # names of `send` the client did not have
+    changed: frozenset[str]  # names of `send` the client had with other content
+
+
+class DeltaDiff:
+    """A delta client's way from what it holds to a resource set: usually the cached layer pieces every proxy
+    making the same move shares, so a push costs no loop over resource names."""
+
+    __slots__ = ("parts", "_send", "_removed", "_names")
+
+    def __init__(self, parts: list[PartDiff]):
+        self.parts = parts
+        self._send: list[tuple[str, str]] | None = None
+        self._removed: list[str] | None = None
+        self._names: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, send: list[tuple[str, str]], removed: list[str], had: dict[str, str] | None) -> DeltaDiff:
+        """A diff from explicit lists (the client's holdings are its own map, or a push adjusts the plan);
+        had=None: the client has every name of `send` already (a resend)."""
+        names = frozenset(n for n, _h in send)
+        if had is None:
+            return cls([PartDiff(send, removed, None, frozenset(), names)])
+        return cls([PartDiff(send, removed, None, names - had.keys(), names & had.keys())])
+
+    def plus_resend(self, send: list[tuple[str, str]]) -> DeltaDiff:
+        """This diff and resources the client has, sent again."""
+        return DeltaDiff([*self.parts, *DeltaDiff.of(send, [], None).parts])
+
+    @property
+    def to_send(self) -> list[tuple[str, str]]:
+        if self._send is None:
+            self._send = self.parts[0].send if len(self.parts) == 1 else [x for p in self.parts for x in p.send]
+        return self._send
+
+    @property
+    def removed(self) -> list[str]:
+        if self._removed is None:
+            self._removed = [n for p in self.parts for n in p.removed]
+        return self._removed
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Names to send."""
+        if self._names is None:
+            self._names = self.parts[0].added | self.parts[0].changed if len(self.parts) == 1 else \
+                frozenset().union(*(p.added | p.changed for p in self.parts))
+        return self._names
+
+    @property
+    def added(self) -> frozenset[str]:
+        return frozenset().union(*(p.added for p in self.parts))
+
+    @property
+    def changed(self) -> frozenset[str]:
+        return frozenset().union(*(p.changed for p in self.parts))
+
+    def __len__(self) -> int:
+        return sum(len(p.send) for p in self.parts)
+
+
 class SnapshotCache:
     def __init__(self, redis: aioredis.Redis, bus: Bus | None = None, resync_interval: float = 5.0,
                  resource_cache_limit: int = 400_000, set_cache_limit: int = 20_000,
@@ -166,7 +253,7 @@ class SnapshotCache:
         self._names: dict[frozenset[str], frozenset[str]] = {}  # interned subscription name sets
         self._diffs: LRU = LRU(5_000)  # (old part version, new part version) → removed names
         # (old part version, new part version) → delta (to_send, removed, encoded entries), bounded by bytes
-        self._delta_diffs = SizedLRU(delta_diff_budget, lambda d: 200 + sum(len(b) for b in d[2]))
+        self._delta_diffs = SizedLRU(delta_diff_budget, lambda d: 200 + len(d.body))
         self._views: dict[str, ProxyView] = {}
         self._watchers: dict[str, dict[int, Watcher]] = {}
         self._dirty: set[str] = set()
@@ -499,19 +586,17 @@ class SnapshotCache:
                 out.extend(hit)
         return out
 
-    async def delta_diff(self, old: ResourceSet, new: ResourceSet):
-        """What a delta client holding `old` needs to reach `new`: (to_send, removed, encoded entries), computed
-        part by part (layer by layer) and cached per pair of parts, so every proxy that moves between the same
-        shared sets reuses one diff and its bytes. None when the parts do not line up (then diff the maps)."""
+    async def delta_diff(self, old: ResourceSet, new: ResourceSet) -> DeltaDiff | None:
+        """What a delta client holding `old` needs to reach `new`, computed part by part (layer by layer) and
+        cached per pair of parts, so every proxy that moves between the same shared sets reuses one diff and its
+        bytes. None when the parts do not line up (then diff the maps)."""
         new_parts = new.parts or (new,)
         old_parts = old.parts or (old,)
         if not len(old):
             old_parts = (old,) * len(new_parts)
         if len(old_parts) != len(new_parts):
             return None
-        to_send: list[tuple[str, str]] = []
-        removed: list[str] = []
-        entries: list[bytes] = []
+        pieces: list[PartDiff] = []
         for p, q in zip(old_parts, new_parts, strict=True):
             if p.version == q.version:
                 continue
@@ -520,14 +605,15 @@ class SnapshotCache:
             if d is None:
                 pe, qe = p.entries, q.entries
                 send = [(n, h) for n, h in qe.items() if pe.get(n) != h]
-                d = (send, [n for n in pe if n not in qe], await self.delta_entries(q.type_url, send))
+                names = frozenset(n for n, _h in send)
+                d = PartDiff(send, [n for n in pe if n not in qe], b"".join(await self.delta_entries(q.type_url, send)),
+                             names - pe.keys(), names & pe.keys())
                 self._delta_diffs.put(key, d)
-            to_send.extend(d[0])
-            removed.extend(d[1])
-            entries.extend(d[2])
-        if removed and to_send and not set(removed).isdisjoint(n for n, _h in to_send):
+            pieces.append(d)
+        diff = DeltaDiff(pieces)
+        if diff.removed and diff.to_send and not diff.names.isdisjoint(diff.removed):
             return None  # a name moved between layers: the per-layer diffs contradict each other
-        return to_send, removed, entries
+        return diff
 
     async def delta_entries(self, type_url: str, items: list[tuple[str, str]]) -> list[bytes]:
         """discovery.v3.Resource entries for (name, hash) pairs; the version of each resource is its hash."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -28,7 +27,7 @@ from mizzen.services.mesh.snapstore import digest
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD
 
 from . import wire
-from .cache import ResourceSet, empty_load_assignment
+from .cache import DeltaDiff, ResourceSet, empty_load_assignment
 from .stream import Stream, order_types
 
 log = logging.getLogger("mizzen.xds_gateway.delta")
@@ -129,19 +128,18 @@ class DeltaStream(Stream):
             return sub.has_set.version == desired.version
         return sub.has == desired.entries
 
-    async def _diff(self, sub: DeltaSubscription, desired: ResourceSet):
-        """(to_send [(name, hash)], removed [name], encoded entries or None)."""
+    async def _diff(self, sub: DeltaSubscription, desired: ResourceSet) -> DeltaDiff:
+        """What the client lacks of `desired` and holds beyond it."""
         if sub.has_set is not None:
             if sub.has_set.version == desired.version:
-                return [], [], []
+                return DeltaDiff([])
             shared = await self.gw.cache.delta_diff(sub.has_set, desired)
             if shared is not None:
                 return shared
         has = sub.holdings()
         new = desired.entries
-        to_send = [(n, h) for n, h in new.items() if has.get(n) != h]
-        removed = [n for n in has if n not in new]
-        return to_send, removed, None
+        return DeltaDiff.of([(n, h) for n, h in new.items() if has.get(n) != h], [n for n in has if n not in new],
+                            has)
 
     def endpoints_acked(self) -> set[str] | frozenset[str]:
         sub = self.subs.get(ENDPOINT)
@@ -162,50 +160,45 @@ class DeltaStream(Stream):
                 continue  # pushed by the wake that follows the endpoints' ACK (or the warm-up deadline)
             sub = self.subs[t]
             desired = self.desired(t, sub.wildcard, sub.names)
-            to_send, removed, entries = await self._diff(sub, desired)
+            diff = await self._diff(sub, desired)
             held = False
             if t == ENDPOINT and (again := self.take_eds_resend()):
-                again.difference_update(map(itemgetter(0), to_send))
-                extra = [(n, desired.entries[n]) for n in again if n in desired.entries]
-                if extra:
-                    to_send, entries = [*to_send, *extra], None
-            if t == ENDPOINT and desired.synthesized and to_send:
+                again -= diff.names
+                if again and (extra := desired.lookup(again)):
+                    diff = diff.plus_resend(extra)
+            if t == ENDPOINT and desired.synthesized and len(diff):
                 # endpoints of a cluster the snapshot dropped: keep them while Envoy still has the cluster
                 has = sub.holdings()
-                keep = [n for n, _h in to_send if n in desired.synthesized and n in has
-                        and has[n] != digest(empty_load_assignment(n))]
+                keep = {n for n, _h in diff.to_send if n in desired.synthesized and n in has
+                        and has[n] != digest(empty_load_assignment(n))}
                 if keep:
-                    to_send = [(n, h) for n, h in to_send if n not in keep]
+                    diff = DeltaDiff.of([(n, h) for n, h in diff.to_send if n not in keep], diff.removed, has)
                     held = True
+            removed = diff.removed
             if t == CLUSTER and removed and not self.references_settled():
                 removed, held = [], True
-            if not to_send and not removed and sub.sent_any:
+            if not len(diff) and not removed and sub.sent_any:
                 st = self.type_status(t)
                 basis = "" if held else self.basis(t)
                 if st.basis != basis:
                     st.basis = basis
                     self.changed()
                 continue
-            if entries is None or held:
-                entries = await cache.delta_entries(t, to_send)
+            bodies = [p.body if p.body is not None else b"".join(await cache.delta_entries(t, p.send))
+                      for p in diff.parts]
             nonce = self.next_nonce()
-            msg = wire.delta_response(desired.version, t, nonce, entries, removed, self.gw.replica)
+            msg = wire.delta_response(desired.version, t, nonce, bodies, removed, self.gw.replica)
             await self.send(msg)
             if t == CLUSTER:
-                # to_send holds names whose content differs from what the client has (or that moved between
-                # layers: then one EDS response more than needed): those it had changed, the others are new.
-                # Set operations on the holdings' keys, not a Python loop per name.
-                before = sub.holdings().keys()
-                sent = set(map(itemgetter(0), to_send))
-                self.clusters_added(list(sent - before))
-                self.clusters_changed(list(sent & before))
+                self.clusters_added(list(diff.added))
+                self.clusters_changed(list(diff.changed))
             if held:
                 has = sub.own_has()
-                has.update(to_send)
+                has.update(diff.to_send)
                 for n in removed:
                     has.pop(n, None)
             else:
                 sub.has_set, sub.has = desired, None
             sub.outstanding[nonce] = desired.version
             sub.sent_any = True
-            self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(to_send))
+            self.record_sent(t, nonce, desired.version, "" if held else self.basis(t), len(msg), since, len(diff))

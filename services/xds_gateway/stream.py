@@ -203,7 +203,7 @@ class Stream:
         """The endpoint assignments to send again now."""
         names, self.eds_resend = self.eds_resend, set()
         eds = self.view.resources(ENDPOINT) if self.view is not None else None
-        return names.intersection(eds.entries) if names and eds is not None else set()
+        return eds.present(names) if names and eds is not None else set()
 
     def endpoints_acked(self) -> set[str] | frozenset[str]:
         """Names of the endpoint assignments Envoy has ACKed (and nothing newer is outstanding)."""
