@@ -40,6 +40,8 @@ def test_bench_quick_runs_and_reports(tmp_path):
         assert "error" not in row, row
         assert row["converged"] == row["N"], row
         assert row["bytes_per_push"] > 0, row  # every case really pushed
+    floored = [row for row in push if "floor_p99" in row]  # the gRPC fan-out floor ran beside the gateway
+    assert floored and all(row["floor_p99"] > 0 and row["vs_floor"] > 0 for row in floored), push
     assert res["apply"][0]["until_envoy_s"] is not None  # the real Envoy got all ServiceEntries
     ca_row = res["ca"][0]
     assert "error" not in ca_row, ca_row
