@@ -536,6 +536,7 @@ def test_each_kubectl_write_is_one_revision_and_one_event(kubectl, tmp_path, sta
     async def run() -> list[dict]:
         nc = await nats.connect(stack.nats_url)
         sub = await nc.subscribe("mizzen.config.changed")
+        await nc.flush()  # subscribed before anything is published
         got = []
         for w1 in (90, 90, 60):  # created, unchanged (no write, no event), configured
             f.write_text(VS.format(ns="event-ns", w1=w1, w2=100 - w1))

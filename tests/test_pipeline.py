@@ -77,6 +77,7 @@ def test_apply_builds_stores_and_announces_snapshots(stack):
     async def run():
         nc = await nats.connect(stack.nats_url)
         sub = await nc.subscribe("mizzen.snapshot.>")
+        await nc.flush()  # the SUB reaches the server now: apply() blocks this loop, and the announcement may come first
         r = apply(stack, SEED_MESH)
         assert r.returncode == 0, r.stderr
         rev = request("GET", stack.registry_url + "/version")["revision"]

@@ -115,6 +115,7 @@ def test_every_write_is_announced_with_its_revision(stack, tmp_path):
         nc = await nats.connect(stack.nats_url)
         got: list[dict] = []
         sub = await nc.subscribe("mizzen.config.changed")
+        await nc.flush()  # subscribed before anything is published
         f = tmp_path / "svc.yaml"
         f.write_text(SERVICE)
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mizzen.services.cli.main", "apply", "-f", str(f),
