@@ -187,10 +187,11 @@ class DeltaDiff:
     """A delta client's way from what it holds to a resource set: usually the cached layer pieces every proxy
     making the same move shares, so a push costs no loop over resource names."""
 
-    __slots__ = ("parts", "_send", "_removed", "_names")
+    __slots__ = ("parts", "_send", "_removed", "_names", "_len")
 
     def __init__(self, parts: list[PartDiff]):
         self.parts = parts
+        self._len = sum(len(p.send) for p in parts)
         self._send: list[tuple[str, str]] | None = None
         self._removed: list[str] | None = None
         self._names: frozenset[str] | None = None
@@ -237,7 +238,7 @@ class DeltaDiff:
         return frozenset().union(*(p.changed for p in self.parts))
 
     def __len__(self) -> int:
-        return sum(len(p.send) for p in self.parts)
+        return self._len
 
 
 class SnapshotCache:

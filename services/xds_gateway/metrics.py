@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from mizzen.services.mesh.xds_types import SHORT
 
@@ -11,21 +14,42 @@ def short(type_url: str) -> str:
     return SHORT.get(type_url, type_url.rsplit(".", 1)[-1])
 
 
+class Tally:
+    """A labelled Prometheus counter kept as plain numbers and read at scrape time. A push counts several
+    things per response; prometheus_client's Counter takes a lock and resolves its labels on every inc()."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str], registry: CollectorRegistry):
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.values: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        registry.register(self)
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, value in list(self.values.items()):
+            family.add_metric(list(key), value)
+        yield family
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labels)]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.pushes = Counter("mizzen_xds_pushes", "xDS responses sent", ["type", "api"], registry=r)
-        self.resources_sent = Counter("mizzen_xds_resources_sent", "resources carried by xDS responses",
-                                      ["type"], registry=r)
-        self.push_bytes = Counter("mizzen_xds_push_bytes", "bytes of xDS responses sent", ["type"], registry=r)
+        # key: (type, api)
+        self.pushes = Tally("mizzen_xds_pushes", "xDS responses sent", ["type", "api"], registry=r)
+        # key: (type,)
+        self.resources_sent = Tally("mizzen_xds_resources_sent", "resources carried by xDS responses",
+                                    ["type"], registry=r)
+        self.push_bytes = Tally("mizzen_xds_push_bytes", "bytes of xDS responses sent", ["type"], registry=r)
         self.push_latency = Histogram(
             "mizzen_xds_push_latency_seconds",
             "time from the gateway seeing a new snapshot (or a request) to the proxy's ACK",
             ["type"], registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.nacks = Counter("mizzen_xds_nacks", "NACKs received from proxies", ["type"], registry=r)
-        self.acks = Counter("mizzen_xds_acks", "ACKs received from proxies", ["type"], registry=r)
+        self.acks = Tally("mizzen_xds_acks", "ACKs received from proxies", ["type"], registry=r)
         self.unauthenticated = Counter("mizzen_xds_unauthenticated",
                                        "streams on the TLS port refused for a missing or bad token", registry=r)
         self.stale_nonces = Counter("mizzen_xds_stale_nonces", "requests ignored for a stale nonce", registry=r)

@@ -132,10 +132,10 @@ class Stream:
             self.trace.sent(t, nonce, version)
         if not st.pending_since:
             st.pending_since = since
-        m = self.gw.metrics
-        m.child(m.pushes, short(t), self.api).inc()
-        m.child(m.push_bytes, short(t)).inc(size)
-        m.child(m.resources_sent, short(t)).inc(count)
+        m, key = self.gw.metrics, (short(t),)
+        m.pushes.values[(key[0], self.api)] += 1
+        m.push_bytes.values[key] += size
+        m.resources_sent.values[key] += count
         self.changed()
 
     def record_ack(self, t: str, nonce: str, version: str) -> None:
@@ -148,7 +148,7 @@ class Stream:
         if st.pending_since:
             m.child(m.push_latency, short(t)).observe(max(0.0, time.monotonic() - st.pending_since))
             st.pending_since = 0.0
-        m.child(m.acks, short(t)).inc()
+        m.acks.values[(short(t),)] += 1
         self.changed()
 
     def record_nack(self, t: str, nonce: str, message: str) -> None:
