@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..mesh import locality, settings, tracing
 from ..mesh.bus import CONFIG_CHANGED, PROXY_CONNECTED, Bus, snapshot_subject
-from ..mesh.service import health_routes, serve_http
+from ..mesh.service import health_routes, relax_gc, serve_http
 from ..mesh.snapstore import CONNECTED, PROXY_NODE, PreparedLayer, SnapshotStore, prepare_layer
 from ..mesh.store import ConfigStore, connect
 from .proxies import pod_node_ids
@@ -392,6 +392,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     app = web.Application()
     health_routes(app, lambda: tr.ready and bus.connected.is_set(), metrics.registry)
     runner = await serve_http(app, args.http_host, args.http_port)
+    relax_gc()  # a build allocates tens of thousands of objects: default young collections were ~20% of it
 
     async def safety_net() -> None:
         while not stop.is_set():
