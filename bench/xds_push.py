@@ -205,8 +205,6 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_d
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                ("grpc.max_reconnect_backoff_ms", 1000)]
-    import json as _j
-    options += [tuple(x) for x in _j.loads(os.environ.get("XP_OPTS", "[]"))]
 
     def channel(i: int, proxy: str) -> grpc.aio.Channel:
         if per_connection == 1:
