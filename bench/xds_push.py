@@ -421,7 +421,7 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
     try:
         group.synced()
         connect_s = time.time() - t_connect
-        time.sleep(0.5)
+        time.sleep(2.5)  # settled: the gateway hands freed buffers back on its next idle tick (every 2 s)
         cpu1, rss1 = gateway_stats(pid)
         bytes0 = metric_sum(http, "mizzen_xds_push_bytes_total")
         print(f"  {clients} streams connected in {connect_s:.1f}s; pushing", flush=True)

@@ -71,6 +71,26 @@ def relax_gc(young: int = 50_000) -> None:
     gc.set_threshold(young, 20, 100)
 
 
+_libc = None
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim; False where there is none).
+    After a burst (a connection storm, a full push to thousands of streams) gRPC's per-thread arenas keep
+    hundreds of MiB of freed buffers as resident memory otherwise."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - present on glibc only
+        except (OSError, AttributeError):
+            _libc = False
+    return bool(_libc) and bool(_libc.malloc_trim(0))
+
+
 def run_service(main: Callable[[asyncio.Event], Awaitable[None]], name: str | None = None) -> None:
     """Run `main(stop_event)` until SIGTERM/SIGINT sets the event; main is expected to clean up and return.
     With `name`, the service traces itself when `MIZZEN_TRACING` says so (mesh/tracing.py)."""

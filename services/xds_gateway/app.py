@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from mizzen.services.mesh.bus import Bus
-from mizzen.services.mesh.service import health_routes, relax_gc, serve_http
+from mizzen.services.mesh.service import health_routes, relax_gc, serve_http, trim_heap
 from mizzen.services.mesh.store import connect as connect_redis
 
 from .cache import SnapshotCache
@@ -111,6 +111,7 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
 
     async def watch_redis() -> None:
         nonlocal redis_ok
+        sent_at_trim = -1.0
         while True:
             await asyncio.sleep(2)
             try:
@@ -119,6 +120,11 @@ async def run_gateway(opts: Options, stop: asyncio.Event) -> None:
             except Exception:  # noqa: BLE001
                 redis_ok = False
             gw.update_queue_gauge()
+            # pushes went out since the last trim and none is going on now: hand the freed buffers back
+            sent = sum(metrics.push_bytes.values.values())
+            if sent != sent_at_trim and gw.idle():
+                trim_heap()
+                sent_at_trim = sent
 
     pinger = asyncio.create_task(watch_redis())
     await stop.wait()

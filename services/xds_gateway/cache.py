@@ -120,6 +120,10 @@ class ResourceSet:
     def __len__(self) -> int:
         return self._len
 
+    def all_names(self) -> list[str]:
+        """Every name, part by part: a proxy's composite set keeps no merged map of its own for this."""
+        return list(self._entries) if self._entries is not None else [n for p in self.parts for n in p.all_names()]
+
     def present(self, names: set[str]) -> set[str]:
         """Those of `names` this set has, looked up part by part (a proxy's composite map is not merged)."""
         out: set[str] = set()

@@ -145,7 +145,7 @@ class SotwStream(Stream):
             await self.send(msg)
             if t == CLUSTER:
                 self.clusters_added(self.gw.cache.removed(desired, sub.sent) if sub.sent is not None
-                                    else list(desired.entries))
+                                    else desired.all_names())
                 if sub.sent is not None:
                     self.clusters_changed(self.gw.cache.changed(sub.sent, desired))
             sub.sent, sub.nonce, sub.force, sub.held = desired, nonce, False, held

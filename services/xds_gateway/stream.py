@@ -48,6 +48,10 @@ class Gateway:
     slot_lease: float = 1.0  # seconds a push may hold its slot before it must give it back (stuck clients)
     pushes_in_flight: int = 0
 
+    def idle(self) -> bool:
+        """No push going on or waiting."""
+        return not self.pushes_in_flight and not self.pending_wakes and not self.cache.queue_depth
+
     def update_queue_gauge(self) -> None:
         self.metrics.queue_depth.set(self.cache.queue_depth + self.pending_wakes)
 
@@ -185,7 +189,7 @@ class Stream:
         """CDS just carried these new clusters: hold LDS/RDS until Envoy has ACKed their endpoints (a route to a
         cluster that is still warming answers 503), or until the warm-up deadline passes."""
         eds = self.view.resources(ENDPOINT) if self.view is not None else None
-        waiting = [n for n in names if eds is not None and n in eds.entries]  # EDS clusters (Istio names)
+        waiting = eds.present(set(names)) if eds is not None and names else ()  # EDS clusters (Istio names)
         if waiting:
             self.warming.update(waiting)
             self.warming_deadline = time.monotonic() + self.gw.warm_timeout
