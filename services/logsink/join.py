@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+from collections import deque
 from collections.abc import Callable
 
 from .cluster_name import parse_sni
@@ -65,6 +66,10 @@ class Joiner:
         self.peers = peers if peers is not None else PeerMap()
         self.workloads = workloads  # WorkloadIndex (or anything with .get(ip)): the registry's Pods by IP
         self.groups: dict[object, list[Record]] = {}
+        # Deadlines, earliest first. The service's clock only moves forward, so deadlines arrive in order: they
+        # go to a FIFO (O(1), no comparisons). Only one arriving out of order (`convert` uses log time) goes to
+        # the heap; the earlier head of the two is taken, by (deadline, seq) as a single heap would.
+        self.fifo: deque[tuple[float, int, Record]] = deque()
         self.heap: list[tuple[float, int, Record]] = []
         self.live = 0  # records held (pending or kept as possible parents)
         self.pending = 0
@@ -89,7 +94,12 @@ class Joiner:
         self.pending += 1
         self.live += 1
         self._seq += 1
-        heapq.heappush(self.heap, (now + self.window, self._seq, rec))
+        entry = (now + self.window, self._seq, rec)
+        fifo = self.fifo
+        if not fifo or fifo[-1][0] <= entry[0]:
+            fifo.append(entry)
+        else:
+            heapq.heappush(self.heap, entry)
 
         if rec.http or rec.kind == KIND_SERVER:
             parent, how = self._find_parent(rec, group, strict=True)
@@ -104,16 +114,37 @@ class Joiner:
                     parent, how = self._find_parent(other, (rec,), strict=True)
                     if parent is not None:
                         self._link(other, parent, how)
-        while self.live > self.max_records and self.heap:
-            _, _, old = heapq.heappop(self.heap)
+        while self.live > self.max_records:
+            old = self._pop_due(None)
+            if old is None:
+                break
             if old.state != GONE:
                 self._release(old, early=True)
 
+    def _pop_due(self, now: float | None) -> Record | None:
+        """Remove and return the record with the earliest deadline, if that deadline is at most `now` (any
+        deadline when `now` is None); else None."""
+        fifo, heap = self.fifo, self.heap
+        if heap and (not fifo or heap[0] < fifo[0]):
+            if now is not None and heap[0][0] > now:
+                return None
+            return heapq.heappop(heap)[2]
+        if fifo and (now is None or fifo[0][0] <= now):
+            return fifo.popleft()[2]
+        return None
+
     def expire(self, now: float) -> None:
         """Release every record whose wait is over: unmatched ones are emitted with their best loose match."""
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            _, _, rec = heapq.heappop(heap)
+        fifo = self.fifo
+        while True:
+            if self.heap:
+                rec = self._pop_due(now)
+                if rec is None:
+                    return
+            elif fifo and fifo[0][0] <= now:
+                rec = fifo.popleft()[2]
+            else:
+                return
             if rec.state != GONE:
                 self._release(rec)
 
@@ -121,7 +152,7 @@ class Joiner:
         """Remove and return the records still waiting for their other side (not emitted), for a replica that
         hands its partitions over: their lines go to the next owner instead of being exported here."""
         out = []
-        for _, _, rec in self.heap:
+        for _, _, rec in (*self.fifo, *self.heap):
             if rec.state == PENDING and (want is None or want(rec)):
                 rec.state = GONE
                 self.pending -= 1
@@ -136,8 +167,10 @@ class Joiner:
         return out
 
     def flush(self) -> None:
-        while self.heap:
-            _, _, rec = heapq.heappop(self.heap)
+        while True:
+            rec = self._pop_due(None)
+            if rec is None:
+                return
             if rec.state != GONE:
                 self._release(rec)
 
