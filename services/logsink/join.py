@@ -394,39 +394,50 @@ def _ip_of(addr: str) -> str | None:
 def prepare(rec: Record, raw_for_id: bytes) -> None:
     """Set the join fields of a freshly parsed record: span id, own trace id, group key, 4-tuple."""
     f = rec.f
-    rec.span_id = span_id_of(raw_for_id)
-    rec.ul = f.get("upstream_local_address")
-    rec.uh = f.get("upstream_host")
-    rec.dr = f.get("downstream_remote_address")
-    rec.dl = f.get("downstream_local_address")
-    rec.ul_ip = address_ip(rec.ul)
-    rec.dr_ip = address_ip(rec.dr)
+    get = f.get
+    sid = _blake(raw_for_id, digest_size=8).digest()  # span_id_of, inline: this runs for every line
+    rec.span_id = sid if sid != _ZERO_ID else b"\x00" * 7 + b"\x01"
+    rec.ul = ul = get("upstream_local_address")
+    rec.uh = uh = get("upstream_host")
+    rec.dr = dr = get("downstream_remote_address")
+    rec.dl = dl = get("downstream_local_address")
+    # ul and dr carry a new port on most lines; `address_ip`'s fast path (`ip:port`) inline.
+    if ul:
+        host, sep, _ = ul.rpartition(":")
+        rec.ul_ip = host if sep and ":" not in host and host[:1] != "[" else address_ip(ul)
+    else:
+        rec.ul_ip = None
+    if dr:
+        host, sep, _ = dr.rpartition(":")
+        rec.dr_ip = host if sep and ":" not in host and host[:1] != "[" else address_ip(dr)
+    else:
+        rec.dr_ip = None
     # upstream_host and downstream_local_address repeat (pods and their ports): their ips are cached.
-    uh = rec.uh
     if uh is None:
         rec.uh_ip = None
     else:
         ip = _ip_cache.get(uh)
         rec.uh_ip = ip if ip is not None else _ip_of(uh)
-    dl = rec.dl
     if dl is None:
         rec.dl_ip = None
     else:
         ip = _ip_cache.get(dl)
         rec.dl_ip = ip if ip is not None else _ip_of(dl)
-    rec.tstate = f.get("tracestate") if rec.tp is not None else None
+    tp = rec.tp
+    rec.tstate = get("tracestate") if tp is not None else None
     # The line's own identity (node metadata in the log format) and the SANs: (own, peer) from certificates.
     extra = rec.extra
     rec.own = identity_from_fields(extra) if extra else None
-    if rec.kind == KIND_SERVER:
-        local, peer = f.get("downstream_local_uri_san"), f.get("downstream_peer_uri_san")
+    server = rec.kind == KIND_SERVER
+    if server:
+        local, peer = get("downstream_local_uri_san"), get("downstream_peer_uri_san")
     else:
-        local, peer = f.get("upstream_local_uri_san"), f.get("upstream_peer_uri_san")
+        local, peer = get("upstream_local_uri_san"), get("upstream_peer_uri_san")
     rec.san_ident = (identity_from_san(local), identity_from_san(peer)) if local or peer else None
-    sni = f.get("requested_server_name")
+    sni = get("requested_server_name") if server else None
     rec.sni_ident = None
     rec.sni_host = None
-    if sni and rec.kind == KIND_SERVER:
+    if sni:
         hit = _sni_cache.get(sni)
         if hit is None:
             c = parse_sni(sni)
@@ -435,7 +446,6 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
                 _sni_cache.clear()
             _sni_cache[sni] = hit
         rec.sni_ident, rec.sni_host = hit
-    tp = rec.tp
     if rec.http:
         rid = rec.rid
         rec.gkey = rid if rid is not None else (tp[0] if tp is not None else None)
@@ -446,10 +456,7 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
         else:
             rec.trace_id = _blake(raw_for_id, digest_size=16).digest()
     else:
-        if rec.kind == KIND_CLIENT:
-            src, dst = rec.ul, rec.uh
-        else:
-            src, dst = rec.dr, rec.dl
+        src, dst = (dr, dl) if server else (ul, uh)
         if src and dst:
             rec.gkey = ("tcp", src, dst)
             rec.trace_id = _blake(f"tcp|{src}|{dst}|{rec.start_ns}".encode(), digest_size=16).digest()
