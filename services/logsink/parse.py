@@ -517,11 +517,17 @@ def _compile_plan(keys: tuple):
         if key is None:
             continue  # not an `envoy.<field>` attribute: nothing to encode here
         ns[f"key{i}"] = key
-        body = ([f"            env.append(key{i}.{enc}({v}))"] if cache is None else
-                [f"            b = cache{i}.get({v})", "            if b is None:",
-                 f"                b = key{i}.{enc}({v})",
-                 f"                if len(cache{i}) >= _CACHE_MAX:", f"                    cache{i}.clear()",
-                 f"                cache{i}[{v}] = b", "            env.append(b)"])
+        if cache is None and enc == "s":
+            # a value that differs on every line (request id, ports): Key.s's fast path inline, no call
+            ns[f"heads{i}"] = key.heads
+            body = [f"            b = {v}.encode()", f"            h = heads{i}.get(len(b))",
+                    f"            env.append(h + b if h is not None else key{i}.s({v}))"]
+        else:
+            body = ([f"            env.append(key{i}.{enc}({v}))"] if cache is None else
+                    [f"            b = cache{i}.get({v})", "            if b is None:",
+                     f"                b = key{i}.{enc}({v})",
+                     f"                if len(cache{i}) >= _CACHE_MAX:", f"                    cache{i}.clear()",
+                     f"                cache{i}[{v}] = b", "            env.append(b)"])
         if cache is not None:
             ns[f"cache{i}"] = cache
         if t == _S:
