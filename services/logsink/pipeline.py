@@ -27,6 +27,7 @@ SCOPE_NAME = "mizzen.logsink"
 SCOPE_VERSION = "0.1.0"
 
 Token = Callable[[], None]
+_authority_host: dict[str, str] = {}  # authority → its host part, for the istio metrics' destination
 # on_batch(request_bytes, span_count, tokens)
 BatchSink = Callable[[bytes, int, list[Token]], None]
 
@@ -110,15 +111,26 @@ class Pipeline:
         rec.body = encode_body(rec, self.json_mode)
         f = rec.f
         if self.istio is not None:
+            get = f.get
+            duration = get("duration")
+            authority = get("authority")
+            if authority:
+                host = _authority_host.get(authority)
+                if host is None:
+                    if len(_authority_host) >= 10000:
+                        _authority_host.clear()
+                    host = _authority_host[authority] = authority.rsplit(":", 1)[0]
+            else:
+                host = ""
             rec.mvals = (
                 # absent values ("-") are stored as None, so `or` supplies the default
-                f.get("response_code") or 0,
-                ",".join(rec.flags),
-                f.get("duration") if f.get("duration") is not None else (rec.end_ns - rec.start_ns) // 1_000_000,
-                f.get("bytes_received") or 0,
-                f.get("bytes_sent") or 0,
+                get("response_code") or 0,
+                ",".join(rec.flags) if rec.flags else "",
+                duration if duration is not None else (rec.end_ns - rec.start_ns) // 1_000_000,
+                get("bytes_received") or 0,
+                get("bytes_sent") or 0,
                 "grpc" if "grpc_status" in f else "http",
-                (f.get("authority") or "").rsplit(":", 1)[0],
+                host,
             )
         # The fields are in the body now; drop them so waiting records stay small.
         rec.f = None
@@ -194,7 +206,7 @@ class Pipeline:
             if self.json_mode:
                 parts.append(otlp_json.resource_spans_from_json(res, self._scope, spans))
             else:
-                parts.append(w.resource_spans(res, self._scope, spans))
+                parts += w.resource_spans_parts(res, self._scope, spans)
         self.on_batch(parts if self.json_mode else b"".join(parts), b.count, b.tokens)
 
     def tick(self, now: float | None = None) -> None:
