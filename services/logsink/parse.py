@@ -506,10 +506,17 @@ def _compile_plan(keys: tuple):
             enc = "s"
         else:
             limit = f" or {v} > 999" if k == "response_code" else ""
+            # all-strings logs print every integer as a string: `_int_value`'s digits path inline (fewer than 19
+            # digits is below its int64 limit; response_code's own limit is checked after)
             lines += [f"    if {v} is not None:",
                       f"        if {v}.__class__ is not int:",
                       f"            if {v}.__class__ is str and ({v} == '-' or {v} == ''):",
                       f"                d[k{i}] = None", f"                {v} = None",
+                      f"            elif {v}.__class__ is str and len({v}) < 19 and {v}.isdigit() and {v}.isascii():",
+                      f"                {v} = int({v})"]
+            if limit:
+                lines += [f"                if {v} > 999:", f"                    _int_value(k{i}, {v})"]
+            lines += [f"                d[k{i}] = {v}",
                       "            else:",
                       f"                {v} = _int_value(k{i}, {v})", f"                d[k{i}] = {v}",
                       f"        elif {v} < 0{limit}:", f"            _int_value(k{i}, {v})"]
