@@ -102,9 +102,10 @@ class Joiner:
             heapq.heappush(self.heap, entry)
 
         if rec.http or rec.kind == KIND_SERVER:
-            parent, how = self._find_parent(rec, group, strict=True)
-            if parent is not None:
-                self._link(rec, parent, how)
+            if len(group) > 1:  # alone in its group it has no candidate parent
+                parent, how = self._find_parent(rec, group, strict=True)
+                if parent is not None:
+                    self._link(rec, parent, how)
         else:
             self._emit(rec)  # a TCP client line has no parent to wait for; it stays as a possible parent
         # Lines already waiting may have been waiting for this one.

@@ -158,7 +158,17 @@ class Pipeline:
         else:
             span = w.span_message(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "", rec.body, link)
         if self.istio is not None:
-            self._observe(rec, ident)
+            # the istio metrics: the peer, and the destination service (inline: this runs for every span)
+            joiner = self.joiner
+            cl = rec.cluster
+            if rec.kind == KIND_SERVER:
+                peer = joiner.identity(rec.parent) if parent is not None else joiner.peer_identity(rec.dr_ip)
+                # the service the caller addressed: the mTLS SNI names it; else the request's authority
+                dest = rec.sni_host or rec.mvals[6]
+            else:
+                peer = joiner.peer_identity(rec.uh_ip)
+                dest = cl.host if cl is not None and cl.host else ""
+            self.istio.observe(rec.kind, rec.http, ident, peer, dest, rec.mvals)
         if self.traces is not None:
             self.traces.add(rec.trace_id)
         self.stats.spans += 1
@@ -176,18 +186,6 @@ class Pipeline:
         rec.body = None
         if b.count >= self.batch_size:
             self.flush_batch()
-
-    def _observe(self, rec: Record, own: Identity) -> None:
-        peer_of = self.joiner.peer_identity
-        cl = rec.cluster
-        if rec.kind == KIND_SERVER:
-            peer = self.joiner.identity(rec.parent) if rec.parent is not None else peer_of(rec.dr_ip)
-            # the service the caller addressed: the mTLS SNI names it; else the request's authority
-            dest = rec.sni_host or rec.mvals[6]
-        else:
-            peer = peer_of(rec.uh_ip)
-            dest = cl.host if cl is not None and cl.host else ""
-        self.istio.observe(rec.kind, rec.http, own, peer, dest, rec.mvals)
 
     @property
     def batch_count(self) -> int:
