@@ -352,14 +352,20 @@ class FileInput:
             t.line_start = base + i + 1
             t.buf = b""
         start = t.line_start
-        lines = data.split(b"\n")
-        if t.buf:
-            lines[0] = t.buf + lines[0]  # `buf` holds no newline: the same as splitting buf + data, one copy less
-        rest = lines.pop()
         entries = t.entries
         src = t.src
         feed = self.pipeline.feed_line
-        for raw in lines:
+        # Lines found with `find` (memchr) rather than `bytes.split`, whose one-byte separator loop costs ~5
+        # instructions per byte: about 4,000 per line here.
+        find = data.find
+        head = t.buf  # the first line's beginning, read with the previous chunk (it holds no newline)
+        pos = 0
+        i = find(b"\n")
+        while i >= 0:
+            raw = data[pos:i]
+            if head:
+                raw = head + raw
+                head = b""
             end = start + len(raw) + 1
             if raw[:1] == b"{" and raw[-1:] == b"}":
                 # the usual case (a plain JSON line), `_line` inline
@@ -372,6 +378,9 @@ class FileInput:
             else:
                 self._line(t, raw, start, end)
             start = end
+            pos = i + 1
+            i = find(b"\n", pos)
+        rest = head + data[pos:] if head else data[pos:]
         t.line_start = start
         if len(rest) > self.max_line_bytes:
             t.skipping = len(rest)
