@@ -163,6 +163,10 @@ class PeerMap:
     def __init__(self, capacity: int = 65536):
         self.capacity = capacity
         self._m: dict[str, tuple[Identity, bool]] = {}
+        self._idents: dict[str, Identity] = {}  # the identities of `_m` alone, for `get`
+        # `get(ip)` → the identity learned for ip, or None (also for None and "", never learned): the dict's own
+        # C method, since the join and the metrics ask several times per line.
+        self.get = self._idents.get
 
     def learn(self, ip: str | None, ident: Identity, strong: bool) -> None:
         if not ip or ip in _SHARED_IPS:
@@ -172,13 +176,9 @@ class PeerMap:
             return
         if len(self._m) >= self.capacity:
             self._m.clear()
+            self._idents.clear()
         self._m[ip] = (ident, strong)
-
-    def get(self, ip: str | None) -> Identity | None:
-        if not ip:
-            return None
-        hit = self._m.get(ip)
-        return hit[0] if hit else None
+        self._idents[ip] = ident
 
     def __len__(self) -> int:
         return len(self._m)

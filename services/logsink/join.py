@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+from collections import deque
 from collections.abc import Callable
 
 from .cluster_name import parse_sni
@@ -65,6 +66,10 @@ class Joiner:
         self.peers = peers if peers is not None else PeerMap()
         self.workloads = workloads  # WorkloadIndex (or anything with .get(ip)): the registry's Pods by IP
         self.groups: dict[object, list[Record]] = {}
+        # Deadlines, earliest first. The service's clock only moves forward, so deadlines arrive in order: they
+        # go to a FIFO (O(1), no comparisons). Only one arriving out of order (`convert` uses log time) goes to
+        # the heap; the earlier head of the two is taken, by (deadline, seq) as a single heap would.
+        self.fifo: deque[tuple[float, int, Record]] = deque()
         self.heap: list[tuple[float, int, Record]] = []
         self.live = 0  # records held (pending or kept as possible parents)
         self.pending = 0
@@ -89,12 +94,18 @@ class Joiner:
         self.pending += 1
         self.live += 1
         self._seq += 1
-        heapq.heappush(self.heap, (now + self.window, self._seq, rec))
+        entry = (now + self.window, self._seq, rec)
+        fifo = self.fifo
+        if not fifo or fifo[-1][0] <= entry[0]:
+            fifo.append(entry)
+        else:
+            heapq.heappush(self.heap, entry)
 
         if rec.http or rec.kind == KIND_SERVER:
-            parent, how = self._find_parent(rec, group, strict=True)
-            if parent is not None:
-                self._link(rec, parent, how)
+            if len(group) > 1:  # alone in its group it has no candidate parent
+                parent, how = self._find_parent(rec, group, strict=True)
+                if parent is not None:
+                    self._link(rec, parent, how)
         else:
             self._emit(rec)  # a TCP client line has no parent to wait for; it stays as a possible parent
         # Lines already waiting may have been waiting for this one.
@@ -104,16 +115,37 @@ class Joiner:
                     parent, how = self._find_parent(other, (rec,), strict=True)
                     if parent is not None:
                         self._link(other, parent, how)
-        while self.live > self.max_records and self.heap:
-            _, _, old = heapq.heappop(self.heap)
+        while self.live > self.max_records:
+            old = self._pop_due(None)
+            if old is None:
+                break
             if old.state != GONE:
                 self._release(old, early=True)
 
+    def _pop_due(self, now: float | None) -> Record | None:
+        """Remove and return the record with the earliest deadline, if that deadline is at most `now` (any
+        deadline when `now` is None); else None."""
+        fifo, heap = self.fifo, self.heap
+        if heap and (not fifo or heap[0] < fifo[0]):
+            if now is not None and heap[0][0] > now:
+                return None
+            return heapq.heappop(heap)[2]
+        if fifo and (now is None or fifo[0][0] <= now):
+            return fifo.popleft()[2]
+        return None
+
     def expire(self, now: float) -> None:
         """Release every record whose wait is over: unmatched ones are emitted with their best loose match."""
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            _, _, rec = heapq.heappop(heap)
+        fifo = self.fifo
+        while True:
+            if self.heap:
+                rec = self._pop_due(now)
+                if rec is None:
+                    return
+            elif fifo and fifo[0][0] <= now:
+                rec = fifo.popleft()[2]
+            else:
+                return
             if rec.state != GONE:
                 self._release(rec)
 
@@ -121,7 +153,7 @@ class Joiner:
         """Remove and return the records still waiting for their other side (not emitted), for a replica that
         hands its partitions over: their lines go to the next owner instead of being exported here."""
         out = []
-        for _, _, rec in self.heap:
+        for _, _, rec in (*self.fifo, *self.heap):
             if rec.state == PENDING and (want is None or want(rec)):
                 rec.state = GONE
                 self.pending -= 1
@@ -136,8 +168,10 @@ class Joiner:
         return out
 
     def flush(self) -> None:
-        while self.heap:
-            _, _, rec = heapq.heappop(self.heap)
+        while True:
+            rec = self._pop_due(None)
+            if rec is None:
+                return
             if rec.state != GONE:
                 self._release(rec)
 
@@ -361,39 +395,49 @@ def _ip_of(addr: str) -> str | None:
 def prepare(rec: Record, raw_for_id: bytes) -> None:
     """Set the join fields of a freshly parsed record: span id, own trace id, group key, 4-tuple."""
     f = rec.f
+    get = f.get
     rec.span_id = span_id_of(raw_for_id)
-    rec.ul = f.get("upstream_local_address")
-    rec.uh = f.get("upstream_host")
-    rec.dr = f.get("downstream_remote_address")
-    rec.dl = f.get("downstream_local_address")
-    rec.ul_ip = address_ip(rec.ul)
-    rec.dr_ip = address_ip(rec.dr)
+    rec.ul = ul = get("upstream_local_address")
+    rec.uh = uh = get("upstream_host")
+    rec.dr = dr = get("downstream_remote_address")
+    rec.dl = dl = get("downstream_local_address")
+    # ul and dr carry a new port on most lines; `address_ip`'s fast path (`ip:port`) inline.
+    if ul:
+        host, sep, _ = ul.rpartition(":")
+        rec.ul_ip = host if sep and ":" not in host and host[:1] != "[" else address_ip(ul)
+    else:
+        rec.ul_ip = None
+    if dr:
+        host, sep, _ = dr.rpartition(":")
+        rec.dr_ip = host if sep and ":" not in host and host[:1] != "[" else address_ip(dr)
+    else:
+        rec.dr_ip = None
     # upstream_host and downstream_local_address repeat (pods and their ports): their ips are cached.
-    uh = rec.uh
     if uh is None:
         rec.uh_ip = None
     else:
         ip = _ip_cache.get(uh)
         rec.uh_ip = ip if ip is not None else _ip_of(uh)
-    dl = rec.dl
     if dl is None:
         rec.dl_ip = None
     else:
         ip = _ip_cache.get(dl)
         rec.dl_ip = ip if ip is not None else _ip_of(dl)
-    rec.tstate = f.get("tracestate") if rec.tp is not None else None
+    tp = rec.tp
+    rec.tstate = get("tracestate") if tp is not None else None
     # The line's own identity (node metadata in the log format) and the SANs: (own, peer) from certificates.
     extra = rec.extra
     rec.own = identity_from_fields(extra) if extra else None
-    if rec.kind == KIND_SERVER:
-        local, peer = f.get("downstream_local_uri_san"), f.get("downstream_peer_uri_san")
+    server = rec.kind == KIND_SERVER
+    if server:
+        local, peer = get("downstream_local_uri_san"), get("downstream_peer_uri_san")
     else:
-        local, peer = f.get("upstream_local_uri_san"), f.get("upstream_peer_uri_san")
+        local, peer = get("upstream_local_uri_san"), get("upstream_peer_uri_san")
     rec.san_ident = (identity_from_san(local), identity_from_san(peer)) if local or peer else None
-    sni = f.get("requested_server_name")
+    sni = get("requested_server_name") if server else None
     rec.sni_ident = None
     rec.sni_host = None
-    if sni and rec.kind == KIND_SERVER:
+    if sni:
         hit = _sni_cache.get(sni)
         if hit is None:
             c = parse_sni(sni)
@@ -402,7 +446,6 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
                 _sni_cache.clear()
             _sni_cache[sni] = hit
         rec.sni_ident, rec.sni_host = hit
-    tp = rec.tp
     if rec.http:
         rid = rec.rid
         rec.gkey = rid if rid is not None else (tp[0] if tp is not None else None)
@@ -413,10 +456,7 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
         else:
             rec.trace_id = _blake(raw_for_id, digest_size=16).digest()
     else:
-        if rec.kind == KIND_CLIENT:
-            src, dst = rec.ul, rec.uh
-        else:
-            src, dst = rec.dr, rec.dl
+        src, dst = (dr, dl) if server else (ul, uh)
         if src and dst:
             rec.gkey = ("tcp", src, dst)
             rec.trace_id = _blake(f"tcp|{src}|{dst}|{rec.start_ns}".encode(), digest_size=16).digest()

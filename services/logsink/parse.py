@@ -118,7 +118,6 @@ _INT_LIMIT = {"response_code": 999}
 _MAX_INT = (1 << 63) - 1
 
 _ABSENT = frozenset({"-", ""})
-_ZERO_UUID = bytes(16)
 
 
 class BadLine(ValueError):
@@ -234,19 +233,23 @@ def _show(v: Any) -> str:
 def normalize_request_id(rid: str) -> bytes:
     """x-request-id → 16-byte trace key. Envoy's UUID request ids carry the trace decision in the version nibble
     (`4` default, `9`/`a`/`b` sampled/forced) and Envoy may rewrite it between hops, so it is reset to `4`
-    before use. Other ids hash to 16 bytes."""
+    before use (which also makes the key never all-zero). Other ids hash to 16 bytes."""
     if len(rid) == 36 and rid[8] == "-" and rid[13] == "-" and rid[18] == "-" and rid[23] == "-":
         try:
-            b = bytearray.fromhex(rid.replace("-", ""))
+            b = bytes.fromhex(rid.replace("-", ""))
         except ValueError:
             b = b""
         if len(b) == 16:
-            b[6] = (b[6] & 0x0F) | 0x40
-            if b != _ZERO_UUID:
-                return bytes(b)
+            v = b[6]
+            if v & 0xF0 != 0x40:
+                b = b[:6] + _NIBBLE4[v & 0x0F] + b[7:]
+            return b
     import hashlib
 
     return hashlib.blake2b(rid.encode(), digest_size=16).digest()
+
+
+_NIBBLE4 = [bytes((0x40 | n,)) for n in range(16)]
 
 
 def parse_traceparent(value: str) -> tuple[bytes, bytes, int] | None:
@@ -423,8 +426,8 @@ def _finish(d: dict, raw: bytes, src: Any, env: list[bytes], extra: dict | None,
     rec.end_ns = end_ns
 
     fl = d.get("response_flags")
-    if fl is None:
-        rec.flags = ()
+    if fl is None or fl == "-":
+        rec.flags = ()  # what parse_flags gives for "-", without the call
     elif fl.__class__ is str:
         try:
             rec.flags = parse_flags(fl)
@@ -444,16 +447,23 @@ def _finish(d: dict, raw: bytes, src: Any, env: list[bytes], extra: dict | None,
 
     rec.f = d
     method = d.get("method")
-    proto = d.get("protocol")
     rid = d.get("request_id")
-    rec.http = bool(method or (proto and proto[:4] == "HTTP") or rid or d.get("response_code"))
-    if check_shape:
-        _check_shape(d, rec.http)
+    if method:
+        http = True
+    else:
+        proto = d.get("protocol")
+        http = bool((proto and proto[:4] == "HTTP") or rid or d.get("response_code"))
+    rec.http = http
+    if check_shape and not (http and "method" in d):  # else _check_shape would return at its first test
+        _check_shape(d, http)
 
     uc = d.get("upstream_cluster")
     cl: ClusterName | None = parse_cluster(uc) if uc else None
     rec.cluster = cl
-    rec.kind = _kind(cl, d)
+    if cl is not None and cl.direction:
+        rec.kind = KIND_CLIENT if cl.direction == "outbound" else KIND_SERVER
+    else:
+        rec.kind = _kind(cl, d)
 
     rec.rid = normalize_request_id(rid) if rid else None
     tp = d.get("traceparent")
@@ -496,10 +506,17 @@ def _compile_plan(keys: tuple):
             enc = "s"
         else:
             limit = f" or {v} > 999" if k == "response_code" else ""
+            # all-strings logs print every integer as a string: `_int_value`'s digits path inline (fewer than 19
+            # digits is below its int64 limit; response_code's own limit is checked after)
             lines += [f"    if {v} is not None:",
                       f"        if {v}.__class__ is not int:",
                       f"            if {v}.__class__ is str and ({v} == '-' or {v} == ''):",
                       f"                d[k{i}] = None", f"                {v} = None",
+                      f"            elif {v}.__class__ is str and len({v}) < 19 and {v}.isdigit() and {v}.isascii():",
+                      f"                {v} = int({v})"]
+            if limit:
+                lines += [f"                if {v} > 999:", f"                    _int_value(k{i}, {v})"]
+            lines += [f"                d[k{i}] = {v}",
                       "            else:",
                       f"                {v} = _int_value(k{i}, {v})", f"                d[k{i}] = {v}",
                       f"        elif {v} < 0{limit}:", f"            _int_value(k{i}, {v})"]
@@ -507,11 +524,17 @@ def _compile_plan(keys: tuple):
         if key is None:
             continue  # not an `envoy.<field>` attribute: nothing to encode here
         ns[f"key{i}"] = key
-        body = ([f"            env.append(key{i}.{enc}({v}))"] if cache is None else
-                [f"            b = cache{i}.get({v})", "            if b is None:",
-                 f"                b = key{i}.{enc}({v})",
-                 f"                if len(cache{i}) >= _CACHE_MAX:", f"                    cache{i}.clear()",
-                 f"                cache{i}[{v}] = b", "            env.append(b)"])
+        if cache is None and enc == "s":
+            # a value that differs on every line (request id, ports): Key.s's fast path inline, no call
+            ns[f"heads{i}"] = key.heads
+            body = [f"            b = {v}.encode()", f"            h = heads{i}.get(len(b))",
+                    f"            env.append(h + b if h is not None else key{i}.s({v}))"]
+        else:
+            body = ([f"            env.append(key{i}.{enc}({v}))"] if cache is None else
+                    [f"            b = cache{i}.get({v})", "            if b is None:",
+                     f"                b = key{i}.{enc}({v})",
+                     f"                if len(cache{i}) >= _CACHE_MAX:", f"                    cache{i}.clear()",
+                     f"                cache{i}[{v}] = b", "            env.append(b)"])
         if cache is not None:
             ns[f"cache{i}"] = cache
         if t == _S:

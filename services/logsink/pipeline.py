@@ -27,6 +27,7 @@ SCOPE_NAME = "mizzen.logsink"
 SCOPE_VERSION = "0.1.0"
 
 Token = Callable[[], None]
+_authority_host: dict[str, str] = {}  # authority → its host part, for the istio metrics' destination
 # on_batch(request_bytes, span_count, tokens)
 BatchSink = Callable[[bytes, int, list[Token]], None]
 
@@ -110,15 +111,26 @@ class Pipeline:
         rec.body = encode_body(rec, self.json_mode)
         f = rec.f
         if self.istio is not None:
+            get = f.get
+            duration = get("duration")
+            authority = get("authority")
+            if authority:
+                host = _authority_host.get(authority)
+                if host is None:
+                    if len(_authority_host) >= 10000:
+                        _authority_host.clear()
+                    host = _authority_host[authority] = authority.rsplit(":", 1)[0]
+            else:
+                host = ""
             rec.mvals = (
                 # absent values ("-") are stored as None, so `or` supplies the default
-                f.get("response_code") or 0,
-                ",".join(rec.flags),
-                f.get("duration") if f.get("duration") is not None else (rec.end_ns - rec.start_ns) // 1_000_000,
-                f.get("bytes_received") or 0,
-                f.get("bytes_sent") or 0,
+                get("response_code") or 0,
+                ",".join(rec.flags) if rec.flags else "",
+                duration if duration is not None else (rec.end_ns - rec.start_ns) // 1_000_000,
+                get("bytes_received") or 0,
+                get("bytes_sent") or 0,
                 "grpc" if "grpc_status" in f else "http",
-                (f.get("authority") or "").rsplit(":", 1)[0],
+                host,
             )
         # The fields are in the body now; drop them so waiting records stay small.
         rec.f = None
@@ -146,7 +158,17 @@ class Pipeline:
         else:
             span = w.span_message(rec.trace_id, rec.span_id, pid, flags, rec.tstate or "", rec.body, link)
         if self.istio is not None:
-            self._observe(rec, ident)
+            # the istio metrics: the peer, and the destination service (inline: this runs for every span)
+            joiner = self.joiner
+            cl = rec.cluster
+            if rec.kind == KIND_SERVER:
+                peer = joiner.identity(rec.parent) if parent is not None else joiner.peer_identity(rec.dr_ip)
+                # the service the caller addressed: the mTLS SNI names it; else the request's authority
+                dest = rec.sni_host or rec.mvals[6]
+            else:
+                peer = joiner.peer_identity(rec.uh_ip)
+                dest = cl.host if cl is not None and cl.host else ""
+            self.istio.observe(rec.kind, rec.http, ident, peer, dest, rec.mvals)
         if self.traces is not None:
             self.traces.add(rec.trace_id)
         self.stats.spans += 1
@@ -165,18 +187,6 @@ class Pipeline:
         if b.count >= self.batch_size:
             self.flush_batch()
 
-    def _observe(self, rec: Record, own: Identity) -> None:
-        peer_of = self.joiner.peer_identity
-        cl = rec.cluster
-        if rec.kind == KIND_SERVER:
-            peer = self.joiner.identity(rec.parent) if rec.parent is not None else peer_of(rec.dr_ip)
-            # the service the caller addressed: the mTLS SNI names it; else the request's authority
-            dest = rec.sni_host or rec.mvals[6]
-        else:
-            peer = peer_of(rec.uh_ip)
-            dest = cl.host if cl is not None and cl.host else ""
-        self.istio.observe(rec.kind, rec.http, own, peer, dest, rec.mvals)
-
     @property
     def batch_count(self) -> int:
         return self._batch.count
@@ -194,7 +204,7 @@ class Pipeline:
             if self.json_mode:
                 parts.append(otlp_json.resource_spans_from_json(res, self._scope, spans))
             else:
-                parts.append(w.resource_spans(res, self._scope, spans))
+                parts += w.resource_spans_parts(res, self._scope, spans)
         self.on_batch(parts if self.json_mode else b"".join(parts), b.count, b.tokens)
 
     def tick(self, now: float | None = None) -> None:

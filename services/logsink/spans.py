@@ -104,6 +104,12 @@ _K_URL_PATH = K["url.path"]
 _K_URL_QUERY = K["url.query"]
 _K_REQ_SIZE = K["http.request.body.size"]
 _K_RESP_SIZE = K["http.response.body.size"]
+# Key.s/Key.i's caches, read inline on the per-line path (the Key methods fill them)
+_URL_FULL_HEADS = _K_URL_FULL.heads
+_URL_PATH_HEADS = _K_URL_PATH.heads
+_URL_QUERY_HEADS = _K_URL_QUERY.heads
+_REQ_SIZE_INTS = _K_REQ_SIZE.ints
+_RESP_SIZE_INTS = _K_RESP_SIZE.ints
 _SCHEME_HTTP = Key("url.scheme").s("http")
 _TRANSPORT_TCP = Key("network.transport").s("tcp")
 _KIND = {KIND_SERVER: SPAN_KIND + b"\x02", KIND_CLIENT: SPAN_KIND + b"\x03"}
@@ -227,18 +233,17 @@ def encode_body(rec: Record, as_parts: bool = False) -> bytes | list[bytes]:
     kind = rec.kind
     cl = rec.cluster
 
-    if rec.http:
-        name = get("method")
-        if name not in KNOWN_METHODS:
-            name = "HTTP"
+    http = rec.http
+    if http:
+        method = get("method")
+        name = method if method in KNOWN_METHODS else "HTTP"
     else:
         name = span_name(rec)
     add(_NAME.get(name) or _fill(_NAME, name, ld(SPAN_NAME, name.encode())))
     add(_KIND[kind])
     add(span_times(rec.start_ns, rec.end_ns))
 
-    if rec.http:
-        method = get("method")
+    if http:
         if method:
             add(_METHOD.get(method) or _fill(_METHOD, method, _method_blob(method)))
         proto = get("protocol")
@@ -261,7 +266,9 @@ def encode_body(rec: Record, as_parts: bool = False) -> bytes | list[bytes]:
             if path:
                 host = authority or (cl.host if cl is not None else "")
                 if host:
-                    add(_K_URL_FULL.s(f"http://{host}{path}"))
+                    b = f"http://{host}{path}".encode()  # Key.s's fast path inline: a new value every line
+                    h = _URL_FULL_HEADS.get(len(b))
+                    add(h + b if h is not None else _K_URL_FULL.s(f"http://{host}{path}"))
             uh = get("upstream_host")
             if uh:
                 add(_PEER.get(uh) or _fill(_PEER, uh, _peer_blob(uh)))
@@ -275,10 +282,16 @@ def encode_body(rec: Record, as_parts: bool = False) -> bytes | list[bytes]:
             if path:
                 q = path.find("?")
                 if q >= 0:
-                    add(_K_URL_PATH.s(path[:q]))
-                    add(_K_URL_QUERY.s(path[q + 1 :]))
+                    b = path[:q].encode()
+                    h = _URL_PATH_HEADS.get(len(b))
+                    add(h + b if h is not None else _K_URL_PATH.s(path[:q]))
+                    b = path[q + 1 :].encode()
+                    h = _URL_QUERY_HEADS.get(len(b))
+                    add(h + b if h is not None else _K_URL_QUERY.s(path[q + 1 :]))
                 else:
-                    add(_K_URL_PATH.s(path))
+                    b = path.encode()
+                    h = _URL_PATH_HEADS.get(len(b))
+                    add(h + b if h is not None else _K_URL_PATH.s(path))
             add(_SCHEME_HTTP)
             xff = get("x_forwarded_for")
             dra = get("downstream_remote_address")
@@ -292,10 +305,10 @@ def encode_body(rec: Record, as_parts: bool = False) -> bytes | list[bytes]:
                 add(_peer_blob_fast(dra))
         br = get("bytes_received")
         if br is not None:
-            add(_K_REQ_SIZE.i(br))
+            add(_REQ_SIZE_INTS.get(br) or _K_REQ_SIZE.i(br))
         bs = get("bytes_sent")
         if bs is not None:
-            add(_K_RESP_SIZE.i(bs))
+            add(_RESP_SIZE_INTS.get(bs) or _K_RESP_SIZE.i(bs))
     else:
         add(_TRANSPORT_TCP)
         if kind == KIND_CLIENT:
@@ -349,8 +362,8 @@ def encode_body(rec: Record, as_parts: bool = False) -> bytes | list[bytes]:
 
     # The common cases need no status (see _status): an HTTP answer below 400 (500 on the server side), a TCP
     # connection without failure flags or TLS failure.
-    if rec.http:
-        rc = get("response_code")
+    if http:
+        rc = code
         if rc.__class__ is int and 0 < rc < 500 and (rc < 400 or kind == KIND_SERVER):
             return parts if as_parts else b"".join(parts)
     elif not rec.flags and not get("upstream_transport_failure_reason"):

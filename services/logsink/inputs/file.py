@@ -89,7 +89,13 @@ class _Entry:
 
     def __call__(self) -> None:
         self.done = True
-        self.tail.advance()
+        # Only the oldest line's end moves the committed offset (after every advance the head is not done).
+        entries = self.tail.entries
+        if entries and entries[0] is self:
+            self.tail.advance()
+
+
+_new_entry = object.__new__  # `_Entry` without an __init__ frame, for the per-line loop
 
 
 class FileTail:
@@ -345,14 +351,36 @@ class FileInput:
             data = data[i + 1:]
             t.line_start = base + i + 1
             t.buf = b""
-        chunk = t.buf + data if t.buf else data
         start = t.line_start
-        lines = chunk.split(b"\n")
-        rest = lines.pop()
-        for raw in lines:
+        entries = t.entries
+        src = t.src
+        feed = self.pipeline.feed_line
+        # Lines found with `find` (memchr) rather than `bytes.split`, whose one-byte separator loop costs ~5
+        # instructions per byte: about 4,000 per line here.
+        find = data.find
+        head = t.buf  # the first line's beginning, read with the previous chunk (it holds no newline)
+        pos = 0
+        i = find(b"\n")
+        while i >= 0:
+            raw = data[pos:i]
+            if head:
+                raw = head + raw
+                head = b""
             end = start + len(raw) + 1
-            self._line(t, raw, start, end)
+            if raw[:1] == b"{" and raw[-1:] == b"}":
+                # the usual case (a plain JSON line), `_line` inline
+                entry = _new_entry(_Entry)
+                entry.start = start
+                entry.done = False
+                entry.tail = t
+                entries.append(entry)
+                feed(raw, src, entry)
+            else:
+                self._line(t, raw, start, end)
             start = end
+            pos = i + 1
+            i = find(b"\n", pos)
+        rest = head + data[pos:] if head else data[pos:]
         t.line_start = start
         if len(rest) > self.max_line_bytes:
             t.skipping = len(rest)
