@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..mesh.bus import ACCESSLOG_PREFIX
-from ..mesh.service import health_routes, serve_http
+from ..mesh.service import health_routes, relax_gc, serve_http
 from .deadletter import DeadLetters
 from .export import Shipper, make_exporter
 from .inputs.file import FileInput
@@ -148,9 +147,7 @@ class LogSink:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
-        # The pipeline allocates many short-lived objects and few cycles: collect the young generation less often.
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        relax_gc()  # the pipeline allocates many short-lived objects and few cycles
         tasks = [asyncio.create_task(self._ticker(stop), name="ticker")]
         if self.files is not None:
             tasks.append(asyncio.create_task(self.files.run(stop), name="files"))
