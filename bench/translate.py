@@ -163,8 +163,8 @@ def _rss_mib() -> float:
 
 
 def _child(n: int, mode: str, proxies: int, policies: bool = False) -> None:
-    relax_gc()
     """Run one step in this (fresh) process and print the RSS growth it caused."""
+    relax_gc()
     objs = generate(n, policies)
     node_ids = proxies_for(n, proxies)
     gc.collect()
