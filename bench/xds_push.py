@@ -355,19 +355,28 @@ _REVISIONS = itertools.count(1)
 
 
 class Clients:
-    """The simulated proxies of one case, in --procs client processes."""
+    """Simulated proxies in `procs` client processes (client_process); `workers` are (process, pipe) pairs,
+    `parts` the proxies of each."""
 
-    def __init__(self, args, port: int, proxies: list[str], eds_names: list[str], rds_names: list[str]):
-        self.parts = [proxies[i::args.procs] for i in range(args.procs)]
-        self.timeout = args.timeout
+    def __init__(self, port: int, proxies: list[str], eds_names: list[str], rds_names: list[str], *,
+                 api: str = "sotw", procs: int = 2, per_connection: int = 1, gateway_down: bool = False,
+                 timeout: float = 120.0):
+        self.parts = [proxies[i::procs] for i in range(procs)]
+        self.timeout = timeout
         self.workers = []
         ctx = mp.get_context("spawn")
         for part in self.parts:
             a, b = ctx.Pipe()
-            proc = ctx.Process(target=client_process, args=(port, part, eds_names, rds_names, b, args.api,
-                                                            False, args.per_connection), daemon=True)
+            proc = ctx.Process(target=client_process, args=(port, part, eds_names, rds_names, b, api,
+                                                            gateway_down, per_connection), daemon=True)
             proc.start()
             self.workers.append((proc, a))
+
+    @classmethod
+    def for_case(cls, args, port: int, proxies: list[str], layers) -> Clients:
+        """The clients of a bench case (args: --procs, --api, --per-connection, --timeout)."""
+        return cls(port, proxies, layers[2], layers[3], api=args.api, procs=args.procs,
+                   per_connection=args.per_connection, timeout=args.timeout)
 
     def synced(self) -> None:
         """Wait until every stream holds its first config."""
@@ -417,7 +426,7 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
     time.sleep(0.5)
     cpu0, rss0 = gateway_stats(pid)
     t_connect = time.time()
-    group = Clients(args, port, [proxy_id(i) for i in range(clients)], layers_v1[2], layers_v1[3])
+    group = Clients.for_case(args, port, [proxy_id(i) for i in range(clients)], layers_v1)
     try:
         group.synced()
         connect_s = time.time() - t_connect
@@ -462,7 +471,7 @@ def run_floor_case(args, tmp: Path, services: int, clients: int, layers_v1) -> d
         procs.wait_port("127.0.0.1", port, timeout=120, proc=floor.popen)
         t_connect = time.time()
         proxies = [proxy_id(i) for i in range(clients)]
-        group = Clients(args, port, proxies, layers_v1[2], layers_v1[3])
+        group = Clients.for_case(args, port, proxies, layers_v1)
         group.synced()
         connect_s = time.time() - t_connect
         time.sleep(0.5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -295,32 +294,6 @@ class PeakRss:
         self._thread.join(5)
 
 
-def _spawn_clients(ctx, port: int, proxies: list[str], layers, gateway_down: bool = False, per_connection: int = 1,
-                   procs_n: int = 2):
-    from bench import xds_push
-
-    workers, parts = [], [proxies[i::procs_n] for i in range(procs_n)]
-    for part in parts:
-        a, b = ctx.Pipe()
-        p = ctx.Process(target=xds_push.client_process,
-                        args=(port, part, layers[2], layers[3], b, "sotw", gateway_down, per_connection), daemon=True)
-        p.start()
-        workers.append((p, a))
-    return workers, parts
-
-
-def _stop_clients(workers) -> None:
-    for _p, a in workers:
-        try:
-            a.send(("stop",))
-        except OSError:
-            pass
-    for p, _a in workers:
-        p.join(20)
-        if p.is_alive():
-            p.kill()
-
-
 def _gateway_errors(proc) -> list[str]:
     """Lines of the gateway's log that report a failure (a stream that failed, an error, a traceback)."""
     return [line for line in proc.log_text().splitlines()
@@ -334,14 +307,14 @@ def test_reconnect_storm_after_gateway_restart(tmp_path):
 
     stack, owned = xds_push.start_stack(tmp_path, workers=1)
     gw = owned[0]
-    workers = []
+    clients = None
     try:
         v1 = xds_push.build_layers(20, RESTART, 1)
         v2 = xds_push.build_layers(20, RESTART, 2)
         asyncio.run(xds_push.write_snapshots(stack["redis"], None, v1, RESTART, 1))
         proxies = [xds_push.proxy_id(i) for i in range(RESTART)]
-        workers, parts = _spawn_clients(mp.get_context("spawn"), stack["port"], proxies, v1,
-                                        per_connection=RESTART_PER_CONNECTION)
+        clients = xds_push.Clients(stack["port"], proxies, v1[2], v1[3], per_connection=RESTART_PER_CONNECTION)
+        workers, parts = clients.workers, clients.parts
         for _p, a in workers:
             assert a.poll(120), "clients did not sync"
             msg = a.recv()
@@ -381,7 +354,8 @@ def test_reconnect_storm_after_gateway_restart(tmp_path):
         assert peak < 150 + RESTART * 0.2, f"gateway RSS {peak:.0f} MiB for {RESTART} streams"
         print(f"{RESTART} streams reconnected and converged; gateway RSS {peak:.0f} MiB; client failures {codes}")
     finally:
-        _stop_clients(workers)
+        if clients is not None:
+            clients.stop()
         for p in owned:
             p.stop()
 
@@ -401,7 +375,7 @@ def test_storm_of_10000_reconnecting_clients(tmp_path):
     from bench import xds_push
 
     stack, owned = xds_push.start_stack(tmp_path, workers=1)
-    workers = []
+    clients = None
     try:
         v1 = xds_push.build_layers(20, STORM, 1)
         v2 = xds_push.build_layers(20, STORM, 2)
@@ -411,8 +385,9 @@ def test_storm_of_10000_reconnecting_clients(tmp_path):
         # written while the gateway is down (its NATS events are lost): it must reach every proxy anyway
         expect, _ = asyncio.run(xds_push.write_snapshots(stack["redis"], stack["nats"], v2, STORM, 2))
         proxies = [xds_push.proxy_id(i) for i in range(STORM)]
-        workers, parts = _spawn_clients(mp.get_context("spawn"), stack["port"], proxies, v2, gateway_down=True,
-                                        per_connection=STORM_PER_CONNECTION)
+        clients = xds_push.Clients(stack["port"], proxies, v2[2], v2[3], gateway_down=True,
+                                   per_connection=STORM_PER_CONNECTION)
+        workers, parts = clients.workers, clients.parts
         for _p, a in workers:
             assert a.poll(60), "clients did not start"
             assert set(a.recv()[1]) <= GATEWAY_DOWN
@@ -443,7 +418,8 @@ def test_storm_of_10000_reconnecting_clients(tmp_path):
               f"{xds_push.pct(lat, 0.5):.1f}s p99 {xds_push.pct(lat, 0.99):.1f}s max {lat[-1]:.1f}s; gateway RSS "
               f"peak {rss.peak:.0f} MiB (bound {bound:.0f}); client failures while it was down {codes}")
     finally:
-        _stop_clients(workers)
+        if clients is not None:
+            clients.stop()
         for p in owned:
             p.stop()
 
