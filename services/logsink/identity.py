@@ -162,8 +162,8 @@ class PeerMap:
 
     def __init__(self, capacity: int = 65536):
         self.capacity = capacity
-        self._m: dict[str, tuple[Identity, bool]] = {}
-        self._idents: dict[str, Identity] = {}  # the identities of `_m` alone, for `get`
+        self._idents: dict[str, Identity] = {}
+        self._strong: set[str] = set()  # ips whose identity came from their own sidecar
         # `get(ip)` → the identity learned for ip, or None (also for None and "", never learned): the dict's own
         # C method, since the join and the metrics ask several times per line.
         self.get = self._idents.get
@@ -171,17 +171,20 @@ class PeerMap:
     def learn(self, ip: str | None, ident: Identity, strong: bool) -> None:
         if not ip or ip in _SHARED_IPS:
             return
-        old = self._m.get(ip)
-        if old is not None and (old[0] is ident or (old[1] and not strong)):
+        old = self._idents.get(ip)
+        if old is not None and (old is ident or (not strong and ip in self._strong)):
             return
-        if len(self._m) >= self.capacity:
-            self._m.clear()
+        if len(self._idents) >= self.capacity:
             self._idents.clear()
-        self._m[ip] = (ident, strong)
+            self._strong.clear()
         self._idents[ip] = ident
+        if strong:
+            self._strong.add(ip)
+        else:
+            self._strong.discard(ip)
 
     def __len__(self) -> int:
-        return len(self._m)
+        return len(self._idents)
 
 
 _unknowns: dict[str | None, Identity] = {}

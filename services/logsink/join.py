@@ -136,16 +136,7 @@ class Joiner:
 
     def expire(self, now: float) -> None:
         """Release every record whose wait is over: unmatched ones are emitted with their best loose match."""
-        fifo = self.fifo
-        while True:
-            if self.heap:
-                rec = self._pop_due(now)
-                if rec is None:
-                    return
-            elif fifo and fifo[0][0] <= now:
-                rec = fifo.popleft()[2]
-            else:
-                return
+        while (rec := self._pop_due(now)) is not None:
             if rec.state != GONE:
                 self._release(rec)
 
@@ -168,10 +159,7 @@ class Joiner:
         return out
 
     def flush(self) -> None:
-        while True:
-            rec = self._pop_due(None)
-            if rec is None:
-                return
+        while (rec := self._pop_due(None)) is not None:
             if rec.state != GONE:
                 self._release(rec)
 
@@ -401,17 +389,8 @@ def prepare(rec: Record, raw_for_id: bytes) -> None:
     rec.uh = uh = get("upstream_host")
     rec.dr = dr = get("downstream_remote_address")
     rec.dl = dl = get("downstream_local_address")
-    # ul and dr carry a new port on most lines; `address_ip`'s fast path (`ip:port`) inline.
-    if ul:
-        host, sep, _ = ul.rpartition(":")
-        rec.ul_ip = host if sep and ":" not in host and host[:1] != "[" else address_ip(ul)
-    else:
-        rec.ul_ip = None
-    if dr:
-        host, sep, _ = dr.rpartition(":")
-        rec.dr_ip = host if sep and ":" not in host and host[:1] != "[" else address_ip(dr)
-    else:
-        rec.dr_ip = None
+    rec.ul_ip = address_ip(ul)  # a new port on most lines: not cached like uh and dl below
+    rec.dr_ip = address_ip(dr)
     # upstream_host and downstream_local_address repeat (pods and their ports): their ips are cached.
     if uh is None:
         rec.uh_ip = None

@@ -460,10 +460,7 @@ def _finish(d: dict, raw: bytes, src: Any, env: list[bytes], extra: dict | None,
     uc = d.get("upstream_cluster")
     cl: ClusterName | None = parse_cluster(uc) if uc else None
     rec.cluster = cl
-    if cl is not None and cl.direction:
-        rec.kind = KIND_CLIENT if cl.direction == "outbound" else KIND_SERVER
-    else:
-        rec.kind = _kind(cl, d)
+    rec.kind = _kind(cl, d)
 
     rec.rid = normalize_request_id(rid) if rid else None
     tp = d.get("traceparent")
