@@ -78,12 +78,11 @@ async def load_statuses(redis: aioredis.Redis) -> list[dict]:
             status[SHORT[t]] = type_state(rec, versions.get(t))
             if rec and rec.get("error"):
                 errors[SHORT[t]] = rec["error"]
-        node = d.get("node", {})
         out.append({
             "proxy": proxy,
             "name": proxy_name(proxy),
             "istiod": d.get("replica", ""),
-            "version": proxy_version(node),
+            "version": d.get("version", ""),
             "api": d.get("api", ""),
             "connected_at": d.get("connected_at"),
             "manifest_version": manifest_version,

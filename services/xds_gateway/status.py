@@ -4,7 +4,8 @@ Whichever replica serves a proxy's stream writes:
 
   proxystatus:<node id>   JSON (expires unless the serving replica refreshes it, so a killed replica's
                           proxies vanish from the table instead of showing a stale owner):
-                          {proxy, name, replica, conn, api, connected_at, node, types: {type_url: {
+                          {proxy, replica, conn, api, connected_at, version (istioctl's VERSION, read
+                          off the node, which proxynode: keeps whole), manifest_version, types: {type_url: {
                             sent_nonce, acked_nonce, sent_version, acked_version, basis, error, error_nonce,
                             sent_at, acked_at}}}
                           `basis` is the manifest type version the last sent content was computed from

@@ -21,7 +21,7 @@ from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORD
 
 from .cache import ProxyView, ResourceSet, SnapshotCache
 from .metrics import Metrics, short
-from .status import StatusRecorder, node_info
+from .status import StatusRecorder, node_info, proxy_version
 
 log = logging.getLogger("mizzen.xds_gateway.stream")
 
@@ -92,6 +92,7 @@ class Stream:
         self.conn_id = f"{gw.replica}-{os.getpid()}-{next(_conn_ids)}"
         self.proxy = ""
         self.node_info: dict[str, Any] = {}
+        self.version = ""  # istioctl's VERSION column, from the node (the node itself is kept under proxynode:)
         self.connected_at = time.time()
         self.view: ProxyView | None = None
         self.view_seen_at = 0.0
@@ -172,7 +173,7 @@ class Stream:
 
     def status_doc(self) -> dict:
         return {"proxy": self.proxy, "conn": self.conn_id, "replica": self.gw.replica, "api": self.api,
-                "connected_at": self.connected_at, "node": self.node_info,
+                "connected_at": self.connected_at, "version": self.version,
                 "manifest_version": self.view.manifest.version if self.view else "",
                 "types": {t: s.doc() for t, s in self.status.items()}}
 
@@ -235,6 +236,7 @@ class Stream:
         if not self.proxy:
             await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry node.id")
         self.node_info = node_info(node)
+        self.version = proxy_version(self.node_info)
         self._watch = self.gw.cache.watch(self.proxy, self._on_snapshot)
         self.view = await self.gw.cache.view(self.proxy)
         self.view_seen_at = time.monotonic()
