@@ -17,7 +17,7 @@ only under the same selectors. Gateways (router views) are always rebuilt: their
 
 from __future__ import annotations
 
-import hashlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,7 +89,9 @@ def outbound_inputs(push: PushContext, view: ProxyView) -> OutboundInputs:
     selectors = repr(push._source_selectors(scope))
     services = _services_fp(scope.services)
     rules = [push.destination_rule(scope.namespace, s) for s in scope.services]
-    egress_services = tuple(_services_fp(e.services) for e in scope.egress)
+    # an egress listener importing everything holds a copy of the scope's list: its fingerprint is the same
+    egress_services = tuple(services if e.services == scope.services else _services_fp(e.services)
+                            for e in scope.egress)
     tcp_tls = tuple(tuple(_vs_fp(push, vs) for vs in e.virtual_services if vs.spec.get("tcp") or vs.spec.get("tls"))
                     for e in scope.egress)
     every_vs = tuple(tuple(_vs_fp(push, vs) for vs in e.virtual_services) for e in scope.egress)
@@ -100,15 +102,31 @@ def outbound_inputs(push: PushContext, view: ProxyView) -> OutboundInputs:
     return hit
 
 
-def route_env(push: PushContext, view: ProxyView) -> bytes:
-    """A digest of what a sidecar view's routes read besides the VirtualServices themselves (selectors,
-    services, consistent-hash parts of the rules): part of the key of every route unit memoised for it."""
+class RouteEnv:
+    """What a sidecar view's routes read besides the VirtualServices themselves, as a memo key part. Interned:
+    equal contents share one instance (while a key holds it), so keys hash and compare by identity."""
+
+    __slots__ = ("value", "__weakref__")
+
+    def __init__(self, value: tuple):
+        self.value = value
+
+
+_ROUTE_ENVS: weakref.WeakValueDictionary[tuple, RouteEnv] = weakref.WeakValueDictionary()
+
+
+def route_env(push: PushContext, view: ProxyView) -> RouteEnv:
+    """A sidecar view's route environment (selectors, services, consistent-hash parts of the rules): part of the
+    key of every route unit memoised for it, equal (the same object) in another push context with equal inputs."""
     key = ("route-env", view.key)
     hit = push.cache.get(key)
     if hit is None:
         r = outbound_inputs(push, view).routes
         env = (r[0], r[1], r[2], r[4])  # all but the VirtualServices
-        hit = push.cache[key] = hashlib.blake2b(repr(env).encode(), digest_size=16).digest()
+        hit = _ROUTE_ENVS.get(env)
+        if hit is None:
+            hit = _ROUTE_ENVS[env] = RouteEnv(env)
+        push.cache[key] = hit
     return hit
 
 

@@ -15,6 +15,7 @@ from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from ..mesh.accesslog import ACCESS_LOG_FIELDS
+from ..mesh.otlp_wire import varint
 
 # Filter names istioctl 1.7 recognises (go-control-plane's wellknown names of that release).
 HTTP_CONNECTION_MANAGER = "envoy.http_connection_manager"
@@ -99,6 +100,12 @@ def struct_of(values: dict) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(values)
     return s
+
+
+def tag(message_class, field: str) -> bytes:
+    """The wire tag of a length-delimited field (message, string, bytes) of a message class, for builders that
+    parse a message from bytes they put together (see assignment.build_assignment)."""
+    return varint(message_class.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
 
 
 _MD_CACHE: dict[tuple, base_pb2.Metadata] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from mizzen.services.mesh.otlp_wire import varint
+from mizzen.services.mesh.otlp_wire import ld, varint
 
 from . import pb
 
@@ -43,12 +43,28 @@ def _sds(name: str) -> secret_pb2.SdsSecretConfig:
     return cfg
 
 
-def _san_matchers(vc: common_pb2.CertificateValidationContext, sans: list[str], prefix: bool = False) -> None:
+_SANS = pb.tag(common_pb2.CertificateValidationContext, "match_typed_subject_alt_names")
+_SAN_TYPE = varint(common_pb2.SubjectAltNameMatcher.DESCRIPTOR.fields_by_name["san_type"].number << 3)  # a varint
+_SAN_MATCHER = pb.tag(common_pb2.SubjectAltNameMatcher, "matcher")
+_EXACT = pb.tag(string_pb2.StringMatcher, "exact")
+_PREFIX = pb.tag(string_pb2.StringMatcher, "prefix")
+
+
+def _san_matchers_wire(sans: list[str], prefix: bool = False) -> bytes:
+    """CertificateValidationContext.match_typed_subject_alt_names serialised: URI matchers for SPIFFE ids, DNS
+    otherwise (a cluster per service account in a cold build: cheaper than building the messages)."""
+    out = []
     for san in sans:
-        m = string_pb2.StringMatcher(prefix=san) if prefix else string_pb2.StringMatcher(exact=san)
         san_type = common_pb2.SubjectAltNameMatcher.URI if san.startswith("spiffe://") else \
             common_pb2.SubjectAltNameMatcher.DNS
-        vc.match_typed_subject_alt_names.add(san_type=san_type, matcher=m)
+        matcher = ld(_PREFIX if prefix else _EXACT, san.encode())
+        out.append(ld(_SANS, _SAN_TYPE + varint(san_type) + ld(_SAN_MATCHER, matcher)))
+    return b"".join(out)
+
+
+def _san_matchers(vc: common_pb2.CertificateValidationContext, sans: list[str], prefix: bool = False) -> None:
+    if sans:
+        vc.MergeFromString(_san_matchers_wire(sans, prefix))
 
 
 _ISTIO_MUTUAL_BASE: dict[bool, tls_pb2.UpstreamTlsContext] = {}
@@ -80,6 +96,33 @@ _UPSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPT
 _SNI_FIELD = tls_pb2.UpstreamTlsContext(sni="x").SerializeToString()[:1]  # the tag byte of `sni`
 
 
+# istio_mutual_upstream("", [], h2) serialised in two parts per h2: its common_tls_context without the
+# combined validation context (alpn 4, certificate 6), and that context's root SDS reference (field 2).
+_ISTIO_MUTUAL_PARTS: dict[bool, tuple[bytes, bytes]] = {}
+_COMMON = pb.tag(tls_pb2.UpstreamTlsContext, "common_tls_context")
+_COMBINED = pb.tag(tls_pb2.CommonTlsContext, "combined_validation_context")
+_DEFAULT_VALIDATION = pb.tag(tls_pb2.CommonTlsContext.CombinedCertificateValidationContext,
+                             "default_validation_context")
+
+
+def _istio_mutual_head(sans: list[str], h2: bool) -> bytes:
+    """istio_mutual_upstream("", sans, h2) serialised: the SAN-less parts (serialised once) around the SANs, in
+    field-number order as serialisation writes them (the combined context last in the common one, the default
+    validation context first in the combined one); tests compare it with the built context."""
+    parts = _ISTIO_MUTUAL_PARTS.get(h2)
+    if parts is None:
+        common = istio_mutual_upstream("", [], h2).common_tls_context
+        root = tls_pb2.CommonTlsContext.CombinedCertificateValidationContext()
+        root.CopyFrom(common.combined_validation_context)
+        root.ClearField("default_validation_context")
+        common.ClearField("combined_validation_context")
+        parts = _ISTIO_MUTUAL_PARTS[h2] = (common.SerializeToString(deterministic=True),
+                                           root.SerializeToString(deterministic=True))
+    common, root = parts
+    combined = ld(_DEFAULT_VALIDATION, _san_matchers_wire(sans)) + root
+    return ld(_COMMON, common + ld(_COMBINED, combined))
+
+
 def set_istio_mutual_socket(ts: pb.base_pb2.TransportSocket, sni: str, sans: list[str], h2: bool) -> None:
     """Sets `ts` to tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster:
     the serialised context is the SNI-less one's bytes followed by the SNI field (`sni` has the highest set
@@ -89,7 +132,7 @@ def set_istio_mutual_socket(ts: pb.base_pb2.TransportSocket, sni: str, sans: lis
     if head is None:
         if len(_ISTIO_MUTUAL_BYTES) > 10_000:
             _ISTIO_MUTUAL_BYTES.clear()
-        head = _ISTIO_MUTUAL_BYTES[key] = istio_mutual_upstream("", sans, h2).SerializeToString(deterministic=True)
+        head = _ISTIO_MUTUAL_BYTES[key] = _istio_mutual_head(sans, h2)
     ts.name = pb.TLS_SOCKET
     typed = ts.typed_config
     typed.type_url = _UPSTREAM_TLS_URL
