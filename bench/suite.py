@@ -242,7 +242,8 @@ def bench_push(cases: list[dict], procs_n: int, timeout: float) -> list[dict]:
                     v2 = endpoint_variant(v1)
                 n_procs = 1 if n < 200 else (max(procs_n, 4) if n >= 5000 else procs_n)
                 args = argparse.Namespace(procs=n_procs, api=c["api"], timeout=timeout * (3 if n >= 5000 else 1),
-                                          per_connection=c.get("per_connection", 1))
+                                          per_connection=c.get("per_connection", 1),
+                                          connect_rate=xds_push.CONNECT_RATE)
                 try:
                     row = xds_push.run_case(args, stack, s, n, v1, v2)
                 except Exception as e:  # noqa: BLE001 - report it and go on with the other cases

@@ -35,6 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TYPES = ("CDS", "EDS", "LDS", "RDS")
+# Streams opened per second by default: a fleet of Envoys connecting (a rollout, a scale-up), not a storm.
+# All at once, 2,000 grpcio clients overflow the gateway's listen queue and retry; the connections they
+# abandon leave gRPC state behind, which then reads as memory per proxy (storms: tests/test_scale_faults.py).
+CONNECT_RATE = 250.0
 
 
 # ---------------------------------------------------------------- snapshot generation
@@ -175,16 +179,19 @@ def _own_rss() -> int:
 
 
 def client_process(port: int, proxies: list[str], eds_names: list[str], rds_names: list[str], conn,
-                   api: str = "sotw", gateway_down: bool = False, per_connection: int = 1) -> None:
+                   api: str = "sotw", gateway_down: bool = False, per_connection: int = 1,
+                   connect_rate: float = 0.0) -> None:
     """N Envoy-like streams in this process. `gateway_down`: nothing listens yet; once every stream has failed to
     connect (and is retrying) it says ("started", codes), so the gateway the caller starts next meets them all.
     `per_connection`: streams sharing one HTTP/2 connection (1, as Envoy: its own connection each; more costs
-    this process less CPU per stream, so one machine can simulate more of them)."""
-    asyncio.run(_client_main(port, proxies, eds_names, rds_names, conn, api, gateway_down, per_connection))
+    this process less CPU per stream, so one machine can simulate more of them). `connect_rate`: streams this
+    process opens per second (0: all at once, a connection storm)."""
+    asyncio.run(_client_main(port, proxies, eds_names, rds_names, conn, api, gateway_down, per_connection,
+                             connect_rate))
 
 
 async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_down=False,
-                       per_connection=1) -> None:
+                       per_connection=1, connect_rate=0.0) -> None:
     import grpc
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -218,6 +225,8 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_d
     async def stream(i: int, proxy: str) -> None:
         """One Envoy-like ADS stream; reconnects (as Envoy does) if the stream fails: for about 15 minutes, longer
         than any caller waits, so a slow machine shows up as a late stream, never as one that stopped trying."""
+        if connect_rate:
+            await asyncio.sleep(i / connect_rate)
         for attempt in range(1000):
             try:
                 await one_stream(i, proxy)
@@ -356,11 +365,11 @@ _REVISIONS = itertools.count(1)
 
 class Clients:
     """Simulated proxies in `procs` client processes (client_process); `workers` are (process, pipe) pairs,
-    `parts` the proxies of each."""
+    `parts` the proxies of each. `connect_rate`: streams opened per second in all (0: all at once)."""
 
     def __init__(self, port: int, proxies: list[str], eds_names: list[str], rds_names: list[str], *,
                  api: str = "sotw", procs: int = 2, per_connection: int = 1, gateway_down: bool = False,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, connect_rate: float = 0.0):
         self.parts = [proxies[i::procs] for i in range(procs)]
         self.timeout = timeout
         self.workers = []
@@ -368,15 +377,16 @@ class Clients:
         for part in self.parts:
             a, b = ctx.Pipe()
             proc = ctx.Process(target=client_process, args=(port, part, eds_names, rds_names, b, api,
-                                                            gateway_down, per_connection), daemon=True)
+                                                            gateway_down, per_connection, connect_rate / procs),
+                               daemon=True)
             proc.start()
             self.workers.append((proc, a))
 
     @classmethod
     def for_case(cls, args, port: int, proxies: list[str], layers) -> Clients:
-        """The clients of a bench case (args: --procs, --api, --per-connection, --timeout)."""
+        """The clients of a bench case (args: --procs, --api, --per-connection, --timeout, --connect-rate)."""
         return cls(port, proxies, layers[2], layers[3], api=args.api, procs=args.procs,
-                   per_connection=args.per_connection, timeout=args.timeout)
+                   per_connection=args.per_connection, timeout=args.timeout, connect_rate=args.connect_rate)
 
     def synced(self) -> None:
         """Wait until every stream holds its first config."""
@@ -536,6 +546,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--per-connection", type=int, default=1,
                     help="ADS streams sharing one client HTTP/2 connection (1: one each, as Envoy)")
+    ap.add_argument("--connect-rate", type=float, default=CONNECT_RATE,
+                    help="streams the clients open per second (0: all at once, a connection storm)")
     ap.add_argument("--no-memo-layers", action="store_true",
                     help="hand SnapshotStore.put the raw shared layer, so it re-hashes it for every proxy")
     ap.add_argument("--floor", action="store_true",
