@@ -49,15 +49,15 @@ _CLA_ENDPOINTS = pb.tag(ClusterLoadAssignment, "endpoints")
 _LLE_LOCALITY = pb.tag(LocalityLbEndpoints, "locality")
 _LLE_ENDPOINTS = pb.tag(LocalityLbEndpoints, "lb_endpoints")
 _LLE_WEIGHT = pb.tag(LocalityLbEndpoints, "load_balancing_weight")
-_LLE_PRIORITY = varint(LocalityLbEndpoints.DESCRIPTOR.fields_by_name["priority"].number << 3)  # a varint
+_LLE_PRIORITY = pb.tag(LocalityLbEndpoints, "priority", pb.VARINT)
 _LBE_ENDPOINT = pb.tag(LbEndpoint, "endpoint")
 _LBE_METADATA = pb.tag(LbEndpoint, "metadata")
 _LBE_WEIGHT = pb.tag(LbEndpoint, "load_balancing_weight")
 _ENDPOINT_ADDRESS = pb.tag(endpoint_components_pb2.Endpoint, "address")
 _SOCKET_ADDRESS = pb.tag(address_pb2.Address, "socket_address")
 _ADDRESS = pb.tag(address_pb2.SocketAddress, "address")
-_PORT = varint(address_pb2.SocketAddress.DESCRIPTOR.fields_by_name["port_value"].number << 3)  # a varint
-_U32_VALUE = varint(wrappers_pb2.UInt32Value.DESCRIPTOR.fields_by_name["value"].number << 3)  # a varint
+_PORT = pb.tag(address_pb2.SocketAddress, "port_value", pb.VARINT)
+_U32_VALUE = pb.tag(wrappers_pb2.UInt32Value, "value", pb.VARINT)
 
 
 def _u32(tag: bytes, value: int) -> bytes:

@@ -102,10 +102,13 @@ def struct_of(values: dict) -> struct_pb2.Struct:
     return s
 
 
-def tag(message_class, field: str) -> bytes:
-    """The wire tag of a length-delimited field (message, string, bytes) of a message class, for builders that
-    parse a message from bytes they put together (see assignment.build_assignment)."""
-    return varint(message_class.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+LENGTH_DELIMITED, VARINT = 2, 0  # wire types
+
+
+def tag(message_class, field: str, wire_type: int = LENGTH_DELIMITED) -> bytes:
+    """The wire tag of a field of a message class (length-delimited: message, string, bytes; or a VARINT one: ints,
+    enums), for builders that parse a message from bytes they put together (see assignment.build_assignment)."""
+    return varint(message_class.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type)
 
 
 _MD_CACHE: dict[tuple, base_pb2.Metadata] = {}

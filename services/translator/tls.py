@@ -44,7 +44,7 @@ def _sds(name: str) -> secret_pb2.SdsSecretConfig:
 
 
 _SANS = pb.tag(common_pb2.CertificateValidationContext, "match_typed_subject_alt_names")
-_SAN_TYPE = varint(common_pb2.SubjectAltNameMatcher.DESCRIPTOR.fields_by_name["san_type"].number << 3)  # a varint
+_SAN_TYPE = pb.tag(common_pb2.SubjectAltNameMatcher, "san_type", pb.VARINT)
 _SAN_MATCHER = pb.tag(common_pb2.SubjectAltNameMatcher, "matcher")
 _EXACT = pb.tag(string_pb2.StringMatcher, "exact")
 _PREFIX = pb.tag(string_pb2.StringMatcher, "prefix")

@@ -63,9 +63,9 @@ class Metrics:
         self.push_seconds = Histogram("mizzen_xds_push_seconds",
                                       "time a stream spends on one push (waiting for a slot, building, writing)",
                                       registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self._children: dict[tuple, object] = {}
         self.snapshot_events = Counter("mizzen_xds_snapshot_events", "snapshot events received from NATS",
                                        registry=r)
+        self._children: dict[tuple, object] = {}  # see child()
 
     def child(self, metric, *labels: str):
         """metric.labels(*labels), remembered: labels() takes a lock and builds a key on every call, and a push

@@ -137,10 +137,10 @@ class Stream:
             self.trace.sent(t, nonce, version)
         if not st.pending_since:
             st.pending_since = since
-        m, key = self.gw.metrics, (short(t),)
-        m.pushes.values[(key[0], self.api)] += 1
-        m.push_bytes.values[key] += size
-        m.resources_sent.values[key] += count
+        m, s = self.gw.metrics, short(t)
+        m.pushes.values[(s, self.api)] += 1
+        m.push_bytes.values[(s,)] += size
+        m.resources_sent.values[(s,)] += count
         self.changed()
 
     def record_ack(self, t: str, nonce: str, version: str) -> None:
