@@ -6,8 +6,9 @@ It serves the same bytes the push benchmark's snapshots hold (bench.xds_push.bui
 on SIGUSR1), with the gateway's server options, to the same simulated clients, and does nothing else: no
 snapshot store, no NATS, no per-type ordering or ACK tracking, no status or metrics. Each response is assembled
 from bytes built once per generation and type (plus the proxy's own cluster and a nonce), as the gateway's
-responses are. What the benchmark measures against it is what gRPC, Python and the machine cost for that many
-bytes to that many streams; the gateway's figures divided by these are its own overhead.
+responses are, and no more streams push at once than the gateway lets (XDS_PUSH_SLOTS). What the benchmark
+measures against it is what gRPC, Python and the machine cost for that many bytes to that many streams; the
+gateway's figures divided by these are its own overhead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.xds_push import build_layers  # noqa: E402
+from mizzen.services.mesh.settings import XDS_PUSH_SLOTS  # noqa: E402
 from mizzen.services.mesh.xds_types import CLUSTER, PUSH_ORDER  # noqa: E402
 from mizzen.services.xds_gateway import wire  # noqa: E402
 from mizzen.services.xds_gateway.server import SERVICE, server_options  # noqa: E402
@@ -42,6 +44,7 @@ class Floor:
             self.own_layer = own
             self.shared[g] = {t: self._entries(t, shared[t], g) for t in PUSH_ORDER}
         self.streams: set[asyncio.Queue] = set()
+        self.slots = asyncio.Semaphore(XDS_PUSH_SLOTS)
 
     def _entries(self, t: str, resources: dict[str, bytes], generation: int) -> bytes:
         if self.api == "sotw":
@@ -85,8 +88,9 @@ class Floor:
                 types = [item] if item else [t for t in PUSH_ORDER if t in opened]
                 if item:
                     opened.append(item)
-                for t in types:
-                    await context.write(self.response(t, state["own"], str(next(nonces))))
+                async with self.slots:
+                    for t in types:
+                        await context.write(self.response(t, state["own"], str(next(nonces))))
         finally:
             self.streams.discard(q)
             reader.cancel()

@@ -39,6 +39,11 @@ TYPES = ("CDS", "EDS", "LDS", "RDS")
 # All at once, 2,000 grpcio clients overflow the gateway's listen queue and retry; the connections they
 # abandon leave gRPC state behind, which then reads as memory per proxy (storms: tests/test_scale_faults.py).
 CONNECT_RATE = 250.0
+# HTTP/2 receive windows as Envoy announces them on its xds-grpc connection: Http2ProtocolOptions'
+# initial_stream_window_size and initial_connection_window_size default to 256 MiB, and Envoy does no BDP
+# probing. grpcio's own defaults (64 KiB, grown by BDP probes) made the gateway wait for about a dozen
+# WINDOW_UPDATEs per 730 KiB push, which a real Envoy never asks of it.
+ENVOY_HTTP2_WINDOWS = [("grpc.http2.lookahead_bytes", 256 << 20), ("grpc.http2.bdp_probe", 0)]
 
 
 # ---------------------------------------------------------------- snapshot generation
@@ -211,7 +216,7 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_d
     # a shared connection that failed reconnects by itself: retry soon, as the streams on it do
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-               ("grpc.max_reconnect_backoff_ms", 1000)]
+               ("grpc.max_reconnect_backoff_ms", 1000), *ENVOY_HTTP2_WINDOWS]
 
     def channel(i: int, proxy: str) -> grpc.aio.Channel:
         if per_connection == 1:
@@ -295,13 +300,14 @@ async def _client_main(port, proxies, eds_names, rds_names, conn, api, gateway_d
         if msg[0] == "stop":
             break
         _, expect, deadline = msg  # {proxy: {type: version}}: wait until every stream ACKed them
+        cpu0 = sum(os.times()[:2])
         while time.time() < deadline:
             if all(acked[p].get(t, ("",))[0] == v for p in proxies for t, v in expect[p].items()):
                 break
             await asyncio.sleep(0.05)
         done = {p: max(acked[p][t][1] for t in expect[p]) for p in proxies
                 if all(acked[p].get(t, ("",))[0] == v for t, v in expect[p].items())}
-        conn.send(("converged", done, _own_rss(), dict(codes)))
+        conn.send(("converged", done, _own_rss(), dict(codes), sum(os.times()[:2]) - cpu0))
     for c in calls:
         c.cancel()
     for t in tasks:
@@ -372,6 +378,7 @@ class Clients:
                  timeout: float = 120.0, connect_rate: float = 0.0):
         self.parts = [proxies[i::procs] for i in range(procs)]
         self.timeout = timeout
+        self.cpu_s = 0.0
         self.workers = []
         ctx = mp.get_context("spawn")
         for part in self.parts:
@@ -398,16 +405,19 @@ class Clients:
                 print(f"  client stream errors (retried): {len(msg[2])}, e.g. {msg[2][0]}", flush=True)
 
     def converged(self, expect: dict[str, dict[str, str]]) -> tuple[dict[str, float], int]:
-        """({proxy: time it ACKed the last of `expect`'s versions}, clients' RSS)."""
+        """({proxy: time it ACKed the last of `expect`'s versions}, clients' RSS). `cpu_s` then holds the CPU
+        seconds the client processes spent until then: on one machine they compete with the gateway."""
         deadline = time.time() + self.timeout
         for (_proc, a), part in zip(self.workers, self.parts, strict=True):
             a.send(("expect", {p: expect[p] for p in part}, deadline))
         done: dict[str, float] = {}
         rss = 0
+        self.cpu_s = 0.0
         for _proc, a in self.workers:
-            msg = a.recv()
-            done.update(msg[1])
-            rss += msg[2] if len(msg) > 2 else 0
+            _, acked, proc_rss, _codes, cpu = a.recv()
+            done.update(acked)
+            rss += proc_rss
+            self.cpu_s += cpu
         return done, rss
 
     def stop(self) -> None:
@@ -458,7 +468,7 @@ def run_case(args, stack, services: int, clients: int, layers_v1, layers_v2) -> 
             "bytes_per_push": (bytes1 - bytes0) / clients, "cpu_per_push_ms": (cpu2 - cpu1) / clients * 1000,
             "cpu_push_s": cpu2 - cpu1, "cpu_connect_s": cpu1 - cpu0,
             "rss_mb": rss2 / 2**20, "rss_per_stream_kb": (rss1 - rss0) / clients / 1024,
-            "clients_rss_mb": clients_rss / 2**20,
+            "clients_rss_mb": clients_rss / 2**20, "clients_cpu_push_s": group.cpu_s,
         }
     finally:
         group.stop()
@@ -492,7 +502,7 @@ def run_floor_case(args, tmp: Path, services: int, clients: int, layers_v1) -> d
         cpu2, rss = proc_stats(floor.pid)
         return {**latencies(services, clients, args.per_connection, t0, done), "connect_s": connect_s,
                 "cpu_per_push_ms": (cpu2 - cpu1) / clients * 1000, "cpu_push_s": cpu2 - cpu1,
-                "rss_mb": rss / 2**20, "clients_rss_mb": clients_rss / 2**20}
+                "rss_mb": rss / 2**20, "clients_rss_mb": clients_rss / 2**20, "clients_cpu_push_s": group.cpu_s}
     finally:
         if group is not None:
             group.stop()
@@ -583,7 +593,7 @@ def main() -> int:
                       f"(writes {row['write_s']:.2f}s, {row['converged']}/{n} converged; from each proxy's own "
                       f"write p50 {row['own_p50']:.2f}s p99 {row['own_p99']:.2f}s max {row['own_max']:.2f}s)  "
                       f"{row['bytes_per_push'] / 1024:8.1f} KiB/push  cpu {row['cpu_per_push_ms']:6.2f} ms/push "
-                      f"({row['cpu_push_s']:.1f}s)  rss {row['rss_mb']:7.1f} MiB "
+                      f"({row['cpu_push_s']:.1f}s; clients {row['clients_cpu_push_s']:.1f}s)  rss {row['rss_mb']:7.1f} MiB "
                       f"({row['rss_per_stream_kb']:.1f} KiB/stream)", flush=True)
                 if args.floor:
                     f = run_floor_case(args, tmp, s, n, v1)

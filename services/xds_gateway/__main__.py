@@ -38,7 +38,7 @@ def parser(prog: str = "mizzen xds-gateway") -> argparse.ArgumentParser:
                         "/metrics on --http-port + i and is replica <replica-id>-w<i>")
     p.add_argument("--reuse-port", action="store_true",
                    help="share the gRPC port with other processes (set for workers; off, a taken port fails)")
-    p.add_argument("--push-slots", type=int, default=int(env("MIZZEN_XDS_PUSH_SLOTS", "64")),
+    p.add_argument("--push-slots", type=int, default=int(env("MIZZEN_XDS_PUSH_SLOTS", str(settings.XDS_PUSH_SLOTS))),
                    help="config pushes building and sending at once (bounds memory during a mass push)")
     p.add_argument("--slot-lease", type=float, default=float(env("MIZZEN_XDS_SLOT_LEASE", "1")),
                    help="seconds a push keeps its slot before a client that does not read loses it")

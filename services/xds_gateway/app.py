@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from mizzen.services.mesh import settings
 from mizzen.services.mesh.bus import Bus
 from mizzen.services.mesh.service import health_routes, relax_gc, serve_http, trim_heap
 from mizzen.services.mesh.store import connect as connect_redis
@@ -37,7 +38,7 @@ class Options:
     resync_interval: float = 5.0
     status_ttl: float = 30.0
     grace: float = 1.0
-    push_slots: int = 64
+    push_slots: int = settings.XDS_PUSH_SLOTS
     slot_lease: float = 1.0
     reuse_port: bool = False
     max_pending_streams: int = 20_000  # streams queued for admission in a storm (mesh/grpcserver.py)

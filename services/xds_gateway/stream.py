@@ -16,6 +16,7 @@ import grpc
 import orjson
 
 from mizzen.services.mesh.bus import PROXY_CONNECTED, Bus
+from mizzen.services.mesh.settings import XDS_PUSH_SLOTS
 from mizzen.services.mesh.tracing import PushTrace
 from mizzen.services.mesh.xds_types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 
@@ -42,9 +43,7 @@ class Gateway:
     streams: set = field(default_factory=set)
     pending_wakes: int = 0
     warm_timeout: float = 3.0  # longest LDS/RDS wait for new clusters' endpoints
-    # Config-change pushes building and sending at once. A change reaching 2,000 proxies together would
-    # otherwise hold 2,000 responses in memory while slow clients drain them.
-    push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+    push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(XDS_PUSH_SLOTS))
     slot_lease: float = 1.0  # seconds a push may hold its slot before it must give it back (stuck clients)
     pushes_in_flight: int = 0
 
