@@ -80,3 +80,45 @@ def test_unreachable_server_is_a_clear_error():
     port = procs.free_port()
     r = run_cli("--server", f"http://127.0.0.1:{port}")
     assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and r.stdout == ""
+
+
+class _FakeStream:
+    """What StatusRecorder reads off a stream."""
+
+    def __init__(self, i: int):
+        self.conn_id, self.proxy, self.node_info, self.acked = f"c{i}", f"sidecar~10.0.0.{i}~p{i}.ns~ns.svc", {}, ""
+
+    def status_doc(self) -> dict:
+        return {"proxy": self.proxy, "conn": self.conn_id, "acked": self.acked}
+
+
+async def test_heartbeat_refreshes_unchanged_records_and_rewrites_lost_ones(redis_server):
+    """The heartbeat renews an unchanged record's expiry without rewriting it, writes a changed one, and
+    writes again a record Redis lost (as after a Redis restart), so proxy-status never loses a live proxy."""
+    import orjson
+    import redis.asyncio as aioredis
+
+    from mizzen.services.xds_gateway.status import STATUS, StatusRecorder
+
+    r = aioredis.from_url(redis_server.meta["url"])
+    rec = StatusRecorder(r, "replica-a", ttl=30.0)
+    streams = [_FakeStream(i) for i in range(3)]
+    try:
+        for s in streams:
+            await rec.connected(s)
+        unchanged, changed, lost = streams
+        # a marker with a short expiry: renewed, not rewritten, if the heartbeat leaves unchanged records alone
+        await r.set(STATUS + unchanged.proxy, b'{"marker": 1}', ex=5)
+        changed.acked = "v2"
+        rec.changed(changed)
+        await r.delete(STATUS + lost.proxy)
+
+        await rec.refresh()
+
+        assert await r.get(STATUS + unchanged.proxy) == b'{"marker": 1}'
+        assert 25 <= await r.ttl(STATUS + unchanged.proxy) <= 30
+        assert orjson.loads(await r.get(STATUS + changed.proxy))["acked"] == "v2"
+        assert orjson.loads(await r.get(STATUS + lost.proxy)) == lost.status_doc()
+        assert 25 <= await r.ttl(STATUS + lost.proxy) <= 30
+    finally:
+        await r.aclose()

@@ -59,6 +59,15 @@ end
 return 0
 """
 
+# Renew the expiry of many records in one command (cheaper to send than one EXPIRE each); 0 where a key is gone.
+_RENEW = """
+local kept = {}
+for i, key in ipairs(KEYS) do
+  kept[i] = redis.call('EXPIRE', key, ARGV[1])
+end
+return kept
+"""
+
 
 def node_info(node: Any) -> dict:
     """The parts of an envoy.config.core.v3.Node worth keeping, as JSON-able data."""
@@ -93,6 +102,7 @@ class StatusRecorder:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._release = self.redis.register_script(_RELEASE)
+        self._renew = self.redis.register_script(_RENEW)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._flush_loop(), name="status-flush"),
@@ -153,14 +163,24 @@ class StatusRecorder:
                 log.warning("status flush failed: %s", e)
                 await asyncio.sleep(1)
 
+    async def refresh(self) -> None:
+        """Keep every live stream's record alive. Unchanged records only get a new expiry (a 10,000-proxy
+        gateway would otherwise encode and send 10,000 documents every heartbeat); records Redis no longer has
+        (it restarted, or one expired while Redis was away) are written again."""
+        unchanged = [s for c, s in self._live.items() if c not in self._dirty]
+        for i in range(0, len(unchanged), 1000):  # batches keep each script run short (Redis is single-threaded)
+            batch = unchanged[i:i + 1000]
+            kept = await self._renew(keys=[STATUS + s.proxy for s in batch], args=[int(self.ttl)])
+            self._dirty.update(s.conn_id for s, ok in zip(batch, kept, strict=True) if not ok)
+        await self.flush()
+
     async def _heartbeat_loop(self) -> None:
         """Keep our streams' status alive, re-assert membership, and drop members whose status expired (their
         replica died)."""
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                self._dirty.update(self._live)
-                await self.flush()
+                await self.refresh()
                 if self._live:
                     await self.redis.sadd(CONNECTED, *{s.proxy for s in self._live.values()})
                 members = [m.decode() for m in await self.redis.smembers(CONNECTED)]
