@@ -254,6 +254,7 @@ def bench_push(cases: list[dict], procs_n: int, timeout: float) -> list[dict]:
                     try:
                         f = xds_push.run_floor_case(args, tmp, s, n, v1)
                         row.update({"floor_p99": f["p99"], "floor_cpu_per_push_ms": f["cpu_per_push_ms"],
+                                    "floor_rss_per_stream_kb": f["rss_per_stream_kb"],
                                     "vs_floor": row["p99"] / f["p99"]})
                     except Exception as e:  # noqa: BLE001 - report it and go on
                         progress(f"  floor failed: {type(e).__name__}: {e}")
@@ -482,7 +483,8 @@ def report(res: dict) -> str:
                ("KiB/push", "kib_per_push"), ("CPU ms/push", "cpu_per_push_ms"), ("clients CPU s", "clients_cpu_push_s"),
                ("gateway MiB", "rss_mb"),
                ("KiB/proxy", "rss_per_stream_kb"), ("floor p99 s", "floor_p99"),
-               ("floor CPU ms/push", "floor_cpu_per_push_ms"), ("p99 / floor", "vs_floor"), ("error", "error")]),
+               ("floor CPU ms/push", "floor_cpu_per_push_ms"), ("floor KiB/proxy", "floor_rss_per_stream_kb"),
+               ("p99 / floor", "vs_floor"), ("error", "error")]),
         table("Apply → Envoy", res.get("apply", []),
               [("ServiceEntries", "service_entries"), ("apply call s", "apply_call_s"),
                ("until Envoy holds all s", "until_envoy_s")]),

@@ -489,20 +489,22 @@ def run_floor_case(args, tmp: Path, services: int, clients: int, layers_v1) -> d
     group = None
     try:
         procs.wait_port("127.0.0.1", port, timeout=120, proc=floor.popen)
+        _, rss0 = proc_stats(floor.pid)  # its snapshot bytes are built before it listens
         t_connect = time.time()
         proxies = [proxy_id(i) for i in range(clients)]
         group = Clients.for_case(args, port, proxies, layers_v1)
         group.synced()
         connect_s = time.time() - t_connect
-        time.sleep(0.5)
-        cpu1, _ = proc_stats(floor.pid)
+        time.sleep(2.5)  # as run_case waits before it reads the gateway's memory
+        cpu1, rss1 = proc_stats(floor.pid)
         t0 = time.time()
         os.kill(floor.pid, signal.SIGUSR1)  # generation 2 of every type to every stream
         done, clients_rss = group.converged({p: {t: "g2" for t in TYPES} for p in proxies})
         cpu2, rss = proc_stats(floor.pid)
         return {**latencies(services, clients, args.per_connection, t0, done), "connect_s": connect_s,
                 "cpu_per_push_ms": (cpu2 - cpu1) / clients * 1000, "cpu_push_s": cpu2 - cpu1,
-                "rss_mb": rss / 2**20, "clients_rss_mb": clients_rss / 2**20, "clients_cpu_push_s": group.cpu_s}
+                "rss_mb": rss / 2**20, "rss_per_stream_kb": (rss1 - rss0) / clients / 1024,
+                "clients_rss_mb": clients_rss / 2**20, "clients_cpu_push_s": group.cpu_s}
     finally:
         if group is not None:
             group.stop()
@@ -600,7 +602,7 @@ def main() -> int:
                     row["floor"] = f
                     print(f"{args.api} S={s:>5} N={n:>5}  floor: connect {f['connect_s']:6.2f}s  push p50 "
                           f"{f['p50']:6.2f}s p99 {f['p99']:6.2f}s ({f['converged']}/{n} converged)  cpu "
-                          f"{f['cpu_per_push_ms']:6.2f} ms/push; gateway p99 / floor p99 = "
+                          f"{f['cpu_per_push_ms']:6.2f} ms/push, {f['rss_per_stream_kb']:.1f} KiB/stream; gateway p99 / floor p99 = "
                           f"{row['p99'] / f['p99']:.2f}", flush=True)
     finally:
         for p in owned:
