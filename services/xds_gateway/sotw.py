@@ -43,6 +43,7 @@ class Subscription:
     nacked_nonce: str = ""
     force: bool = True  # a (re)opened subscription is answered even if nothing changed
     held: bool = False  # the latest response deliberately differs from the snapshot (make-before-break)
+    asked: DiscoveryRequest | None = None  # a request naming `names`, without nonce and version (_names)
 
 
 class SotwStream(Stream):
@@ -52,9 +53,21 @@ class SotwStream(Stream):
         super().__init__(gw, context)
         self.subs: dict[str, Subscription] = {}
 
-    def _names(self, t: str, raw) -> tuple[bool, frozenset[str]]:
-        names = self.gw.cache.intern_names(raw)
-        return (t in WILDCARD and (not names or "*" in names)), names
+    def _names(self, t: str, req: DiscoveryRequest) -> tuple[bool, frozenset[str], DiscoveryRequest | None]:
+        """The names a request (nonce and version cleared) asks for, and the request streams asking the same
+        share. Envoy repeats every EDS name in every EDS ACK: an ACK equal to the shared request is known with
+        one comparison in C, where reading 1,000 names into Python costs ~10x more."""
+        names = self.gw.cache.intern_names(req.resource_names)
+        wildcard = t in WILDCARD and (not names or "*" in names)
+        if wildcard:
+            return wildcard, names, None
+        shared = self.gw.sotw_requests
+        asked = shared.get((t, names))
+        if asked is None and not req.HasField("node") and not req.HasField("error_detail"):  # as ACKs come
+            if len(shared) >= 1000:  # each holds its names: bounded, as intern_names is
+                shared.clear()
+            asked = shared[(t, names)] = req
+        return wildcard, names, asked
 
     async def handle(self, req: DiscoveryRequest) -> None:
         if not self.proxy:
@@ -66,8 +79,9 @@ class SotwStream(Stream):
         nonce = req.response_nonce
         now = time.monotonic()
         if not nonce:
-            wildcard, names = self._names(t, req.resource_names)
-            self.subs[t] = Subscription(wildcard, names)
+            req.ClearField("version_info")
+            wildcard, names, asked = self._names(t, req)
+            self.subs[t] = Subscription(wildcard, names, asked=asked)
             self.type_status(t).pending_since = now
         else:
             if sub is None or nonce != sub.nonce:
@@ -80,8 +94,10 @@ class SotwStream(Stream):
             else:
                 sub.acked, sub.acked_nonce = sub.sent, nonce
                 self.record_ack(t, nonce, sub.sent.version if sub.sent else "")
-            if not sub.wildcard:  # once wildcard, a SotW stream stays wildcard
-                wildcard, names = self._names(t, req.resource_names)
+            req.ClearField("version_info")
+            req.ClearField("response_nonce")
+            if not sub.wildcard and req != sub.asked:  # once wildcard, a SotW stream stays wildcard
+                wildcard, names, sub.asked = self._names(t, req)
                 if names is not sub.names:
                     sub.names, sub.wildcard = names, wildcard
                     self.type_status(t).pending_since = now

@@ -46,6 +46,7 @@ class Gateway:
     push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(XDS_PUSH_SLOTS))
     slot_lease: float = 1.0  # seconds a push may hold its slot before it must give it back (stuck clients)
     pushes_in_flight: int = 0
+    sotw_requests: dict = field(default_factory=dict)  # (type, names) -> a request asking them (sotw._names)
 
     def idle(self) -> bool:
         """No push going on or waiting."""
