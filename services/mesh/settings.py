@@ -9,9 +9,8 @@ REGISTRY_PORT = 15080
 XDS_PORT = 15010
 XDS_TLS_PORT = 15012
 CA_PORT = 8060
-# Config-change pushes an xds_gateway builds and sends at once. A change reaching 2,000 proxies together would
-# otherwise hold 2,000 responses in memory while slow clients drain them, and a few dozen writes in flight keep
-# gRPC busier with less scheduling and socket-buffer churn than thousands (bench/xds_floor.py caps its own too).
+# Config-change pushes an xds_gateway builds and sends at once: a change reaching 2,000 proxies together would
+# otherwise hold 2,000 responses in memory while slow clients drain them (bench/xds_floor.py keeps the same cap).
 XDS_PUSH_SLOTS = 64
 
 DOMAIN_SUFFIX = "cluster.local"
