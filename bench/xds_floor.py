@@ -56,10 +56,10 @@ class Floor:
 
     def response(self, t: str, own: bytes, nonce: str) -> bytes:
         g = self.generation
-        body = self.shared[g][t] + (own if t == CLUSTER else b"")
+        bodies = [self.shared[g][t], own] if t == CLUSTER else [self.shared[g][t]]
         if self.api == "sotw":
-            return wire.sotw_response(version(g), t, nonce, body)
-        return wire.delta_response(version(g), t, nonce, [body], [])
+            return wire.sotw_response(version(g), t, nonce, bodies)
+        return wire.delta_response(version(g), t, nonce, bodies, [])
 
     def push(self) -> None:
         self.generation = 2

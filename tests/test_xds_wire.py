@@ -11,8 +11,9 @@ from mizzen.services.xds_gateway import wire
 
 def test_sotw_response_matches_protobuf():
     clusters = [cluster_pb2.Cluster(name=f"c{i}" * (i * 40 + 1)) for i in range(4)]  # varint lengths > 127
-    body = b"".join(wire.sotw_resource_entry(CLUSTER, c.SerializeToString()) for c in clusters)
-    data = wire.sotw_response("v1", CLUSTER, "n7", body, "gw-1")
+    entries = [wire.sotw_resource_entry(CLUSTER, c.SerializeToString()) for c in clusters]
+    # a proxy's body comes in pieces (its layers' cached bodies), joined with the other fields once
+    data = wire.sotw_response("v1", CLUSTER, "n7", [b"".join(entries[:3]), entries[3]], "gw-1")
     got = discovery_pb2.DiscoveryResponse.FromString(data)
     want = discovery_pb2.DiscoveryResponse(version_info="v1", type_url=CLUSTER, nonce="n7")
     want.control_plane.identifier = "gw-1"

@@ -146,8 +146,11 @@ class SotwStream(Stream):
                 continue  # pushed by the wake that follows the endpoints' ACK (or the warm-up deadline)
             sub = self.subs[t]
             desired, held = self._plan(t, sub)
-            if t == ENDPOINT and self.take_eds_resend():
-                sub.force = True
+            if t == ENDPOINT and self.eds_resend:
+                if sub.sent is None or desired.version != sub.sent.version:
+                    self.eds_resend = set()  # the whole changed set goes anyway
+                elif self.take_eds_resend():
+                    sub.force = True
             if not sub.force and sub.sent is not None and desired.version == sub.sent.version:
                 st = self.type_status(t)
                 basis = "" if held else self.basis(t)
@@ -155,9 +158,9 @@ class SotwStream(Stream):
                     st.basis = basis  # same content, newer snapshot: still in sync
                     self.changed()
                 continue
-            body = await self.gw.cache.sotw_body(desired)
+            bodies = await self.gw.cache.sotw_bodies(desired)
             nonce = self.next_nonce()
-            msg = wire.sotw_response(desired.version, t, nonce, body, self.gw.replica)
+            msg = wire.sotw_response(desired.version, t, nonce, bodies, self.gw.replica)
             await self.send(msg)
             if t == CLUSTER:
                 self.clusters_added(self.gw.cache.removed(desired, sub.sent) if sub.sent is not None

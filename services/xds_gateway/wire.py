@@ -53,8 +53,9 @@ def control_plane(identifier: str) -> bytes:
     return string_field(1, identifier)
 
 
-def sotw_response(version: str, type_url: str, nonce: str, body: bytes, control_plane_id: str = "") -> bytes:
-    out = [string_field(DR_VERSION, version), body, string_field(DR_TYPE_URL, type_url),
+def sotw_response(version: str, type_url: str, nonce: str, bodies: list[bytes], control_plane_id: str = "") -> bytes:
+    """`bodies`: encoded `resources` fields, in order (pieces of one body, joined here once)."""
+    out = [string_field(DR_VERSION, version), *bodies, string_field(DR_TYPE_URL, type_url),
            string_field(DR_NONCE, nonce)]
     if control_plane_id:
         out.append(field(DR_CONTROL_PLANE, control_plane(control_plane_id)))
