@@ -162,10 +162,9 @@ class DeltaStream(Stream):
             desired = self.desired(t, sub.wildcard, sub.names)
             diff = await self._diff(sub, desired)
             held = False
-            if t == ENDPOINT and (again := self.take_eds_resend()):
-                again -= diff.names
-                if again and (extra := desired.lookup(again)):
-                    diff = diff.plus_resend(extra)
+            if (t == ENDPOINT and self.eds_resend and (again := self.take_eds_resend(going=diff.names))
+                    and (extra := desired.lookup(again))):
+                diff = diff.plus_resend(extra)
             if t == ENDPOINT and desired.synthesized and len(diff):
                 # endpoints of a cluster the snapshot dropped: keep them while Envoy still has the cluster
                 has = sub.holdings()
@@ -191,7 +190,7 @@ class DeltaStream(Stream):
             await self.send(msg)
             if t == CLUSTER:
                 self.clusters_added(list(diff.added))
-                self.clusters_changed(list(diff.changed))
+                self.clusters_changed(diff.changed)
             if held:
                 has = sub.own_has()
                 has.update(diff.to_send)

@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +197,7 @@ class Stream:
             self.warming_deadline = time.monotonic() + self.gw.warm_timeout
             asyncio.get_running_loop().call_later(self.gw.warm_timeout + 0.01, self.wake)
 
-    def clusters_changed(self, names: list[str]) -> None:
+    def clusters_changed(self, names: Iterable[str]) -> None:
         """CDS just replaced these existing EDS clusters (same name, new content). Envoy warms each new version
         until it gets endpoints, but does not ask for them again (the names it subscribes did not change) and
         holds its CDS ACK meanwhile, so without a fresh EDS response the new version never becomes active and
@@ -204,9 +205,11 @@ class Stream:
         every CDS: Envoy registers the new versions' EDS watches while it processes CDS, before it reads EDS."""
         self.eds_resend.update(names)  # filtered to EDS clusters when taken (set operations, not a loop per name)
 
-    def take_eds_resend(self) -> set[str]:
-        """The endpoint assignments to send again now."""
+    def take_eds_resend(self, going: frozenset[str] = frozenset()) -> set[str]:
+        """The endpoint assignments to send again now, less those `going` out anyway (a full push: all)."""
         names, self.eds_resend = self.eds_resend, set()
+        if going:
+            names -= going
         eds = self.view.resources(ENDPOINT) if self.view is not None else None
         return eds.present(names) if names and eds is not None else set()
 
