@@ -421,9 +421,10 @@ class _Skeleton:
     mutual: _MutualTls | None
 
 
-def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
+def _skeleton(push: PushContext, service: Service, port: Port, policy: dict, subset: dict | None,
               ctype: int, is_sidecar: bool, sni_dnat: bool, auto_ok: bool, dns_name: str) -> _Skeleton | None:
-    """None for a DNS cluster without endpoints (its inline assignment, named `dns_name`, is part of it)."""
+    """None for a DNS cluster without endpoints (its inline assignment, named `dns_name`, is part of it).
+    `policy` is effective_policy(dr, port.port, subset)."""
     c = _new_cluster(push, "", ctype)
     if ctype in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
         cla = dns_load_assignment(dns_name, service, port.port, subset.get("labels") if subset else None)
@@ -437,7 +438,6 @@ def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None
         c.load_assignment.CopyFrom(cla)
     http = _Http()
     _set_upstream_protocol(http, port, is_sidecar and not sni_dnat)
-    policy = effective_policy(dr, port.port, subset)
     pool = policy.get("connectionPool")
     _h2_upgrade(push, http, port, pool)
     _apply_connection_pool(push, c, http, pool)
@@ -451,6 +451,22 @@ def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None
     if c.type == Cluster.EDS:
         c.eds_cluster_config.eds_config.CopyFrom(_ADS)
     return _Skeleton(c, loc_lb, mutual)
+
+
+def _cluster_skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
+                      ctype: int, is_sidecar: bool, sni_dnat: bool, auto_ok: bool, dns_name: str) -> _Skeleton | None:
+    """_skeleton, shared within the push by every EDS cluster with the same policy content: an EDS skeleton
+    depends on the service only through the port's protocol (a mesh's rules mostly say the same thing)."""
+    policy = effective_policy(dr, port.port, subset)
+    if ctype != Cluster.EDS:
+        return _skeleton(push, service, port, policy, subset, ctype, is_sidecar, sni_dnat, auto_ok, dns_name)
+    # repr keeps dict order: equal text means equal content (a reordered rule just misses)
+    key = ("cds-skeleton", port.protocol, is_sidecar, sni_dnat, auto_ok, repr(policy) if policy else "")
+    sk = push.cache.get(key)
+    if sk is None:
+        sk = push.cache[key] = _skeleton(push, service, port, policy, subset, ctype, is_sidecar, sni_dnat, auto_ok,
+                                         dns_name)
+    return sk
 
 
 def _service_clusters(push: PushContext, service: Service, port: Port, dr: Config | None, is_sidecar: bool,
@@ -484,15 +500,7 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         return c
 
     name = cluster_name("")
-    if dr is None and ctype == Cluster.EDS:
-        # Without a DestinationRule the skeleton depends only on these (the mesh config is the push's).
-        key = ("cds-skeleton", port.protocol, is_sidecar, sni_dnat, auto_ok)
-        default = push.cache.get(key)
-        if default is None:
-            default = push.cache[key] = _skeleton(push, service, port, None, None, ctype, is_sidecar, sni_dnat,
-                                                  auto_ok, "")
-    else:
-        default = _skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, auto_ok, name)
+    default = _cluster_skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, auto_ok, name)
     if default is None:
         return clusters, needs
     clusters.append(named(default, name, None))
@@ -500,8 +508,8 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         sub_name = cluster_name(subset.get("name") or "")
         sk: _Skeleton | None = default
         if default.cluster.type != Cluster.EDS or subset.get("trafficPolicy"):
-            sk = _skeleton(push, service, port, dr, subset, default.cluster.type, is_sidecar, sni_dnat, auto_ok,
-                           sub_name)
+            sk = _cluster_skeleton(push, service, port, dr, subset, default.cluster.type, is_sidecar, sni_dnat,
+                                   auto_ok, sub_name)
         if sk is not None:
             clusters.append(named(sk, sub_name, subset))
     return clusters, needs
