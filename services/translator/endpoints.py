@@ -31,7 +31,7 @@ def _base(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:
     cla = push.cache.get(key)
     if cla is None:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_disabled)
+                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_check())
         push.cache[key] = cla
     return cla
 
@@ -78,7 +78,7 @@ def load_assignment(push: PushContext, need: EdsNeed, proxy=None) -> ClusterLoad
         apply_distribute(cla, here, setting["distribute"])
     elif prios:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_disabled,
+                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_check(),
                                priority=lambda e: failover_priority(e, labels, prios))
         normalise_priorities(cla)
     else:

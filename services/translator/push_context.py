@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mizzen.services.mesh import locality, meshconfig, settings
@@ -964,9 +964,19 @@ class PushContext:
             return False
         return self.mtls_mode(endpoint.namespace, endpoint.labels or {}, endpoint.port) == "DISABLE"
 
+    def endpoint_mtls_check(self) -> Callable[[Endpoint], bool] | None:
+        """endpoint_mtls_disabled, or None when no PeerAuthentication anywhere says DISABLE (then it is false for
+        every endpoint, and assignment builders skip a call per endpoint)."""
+        return self.endpoint_mtls_disabled if self._disabling_namespaces() else None
+
     def _may_disable(self, namespace: str) -> bool:
         """Whether any PeerAuthentication that can apply in `namespace` says DISABLE (at any level); asked for
         every endpoint of every cluster, and almost always no."""
+        index = self._disabling_namespaces()
+        return namespace in index or self.mesh.root_namespace in index
+
+    def _disabling_namespaces(self) -> set[str]:
+        """The namespaces with a PeerAuthentication that says DISABLE (at any level)."""
         index = self.cache.get("pa-disable")
         if index is None:
             index = self.cache["pa-disable"] = {
@@ -974,7 +984,7 @@ class PushContext:
                 if any("DISABLE" in (str((pa.spec.get("mtls") or {}).get("mode")),
                                      *(str((v or {}).get("mode")) for v in (pa.spec.get("portLevelMtls") or {}).values()))
                        for pa in pas)}
-        return namespace in index or self.mesh.root_namespace in index
+        return index
 
     def service_mtls_mode(self, service: Service) -> str:
         """Best-effort mTLS mode of a destination service, for auto mTLS (Istio's BestEffortInferServiceMTLSMode)."""
