@@ -379,19 +379,21 @@ class PushContext:
         node = (pod.get("spec") or {}).get("nodeName")
         return locality.pod_locality(pod["metadata"].get("labels") or {}, self.node_labels.get(node) if node else None)
 
-    def _pod_fields(self, target_ref: dict | None, ns: str) -> dict:
-        """The Endpoint fields that come from the address's Pod (computed once per address, not per port)."""
+    def _pod_fields(self, target_ref: dict | None, ns: str) -> tuple:
+        """The Endpoint fields after (address, port, service_port_name), positionally (cheaper to pass than
+        keywords): what comes from the address's Pod, computed once per address, not per port."""
         pod = None
         if target_ref and target_ref.get("kind", "Pod") == "Pod" and target_ref.get("name"):
             pod = self.pods.get((target_ref.get("namespace") or ns, target_ref["name"]))
         if pod is None:
-            return {"labels": {}, "namespace": ns}
+            return ({}, "disabled", "", "", 0, "", "", ns)
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         spec = pod.get("spec") or {}
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-        return {"labels": labels, "tls_mode": labels.get(TLS_MODE_LABEL, "disabled"), "service_account": sa,
-                "workload": meta["name"], "namespace": meta.get("namespace") or ns, "locality": self.pod_locality(pod)}
+        # labels, tls_mode, service_account, locality, weight, network, workload, namespace
+        return (labels, labels.get(TLS_MODE_LABEL, "disabled"), sa, self.pod_locality(pod), 0, "", meta["name"],
+                meta.get("namespace") or ns)
 
     def _kube_endpoints(self, svc: Service, obj: dict) -> None:
         for subset in obj.get("subsets") or []:
@@ -410,7 +412,7 @@ class PushContext:
                 if addrs is None:
                     addrs = [(a.get("ip", ""), self._pod_fields(a.get("targetRef"), svc.namespace))
                              for a in subset.get("addresses") or []]
-                eps.extend(Endpoint(ip, target, sp.name, **fields) for ip, fields in addrs)
+                eps.extend([Endpoint(ip, target, sp.name, *fields) for ip, fields in addrs])
 
     def _slice_endpoints(self, svc: Service, slices: list[dict]) -> None:
         for s in slices:
@@ -428,7 +430,7 @@ class PushContext:
                     addrs = [(ip, self._pod_fields(e.get("targetRef"), svc.namespace))
                              for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready") is not False
                              for ip in e.get("addresses") or []]
-                eps.extend(Endpoint(ip, target, sp.name, **fields) for ip, fields in addrs)
+                eps.extend([Endpoint(ip, target, sp.name, *fields) for ip, fields in addrs])
 
     def _service_entry(self, obj: dict) -> list[Service]:
         meta = obj["metadata"]
@@ -814,11 +816,12 @@ class PushContext:
                     if p.protocol == protocol.UDP:
                         continue
                     out.append(ServiceInstance(svc, p, _pod_target_port(pod, p)))
-        by_ip = self._instances_by_ip().get(proxy.ip, ())
-        if not out:
-            out = [ServiceInstance(svc, p, port) for svc, p, port in by_ip if svc.registry == KUBERNETES]
-        out += [ServiceInstance(svc, p, port) for svc, p, port in by_ip
-                if svc.registry == EXTERNAL and not svc.mesh_external]
+        if not out or self._has_mesh_internal_entries():  # else the endpoint index adds nothing
+            by_ip = self._instances_by_ip().get(proxy.ip, ())
+            if not out:
+                out = [ServiceInstance(svc, p, port) for svc, p, port in by_ip if svc.registry == KUBERNETES]
+            out += [ServiceInstance(svc, p, port) for svc, p, port in by_ip
+                    if svc.registry == EXTERNAL and not svc.mesh_external]
         out.sort(key=lambda i: (i.service.created[0], i.service.hostname))
         self.cache[key] = out
         return out
@@ -884,6 +887,14 @@ class PushContext:
             out.append(ServiceInstance(service, listen, target, endpoint_address=address, listen_port=number,
                                        capture_mode=ing.get("captureMode") or "DEFAULT", bind=ing.get("bind") or ""))
         return out
+
+    def _has_mesh_internal_entries(self) -> bool:
+        """Whether a ServiceEntry service is MESH_INTERNAL (whose endpoints are instances of their workloads)."""
+        has = self.cache.get("mesh-internal-entries")
+        if has is None:
+            has = self.cache["mesh-internal-entries"] = any(
+                s.registry == EXTERNAL and not s.mesh_external for s in self.services)
+        return has
 
     def _instances_by_ip(self) -> dict[str, list[tuple[Service, Port, int]]]:
         """Endpoint IP → (service, port, endpoint port), first endpoint per service port; built once per push."""
