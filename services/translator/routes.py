@@ -672,15 +672,13 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
         unit_key = ("default-route", view.key, env, svc.hostname, svc.namespace, port)
         r = incremental.unit(push, unit_key, lambda svc=svc: _default_service_route(push, view, svc, port))
         wrappers.append(([], [svc], [r], unit_key))
-    vhosts: list[rc.VirtualHost] = []
+    named: list[tuple[str, rc.VirtualHost]] = []
     names: set[str] = set()
     used_domains: set[str] = set()
 
     def vhost(name: str, domains: list[str], routes: list[rc.Route], unit_key: tuple) -> rc.VirtualHost:
         def make() -> rc.VirtualHost:
-            vh = rc.VirtualHost(name=name, domains=domains, include_request_attempt_count=True)
-            vh.routes.extend(routes)
-            return vh
+            return rc.VirtualHost(name=name, domains=domains, routes=routes, include_request_attempt_count=True)
         return incremental.unit(push, ("vhost", unit_key, name, tuple(domains)), make)
 
     for hosts, services, routes, unit_key in wrappers:
@@ -691,7 +689,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in (h, name) if d not in used_domains]
             used_domains.update(domains)
-            vhosts.append(vhost(name, domains, routes, unit_key))
+            named.append((name, vhost(name, domains, routes, unit_key)))
         for svc in services:
             name = f"{svc.hostname}:{port}"
             if name in names:
@@ -699,8 +697,9 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in vhost_domains(svc, port, view.dns_domain) if d not in used_domains]
             used_domains.update(domains)
-            vhosts.append(vhost(name, domains, routes, unit_key))
-    vhosts.sort(key=lambda v: v.name)
+            named.append((name, vhost(name, domains, routes, unit_key)))
+    named.sort(key=lambda nv: nv[0])  # by name, known here (names are unique): no read back from the protos
+    vhosts = [v for _, v in named]
     push.cache[key] = vhosts
     return vhosts
 
