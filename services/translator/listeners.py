@@ -157,19 +157,22 @@ def _chain(filters: list[lc.Filter], *, sni: list[str] | None = None, cidrs: lis
            alpn: list[str] | None = None, metadata: base_pb2.Metadata | None = None, name: str = "",
            force_match: bool = False) -> lc.FilterChain:
     fc = lc.FilterChain(filters=filters, name=name)
-    m = fc.filter_chain_match
-    if sni and "*" not in sni:
-        m.server_names.extend(sorted(sni))
+    names = sorted(sni) if sni and "*" not in sni else None
+    ranges = []
     for c in sorted(cidrs or []):
         r = _cidr(c) if c else None
         if r is not None and r.address_prefix != UNSPECIFIED_IP:
-            m.prefix_ranges.append(r)
-    if alpn:
-        m.application_protocols.extend(alpn)
-    if force_match:
+            ranges.append(r)
+    # The match is present when forced or when it matches on something (most chains: neither, so untouched).
+    if names or ranges or alpn or force_match:
+        m = fc.filter_chain_match
+        if names:
+            m.server_names.extend(names)
+        if ranges:
+            m.prefix_ranges.extend(ranges)
+        if alpn:
+            m.application_protocols.extend(alpn)
         m.SetInParent()
-    elif m.ByteSize() == 0:
-        fc.ClearField("filter_chain_match")
     if metadata is not None:
         fc.metadata.CopyFrom(metadata)
     return fc
