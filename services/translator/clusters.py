@@ -419,6 +419,7 @@ class _Skeleton:
     cluster: Cluster
     loc_lb: dict | None
     mutual: _MutualTls | None
+    type: int  # cluster.type, kept here: reading it back from the proto for every copy costs more
 
 
 def _skeleton(push: PushContext, service: Service, port: Port, policy: dict, subset: dict | None,
@@ -448,9 +449,10 @@ def _skeleton(push: PushContext, service: Service, port: Port, policy: dict, sub
     mutual = None
     if not sni_dnat:
         mutual = _apply_tls(push, c, http, policy.get("tls"), auto_ok=auto_ok, is_sidecar=is_sidecar)
-    if c.type == Cluster.EDS:
+    ctype = c.type  # a PASSTHROUGH load balancer makes it ORIGINAL_DST
+    if ctype == Cluster.EDS:
         c.eds_cluster_config.eds_config.CopyFrom(_ADS)
-    return _Skeleton(c, loc_lb, mutual)
+    return _Skeleton(c, loc_lb, mutual, ctype)
 
 
 def _cluster_skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
@@ -489,7 +491,7 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         if sk.mutual is not None:
             sk.mutual.apply(c, dns_srv_subset_key(subset.get("name", "") if subset else "", service.hostname,
                                                   port.port), service.service_accounts)
-        if c.type == Cluster.EDS:
+        if sk.type == Cluster.EDS:
             c.eds_cluster_config.service_name = name
             needs.append(EdsNeed(name, service, port.port, subset.get("labels") if subset else None, sk.loc_lb))
         if meta_path:
@@ -507,8 +509,8 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
     for subset in (dr.spec.get("subsets") or []) if dr is not None else ():
         sub_name = cluster_name(subset.get("name") or "")
         sk: _Skeleton | None = default
-        if default.cluster.type != Cluster.EDS or subset.get("trafficPolicy"):
-            sk = _cluster_skeleton(push, service, port, dr, subset, default.cluster.type, is_sidecar, sni_dnat,
+        if default.type != Cluster.EDS or subset.get("trafficPolicy"):
+            sk = _cluster_skeleton(push, service, port, dr, subset, default.type, is_sidecar, sni_dnat,
                                    auto_ok, sub_name)
         if sk is not None:
             clusters.append(named(sk, sub_name, subset))
