@@ -8,7 +8,7 @@ the push context, so every scope that sees the same service through the same Des
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, protocol_pb2
@@ -17,7 +17,17 @@ from google.protobuf import any_pb2, struct_pb2
 
 from . import incremental, pb, protocol, tls
 from .assignment import build_assignment
-from .model import ALIAS, DNS_LB, DNS_ROUND_ROBIN_LB, PASSTHROUGH, Config, Port, Service, service_id
+from .model import (
+    ALIAS,
+    DNS_LB,
+    DNS_ROUND_ROBIN_LB,
+    PASSTHROUGH,
+    Config,
+    Port,
+    Service,
+    labels_key,
+    service_id,
+)
 from .push_context import MALFORMED, PushContext, SidecarScope, duration
 
 Cluster = cluster_pb2.Cluster
@@ -59,6 +69,11 @@ class EdsNeed:
     # The localityLbSetting the assignment follows, relative to each proxy's locality (endpoints.py); None when
     # locality LB does nothing for this cluster (disabled, or failover only and no outlier detection).
     locality_lb: dict | None = None
+    # (cluster, service_id, subset labels key): what its assignment is memoised and layers are keyed by, once
+    key: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.cluster_name, service_id(self.service), labels_key(self.labels))
 
 
 # ---------------------------------------------------------------------------------------------- policy
