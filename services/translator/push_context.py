@@ -500,12 +500,9 @@ class PushContext:
 
     def _service_accounts(self, svc: Service) -> None:
         td = self.mesh.trust_domain
-        accounts = set()
-        for eps in svc.endpoints.values():
-            for e in eps:
-                if e.service_account:
-                    sa = e.service_account
-                    accounts.add(sa if sa.startswith("spiffe://") else f"spiffe://{td}/ns/{e.namespace}/sa/{sa}")
+        # each (account, namespace) once: a service's endpoints (every port's) mostly share a few
+        pairs = {(e.service_account, e.namespace) for eps in svc.endpoints.values() for e in eps if e.service_account}
+        accounts = {sa if sa.startswith("spiffe://") else f"spiffe://{td}/ns/{ns}/sa/{sa}" for sa, ns in pairs}
         accounts.update(svc.subject_alt_names)
         svc.service_accounts = sorted(accounts)
 
