@@ -57,7 +57,7 @@ def pod_locality(pod_labels: Mapping[str, str], node_labels: Mapping[str, str] |
     """A Pod's locality: its locality label, else its Node's topology labels (istiod's order); a Pod whose Node
     is unknown or unlabelled falls back to its own topology labels (Mizzen describes pods without Nodes, e.g.
     outside Kubernetes, and labels them so)."""
-    return (from_locality_label(pod_labels) or from_node_labels(node_labels or {})
+    return (from_locality_label(pod_labels) or (from_node_labels(node_labels) if node_labels else "")
             or _from_topology_labels(pod_labels))
 
 

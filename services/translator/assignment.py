@@ -123,8 +123,13 @@ def build_assignment(name: str, endpoints: Iterable, labels: dict | None,
     mtlsChecker) is false. With `priority`, a locality's endpoints are split further by their priority
     (failoverPriority, endpoints.py)."""
     groups: dict[tuple[str, int], list] = {}
+    # Most selectors name no None value: then a C-level test of the items says what `.get(k) == v` for each would.
+    wanted = labels.items() if labels and None not in labels.values() else None
     for e in endpoints:
-        if labels and any(e.labels.get(k) != v for k, v in labels.items()):
+        if wanted is not None:
+            if not wanted <= e.labels.items():
+                continue
+        elif labels and any(e.labels.get(k) != v for k, v in labels.items()):
             continue
         groups.setdefault((e.locality, priority(e) if priority else 0), []).append(e)
     wire = [ld(_CLA_NAME, name.encode())] if name else []

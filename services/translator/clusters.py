@@ -8,7 +8,7 @@ the push context, so every scope that sees the same service through the same Des
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, protocol_pb2
@@ -17,7 +17,17 @@ from google.protobuf import any_pb2, struct_pb2
 
 from . import incremental, pb, protocol, tls
 from .assignment import build_assignment
-from .model import ALIAS, DNS_LB, DNS_ROUND_ROBIN_LB, PASSTHROUGH, Config, Port, Service, service_id
+from .model import (
+    ALIAS,
+    DNS_LB,
+    DNS_ROUND_ROBIN_LB,
+    PASSTHROUGH,
+    Config,
+    Port,
+    Service,
+    labels_key,
+    service_id,
+)
 from .push_context import MALFORMED, PushContext, SidecarScope, duration
 
 Cluster = cluster_pb2.Cluster
@@ -59,6 +69,11 @@ class EdsNeed:
     # The localityLbSetting the assignment follows, relative to each proxy's locality (endpoints.py); None when
     # locality LB does nothing for this cluster (disabled, or failover only and no outlier detection).
     locality_lb: dict | None = None
+    # (cluster, service_id, subset labels key): what its assignment is memoised and layers are keyed by, once
+    key: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.cluster_name, service_id(self.service), labels_key(self.labels))
 
 
 # ---------------------------------------------------------------------------------------------- policy
@@ -419,11 +434,13 @@ class _Skeleton:
     cluster: Cluster
     loc_lb: dict | None
     mutual: _MutualTls | None
+    type: int  # cluster.type, kept here: reading it back from the proto for every copy costs more
 
 
-def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
+def _skeleton(push: PushContext, service: Service, port: Port, policy: dict, subset: dict | None,
               ctype: int, is_sidecar: bool, sni_dnat: bool, auto_ok: bool, dns_name: str) -> _Skeleton | None:
-    """None for a DNS cluster without endpoints (its inline assignment, named `dns_name`, is part of it)."""
+    """None for a DNS cluster without endpoints (its inline assignment, named `dns_name`, is part of it).
+    `policy` is effective_policy(dr, port.port, subset)."""
     c = _new_cluster(push, "", ctype)
     if ctype in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
         cla = dns_load_assignment(dns_name, service, port.port, subset.get("labels") if subset else None)
@@ -437,7 +454,6 @@ def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None
         c.load_assignment.CopyFrom(cla)
     http = _Http()
     _set_upstream_protocol(http, port, is_sidecar and not sni_dnat)
-    policy = effective_policy(dr, port.port, subset)
     pool = policy.get("connectionPool")
     _h2_upgrade(push, http, port, pool)
     _apply_connection_pool(push, c, http, pool)
@@ -448,9 +464,26 @@ def _skeleton(push: PushContext, service: Service, port: Port, dr: Config | None
     mutual = None
     if not sni_dnat:
         mutual = _apply_tls(push, c, http, policy.get("tls"), auto_ok=auto_ok, is_sidecar=is_sidecar)
-    if c.type == Cluster.EDS:
+    ctype = c.type  # a PASSTHROUGH load balancer makes it ORIGINAL_DST
+    if ctype == Cluster.EDS:
         c.eds_cluster_config.eds_config.CopyFrom(_ADS)
-    return _Skeleton(c, loc_lb, mutual)
+    return _Skeleton(c, loc_lb, mutual, ctype)
+
+
+def _cluster_skeleton(push: PushContext, service: Service, port: Port, dr: Config | None, subset: dict | None,
+                      ctype: int, is_sidecar: bool, sni_dnat: bool, auto_ok: bool, dns_name: str) -> _Skeleton | None:
+    """_skeleton, shared within the push by every EDS cluster with the same policy content: an EDS skeleton
+    depends on the service only through the port's protocol (a mesh's rules mostly say the same thing)."""
+    policy = effective_policy(dr, port.port, subset)
+    if ctype != Cluster.EDS:
+        return _skeleton(push, service, port, policy, subset, ctype, is_sidecar, sni_dnat, auto_ok, dns_name)
+    # repr keeps dict order: equal text means equal content (a reordered rule just misses)
+    key = ("cds-skeleton", port.protocol, is_sidecar, sni_dnat, auto_ok, repr(policy) if policy else "")
+    sk = push.cache.get(key)
+    if sk is None:
+        sk = push.cache[key] = _skeleton(push, service, port, policy, subset, ctype, is_sidecar, sni_dnat, auto_ok,
+                                         dns_name)
+    return sk
 
 
 def _service_clusters(push: PushContext, service: Service, port: Port, dr: Config | None, is_sidecar: bool,
@@ -473,7 +506,7 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         if sk.mutual is not None:
             sk.mutual.apply(c, dns_srv_subset_key(subset.get("name", "") if subset else "", service.hostname,
                                                   port.port), service.service_accounts)
-        if c.type == Cluster.EDS:
+        if sk.type == Cluster.EDS:
             c.eds_cluster_config.service_name = name
             needs.append(EdsNeed(name, service, port.port, subset.get("labels") if subset else None, sk.loc_lb))
         if meta_path:
@@ -484,24 +517,16 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
         return c
 
     name = cluster_name("")
-    if dr is None and ctype == Cluster.EDS:
-        # Without a DestinationRule the skeleton depends only on these (the mesh config is the push's).
-        key = ("cds-skeleton", port.protocol, is_sidecar, sni_dnat, auto_ok)
-        default = push.cache.get(key)
-        if default is None:
-            default = push.cache[key] = _skeleton(push, service, port, None, None, ctype, is_sidecar, sni_dnat,
-                                                  auto_ok, "")
-    else:
-        default = _skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, auto_ok, name)
+    default = _cluster_skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, auto_ok, name)
     if default is None:
         return clusters, needs
     clusters.append(named(default, name, None))
     for subset in (dr.spec.get("subsets") or []) if dr is not None else ():
         sub_name = cluster_name(subset.get("name") or "")
         sk: _Skeleton | None = default
-        if default.cluster.type != Cluster.EDS or subset.get("trafficPolicy"):
-            sk = _skeleton(push, service, port, dr, subset, default.cluster.type, is_sidecar, sni_dnat, auto_ok,
-                           sub_name)
+        if default.type != Cluster.EDS or subset.get("trafficPolicy"):
+            sk = _cluster_skeleton(push, service, port, dr, subset, default.type, is_sidecar, sni_dnat,
+                                   auto_ok, sub_name)
         if sk is not None:
             clusters.append(named(sk, sub_name, subset))
     return clusters, needs

@@ -16,22 +16,17 @@ from mizzen.services.mesh import locality as loc
 
 from .assignment import build_assignment
 from .clusters import EdsNeed
-from .model import service_id
 from .push_context import PushContext
 
 ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
 
 
-def _labels_key(labels: dict | None) -> tuple:
-    return tuple(sorted(labels.items())) if labels else ()
-
-
 def _base(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:
-    key = ("eds", need.cluster_name, service_id(need.service), _labels_key(need.labels))
+    key = ("eds", *need.key)  # ("eds", cluster, service_id, labels key): carry_over reads the service id
     cla = push.cache.get(key)
     if cla is None:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_disabled)
+                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_check())
         push.cache[key] = cla
     return cla
 
@@ -66,7 +61,7 @@ def load_assignment(push: PushContext, need: EdsNeed, proxy=None) -> ClusterLoad
         return base
     prios = list(setting.get("failoverPriority") or ())
     labels = proxy_labels(proxy)
-    key = ("eds-loc", need.cluster_name, service_id(need.service), _labels_key(need.labels), proxy.locality,
+    key = ("eds-loc", *need.key, proxy.locality,
            tuple(labels.get(k) for k in prios))
     cla = push.cache.get(key)
     if cla is not None:
@@ -78,7 +73,7 @@ def load_assignment(push: PushContext, need: EdsNeed, proxy=None) -> ClusterLoad
         apply_distribute(cla, here, setting["distribute"])
     elif prios:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_disabled,
+                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_check(),
                                priority=lambda e: failover_priority(e, labels, prios))
         normalise_priorities(cla)
     else:

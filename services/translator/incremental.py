@@ -58,9 +58,14 @@ def _dr_fp(push: PushContext, dr: Config | None) -> tuple | None:
                                                        repr(dr.spec)))
 
 
+_NO_LB = (repr(None), repr([]))
+
+
 def _lb(policy) -> tuple:
     """The parts of a traffic policy routes read (consistent hash, whole and per port)."""
     policy = policy if isinstance(policy, dict) else {}
+    if policy.get("loadBalancer") is None and not policy.get("portLevelSettings"):
+        return _NO_LB  # what the reprs below give then (most policies)
     return (repr(policy.get("loadBalancer")),
             repr([(p.get("port"), p.get("loadBalancer")) for p in policy.get("portLevelSettings") or []
                   if isinstance(p, dict)]))

@@ -21,6 +21,9 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import any_pb2
+
+from mizzen.services.mesh.otlp_wire import ld
 
 from . import pb, protocol, routes, security, tls
 from .clusters import inbound_cluster_name, subset_key
@@ -108,15 +111,32 @@ def hcm_filter(h: HCM) -> lc.Filter:
 
 
 _TCP_PROXY_CACHE: dict[tuple, lc.Filter] = {}
+_TCP_PROXY_URL = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
+_TCP_STAT_PREFIX = pb.tag(tcp_proxy_pb2.TcpProxy, "stat_prefix")
+_TCP_CLUSTER = pb.tag(tcp_proxy_pb2.TcpProxy, "cluster")
+# TcpProxy.access_log serialised, per (path, encoding): written once, not packed again for every cluster.
+_TCP_ACCESS_LOGS: dict[tuple[str, str], bytes] = {}
+
+
+def _tcp_access_logs(access_log: tuple[str, str]) -> bytes:
+    wire = _TCP_ACCESS_LOGS.get(access_log)
+    if wire is None:
+        t = tcp_proxy_pb2.TcpProxy(access_log=pb.access_logs(*access_log))
+        wire = _TCP_ACCESS_LOGS[access_log] = t.SerializeToString(deterministic=True)
+    return wire
 
 
 def tcp_proxy_filter(view: ProxyView, cluster: str, stat_prefix: str | None = None) -> lc.Filter:
     key = (cluster, stat_prefix, view.access_log)
     f = _TCP_PROXY_CACHE.get(key)
     if f is None:
-        t = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or cluster, cluster=cluster)
-        t.access_log.extend(pb.access_logs(*view.access_log))
-        f = lc.Filter(name=pb.TCP_PROXY, typed_config=pb.pack(t))
+        # TcpProxy{stat_prefix, cluster, access_log} serialised from its parts in field-number order (1, 2, 5), as
+        # serialisation writes them: a distinct cluster per service, the access log's Struct encoded once.
+        # `cluster` is in a oneof, so written even when empty; an empty stat_prefix is not written.
+        prefix = (stat_prefix or cluster).encode()
+        value = (ld(_TCP_STAT_PREFIX, prefix) if prefix else b"") + ld(_TCP_CLUSTER, cluster.encode()) \
+            + _tcp_access_logs(view.access_log)
+        f = lc.Filter(name=pb.TCP_PROXY, typed_config=any_pb2.Any(type_url=_TCP_PROXY_URL, value=value))
         if len(_TCP_PROXY_CACHE) > 200_000:
             _TCP_PROXY_CACHE.clear()
         _TCP_PROXY_CACHE[key] = f
@@ -157,19 +177,22 @@ def _chain(filters: list[lc.Filter], *, sni: list[str] | None = None, cidrs: lis
            alpn: list[str] | None = None, metadata: base_pb2.Metadata | None = None, name: str = "",
            force_match: bool = False) -> lc.FilterChain:
     fc = lc.FilterChain(filters=filters, name=name)
-    m = fc.filter_chain_match
-    if sni and "*" not in sni:
-        m.server_names.extend(sorted(sni))
+    names = sorted(sni) if sni and "*" not in sni else None
+    ranges = []
     for c in sorted(cidrs or []):
         r = _cidr(c) if c else None
         if r is not None and r.address_prefix != UNSPECIFIED_IP:
-            m.prefix_ranges.append(r)
-    if alpn:
-        m.application_protocols.extend(alpn)
-    if force_match:
+            ranges.append(r)
+    # The match is present when forced or when it matches on something (most chains: neither, so untouched).
+    if names or ranges or alpn or force_match:
+        m = fc.filter_chain_match
+        if names:
+            m.server_names.extend(names)
+        if ranges:
+            m.prefix_ranges.extend(ranges)
+        if alpn:
+            m.application_protocols.extend(alpn)
         m.SetInParent()
-    elif m.ByteSize() == 0:
-        fc.ClearField("filter_chain_match")
     if metadata is not None:
         fc.metadata.CopyFrom(metadata)
     return fc

@@ -183,6 +183,11 @@ class ServiceInstance:
         return self.listen_port if self.listen_port is not None else self.endpoint_port
 
 
+def labels_key(labels: dict | None) -> tuple:
+    """A label selector as a hashable key (order-free)."""
+    return tuple(sorted(labels.items())) if labels else ()
+
+
 def service_id(service) -> tuple:
     """A service's identity that survives a new push context (so memoised results can be carried over to the
     next revision when only other services' endpoints changed); unique within a push."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mizzen.services.mesh import locality, meshconfig, settings
@@ -379,19 +379,21 @@ class PushContext:
         node = (pod.get("spec") or {}).get("nodeName")
         return locality.pod_locality(pod["metadata"].get("labels") or {}, self.node_labels.get(node) if node else None)
 
-    def _pod_fields(self, target_ref: dict | None, ns: str) -> dict:
-        """The Endpoint fields that come from the address's Pod (computed once per address, not per port)."""
+    def _pod_fields(self, target_ref: dict | None, ns: str) -> tuple:
+        """The Endpoint fields after (address, port, service_port_name), positionally (cheaper to pass than
+        keywords): what comes from the address's Pod, computed once per address, not per port."""
         pod = None
         if target_ref and target_ref.get("kind", "Pod") == "Pod" and target_ref.get("name"):
             pod = self.pods.get((target_ref.get("namespace") or ns, target_ref["name"]))
         if pod is None:
-            return {"labels": {}, "namespace": ns}
+            return ({}, "disabled", "", "", 0, "", "", ns)
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         spec = pod.get("spec") or {}
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-        return {"labels": labels, "tls_mode": labels.get(TLS_MODE_LABEL, "disabled"), "service_account": sa,
-                "workload": meta["name"], "namespace": meta.get("namespace") or ns, "locality": self.pod_locality(pod)}
+        # labels, tls_mode, service_account, locality, weight, network, workload, namespace
+        return (labels, labels.get(TLS_MODE_LABEL, "disabled"), sa, self.pod_locality(pod), 0, "", meta["name"],
+                meta.get("namespace") or ns)
 
     def _kube_endpoints(self, svc: Service, obj: dict) -> None:
         for subset in obj.get("subsets") or []:
@@ -410,7 +412,7 @@ class PushContext:
                 if addrs is None:
                     addrs = [(a.get("ip", ""), self._pod_fields(a.get("targetRef"), svc.namespace))
                              for a in subset.get("addresses") or []]
-                eps.extend(Endpoint(ip, target, sp.name, **fields) for ip, fields in addrs)
+                eps.extend([Endpoint(ip, target, sp.name, *fields) for ip, fields in addrs])
 
     def _slice_endpoints(self, svc: Service, slices: list[dict]) -> None:
         for s in slices:
@@ -428,7 +430,7 @@ class PushContext:
                     addrs = [(ip, self._pod_fields(e.get("targetRef"), svc.namespace))
                              for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready") is not False
                              for ip in e.get("addresses") or []]
-                eps.extend(Endpoint(ip, target, sp.name, **fields) for ip, fields in addrs)
+                eps.extend([Endpoint(ip, target, sp.name, *fields) for ip, fields in addrs])
 
     def _service_entry(self, obj: dict) -> list[Service]:
         meta = obj["metadata"]
@@ -498,12 +500,9 @@ class PushContext:
 
     def _service_accounts(self, svc: Service) -> None:
         td = self.mesh.trust_domain
-        accounts = set()
-        for eps in svc.endpoints.values():
-            for e in eps:
-                if e.service_account:
-                    sa = e.service_account
-                    accounts.add(sa if sa.startswith("spiffe://") else f"spiffe://{td}/ns/{e.namespace}/sa/{sa}")
+        # each (account, namespace) once: a service's endpoints (every port's) mostly share a few
+        pairs = {(e.service_account, e.namespace) for eps in svc.endpoints.values() for e in eps if e.service_account}
+        accounts = {sa if sa.startswith("spiffe://") else f"spiffe://{td}/ns/{ns}/sa/{sa}" for sa, ns in pairs}
         accounts.update(svc.subject_alt_names)
         svc.service_accounts = sorted(accounts)
 
@@ -814,11 +813,12 @@ class PushContext:
                     if p.protocol == protocol.UDP:
                         continue
                     out.append(ServiceInstance(svc, p, _pod_target_port(pod, p)))
-        by_ip = self._instances_by_ip().get(proxy.ip, ())
-        if not out:
-            out = [ServiceInstance(svc, p, port) for svc, p, port in by_ip if svc.registry == KUBERNETES]
-        out += [ServiceInstance(svc, p, port) for svc, p, port in by_ip
-                if svc.registry == EXTERNAL and not svc.mesh_external]
+        if not out or self._has_mesh_internal_entries():  # else the endpoint index adds nothing
+            by_ip = self._instances_by_ip().get(proxy.ip, ())
+            if not out:
+                out = [ServiceInstance(svc, p, port) for svc, p, port in by_ip if svc.registry == KUBERNETES]
+            out += [ServiceInstance(svc, p, port) for svc, p, port in by_ip
+                    if svc.registry == EXTERNAL and not svc.mesh_external]
         out.sort(key=lambda i: (i.service.created[0], i.service.hostname))
         self.cache[key] = out
         return out
@@ -884,6 +884,14 @@ class PushContext:
             out.append(ServiceInstance(service, listen, target, endpoint_address=address, listen_port=number,
                                        capture_mode=ing.get("captureMode") or "DEFAULT", bind=ing.get("bind") or ""))
         return out
+
+    def _has_mesh_internal_entries(self) -> bool:
+        """Whether a ServiceEntry service is MESH_INTERNAL (whose endpoints are instances of their workloads)."""
+        has = self.cache.get("mesh-internal-entries")
+        if has is None:
+            has = self.cache["mesh-internal-entries"] = any(
+                s.registry == EXTERNAL and not s.mesh_external for s in self.services)
+        return has
 
     def _instances_by_ip(self) -> dict[str, list[tuple[Service, Port, int]]]:
         """Endpoint IP → (service, port, endpoint port), first endpoint per service port; built once per push."""
@@ -964,9 +972,19 @@ class PushContext:
             return False
         return self.mtls_mode(endpoint.namespace, endpoint.labels or {}, endpoint.port) == "DISABLE"
 
+    def endpoint_mtls_check(self) -> Callable[[Endpoint], bool] | None:
+        """endpoint_mtls_disabled, or None when no PeerAuthentication anywhere says DISABLE (then it is false for
+        every endpoint, and assignment builders skip a call per endpoint)."""
+        return self.endpoint_mtls_disabled if self._disabling_namespaces() else None
+
     def _may_disable(self, namespace: str) -> bool:
         """Whether any PeerAuthentication that can apply in `namespace` says DISABLE (at any level); asked for
         every endpoint of every cluster, and almost always no."""
+        index = self._disabling_namespaces()
+        return namespace in index or self.mesh.root_namespace in index
+
+    def _disabling_namespaces(self) -> set[str]:
+        """The namespaces with a PeerAuthentication that says DISABLE (at any level)."""
         index = self.cache.get("pa-disable")
         if index is None:
             index = self.cache["pa-disable"] = {
@@ -974,7 +992,7 @@ class PushContext:
                 if any("DISABLE" in (str((pa.spec.get("mtls") or {}).get("mode")),
                                      *(str((v or {}).get("mode")) for v in (pa.spec.get("portLevelMtls") or {}).values()))
                        for pa in pas)}
-        return namespace in index or self.mesh.root_namespace in index
+        return index
 
     def service_mtls_mode(self, service: Service) -> str:
         """Best-effort mTLS mode of a destination service, for auto mTLS (Istio's BestEffortInferServiceMTLSMode)."""

@@ -77,14 +77,13 @@ def translate_match(m: dict | None) -> rc.RouteMatch:
         h.invert_match = True
         headers.append(h)
     headers.sort(key=lambda h: h.name)
-    uri = m.get("uri")
-    if uri:
-        if "exact" in uri:
-            out.path = uri["exact"]
-        elif "prefix" in uri:
-            out.prefix = uri["prefix"]
-        elif "regex" in uri:
-            out.safe_regex.CopyFrom(regex_matcher(uri["regex"]))
+    which, value = _path_specifier(m)
+    if which == "path":
+        out.path = value
+    elif which == "prefix":
+        out.prefix = value
+    else:
+        out.safe_regex.CopyFrom(regex_matcher(value))
     out.case_sensitive.value = not m.get("ignoreUriCase", False)
     for key, header in (("method", ":method"), ("authority", ":authority"), ("scheme", ":scheme")):
         if m.get(key):
@@ -98,6 +97,19 @@ def translate_match(m: dict | None) -> rc.RouteMatch:
         else:
             q.string_match.CopyFrom(smm)
     return out
+
+
+def _path_specifier(m: dict | None) -> tuple[str, str]:
+    """The RouteMatch path_specifier of a VirtualService match: (`path` | `prefix` | `safe_regex`, its text)."""
+    uri = m.get("uri") if m is not None else None
+    if uri:
+        if "exact" in uri:
+            return "path", uri["exact"]
+        if "prefix" in uri:
+            return "prefix", uri["prefix"]
+        if "regex" in uri:
+            return "safe_regex", uri["regex"]
+    return "prefix", "/"
 
 
 def is_catch_all_match(m: dict) -> bool:
@@ -115,20 +127,23 @@ _DEFAULT_RETRY.retry_host_predicate.add(name="envoy.retry_host_predicates.previo
                                         typed_config=_PREVIOUS_HOSTS)
 
 
-def default_retry_policy() -> rc.RetryPolicy:
-    """Istio ≤1.27 default: 2 retries on connect-failure, refused-stream, unavailable, cancelled, 503."""
-    p = rc.RetryPolicy()
-    p.CopyFrom(_DEFAULT_RETRY)
-    return p
-
-
 def retry_policy(retries: dict | None) -> rc.RetryPolicy | None:
+    """A route's retry policy; with no `retries`, Istio ≤1.27's default: 2 retries on connect-failure,
+    refused-stream, unavailable, cancelled, 503."""
+    out = rc.RetryPolicy()
+    return out if set_retry_policy(out, retries) else None
+
+
+def set_retry_policy(out: rc.RetryPolicy, retries: dict | None) -> bool:
+    """Writes a VirtualService `retries` block onto `out` (a route's own field: no policy built and copied in);
+    False, leaving `out` untouched, when it asks for no retries."""
     if retries is None:
-        return default_retry_policy()
+        out.CopyFrom(_DEFAULT_RETRY)
+        return True
     attempts = int(retries.get("attempts") or 0)
     if attempts <= 0:
-        return None
-    out = default_retry_policy()
+        return False
+    out.CopyFrom(_DEFAULT_RETRY)
     out.num_retries.value = attempts
     retry_on = retries.get("retryOn")
     if retry_on:
@@ -151,7 +166,7 @@ def retry_policy(retries: dict | None) -> rc.RetryPolicy | None:
     if remote is True or (isinstance(remote, dict) and remote.get("value")):
         out.retry_priority.name = "envoy.retry_priorities.previous_priorities"
         out.retry_priority.typed_config.CopyFrom(_PREVIOUS_PRIORITIES)
-    return out
+    return True
 
 
 def set_timeout(action: rc.RouteAction, timeout: float) -> None:
@@ -333,20 +348,14 @@ def destination_cluster(dest: dict, service: Service | None, listener_port: int)
     return subset_key("outbound", dest.get("subset") or "", dest.get("host", ""), port)
 
 
-def _operation(route: rc.Route, vs_name: str, port: int) -> str:
-    m = route.match
-    which = m.WhichOneof("path_specifier")
-    path = "/*"
-    if which == "prefix":
-        path = m.prefix + "*"
-    elif which == "path":
-        path = m.path
-    elif which == "safe_regex":
-        path = m.safe_regex.regex
-    if route.HasField("route") and route.route.WhichOneof("cluster_specifier") == "cluster":
-        parsed = parse_subset_key(route.route.cluster)
-        if parsed:
-            return f"{parsed[2]}:{parsed[3]}{path}"
+def _operation(m: dict | None, cluster: str | None, vs_name: str, port: int) -> str:
+    """A route's decorator: `<host>:<port><path>` of the route's one `cluster`, else `<vs>:<port><path>`; the
+    path from the match as translate_match writes it (known here: no read back from the route)."""
+    which, value = _path_specifier(m)
+    path = value + "*" if which == "prefix" else value
+    parsed = parse_subset_key(cluster) if cluster else None
+    if parsed:
+        return f"{parsed[2]}:{parsed[3]}{path}"
     return f"{vs_name}:{port}{path}"
 
 
@@ -374,6 +383,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
         name = f"{name}.{m['name']}"
     out.name = name
     _add_header_ops(out, rule.get("headers"))
+    cluster = None  # the route action's one cluster, if it has one
     redirect = rule.get("redirect")
     if redirect is not None:
         code = int(redirect.get("redirectCode") or 0)
@@ -404,9 +414,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
             out.direct_response.body.inline_bytes = base64.b64decode(body["bytes"])
     else:
         action = out.route
-        rp = retry_policy(rule.get("retries"))
-        if rp is not None:
-            action.retry_policy.CopyFrom(rp)
+        set_retry_policy(action.retry_policy, rule.get("retries"))
         set_timeout(action, duration(rule.get("timeout"), 0.0) or 0.0)
         rewrite = rule.get("rewrite")
         if rewrite:
@@ -437,6 +445,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
                 mp.runtime_fraction.default_value.CopyFrom(_fractional(pct))
             mp.trace_sampled.value = False
         weighted = []
+        first: tuple[str, dict | None] = ("", None)  # the first weighted destination's cluster and headers
         destinations = rule.get("route") or []
         for d in destinations:
             weight = int(d.get("weight") or 0)
@@ -446,26 +455,26 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
                 else:
                     continue
             dest = d.get("destination") or {}
-            cw = rc.WeightedCluster.ClusterWeight(
-                name=destination_cluster(dest, registry.get(dest.get("host", "")), port))
+            name = destination_cluster(dest, registry.get(dest.get("host", "")), port)
+            cw = rc.WeightedCluster.ClusterWeight(name=name)
             cw.weight.value = weight
             _add_header_ops(cw, d.get("headers"))
+            if not weighted:
+                first = (name, d.get("headers"))
             weighted.append(cw)
             hp = hash_policy(destination_hash(push, view, dest, port))
             if hp is not None:
                 action.hash_policy.append(hp)
         if len(weighted) == 1:
-            w = weighted[0]
-            action.cluster = w.name
-            _copy_header_ops(out, w.request_headers_to_add, w.request_headers_to_remove,
-                             w.response_headers_to_add, w.response_headers_to_remove)
+            cluster = action.cluster = first[0]
+            _add_header_ops(out, first[1])  # a lone destination's header ops go on the route
         elif weighted:
             action.weighted_clusters.clusters.extend(weighted)
         else:
             action.cluster = pb.BLACKHOLE_CLUSTER
         if rule.get("corsPolicy"):
             out.typed_per_filter_config[pb.HTTP_CORS].Pack(translate_cors(rule["corsPolicy"]), deterministic=True)
-    out.decorator.operation = _operation(out, vs.name, port)
+    out.decorator.operation = _operation(m, cluster, vs.name, port)
     if rule.get("fault"):
         f = translate_fault(rule["fault"])
         if f is not None:
@@ -672,15 +681,13 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
         unit_key = ("default-route", view.key, env, svc.hostname, svc.namespace, port)
         r = incremental.unit(push, unit_key, lambda svc=svc: _default_service_route(push, view, svc, port))
         wrappers.append(([], [svc], [r], unit_key))
-    vhosts: list[rc.VirtualHost] = []
+    named: list[tuple[str, rc.VirtualHost]] = []
     names: set[str] = set()
     used_domains: set[str] = set()
 
     def vhost(name: str, domains: list[str], routes: list[rc.Route], unit_key: tuple) -> rc.VirtualHost:
         def make() -> rc.VirtualHost:
-            vh = rc.VirtualHost(name=name, domains=domains, include_request_attempt_count=True)
-            vh.routes.extend(routes)
-            return vh
+            return rc.VirtualHost(name=name, domains=domains, routes=routes, include_request_attempt_count=True)
         return incremental.unit(push, ("vhost", unit_key, name, tuple(domains)), make)
 
     for hosts, services, routes, unit_key in wrappers:
@@ -691,7 +698,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in (h, name) if d not in used_domains]
             used_domains.update(domains)
-            vhosts.append(vhost(name, domains, routes, unit_key))
+            named.append((name, vhost(name, domains, routes, unit_key)))
         for svc in services:
             name = f"{svc.hostname}:{port}"
             if name in names:
@@ -699,8 +706,9 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in vhost_domains(svc, port, view.dns_domain) if d not in used_domains]
             used_domains.update(domains)
-            vhosts.append(vhost(name, domains, routes, unit_key))
-    vhosts.sort(key=lambda v: v.name)
+            named.append((name, vhost(name, domains, routes, unit_key)))
+    named.sort(key=lambda nv: nv[0])  # by name, known here (names are unique): no read back from the protos
+    vhosts = [v for _, v in named]
     push.cache[key] = vhosts
     return vhosts
 

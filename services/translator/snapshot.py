@@ -84,7 +84,7 @@ def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[
 
 
 def _needs_key(needs: list) -> frozenset:
-    return frozenset((n.cluster_name, service_id(n.service), endpoints._labels_key(n.labels)) for n in needs)
+    return frozenset(n.key for n in needs)
 
 
 def _endpoint_layer(push: PushContext, needs: list, where: tuple | None = None, proxy: Proxy | None = None,
