@@ -34,7 +34,7 @@ log = logging.getLogger("mizzen.xds_gateway.delta")
 
 DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DeltaSubscription:
     wildcard: bool
     names: frozenset[str]  # explicit subscriptions, interned (streams with the same names share one set)

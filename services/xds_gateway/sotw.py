@@ -32,7 +32,7 @@ log = logging.getLogger("mizzen.xds_gateway.sotw")
 DiscoveryRequest = discovery_pb2.DiscoveryRequest
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscription:
     wildcard: bool
     names: frozenset[str]

@@ -4,6 +4,7 @@ stream (requests and snapshot wake-ups handled one at a time, in order), and sta
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -63,7 +64,7 @@ def order_types(types) -> list[str]:
     return [t for t in PUSH_ORDER if t in types] + rest
 
 
-@dataclass
+@dataclass(slots=True)  # four per stream: slots keep 10,000 streams' worth small
 class TypeStatus:
     """What status reports per type (both protocols)."""
 
@@ -84,6 +85,31 @@ class TypeStatus:
                 "error_nonce": self.error_nonce, "sent_at": self.sent_at, "acked_at": self.acked_at}
 
 
+class _Inbox:
+    """A stream's requests and wake-ups, in order, for its one reader: asyncio.Queue without the parts one
+    reader needs none of (its four deques cost ~3 KiB per stream, 30 MiB for 10,000 streams)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class Stream:
     api = "sotw"
 
@@ -98,7 +124,7 @@ class Stream:
         self.view: ProxyView | None = None
         self.view_seen_at = 0.0
         self.status: dict[str, TypeStatus] = {}
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._inbox = _Inbox()
         self._wake_pending = False
         self._next_view: ProxyView | None = None
         self._closed = False
