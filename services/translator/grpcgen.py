@@ -85,9 +85,9 @@ def route_config(push: PushContext, view, fqdn: str, port: int, name: str) -> ro
     default route to the service's cluster when the port has none (e.g. a TCP port)."""
     vhosts = [v for v in routes.outbound_virtual_hosts(push, view, port) if f"{fqdn}:{port}" in v.domains]
     rc = route_pb2.RouteConfiguration(name=name)
-    if vhosts:
-        rc.virtual_hosts.extend(vhosts)
-    else:
+    for v in vhosts:
+        routes.add_virtual_host(rc, v)
+    if not vhosts:
         vh = rc.virtual_hosts.add(name=f"{fqdn}:{port}", domains=[fqdn, f"{fqdn}:{port}"])
         vh.routes.append(routes.default_route(subset_key("outbound", "", fqdn, port), f"{fqdn}:{port}/*"))
     return rc

@@ -7,6 +7,8 @@ domain lists (every host form with and without `:port`). Inbound and gateway rou
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
@@ -630,7 +632,21 @@ def _default_service_route(push: PushContext, view: ProxyView, svc: Service, por
     return r
 
 
-def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> list[rc.VirtualHost]:
+class VirtualHostSpec(NamedTuple):
+    """An outbound virtual host's parts: route configurations add the message in place (`add_virtual_host`), so
+    its routes are copied once, not into a VirtualHost and then that into the configuration."""
+
+    name: str
+    domains: list[str]
+    routes: list[rc.Route]
+
+
+def add_virtual_host(rcfg: RouteConfiguration, spec: VirtualHostSpec) -> None:
+    rcfg.virtual_hosts.add(name=spec.name, domains=spec.domains, routes=spec.routes,
+                           include_request_attempt_count=True)
+
+
+def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> list[VirtualHostSpec]:
     """All virtual hosts of listener port `port` (Istio's buildSidecarOutboundVirtualHosts), memoised."""
     key = ("vhosts", view.key, port)
     hit = push.cache.get(key)
@@ -645,7 +661,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
     for svc in listener.services:
         if svc.port_by_number(port) is not None and svc.hostname not in registry:
             registry[svc.hostname] = svc
-    wrappers = []  # (vs hosts not in registry, services, routes, the routes' memo key)
+    wrappers = []  # (vs hosts not in registry, services, routes)
     gateways = {MESH_GATEWAY}
     covered: set[str] = set()
     for vs in listener.virtual_services:
@@ -670,7 +686,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
                                   lambda vs=vs: routes_for_virtual_service(push, view, vs, registry, port, gateways))
         if not routes:
             continue
-        wrappers.append((hosts, services, routes, unit_key))
+        wrappers.append((hosts, services, routes))
         covered.update(s.hostname for s in services)
     for name, svc in registry.items():
         if name in covered or svc.resolution == "Alias":
@@ -680,17 +696,11 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             continue
         unit_key = ("default-route", view.key, env, svc.hostname, svc.namespace, port)
         r = incremental.unit(push, unit_key, lambda svc=svc: _default_service_route(push, view, svc, port))
-        wrappers.append(([], [svc], [r], unit_key))
-    named: list[tuple[str, rc.VirtualHost]] = []
+        wrappers.append(([], [svc], [r]))
+    vhosts: list[VirtualHostSpec] = []
     names: set[str] = set()
     used_domains: set[str] = set()
-
-    def vhost(name: str, domains: list[str], routes: list[rc.Route], unit_key: tuple) -> rc.VirtualHost:
-        def make() -> rc.VirtualHost:
-            return rc.VirtualHost(name=name, domains=domains, routes=routes, include_request_attempt_count=True)
-        return incremental.unit(push, ("vhost", unit_key, name, tuple(domains)), make)
-
-    for hosts, services, routes, unit_key in wrappers:
+    for hosts, services, routes in wrappers:
         for h in hosts:
             name = f"{h}:{port}"
             if name in names:
@@ -698,7 +708,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in (h, name) if d not in used_domains]
             used_domains.update(domains)
-            named.append((name, vhost(name, domains, routes, unit_key)))
+            vhosts.append(VirtualHostSpec(name, domains, routes))
         for svc in services:
             name = f"{svc.hostname}:{port}"
             if name in names:
@@ -706,9 +716,8 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in vhost_domains(svc, port, view.dns_domain) if d not in used_domains]
             used_domains.update(domains)
-            named.append((name, vhost(name, domains, routes, unit_key)))
-    named.sort(key=lambda nv: nv[0])  # by name, known here (names are unique): no read back from the protos
-    vhosts = [v for _, v in named]
+            vhosts.append(VirtualHostSpec(name, domains, routes))
+    vhosts.sort(key=lambda v: v.name)  # names are unique
     push.cache[key] = vhosts
     return vhosts
 
@@ -727,7 +736,8 @@ def sidecar_route_config(push: PushContext, view: ProxyView, route_name: str) ->
         vhosts = picked or vhosts
     rcfg = RouteConfiguration(name=route_name)
     rcfg.validate_clusters.value = False
-    rcfg.virtual_hosts.extend(vhosts)
+    for v in vhosts:
+        add_virtual_host(rcfg, v)
     if not sniffed:
         rcfg.virtual_hosts.append(_catch_all_vhost(view))
     return rcfg
