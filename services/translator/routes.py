@@ -216,6 +216,24 @@ def _copy_header_ops(msg, req_add, req_rm, resp_add, resp_rm) -> None:
             field.extend(values)
 
 
+_ACTION_BASES: dict[tuple[str, str], rc.RouteAction] = {}
+
+
+def _action_base(retries: dict | None, timeout) -> rc.RouteAction:
+    """A VirtualService route's action with its retry policy and timeouts written, built once per distinct
+    `retries` and `timeout` (repr keeps dict order: equal text, equal content): one copy instead of the fields."""
+    key = (repr(retries), repr(timeout))
+    base = _ACTION_BASES.get(key)
+    if base is None:
+        base = rc.RouteAction()
+        set_retry_policy(base.retry_policy, retries)
+        set_timeout(base, duration(timeout, 0.0) or 0.0)
+        if len(_ACTION_BASES) > 10_000:
+            _ACTION_BASES.clear()
+        _ACTION_BASES[key] = base
+    return base
+
+
 def _fractional(pct: float) -> percent_pb2.FractionalPercent:
     return percent_pb2.FractionalPercent(numerator=int(round(pct * 10000)),
                                          denominator=percent_pb2.FractionalPercent.MILLION)
@@ -416,8 +434,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
             out.direct_response.body.inline_bytes = base64.b64decode(body["bytes"])
     else:
         action = out.route
-        set_retry_policy(action.retry_policy, rule.get("retries"))
-        set_timeout(action, duration(rule.get("timeout"), 0.0) or 0.0)
+        action.CopyFrom(_action_base(rule.get("retries"), rule.get("timeout")))
         rewrite = rule.get("rewrite")
         if rewrite:
             if rewrite.get("uri"):
@@ -446,7 +463,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
             else:
                 mp.runtime_fraction.default_value.CopyFrom(_fractional(pct))
             mp.trace_sampled.value = False
-        weighted = []
+        weighted = 0
         first: tuple[str, dict | None] = ("", None)  # the first weighted destination's cluster and headers
         destinations = rule.get("route") or []
         for d in destinations:
@@ -458,21 +475,19 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
                     continue
             dest = d.get("destination") or {}
             name = destination_cluster(dest, registry.get(dest.get("host", "")), port)
-            cw = rc.WeightedCluster.ClusterWeight(name=name)
-            cw.weight.value = weight
+            # added in place (no message built and copied in); a lone one is replaced by `cluster` below
+            cw = action.weighted_clusters.clusters.add(name=name, weight={"value": weight})
             _add_header_ops(cw, d.get("headers"))
             if not weighted:
                 first = (name, d.get("headers"))
-            weighted.append(cw)
+            weighted += 1
             hp = hash_policy(destination_hash(push, view, dest, port))
             if hp is not None:
                 action.hash_policy.append(hp)
-        if len(weighted) == 1:
-            cluster = action.cluster = first[0]
+        if weighted == 1:
+            cluster = action.cluster = first[0]  # the oneof: clears weighted_clusters
             _add_header_ops(out, first[1])  # a lone destination's header ops go on the route
-        elif weighted:
-            action.weighted_clusters.clusters.extend(weighted)
-        else:
+        elif not weighted:
             action.cluster = pb.BLACKHOLE_CLUSTER
         if rule.get("corsPolicy"):
             out.typed_per_filter_config[pb.HTTP_CORS].Pack(translate_cors(rule["corsPolicy"]), deterministic=True)
