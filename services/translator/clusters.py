@@ -332,9 +332,13 @@ class _MutualTls:
     sans: list[str] | None  # the DR's own SANs; None for the service's accounts
     h2: bool
 
+    def socket(self, c: Cluster) -> pb.base_pb2.TransportSocket:
+        return c.transport_socket_matches[0].transport_socket if self.on_match else c.transport_socket
+
     def apply(self, c: Cluster, cluster_sni: str, service_sans: list[str]) -> None:
-        ts = c.transport_socket_matches[0].transport_socket if self.on_match else c.transport_socket
-        tls.set_istio_mutual_socket(ts, self.sni or cluster_sni, self.sans or service_sans, self.h2)
+        """On a copy of the skeleton, whose socket has the shared parts (tls.preset_istio_mutual_socket)."""
+        self.socket(c).typed_config.value = tls.istio_mutual_socket_value(self.sni or cluster_sni,
+                                                                         self.sans or service_sans, self.h2)
 
 
 def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None, *, auto_ok: bool,
@@ -464,6 +468,8 @@ def _skeleton(push: PushContext, service: Service, port: Port, policy: dict, sub
     mutual = None
     if not sni_dnat:
         mutual = _apply_tls(push, c, http, policy.get("tls"), auto_ok=auto_ok, is_sidecar=is_sidecar)
+        if mutual is not None:
+            tls.preset_istio_mutual_socket(mutual.socket(c))
     ctype = c.type  # a PASSTHROUGH load balancer makes it ORIGINAL_DST
     if ctype == Cluster.EDS:
         c.eds_cluster_config.eds_config.CopyFrom(_ADS)
