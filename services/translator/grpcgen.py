@@ -119,7 +119,7 @@ def layers(push: PushContext, proxy: Proxy) -> list[dict]:
         return hit
     envoy_clusters, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=True)
     eds_names = {n.cluster_name for n in needs}
-    cds = {c.name: eds_cluster(c.name) for c in envoy_clusters if c.name in eds_names}
+    cds = {name: eds_cluster(name) for name in envoy_clusters if name in eds_names}
     lds: dict[str, object] = {}
     rds: dict[str, object] = {}
     for svc in view.scope.services:
