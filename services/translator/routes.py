@@ -7,6 +7,7 @@ domain lists (every host form with and without `:port`). Inbound and gateway rou
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from envoy.config.core.v3 import base_pb2
@@ -574,30 +575,37 @@ _DEFAULT_ROUTES = {retry: _default_route_base(retry) for retry in (False, True)}
 
 
 # ---------------------------------------------------------------------------------------------- domains
-def _unique_and_shared(fqdn: str, proxy_domain: str) -> tuple[str, str]:
-    a = fqdn.split(".")[::-1]
-    b = proxy_domain.split(".")[::-1]
-    shared = []
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        shared.append(x)
-    if not shared:
-        return fqdn, ""
-    return ".".join(a[len(shared):][::-1]), ".".join(shared[::-1])
+@lru_cache(maxsize=1024)
+def _domain_suffixes(proxy_domain: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """For each suffix of the proxy's domain, longest first (the last k labels): the suffix, it with a leading
+    dot, and its shorter forms at its inner dots, longest first (the alt-host variants)."""
+    labels = proxy_domain.split(".")
+    out = []
+    for k in range(len(labels), 0, -1):
+        shared = ".".join(labels[-k:])
+        inner = tuple(shared[:i] for i in range(len(shared) - 1, 0, -1) if shared[i] == ".")
+        out.append((shared, "." + shared, inner))
+    return tuple(out)
 
 
 def alt_hosts(hostname: str, port: int, proxy_domain: str) -> list[str]:
-    """1.7 generateAltVirtualHosts: the unique part, then unique + each shorter shared suffix, with :port."""
-    uniq, shared = _unique_and_shared(hostname, proxy_domain)
-    if not shared:
-        return []
-    out = [uniq, f"{uniq}:{port}"]
-    for i in range(len(shared) - 1, 0, -1):
-        if shared[i] == ".":
-            variant = f"{uniq}.{shared[:i]}"
+    """1.7 generateAltVirtualHosts: the unique part, then unique + each shorter shared suffix, with :port. The
+    shared part is the longest run of trailing labels the hostname has in common with the proxy's domain."""
+    for shared, dotted, inner in _domain_suffixes(proxy_domain):
+        if hostname.endswith(dotted):
+            uniq = hostname[:-len(dotted)]
+        elif hostname == shared:
+            uniq = ""
+        else:
+            continue
+        if not shared:
+            return []
+        out = [uniq, f"{uniq}:{port}"]
+        for prefix in inner:
+            variant = f"{uniq}.{prefix}"
             out += [variant, f"{variant}:{port}"]
-    return out
+        return out
+    return []
 
 
 def vhost_domains(service: Service, port: int, proxy_domain: str) -> list[str]:
