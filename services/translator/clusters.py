@@ -332,9 +332,13 @@ class _MutualTls:
     sans: list[str] | None  # the DR's own SANs; None for the service's accounts
     h2: bool
 
+    def socket(self, c: Cluster) -> pb.base_pb2.TransportSocket:
+        return c.transport_socket_matches[0].transport_socket if self.on_match else c.transport_socket
+
     def apply(self, c: Cluster, cluster_sni: str, service_sans: list[str]) -> None:
-        ts = c.transport_socket_matches[0].transport_socket if self.on_match else c.transport_socket
-        tls.set_istio_mutual_socket(ts, self.sni or cluster_sni, self.sans or service_sans, self.h2)
+        """On a copy of the skeleton, whose socket has the shared parts (tls.preset_istio_mutual_socket)."""
+        self.socket(c).typed_config.value = tls.istio_mutual_socket_value(self.sni or cluster_sni,
+                                                                         self.sans or service_sans, self.h2)
 
 
 def _apply_tls(push: PushContext, c: Cluster, http: _Http, tls_cfg: dict | None, *, auto_ok: bool,
@@ -464,6 +468,8 @@ def _skeleton(push: PushContext, service: Service, port: Port, policy: dict, sub
     mutual = None
     if not sni_dnat:
         mutual = _apply_tls(push, c, http, policy.get("tls"), auto_ok=auto_ok, is_sidecar=is_sidecar)
+        if mutual is not None:
+            tls.preset_istio_mutual_socket(mutual.socket(c))
     ctype = c.type  # a PASSTHROUGH load balancer makes it ORIGINAL_DST
     if ctype == Cluster.EDS:
         c.eds_cluster_config.eds_config.CopyFrom(_ADS)
@@ -487,9 +493,10 @@ def _cluster_skeleton(push: PushContext, service: Service, port: Port, dr: Confi
 
 
 def _service_clusters(push: PushContext, service: Service, port: Port, dr: Config | None, is_sidecar: bool,
-                      sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
+                      sni_dnat: bool = False) -> tuple[dict[str, Cluster], list[EdsNeed]]:
+    """The clusters by name (the first of a repeated subset name), and their EDS needs."""
     ctype = discovery_type(service, is_sidecar)
-    clusters: list[Cluster] = []
+    clusters: dict[str, Cluster] = {}
     needs: list[EdsNeed] = []
     auto_ok = (push.mesh.enable_auto_mtls and not service.mesh_external and not sni_dnat
                and push.service_mtls_mode(service) not in ("DISABLE", "UNKNOWN"))
@@ -520,7 +527,7 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
     default = _cluster_skeleton(push, service, port, dr, None, ctype, is_sidecar, sni_dnat, auto_ok, name)
     if default is None:
         return clusters, needs
-    clusters.append(named(default, name, None))
+    clusters[name] = named(default, name, None)
     for subset in (dr.spec.get("subsets") or []) if dr is not None else ():
         sub_name = cluster_name(subset.get("name") or "")
         sk: _Skeleton | None = default
@@ -528,19 +535,19 @@ def _service_clusters(push: PushContext, service: Service, port: Port, dr: Confi
             sk = _cluster_skeleton(push, service, port, dr, subset, default.type, is_sidecar, sni_dnat,
                                    auto_ok, sub_name)
         if sk is not None:
-            clusters.append(named(sk, sub_name, subset))
+            clusters.setdefault(sub_name, named(sk, sub_name, subset))
     return clusters, needs
 
 
 def service_port_clusters(push: PushContext, service: Service, port: Port, dr: Config | None,
-                          is_sidecar: bool, sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
+                          is_sidecar: bool, sni_dnat: bool = False) -> tuple[dict[str, Cluster], list[EdsNeed]]:
     """Memoised: the clusters of one service port under one DR (shared by every scope that sees them)."""
     # Keyed by content (a Sidecar-trimmed copy of a service keeps its identity but not all its ports), so a
     # routing build can take the clusters of services whose rule did not change from the previous push.
     key = ("cds", service_id(service), tuple((p.name, p.port, p.protocol) for p in service.ports), port.port,
            incremental.dr_key(push, dr), is_sidecar, sni_dnat)
 
-    def make() -> tuple[list[Cluster], list[EdsNeed]]:
+    def make() -> tuple[dict[str, Cluster], list[EdsNeed]]:
         try:
             return _service_clusters(push, service, port, dr, is_sidecar, sni_dnat)
         except MALFORMED as e:
@@ -575,18 +582,16 @@ def inbound_passthrough_cluster(push: PushContext) -> Cluster:
 
 
 def outbound_clusters(push: PushContext, scope: SidecarScope, is_sidecar: bool,
-                      gateway_sni_dnat: bool = False) -> tuple[list[Cluster], list[EdsNeed]]:
-    """Every outbound cluster of a scope (then BlackHole, and Passthrough for sidecars), duplicates dropped."""
-    out: list[Cluster] = []
+                      gateway_sni_dnat: bool = False) -> tuple[dict[str, Cluster], list[EdsNeed]]:
+    """Every outbound cluster of a scope by name (then BlackHole, and Passthrough for sidecars), the first of
+    a repeated name kept; names come from the builders, not read back from the protos."""
+    out: dict[str, Cluster] = {}
     needs: list[EdsNeed] = []
-    seen: set[str] = set()
 
-    def add(cs: list[Cluster], ns: list[EdsNeed]) -> None:
-        for c in cs:
-            if c.name not in seen:
-                seen.add(c.name)
-                out.append(c)
-        needs.extend(n for n in ns if n.cluster_name in seen)
+    def add(cs: dict[str, Cluster], ns: list[EdsNeed]) -> None:
+        for name, c in cs.items():
+            out.setdefault(name, c)
+        needs.extend(n for n in ns if n.cluster_name in out)
 
     for svc in scope.services:
         if svc.resolution == ALIAS:
@@ -604,9 +609,9 @@ def outbound_clusters(push: PushContext, scope: SidecarScope, is_sidecar: bool,
             for port in svc.ports:
                 if port.protocol != protocol.UDP:
                     add(*service_port_clusters(push, svc, port, dr, is_sidecar, sni_dnat=True))
-    out.append(blackhole_cluster(push))
+    out.setdefault(pb.BLACKHOLE_CLUSTER, blackhole_cluster(push))
     if is_sidecar:
-        out.append(passthrough_cluster(push))
+        out.setdefault(pb.PASSTHROUGH_CLUSTER, passthrough_cluster(push))
     return out, needs
 
 

@@ -9,6 +9,8 @@ So each assignment is built once per push and cluster, and once more per distinc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 
@@ -19,14 +21,15 @@ from .clusters import EdsNeed
 from .push_context import PushContext
 
 ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
+MtlsCheck = Callable[[Any], bool] | None
 
 
-def _base(push: PushContext, need: EdsNeed) -> ClusterLoadAssignment:
+def _base(push: PushContext, need: EdsNeed, mtls_disabled: MtlsCheck) -> ClusterLoadAssignment:
     key = ("eds", *need.key)  # ("eds", cluster, service_id, labels key): carry_over reads the service id
     cla = push.cache.get(key)
     if cla is None:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_check())
+                               tls_metadata=True, mtls_disabled=mtls_disabled)
         push.cache[key] = cla
     return cla
 
@@ -52,10 +55,11 @@ def locality_signature(keys: tuple[str, ...], proxy) -> tuple | None:
     return (proxy.locality, tuple(labels.get(k) for k in keys))
 
 
-def load_assignment(push: PushContext, need: EdsNeed, proxy=None) -> ClusterLoadAssignment:
+def load_assignment(push: PushContext, need: EdsNeed, proxy, mtls_disabled: MtlsCheck) -> ClusterLoadAssignment:
     """Memoised per (cluster, service, subset labels[, proxy locality]): endpoints of the port whose labels ⊇
-    the subset's, with locality priorities/weights for `proxy` when the cluster's locality setting applies."""
-    base = _base(push, need)
+    the subset's, with locality priorities/weights for `proxy` when the cluster's locality setting applies.
+    `mtls_disabled` is push.endpoint_mtls_check(), asked once for all of a proxy's assignments."""
+    base = _base(push, need, mtls_disabled)
     setting = need.locality_lb
     if setting is None or proxy is None or not proxy.locality:
         return base
@@ -73,7 +77,7 @@ def load_assignment(push: PushContext, need: EdsNeed, proxy=None) -> ClusterLoad
         apply_distribute(cla, here, setting["distribute"])
     elif prios:
         cla = build_assignment(need.cluster_name, need.service.endpoints.get(need.port, ()), need.labels,
-                               tls_metadata=True, mtls_disabled=push.endpoint_mtls_check(),
+                               tls_metadata=True, mtls_disabled=mtls_disabled,
                                priority=lambda e: failover_priority(e, labels, prios))
         normalise_priorities(cla)
     else:
@@ -85,7 +89,8 @@ def load_assignment(push: PushContext, need: EdsNeed, proxy=None) -> ClusterLoad
 
 
 def load_assignments(push: PushContext, needs: list[EdsNeed], proxy=None) -> dict[str, ClusterLoadAssignment]:
-    return {n.cluster_name: load_assignment(push, n, proxy) for n in needs}
+    mtls_disabled = push.endpoint_mtls_check()
+    return {n.cluster_name: load_assignment(push, n, proxy, mtls_disabled) for n in needs}
 
 
 # ---------------------------------------------------------------------------------------------- istiod's rules

@@ -85,9 +85,9 @@ def route_config(push: PushContext, view, fqdn: str, port: int, name: str) -> ro
     default route to the service's cluster when the port has none (e.g. a TCP port)."""
     vhosts = [v for v in routes.outbound_virtual_hosts(push, view, port) if f"{fqdn}:{port}" in v.domains]
     rc = route_pb2.RouteConfiguration(name=name)
-    if vhosts:
-        rc.virtual_hosts.extend(vhosts)
-    else:
+    for v in vhosts:
+        routes.add_virtual_host(rc, v)
+    if not vhosts:
         vh = rc.virtual_hosts.add(name=f"{fqdn}:{port}", domains=[fqdn, f"{fqdn}:{port}"])
         vh.routes.append(routes.default_route(subset_key("outbound", "", fqdn, port), f"{fqdn}:{port}/*"))
     return rc
@@ -119,7 +119,7 @@ def layers(push: PushContext, proxy: Proxy) -> list[dict]:
         return hit
     envoy_clusters, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=True)
     eds_names = {n.cluster_name for n in needs}
-    cds = {c.name: eds_cluster(c.name) for c in envoy_clusters if c.name in eds_names}
+    cds = {name: eds_cluster(name) for name in envoy_clusters if name in eds_names}
     lds: dict[str, object] = {}
     rds: dict[str, object] = {}
     for svc in view.scope.services:

@@ -27,7 +27,7 @@ from .push_context import ProxyView, PushContext
 ROUTING_KINDS = frozenset({"VirtualService", "DestinationRule"})
 # Memo entries whose keys name everything they depend on (content, never ids): valid in any push context with
 # the same services and endpoints, so a routing build may take them from the previous one (see `unit`).
-UNIT_TAGS = frozenset({"cds", "vs-routes", "default-route", "vhost"})
+UNIT_TAGS = frozenset({"cds", "vs-routes", "default-route"})
 PREVIOUS_UNITS = "previous-units"
 
 

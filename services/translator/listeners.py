@@ -519,8 +519,8 @@ class _OutboundBuilder:
             fc.filter_chain_match.SetInParent()
             chains.append(fc)
         needs_tls = e.http_inspector or any(fc.filter_chain_match.server_names for fc in chains)
-        lst = Listener(name=f"{e.bind}_{e.port}", address=pb.socket_address(e.bind, e.port),
-                     traffic_direction=base_pb2.OUTBOUND)
+        lst = Listener(name=f"{e.bind}_{e.port}", traffic_direction=base_pb2.OUTBOUND)
+        pb.set_socket_address(lst.address, e.bind, e.port)
         if not e.bind_to_port:
             lst.bind_to_port.value = False  # reached through virtualOutbound's original-destination hand-off
         if needs_tls:
@@ -572,8 +572,8 @@ def outbound_listeners(push: PushContext, view: ProxyView) -> tuple[list[Listene
 
 def virtual_outbound_listener(push: PushContext, view: ProxyView) -> Listener:
     port = push.mesh.proxy_listen_port
-    lst = Listener(name=VIRTUAL_OUTBOUND, address=pb.socket_address(WILDCARD, port),
-                 traffic_direction=base_pb2.OUTBOUND)
+    lst = Listener(name=VIRTUAL_OUTBOUND, traffic_direction=base_pb2.OUTBOUND)
+    pb.set_socket_address(lst.address, WILDCARD, port)
     lst.use_original_dst.value = True
     # A connection addressed to 15001 itself would loop forever: black-hole it.
     bh = lst.filter_chains.add(name=VIRTUAL_OUTBOUND_BLACKHOLE)
@@ -700,8 +700,8 @@ def _passthrough_chains(push: PushContext, view: ProxyView, mode: str, port: int
 
 def virtual_inbound_listener(push: PushContext, view: ProxyView, proxy, instances: list[ServiceInstance]) -> Listener:
     port = push.mesh.proxy_inbound_listen_port
-    lst = Listener(name=VIRTUAL_INBOUND, address=pb.socket_address(WILDCARD, port),
-                 traffic_direction=base_pb2.INBOUND)
+    lst = Listener(name=VIRTUAL_INBOUND, traffic_direction=base_pb2.INBOUND)
+    pb.set_socket_address(lst.address, WILDCARD, port)
     lst.use_original_dst.value = True
     workload_mode = push.mtls_mode(proxy.namespace, proxy.labels)
     chains = _passthrough_chains(push, view, workload_mode, None, proxy)
@@ -738,8 +738,8 @@ def bound_inbound_listeners(push: PushContext, view: ProxyView, proxy,
             continue
         bind = inst.bind or proxy.ip
         mode = push.mtls_mode(proxy.namespace, proxy.labels, inst.inbound_port)
-        lst = Listener(name=f"{bind}_{inst.inbound_port}", address=pb.socket_address(bind, inst.inbound_port),
-                       traffic_direction=base_pb2.INBOUND)
+        lst = Listener(name=f"{bind}_{inst.inbound_port}", traffic_direction=base_pb2.INBOUND)
+        pb.set_socket_address(lst.address, bind, inst.inbound_port)
         for fc in inbound_chains(push, view, proxy, inst, mode):
             fc.name = lst.name
             fc.filter_chain_match.ClearField("destination_port")
@@ -794,8 +794,8 @@ def gateway_listeners(push: PushContext, view: ProxyView, instances: list[Servic
         if listen in RESERVED_PORTS:
             continue
         address = bind or WILDCARD
-        lst = Listener(name=f"{address}_{listen}", address=pb.socket_address(address, listen),
-                       traffic_direction=base_pb2.OUTBOUND)
+        lst = Listener(name=f"{address}_{listen}", traffic_direction=base_pb2.OUTBOUND)
+        pb.set_socket_address(lst.address, address, listen)
         chains: list[lc.FilterChain] = []
         keys: set[bytes] = set()
         plain_http: list[tuple[Config, dict]] = []

@@ -6,6 +6,7 @@ Plain data classes with no Envoy types; `push_context.py` fills them from stored
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..mesh.addresses import is_ip
 from . import protocol
@@ -153,7 +154,7 @@ class Config:
     export_to: frozenset[str] | None = None
     annotations: dict = field(default_factory=dict)  # read by kinds that honour some (istio.io/dry-run)
 
-    @property
+    @cached_property  # read for every route and cluster a config makes
     def meta_path(self) -> str:
         """The `istio.config` metadata path istioctl turns into `name.namespace`."""
         kebab = {"VirtualService": "virtual-service", "DestinationRule": "destination-rule", "Gateway": "gateway",

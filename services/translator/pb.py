@@ -66,8 +66,11 @@ def u32(v: int) -> wrappers_pb2.UInt32Value:
     return wrappers_pb2.UInt32Value(value=int(v))
 
 
-def socket_address(address: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=address, port_value=int(port)))
+def set_socket_address(field: address_pb2.Address, address: str, port: int) -> None:
+    """Writes the address in place (cheaper than building an Address and copying it in)."""
+    sa = field.socket_address
+    sa.address = address
+    sa.port_value = int(port)
 
 
 def ads_config_source() -> config_source_pb2.ConfigSource:

@@ -7,6 +7,9 @@ domain lists (every host form with and without `:port`). Inbound and gateway rou
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import NamedTuple
+
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
@@ -214,6 +217,24 @@ def _copy_header_ops(msg, req_add, req_rm, resp_add, resp_rm) -> None:
             field.extend(values)
 
 
+_ACTION_BASES: dict[tuple[str, str], rc.RouteAction] = {}
+
+
+def _action_base(retries: dict | None, timeout) -> rc.RouteAction:
+    """A VirtualService route's action with its retry policy and timeouts written, built once per distinct
+    `retries` and `timeout` (repr keeps dict order: equal text, equal content): one copy instead of the fields."""
+    key = (repr(retries), repr(timeout))
+    base = _ACTION_BASES.get(key)
+    if base is None:
+        base = rc.RouteAction()
+        set_retry_policy(base.retry_policy, retries)
+        set_timeout(base, duration(timeout, 0.0) or 0.0)
+        if len(_ACTION_BASES) > 10_000:
+            _ACTION_BASES.clear()
+        _ACTION_BASES[key] = base
+    return base
+
+
 def _fractional(pct: float) -> percent_pb2.FractionalPercent:
     return percent_pb2.FractionalPercent(numerator=int(round(pct * 10000)),
                                          denominator=percent_pb2.FractionalPercent.MILLION)
@@ -414,8 +435,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
             out.direct_response.body.inline_bytes = base64.b64decode(body["bytes"])
     else:
         action = out.route
-        set_retry_policy(action.retry_policy, rule.get("retries"))
-        set_timeout(action, duration(rule.get("timeout"), 0.0) or 0.0)
+        action.CopyFrom(_action_base(rule.get("retries"), rule.get("timeout")))
         rewrite = rule.get("rewrite")
         if rewrite:
             if rewrite.get("uri"):
@@ -444,7 +464,7 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
             else:
                 mp.runtime_fraction.default_value.CopyFrom(_fractional(pct))
             mp.trace_sampled.value = False
-        weighted = []
+        weighted = 0
         first: tuple[str, dict | None] = ("", None)  # the first weighted destination's cluster and headers
         destinations = rule.get("route") or []
         for d in destinations:
@@ -456,21 +476,19 @@ def translate_route(push: PushContext, view: ProxyView, vs: Config, rule: dict, 
                     continue
             dest = d.get("destination") or {}
             name = destination_cluster(dest, registry.get(dest.get("host", "")), port)
-            cw = rc.WeightedCluster.ClusterWeight(name=name)
-            cw.weight.value = weight
+            # added in place (no message built and copied in); a lone one is replaced by `cluster` below
+            cw = action.weighted_clusters.clusters.add(name=name, weight={"value": weight})
             _add_header_ops(cw, d.get("headers"))
             if not weighted:
                 first = (name, d.get("headers"))
-            weighted.append(cw)
+            weighted += 1
             hp = hash_policy(destination_hash(push, view, dest, port))
             if hp is not None:
                 action.hash_policy.append(hp)
-        if len(weighted) == 1:
-            cluster = action.cluster = first[0]
+        if weighted == 1:
+            cluster = action.cluster = first[0]  # the oneof: clears weighted_clusters
             _add_header_ops(out, first[1])  # a lone destination's header ops go on the route
-        elif weighted:
-            action.weighted_clusters.clusters.extend(weighted)
-        else:
+        elif not weighted:
             action.cluster = pb.BLACKHOLE_CLUSTER
         if rule.get("corsPolicy"):
             out.typed_per_filter_config[pb.HTTP_CORS].Pack(translate_cors(rule["corsPolicy"]), deterministic=True)
@@ -557,30 +575,37 @@ _DEFAULT_ROUTES = {retry: _default_route_base(retry) for retry in (False, True)}
 
 
 # ---------------------------------------------------------------------------------------------- domains
-def _unique_and_shared(fqdn: str, proxy_domain: str) -> tuple[str, str]:
-    a = fqdn.split(".")[::-1]
-    b = proxy_domain.split(".")[::-1]
-    shared = []
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        shared.append(x)
-    if not shared:
-        return fqdn, ""
-    return ".".join(a[len(shared):][::-1]), ".".join(shared[::-1])
+@lru_cache(maxsize=1024)
+def _domain_suffixes(proxy_domain: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """For each suffix of the proxy's domain, longest first (the last k labels): the suffix, it with a leading
+    dot, and its shorter forms at its inner dots, longest first (the alt-host variants)."""
+    labels = proxy_domain.split(".")
+    out = []
+    for k in range(len(labels), 0, -1):
+        shared = ".".join(labels[-k:])
+        inner = tuple(shared[:i] for i in range(len(shared) - 1, 0, -1) if shared[i] == ".")
+        out.append((shared, "." + shared, inner))
+    return tuple(out)
 
 
 def alt_hosts(hostname: str, port: int, proxy_domain: str) -> list[str]:
-    """1.7 generateAltVirtualHosts: the unique part, then unique + each shorter shared suffix, with :port."""
-    uniq, shared = _unique_and_shared(hostname, proxy_domain)
-    if not shared:
-        return []
-    out = [uniq, f"{uniq}:{port}"]
-    for i in range(len(shared) - 1, 0, -1):
-        if shared[i] == ".":
-            variant = f"{uniq}.{shared[:i]}"
+    """1.7 generateAltVirtualHosts: the unique part, then unique + each shorter shared suffix, with :port. The
+    shared part is the longest run of trailing labels the hostname has in common with the proxy's domain."""
+    for shared, dotted, inner in _domain_suffixes(proxy_domain):
+        if hostname.endswith(dotted):
+            uniq = hostname[:-len(dotted)]
+        elif hostname == shared:
+            uniq = ""
+        else:
+            continue
+        if not shared:
+            return []
+        out = [uniq, f"{uniq}:{port}"]
+        for prefix in inner:
+            variant = f"{uniq}.{prefix}"
             out += [variant, f"{variant}:{port}"]
-    return out
+        return out
+    return []
 
 
 def vhost_domains(service: Service, port: int, proxy_domain: str) -> list[str]:
@@ -630,7 +655,21 @@ def _default_service_route(push: PushContext, view: ProxyView, svc: Service, por
     return r
 
 
-def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> list[rc.VirtualHost]:
+class VirtualHostSpec(NamedTuple):
+    """An outbound virtual host's parts: route configurations add the message in place (`add_virtual_host`), so
+    its routes are copied once, not into a VirtualHost and then that into the configuration."""
+
+    name: str
+    domains: list[str]
+    routes: list[rc.Route]
+
+
+def add_virtual_host(rcfg: RouteConfiguration, spec: VirtualHostSpec) -> None:
+    rcfg.virtual_hosts.add(name=spec.name, domains=spec.domains, routes=spec.routes,
+                           include_request_attempt_count=True)
+
+
+def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> list[VirtualHostSpec]:
     """All virtual hosts of listener port `port` (Istio's buildSidecarOutboundVirtualHosts), memoised."""
     key = ("vhosts", view.key, port)
     hit = push.cache.get(key)
@@ -645,7 +684,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
     for svc in listener.services:
         if svc.port_by_number(port) is not None and svc.hostname not in registry:
             registry[svc.hostname] = svc
-    wrappers = []  # (vs hosts not in registry, services, routes, the routes' memo key)
+    wrappers = []  # (vs hosts not in registry, services, routes)
     gateways = {MESH_GATEWAY}
     covered: set[str] = set()
     for vs in listener.virtual_services:
@@ -670,7 +709,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
                                   lambda vs=vs: routes_for_virtual_service(push, view, vs, registry, port, gateways))
         if not routes:
             continue
-        wrappers.append((hosts, services, routes, unit_key))
+        wrappers.append((hosts, services, routes))
         covered.update(s.hostname for s in services)
     for name, svc in registry.items():
         if name in covered or svc.resolution == "Alias":
@@ -680,17 +719,11 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             continue
         unit_key = ("default-route", view.key, env, svc.hostname, svc.namespace, port)
         r = incremental.unit(push, unit_key, lambda svc=svc: _default_service_route(push, view, svc, port))
-        wrappers.append(([], [svc], [r], unit_key))
-    named: list[tuple[str, rc.VirtualHost]] = []
+        wrappers.append(([], [svc], [r]))
+    vhosts: list[VirtualHostSpec] = []
     names: set[str] = set()
     used_domains: set[str] = set()
-
-    def vhost(name: str, domains: list[str], routes: list[rc.Route], unit_key: tuple) -> rc.VirtualHost:
-        def make() -> rc.VirtualHost:
-            return rc.VirtualHost(name=name, domains=domains, routes=routes, include_request_attempt_count=True)
-        return incremental.unit(push, ("vhost", unit_key, name, tuple(domains)), make)
-
-    for hosts, services, routes, unit_key in wrappers:
+    for hosts, services, routes in wrappers:
         for h in hosts:
             name = f"{h}:{port}"
             if name in names:
@@ -698,7 +731,7 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in (h, name) if d not in used_domains]
             used_domains.update(domains)
-            named.append((name, vhost(name, domains, routes, unit_key)))
+            vhosts.append(VirtualHostSpec(name, domains, routes))
         for svc in services:
             name = f"{svc.hostname}:{port}"
             if name in names:
@@ -706,9 +739,8 @@ def outbound_virtual_hosts(push: PushContext, view: ProxyView, port: int) -> lis
             names.add(name)
             domains = [d for d in vhost_domains(svc, port, view.dns_domain) if d not in used_domains]
             used_domains.update(domains)
-            named.append((name, vhost(name, domains, routes, unit_key)))
-    named.sort(key=lambda nv: nv[0])  # by name, known here (names are unique): no read back from the protos
-    vhosts = [v for _, v in named]
+            vhosts.append(VirtualHostSpec(name, domains, routes))
+    vhosts.sort(key=lambda v: v.name)  # names are unique
     push.cache[key] = vhosts
     return vhosts
 
@@ -727,7 +759,8 @@ def sidecar_route_config(push: PushContext, view: ProxyView, route_name: str) ->
         vhosts = picked or vhosts
     rcfg = RouteConfiguration(name=route_name)
     rcfg.validate_clusters.value = False
-    rcfg.virtual_hosts.extend(vhosts)
+    for v in vhosts:
+        add_virtual_host(rcfg, v)
     if not sniffed:
         rcfg.virtual_hosts.append(_catch_all_vhost(view))
     return rcfg

@@ -65,7 +65,7 @@ def _sidecar_outbound(push: PushContext, view: ProxyView) -> tuple[Layer, list]:
     lds, rds_names = listeners.outbound_listeners(push, view)
     lds.append(listeners.virtual_outbound_listener(push, view))
     rds = [routes.sidecar_route_config(push, view, name) for name in rds_names]
-    layer = {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}
+    layer = {CLUSTER: cds, LISTENER: _by_name(lds), ROUTE: _by_name(rds)}
     return layer, needs
 
 
@@ -76,7 +76,7 @@ def _router_outbound(push: PushContext, view: ProxyView, proxy: Proxy) -> tuple[
                    for g in view.gateways for s in g.spec.get("servers") or [])
     cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=False, gateway_sni_dnat=sni_dnat)
     rds = [routes.gateway_route_config(push, view, name, servers, port) for name, (port, servers) in rds_map.items()]
-    layer = {CLUSTER: _by_name(cds), LISTENER: _by_name(lds), ROUTE: _by_name(rds)}
+    layer = {CLUSTER: cds, LISTENER: _by_name(lds), ROUTE: _by_name(rds)}
     sds = secrets.gateway_secrets(push, view)
     if sds:
         layer[SECRET] = _by_name(sds)
@@ -146,8 +146,7 @@ def _sidecar_outbound_reusing(push: PushContext, view: ProxyView, old: Layer, ol
     if now.clusters == was.clusters:
         cds, needs = old[CLUSTER], _rebind(push, old_needs)
     else:
-        built, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=True)
-        cds = _by_name(built)
+        cds, needs = clusters.outbound_clusters(push, view.scope, is_sidecar=True)
     if now.listeners == was.listeners:
         lds, rds_names = old[LISTENER], list(old[ROUTE])
     else:

@@ -124,23 +124,32 @@ def _istio_mutual_head(sans: list[str], h2: bool) -> bytes:
 
 
 def set_istio_mutual_socket(ts: pb.base_pb2.TransportSocket, sni: str, sans: list[str], h2: bool) -> None:
-    """Sets `ts` to tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster:
-    the serialised context is the SNI-less one's bytes followed by the SNI field (`sni` has the highest set
-    field number, and serialisation is in field-number order, so appending it gives the same bytes)."""
+    """Sets `ts` to tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster."""
+    preset_istio_mutual_socket(ts)
+    ts.typed_config.value = istio_mutual_socket_value(sni, sans, h2)
+
+
+def preset_istio_mutual_socket(ts: pb.base_pb2.TransportSocket) -> None:
+    """The parts of an ISTIO_MUTUAL socket every cluster shares (its name and type URL): a cluster skeleton
+    holds them, so each copy only sets the value (istio_mutual_socket_value)."""
+    ts.name = pb.TLS_SOCKET
+    ts.typed_config.type_url = _UPSTREAM_TLS_URL
+
+
+def istio_mutual_socket_value(sni: str, sans: list[str], h2: bool) -> bytes:
+    """The serialised context of an ISTIO_MUTUAL socket: the SNI-less one's bytes followed by the SNI field
+    (`sni` has the highest set field number, and serialisation is in field-number order, so appending it gives
+    the same bytes)."""
     key = (tuple(sans), h2)
     head = _ISTIO_MUTUAL_BYTES.get(key)
     if head is None:
         if len(_ISTIO_MUTUAL_BYTES) > 10_000:
             _ISTIO_MUTUAL_BYTES.clear()
         head = _ISTIO_MUTUAL_BYTES[key] = _istio_mutual_head(sans, h2)
-    ts.name = pb.TLS_SOCKET
-    typed = ts.typed_config
-    typed.type_url = _UPSTREAM_TLS_URL
-    if sni:
-        raw = sni.encode()
-        typed.value = head + _SNI_FIELD + varint(len(raw)) + raw
-    else:
-        typed.value = head
+    if not sni:
+        return head
+    raw = sni.encode()
+    return head + _SNI_FIELD + varint(len(raw)) + raw
 
 
 def user_upstream(tls: dict, h2: bool, is_sidecar: bool) -> tls_pb2.UpstreamTlsContext | None:
