@@ -13,5 +13,6 @@ from mizzen.services.translator import pb, tls
 def test_istio_mutual_socket_matches_the_built_socket(sni, h2, sans):
     want = tls.tls_socket(tls.istio_mutual_upstream(sni, sans, h2))
     got = pb.base_pb2.TransportSocket()
-    tls.set_istio_mutual_socket(got, sni, sans, h2)
+    tls.preset_istio_mutual_socket(got)  # as a cluster skeleton holds it
+    got.typed_config.value = tls.istio_mutual_socket_value(sni, sans, h2)  # as each cluster's copy sets it
     assert got.SerializeToString(deterministic=True) == want.SerializeToString(deterministic=True)

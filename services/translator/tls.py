@@ -93,7 +93,7 @@ def istio_mutual_upstream(sni: str, sans: list[str], h2: bool) -> tls_pb2.Upstre
 # it. Fully determined by its key, so it never goes stale; cleared if a huge mesh makes it grow.
 _ISTIO_MUTUAL_BYTES: dict[tuple[tuple[str, ...], bool], bytes] = {}
 _UPSTREAM_TLS_URL = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
-_SNI_FIELD = tls_pb2.UpstreamTlsContext(sni="x").SerializeToString()[:1]  # the tag byte of `sni`
+_SNI_FIELD = pb.tag(tls_pb2.UpstreamTlsContext, "sni")
 
 
 # istio_mutual_upstream("", [], h2) serialised in two parts per h2: its common_tls_context without the
@@ -123,15 +123,10 @@ def _istio_mutual_head(sans: list[str], h2: bool) -> bytes:
     return ld(_COMMON, common + ld(_COMBINED, combined))
 
 
-def set_istio_mutual_socket(ts: pb.base_pb2.TransportSocket, sni: str, sans: list[str], h2: bool) -> None:
-    """Sets `ts` to tls_socket(istio_mutual_upstream(...)) without building and packing a context per cluster."""
-    preset_istio_mutual_socket(ts)
-    ts.typed_config.value = istio_mutual_socket_value(sni, sans, h2)
-
-
 def preset_istio_mutual_socket(ts: pb.base_pb2.TransportSocket) -> None:
-    """The parts of an ISTIO_MUTUAL socket every cluster shares (its name and type URL): a cluster skeleton
-    holds them, so each copy only sets the value (istio_mutual_socket_value)."""
+    """The parts of tls_socket(istio_mutual_upstream(...)) every cluster shares (its name and type URL): a
+    cluster skeleton holds them, so each copy only sets the value (istio_mutual_socket_value), without building
+    and packing a context per cluster."""
     ts.name = pb.TLS_SOCKET
     ts.typed_config.type_url = _UPSTREAM_TLS_URL
 
@@ -148,8 +143,7 @@ def istio_mutual_socket_value(sni: str, sans: list[str], h2: bool) -> bytes:
         head = _ISTIO_MUTUAL_BYTES[key] = _istio_mutual_head(sans, h2)
     if not sni:
         return head
-    raw = sni.encode()
-    return head + _SNI_FIELD + varint(len(raw)) + raw
+    return head + ld(_SNI_FIELD, sni.encode())
 
 
 def user_upstream(tls: dict, h2: bool, is_sidecar: bool) -> tls_pb2.UpstreamTlsContext | None:

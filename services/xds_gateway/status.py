@@ -59,6 +59,9 @@ end
 return 0
 """
 
+# Records per script call: batches keep each run short (Redis is single-threaded while a script runs).
+_SCRIPT_BATCH = 1000
+
 # Renew the expiry of many records in one command (cheaper to send than one EXPIRE each); 0 where a key is gone.
 _RENEW = """
 local kept = {}
@@ -156,8 +159,8 @@ class StatusRecorder:
         self._dirty.clear()
         if not batch:
             return
-        for i in range(0, len(batch), 1000):  # batches keep each script run short (Redis is single-threaded)
-            part = batch[i:i + 1000]
+        for i in range(0, len(batch), _SCRIPT_BATCH):
+            part = batch[i:i + _SCRIPT_BATCH]
             await self._store(keys=[STATUS + s.proxy for s in part],
                               args=[int(self.ttl), *(orjson.dumps(s.status_doc()) for s in part)])
 
@@ -177,8 +180,8 @@ class StatusRecorder:
         gateway would otherwise encode and send 10,000 documents every heartbeat); records Redis no longer has
         (it restarted, or one expired while Redis was away) are written again."""
         unchanged = [s for c, s in self._live.items() if c not in self._dirty]
-        for i in range(0, len(unchanged), 1000):  # batches keep each script run short (Redis is single-threaded)
-            batch = unchanged[i:i + 1000]
+        for i in range(0, len(unchanged), _SCRIPT_BATCH):
+            batch = unchanged[i:i + _SCRIPT_BATCH]
             kept = await self._renew(keys=[STATUS + s.proxy for s in batch], args=[int(self.ttl)])
             self._dirty.update(s.conn_id for s, ok in zip(batch, kept, strict=True) if not ok)
         await self.flush()
