@@ -59,6 +59,20 @@ def complete(recv: SyncReceiver, trace_id: str, proxies: set[str]) -> list | Non
     return spans if proxies <= pushes else None
 
 
+def whole(recv: SyncReceiver, trace_id: str) -> list | None:
+    """The trace's spans once it is whole: every push's responses answered (the ACKs arrive before the push
+    span ends) and every span's parent received. Each service exports on its own schedule, so a child can
+    arrive before its parent: a translator snapshot span may still be in the translator's export batch
+    when the gateway's push and its ACKs have been exported."""
+    spans = [s for s in recv.spans() if s.trace_id == trace_id]
+    ids = {s.span_id for s in spans}
+    acked = {a.parent_span_id for a in spans if a.name.startswith("xds ack")}
+    if all(p.span_id in acked for p in spans if p.name == "xds push") and all(
+            not s.parent_span_id or s.parent_span_id in ids for s in spans):
+        return spans
+    return None
+
+
 def check_tree(spans) -> dict:
     by_id = {s.span_id: s for s in spans}
     roots = [s for s in spans if not s.parent_span_id]
@@ -93,11 +107,8 @@ def test_each_apply_is_one_trace_reaching_every_envoy(traced):
                          what=f"the trace of applying {name}")
         spans = eventually(lambda tid=tid: complete(recv, tid, proxies), 60,
                            what="an xds push to every connected Envoy")
-        # every push's responses answered: the ACKs arrive before the push span ends (it is exported last)
-        spans = eventually(lambda tid=tid: (lambda sp: sp if all(
-            any(a.parent_span_id == p.span_id for a in sp if a.name.startswith("xds ack"))
-            for p in sp if p.name == "xds push") else None)([s for s in recv.spans() if s.trace_id == tid]),
-            30, what="ACK spans under every push")
+        spans = eventually(lambda tid=tid: whole(recv, tid), 30,
+                           what="ACK spans under every push, and every span's parent exported")
         check_tree(spans)
         acks = [s for s in spans if s.name.startswith("xds ack")]
         acked_by = {s.attributes["mizzen.proxy"].split("~")[2] for s in acks}
