@@ -22,10 +22,10 @@ from ..mesh.otlp_wire import (
     SPAN_NAME,
     STATUS_ERROR,
     Key,
-    ld,
     span_times,
     status,
 )
+from ..mesh.protowire import ld
 from .cluster_name import ClusterName
 from .flags import is_failure, long_name
 from .parse import KIND_CLIENT, KIND_SERVER, Record, split_address

@@ -16,30 +16,8 @@ from typing import Any
 
 import orjson
 
-# Varints for small lengths, precomputed: almost every length we write is below 16384.
-_V: list[bytes] = [bytes((i,)) for i in range(128)] + [bytes(((i & 0x7F) | 0x80, i >> 7)) for i in range(128, 16384)]
-
-
-def varint(n: int) -> bytes:
-    if 0 <= n < 16384:
-        return _V[n]
-    if 0 < n < 2097152:  # three bytes: ports, body sizes
-        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
-    if n < 0:
-        n &= (1 << 64) - 1  # int64 two's complement, 10 bytes
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def ld(tag: bytes, payload: bytes) -> bytes:
-    """A length-delimited field: tag, length, payload."""
-    n = len(payload)
-    return tag + (_V[n] if n < 16384 else varint(n)) + payload
-
+from .protowire import VARINTS as _V
+from .protowire import ld, varint
 
 _pack_q = struct.Struct("<Q").pack
 _pack_i = struct.Struct("<I").pack

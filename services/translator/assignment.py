@@ -10,7 +10,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
-from mizzen.services.mesh.otlp_wire import ld, varint
+from mizzen.services.mesh.protowire import ld, varint
 
 from . import pb
 

@@ -23,7 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2
 
-from mizzen.services.mesh.otlp_wire import ld
+from mizzen.services.mesh.protowire import ld
 
 from . import pb, protocol, routes, security, tls
 from .clusters import inbound_cluster_name, subset_key

@@ -14,8 +14,9 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
+from ..mesh import protowire
 from ..mesh.accesslog import ACCESS_LOG_FIELDS
-from ..mesh.otlp_wire import varint
+from ..mesh.protowire import LENGTH_DELIMITED
 
 # Filter names istioctl 1.7 recognises (go-control-plane's wellknown names of that release).
 HTTP_CONNECTION_MANAGER = "envoy.http_connection_manager"
@@ -105,13 +106,13 @@ def struct_of(values: dict) -> struct_pb2.Struct:
     return s
 
 
-LENGTH_DELIMITED, VARINT = 2, 0  # wire types
+VARINT = 0  # wire type of ints and enums
 
 
 def tag(message_class, field: str, wire_type: int = LENGTH_DELIMITED) -> bytes:
     """The wire tag of a field of a message class (length-delimited: message, string, bytes; or a VARINT one: ints,
     enums), for builders that parse a message from bytes they put together (see assignment.build_assignment)."""
-    return varint(message_class.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type)
+    return protowire.tag(message_class.DESCRIPTOR.fields_by_name[field].number, wire_type)
 
 
 _MD_CACHE: dict[tuple, base_pb2.Metadata] = {}

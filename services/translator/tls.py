@@ -12,7 +12,7 @@ from __future__ import annotations
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from mizzen.services.mesh.otlp_wire import ld, varint
+from mizzen.services.mesh.protowire import ld, varint
 
 from . import pb
 

@@ -9,14 +9,12 @@ tests/test_xds_wire.py).
 
 from __future__ import annotations
 
-from mizzen.services.mesh.otlp_wire import varint
-
-LEN = 2  # wire type for strings, bytes and embedded messages
+from mizzen.services.mesh.protowire import ld, tag
 
 
 def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (string, bytes or message)."""
-    return varint((number << 3) | LEN) + varint(len(payload)) + payload
+    """A length-delimited field (string, bytes or message) by its number."""
+    return ld(tag(number), payload)
 
 
 def string_field(number: int, value: str) -> bytes:
