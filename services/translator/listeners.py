@@ -592,6 +592,25 @@ def _inbound_class(p: Port) -> str:
     return cls or "TCP"
 
 
+def _inbound_chain(name: str, filters: list[lc.Filter], *, port: int | None = None,
+                   prefix: address_pb2.CidrRange | None = None, alpn: list[str] | None = None, transport: str = "",
+                   tls_ctx=None) -> lc.FilterChain:
+    """An inbound filter chain: matched on destination port (and prefix), ALPN and transport; TLS when given."""
+    fc = lc.FilterChain(name=name, filters=filters)
+    m = fc.filter_chain_match
+    if prefix is not None:
+        m.prefix_ranges.append(prefix)
+    if port is not None:
+        m.destination_port.value = port
+    if alpn:
+        m.application_protocols.extend(alpn)
+    if transport:
+        m.transport_protocol = transport
+    if tls_ctx is not None:
+        fc.transport_socket.CopyFrom(tls.tls_socket(tls_ctx))
+    return fc
+
+
 def inbound_chains(push: PushContext, view: ProxyView, proxy, inst: ServiceInstance, mode: str) -> list[lc.FilterChain]:
     """The filter chains for one inbound target port, per mTLS mode (1.7 listener.go + authn plugin)."""
     cluster = inbound_cluster_name(inst)
@@ -611,16 +630,7 @@ def inbound_chains(push: PushContext, view: ProxyView, proxy, inst: ServiceInsta
         return [*sec_tcp, tcp_proxy_filter(view, cluster)]
 
     def chain(filters, *, alpn=None, transport="", tls_ctx=None) -> lc.FilterChain:
-        fc = lc.FilterChain(name=name, filters=filters)
-        m = fc.filter_chain_match
-        m.destination_port.value = port
-        if alpn:
-            m.application_protocols.extend(alpn)
-        if transport:
-            m.transport_protocol = transport
-        if tls_ctx is not None:
-            fc.transport_socket.CopyFrom(tls.tls_socket(tls_ctx))
-        return fc
+        return _inbound_chain(name, filters, port=port, alpn=alpn, transport=transport, tls_ctx=tls_ctx)
 
     if cls == "HTTP":
         if mode == "STRICT":
@@ -661,18 +671,7 @@ def _passthrough_chains(push: PushContext, view: ProxyView, mode: str, port: int
     cidr = address_pb2.CidrRange(address_prefix=WILDCARD, prefix_len=pb.u32(0))
 
     def base(name: str, filters, *, alpn=None, transport="", tls_ctx=None) -> lc.FilterChain:
-        fc = lc.FilterChain(name=name, filters=filters)
-        m = fc.filter_chain_match
-        m.prefix_ranges.append(cidr)
-        if port is not None:
-            m.destination_port.value = port
-        if alpn:
-            m.application_protocols.extend(alpn)
-        if transport:
-            m.transport_protocol = transport
-        if tls_ctx is not None:
-            fc.transport_socket.CopyFrom(tls.tls_socket(tls_ctx))
-        return fc
+        return _inbound_chain(name, filters, port=port, prefix=cidr, alpn=alpn, transport=transport, tls_ctx=tls_ctx)
 
     tcp = [*sec_tcp, tcp_proxy_filter(view, cluster)]
     out = []
