@@ -32,10 +32,10 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -186,7 +186,6 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                             context: grpc.aio.ServicerContext) -> None:
         st = self._next_stream()
         wake = self.store.watch()
-        self.open_streams += 1
 
         async def read() -> None:
             async for req in request_iterator:
@@ -210,7 +209,19 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     self._want(names)
                 wake.set()
 
-        reader = asyncio.create_task(read())
+        async def respond() -> None:
+            resp = self._sotw_response(st)
+            if resp is not None:
+                await context.write(resp)
+
+        await self._serve(wake, read(), respond)
+
+    async def _serve(self, wake: asyncio.Event, read: Coroutine[Any, Any, None],
+                     respond: Callable[[], Awaitable[None]]) -> None:
+        """One stream's life: `read` handles its requests and sets `wake`; after each wake (and once at the start)
+        `respond` sends what changed. Ends when the reader does, raising what it raised."""
+        self.open_streams += 1
+        reader = asyncio.create_task(read)
         try:
             wake.set()
             while True:
@@ -218,12 +229,10 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
                     waiter.cancel()
-                    reader.result()  # raises what the reader raised
+                    reader.result()
                     return
                 wake.clear()
-                resp = self._sotw_response(st)
-                if resp is not None:
-                    await context.write(resp)
+                await respond()
         finally:
             self.store.unwatch(wake)
             self.open_streams -= 1
@@ -254,7 +263,6 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                            context: grpc.aio.ServicerContext) -> None:
         st = self._next_stream()
         wake = self.store.watch()
-        self.open_streams += 1
         sent_by_nonce: dict[str, dict[str, str]] = {}
 
         async def read() -> None:
@@ -281,36 +289,23 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     st.sent.pop(n, None)
                 wake.set()
 
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                waiter = asyncio.create_task(wake.wait())
-                done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if reader in done:
-                    waiter.cancel()
-                    reader.result()
-                    return
-                wake.clear()
-                changed = {n: v for n in sorted(st.names)
-                           if (v := self.store.version(n)) is not None and st.sent.get(n) != v}
-                if not changed:
-                    continue
-                resp = discovery_pb2.DeltaDiscoveryResponse(type_url=SECRET_TYPE, nonce=uuid.uuid4().hex,
-                                                            system_version_info=max(changed.values(), key=_counter))
-                for n, v in changed.items():
-                    r = resp.resources.add(name=n, version=v)
-                    r.resource.Pack(self.store.get(n))
-                st.sent.update(changed)
-                sent_by_nonce[resp.nonce] = changed
-                if len(sent_by_nonce) > 64:  # never answered nonces must not pile up
-                    sent_by_nonce.pop(next(iter(sent_by_nonce)))
-                await context.write(resp)
-        finally:
-            self.store.unwatch(wake)
-            self.open_streams -= 1
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        async def respond() -> None:
+            changed = {n: v for n in sorted(st.names)
+                       if (v := self.store.version(n)) is not None and st.sent.get(n) != v}
+            if not changed:
+                return
+            resp = discovery_pb2.DeltaDiscoveryResponse(type_url=SECRET_TYPE, nonce=uuid.uuid4().hex,
+                                                        system_version_info=max(changed.values(), key=_counter))
+            for n, v in changed.items():
+                r = resp.resources.add(name=n, version=v)
+                r.resource.Pack(self.store.get(n))
+            st.sent.update(changed)
+            sent_by_nonce[resp.nonce] = changed
+            if len(sent_by_nonce) > 64:  # never answered nonces must not pile up
+                sent_by_nonce.pop(next(iter(sent_by_nonce)))
+            await context.write(resp)
+
+        await self._serve(wake, read(), respond)
 
     async def FetchSecrets(self, request: discovery_pb2.DiscoveryRequest,  # noqa: N802 - gRPC name
                            context: grpc.aio.ServicerContext) -> discovery_pb2.DiscoveryResponse:
