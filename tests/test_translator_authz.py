@@ -311,6 +311,8 @@ def test_custom_http_filters_match_istiod(name: str):
     want = [_golden(DATA / "http" / f"{name}-out{i}.yaml", hcm_pb.HttpFilter) for i in (1, 2)]
     assert got == want
     assert bool(push.errors) == (name == "custom-bad-multiple-providers")
+    if push.errors:
+        assert all("requires PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS, found ['" in e for e in push.errors)
 
 
 def test_custom_bad_provider_denies_and_is_reported():

@@ -223,23 +223,34 @@ def _custom(policies: list) -> list:
     return [c for c in policies if (c.spec.get("action") or "ALLOW") == "CUSTOM"]
 
 
-def http_filters(push, policies: list) -> list[hcm_pb.HttpFilter]:
-    """builder.buildHTTP for the CUSTOM policies among `policies`: (RBAC, ext_authz) per provider."""
+def _per_provider(push, policies: list, *, tcp: bool, many_error: str):
+    """(provider, rules, dry-run rules, its resolved (HTTP, TCP) ext_authz configs) for each CUSTOM provider of
+    `policies`; a provider that cannot be used is reported on its policies and comes with None: its traffic is
+    denied. `many_error` (with `{providers}`) is istiod's text when a workload has more than one provider."""
     custom = _custom(policies)
     if not custom:
-        return []
-    by_provider = _provider_rules(custom, tcp=False)
-    out = []
+        return
+    by_provider = _provider_rules(custom, tcp=tcp)
     many = len(by_provider) > 1
     for provider in sorted(by_provider):
         rules, shadow = by_provider[provider]
         try:
             if many:
-                raise ProviderError(f"multiple CUSTOM authorization providers per workload requires "
-                                    f"PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS, found {sorted(by_provider)}")
-            ext_http, _ = _resolve(push, provider)
+                raise ProviderError(many_error.format(providers=sorted(by_provider)))
+            resolved = _resolve(push, provider)
         except ProviderError as e:
             _report(push, custom, provider, e)
+            resolved = None
+        yield provider, rules, shadow, resolved
+
+
+def http_filters(push, policies: list) -> list[hcm_pb.HttpFilter]:
+    """builder.buildHTTP for the CUSTOM policies among `policies`: (RBAC, ext_authz) per provider."""
+    out = []
+    for provider, rules, shadow, resolved in _per_provider(
+            push, policies, tcp=False, many_error="multiple CUSTOM authorization providers per workload requires "
+                                                  "PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS, found {providers}"):
+        if resolved is None:
             out.append(hcm_pb.HttpFilter(name=authz.HTTP_RBAC,
                                          typed_config=pb.pack(http_rbac_pb2.RBAC(rules=_bad_deny(rules)))))
             continue
@@ -247,7 +258,7 @@ def http_filters(push, policies: list) -> list[hcm_pb.HttpFilter]:
         if shadow.policies:
             r.rules.CopyFrom(shadow)  # as istiod: dry-run CUSTOM rules are set as the filter's rules
         ext = http_pb.ExtAuthz()
-        ext.CopyFrom(ext_http)
+        ext.CopyFrom(resolved[0])
         ext.filter_enabled_metadata.CopyFrom(_enabled_metadata(authz.HTTP_RBAC, provider))
         out.append(hcm_pb.HttpFilter(name=authz.HTTP_RBAC, typed_config=pb.pack(r)))
         out.append(hcm_pb.HttpFilter(name=HTTP_EXT_AUTHZ, typed_config=pb.pack(ext)))
@@ -256,31 +267,21 @@ def http_filters(push, policies: list) -> list[hcm_pb.HttpFilter]:
 
 def tcp_filters(push, policies: list) -> list[lc.Filter]:
     """builder.buildTCP for the CUSTOM policies: gRPC providers only (HTTP ones are skipped on TCP)."""
-    custom = _custom(policies)
-    if not custom:
-        return []
-    by_provider = _provider_rules(custom, tcp=True)
     out = []
-    many = len(by_provider) > 1
-    for provider in sorted(by_provider):
-        rules, shadow = by_provider[provider]
-        try:
-            if many:
-                raise ProviderError("multiple CUSTOM authorization providers per workload")
-            _, ext_tcp = _resolve(push, provider)
-        except ProviderError as e:
-            _report(push, custom, provider, e)
+    for provider, rules, shadow, resolved in _per_provider(
+            push, policies, tcp=True, many_error="multiple CUSTOM authorization providers per workload"):
+        if resolved is None:
             out.append(lc.Filter(name=authz.NETWORK_RBAC, typed_config=pb.pack(
                 net_rbac_pb2.RBAC(rules=_bad_deny(rules), stat_prefix=authz.TCP_STAT_PREFIX))))
             continue
-        if ext_tcp is None:
+        if resolved[1] is None:
             continue  # an HTTP provider does not apply to TCP chains
         r = net_rbac_pb2.RBAC(shadow_rules=rules, stat_prefix=authz.TCP_STAT_PREFIX,
                               shadow_rules_stat_prefix=STAT_PREFIX)
         if shadow.policies:
             r.rules.CopyFrom(shadow)
         ext = net_pb.ExtAuthz()
-        ext.CopyFrom(ext_tcp)
+        ext.CopyFrom(resolved[1])
         ext.filter_enabled_metadata.CopyFrom(_enabled_metadata(authz.NETWORK_RBAC, provider))
         out.append(lc.Filter(name=authz.NETWORK_RBAC, typed_config=pb.pack(r)))
         out.append(lc.Filter(name=NETWORK_EXT_AUTHZ, typed_config=pb.pack(ext)))
