@@ -257,8 +257,9 @@ def http_filters(push, policies: list) -> list[hcm_pb.HttpFilter]:
         r = http_rbac_pb2.RBAC(shadow_rules=rules, shadow_rules_stat_prefix=STAT_PREFIX)
         if shadow.policies:
             r.rules.CopyFrom(shadow)  # as istiod: dry-run CUSTOM rules are set as the filter's rules
+        ext_http, _ = resolved
         ext = http_pb.ExtAuthz()
-        ext.CopyFrom(resolved[0])
+        ext.CopyFrom(ext_http)
         ext.filter_enabled_metadata.CopyFrom(_enabled_metadata(authz.HTTP_RBAC, provider))
         out.append(hcm_pb.HttpFilter(name=authz.HTTP_RBAC, typed_config=pb.pack(r)))
         out.append(hcm_pb.HttpFilter(name=HTTP_EXT_AUTHZ, typed_config=pb.pack(ext)))
@@ -274,14 +275,15 @@ def tcp_filters(push, policies: list) -> list[lc.Filter]:
             out.append(lc.Filter(name=authz.NETWORK_RBAC, typed_config=pb.pack(
                 net_rbac_pb2.RBAC(rules=_bad_deny(rules), stat_prefix=authz.TCP_STAT_PREFIX))))
             continue
-        if resolved[1] is None:
+        _, ext_tcp = resolved
+        if ext_tcp is None:
             continue  # an HTTP provider does not apply to TCP chains
         r = net_rbac_pb2.RBAC(shadow_rules=rules, stat_prefix=authz.TCP_STAT_PREFIX,
                               shadow_rules_stat_prefix=STAT_PREFIX)
         if shadow.policies:
             r.rules.CopyFrom(shadow)
         ext = net_pb.ExtAuthz()
-        ext.CopyFrom(resolved[1])
+        ext.CopyFrom(ext_tcp)
         ext.filter_enabled_metadata.CopyFrom(_enabled_metadata(authz.NETWORK_RBAC, provider))
         out.append(lc.Filter(name=authz.NETWORK_RBAC, typed_config=pb.pack(r)))
         out.append(lc.Filter(name=NETWORK_EXT_AUTHZ, typed_config=pb.pack(ext)))
