@@ -32,6 +32,20 @@ def pytest_configure(config):
         os.environ[procs.PORT_RANGE_ENV] = f"{lo}-{lo + size - 1}"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules marked `exclusive` first, then the others by how many tests they hold, most first (xdist's own
+    order, which pyproject's `--no-loadscope-reorder` turns off so that this one stands). An exclusive module
+    waits for every running module to end; at the start of a run little is running, while later each one
+    idled three workers until the longest module beside it ended."""
+    module = [it.nodeid.split("::", 1)[0] for it in items]
+    count: dict[str, int] = {}
+    for m in module:
+        count[m] = count.get(m, 0) + 1
+    exclusive = {m for m, it in zip(module, items, strict=True) if it.get_closest_marker("exclusive")}
+    order = {id(it): (m not in exclusive, -count[m], m) for m, it in zip(module, items, strict=True)}
+    items.sort(key=lambda it: order[id(it)])
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _share_the_machine(request):
     """Under pytest-xdist (the suite's default: workers take whole test files), a module marked `exclusive` runs
