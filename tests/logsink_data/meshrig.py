@@ -19,7 +19,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from mizzen.services.mesh import procs
 
@@ -160,6 +160,22 @@ def _route(cluster: str, host_prefix: str, retries: bool = False) -> dict:
         {"name": ":authority", "string_match": {"prefix": host_prefix}}]}, "route": r}
 
 
+async def _wait_live(admin_port: int, proc: procs.Proc, timeout: float = 30.0) -> None:
+    """Until Envoy's admin /ready answers 200 (server state LIVE)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with ClientSession(timeout=ClientTimeout(total=1)) as s:
+        while True:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode} before it was ready")
+            with suppress(OSError, ClientError, asyncio.TimeoutError):
+                async with s.get(f"http://127.0.0.1:{admin_port}/ready") as r:
+                    if r.status == 200:
+                        return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{proc.name} was not LIVE within {timeout}s")
+            await asyncio.sleep(0.05)
+
+
 def sidecar_config(pod: str, log_path: Path, admin_port: int, als: str | None = None) -> dict:
     """The Envoy bootstrap of one pod's sidecar. With `als` (HOST:PORT) it also streams its access logs to
     the gRPC Access Log Service there, as Istio's `envoy.access_loggers.http_grpc` does."""
@@ -241,9 +257,10 @@ class MeshRig:
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         await self._start_apps()
+        admins: dict[str, int] = {}
         try:
             for pod in PODS:
-                admin = procs.free_port()
+                admin = admins[pod] = procs.free_port()
                 cfg = self.workdir / f"envoy-{pod}.json"
                 cfg.write_text(json.dumps(sidecar_config(pod, self.log_path(pod), admin, self.als)))
                 self.envoys[pod] = procs.spawn(
@@ -257,6 +274,9 @@ class MeshRig:
                 await asyncio.to_thread(procs.wait_port, ip, OUTBOUND_PORT, 30.0, proc.popen)
                 if pod != "a":
                     await asyncio.to_thread(procs.wait_port, ip, INBOUND_PORT, 30.0, proc.popen)
+                # A bound port is not a serving Envoy: its listen sockets exist before its workers run, and a
+                # request in between was once closed unanswered. /ready answers 200 once the server is LIVE.
+                await _wait_live(admins[pod], proc)
         except BaseException:
             await self.stop()
             raise
