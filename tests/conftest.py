@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,7 @@ def pytest_collection_modifyitems(config, items):
     waits for every running module to end; at the start of a run little is running, while later each one
     idled three workers until the longest module beside it ended."""
     module = [it.nodeid.split("::", 1)[0] for it in items]
-    count: dict[str, int] = {}
-    for m in module:
-        count[m] = count.get(m, 0) + 1
+    count = Counter(module)
     exclusive = {m for m, it in zip(module, items, strict=True) if it.get_closest_marker("exclusive")}
     order = {id(it): (m not in exclusive, -count[m], m) for m, it in zip(module, items, strict=True)}
     items.sort(key=lambda it: order[id(it)])

@@ -9,7 +9,7 @@ the payload.
 
 from __future__ import annotations
 
-LENGTH_DELIMITED = 2  # wire type of strings, bytes and embedded messages
+VARINT, LENGTH_DELIMITED = 0, 2  # wire types: ints and enums; strings, bytes and embedded messages
 
 # Varints below 16384, precomputed: almost every length and small number written is one of them.
 VARINTS: list[bytes] = ([bytes((i,)) for i in range(128)]

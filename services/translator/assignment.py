@@ -10,7 +10,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
-from mizzen.services.mesh.protowire import ld, varint
+from mizzen.services.mesh.protowire import VARINT, ld, varint
 
 from . import pb
 
@@ -49,15 +49,15 @@ _CLA_ENDPOINTS = pb.tag(ClusterLoadAssignment, "endpoints")
 _LLE_LOCALITY = pb.tag(LocalityLbEndpoints, "locality")
 _LLE_ENDPOINTS = pb.tag(LocalityLbEndpoints, "lb_endpoints")
 _LLE_WEIGHT = pb.tag(LocalityLbEndpoints, "load_balancing_weight")
-_LLE_PRIORITY = pb.tag(LocalityLbEndpoints, "priority", pb.VARINT)
+_LLE_PRIORITY = pb.tag(LocalityLbEndpoints, "priority", VARINT)
 _LBE_ENDPOINT = pb.tag(LbEndpoint, "endpoint")
 _LBE_METADATA = pb.tag(LbEndpoint, "metadata")
 _LBE_WEIGHT = pb.tag(LbEndpoint, "load_balancing_weight")
 _ENDPOINT_ADDRESS = pb.tag(endpoint_components_pb2.Endpoint, "address")
 _SOCKET_ADDRESS = pb.tag(address_pb2.Address, "socket_address")
 _ADDRESS = pb.tag(address_pb2.SocketAddress, "address")
-_PORT = pb.tag(address_pb2.SocketAddress, "port_value", pb.VARINT)
-_U32_VALUE = pb.tag(wrappers_pb2.UInt32Value, "value", pb.VARINT)
+_PORT = pb.tag(address_pb2.SocketAddress, "port_value", VARINT)
+_U32_VALUE = pb.tag(wrappers_pb2.UInt32Value, "value", VARINT)
 
 
 def _u32(tag: bytes, value: int) -> bytes:

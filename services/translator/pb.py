@@ -106,9 +106,6 @@ def struct_of(values: dict) -> struct_pb2.Struct:
     return s
 
 
-VARINT = 0  # wire type of ints and enums
-
-
 def tag(message_class, field: str, wire_type: int = LENGTH_DELIMITED) -> bytes:
     """The wire tag of a field of a message class (length-delimited: message, string, bytes; or a VARINT one: ints,
     enums), for builders that parse a message from bytes they put together (see assignment.build_assignment)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from mizzen.services.mesh.protowire import ld, varint
+from mizzen.services.mesh.protowire import VARINT, ld, varint
 
 from . import pb
 
@@ -44,7 +44,7 @@ def _sds(name: str) -> secret_pb2.SdsSecretConfig:
 
 
 _SANS = pb.tag(common_pb2.CertificateValidationContext, "match_typed_subject_alt_names")
-_SAN_TYPE = pb.tag(common_pb2.SubjectAltNameMatcher, "san_type", pb.VARINT)
+_SAN_TYPE = pb.tag(common_pb2.SubjectAltNameMatcher, "san_type", VARINT)
 _SAN_MATCHER = pb.tag(common_pb2.SubjectAltNameMatcher, "matcher")
 _EXACT = pb.tag(string_pb2.StringMatcher, "exact")
 _PREFIX = pb.tag(string_pb2.StringMatcher, "prefix")
